@@ -1,0 +1,109 @@
+"""The exceptions pagein raises.
+
+One root, a small tree beneath it::
+
+    PageinError
+    ├── KernelError(op, errno)            a syscall or ioctl failed unexpectedly
+    │   ├── UffdError(op, start, length)  a userfaultfd ioctl on a range failed
+    │   ├── MappingError(op, start, length)
+    │   └── KvmError(ioctl)               a KVM ioctl failed
+    ├── Unavailable                       the machine lacks what is needed
+    │   └── UnsupportedFeature(missing)   the kernel lacks a uffd feature / ioctl
+    ├── HandshakeError(field, value)      a peer sent a bad Firecracker handshake
+    ├── SnapshotFormatError               a snapshot file is malformed or truncated
+    │   └── IntegrityError                content does not match its checksum
+    ├── SourceError                       a page source (store) failed
+    └── GuestError                        the guest crashed or did something unservable
+
+Expected kernel outcomes (EEXIST on a fill, EAGAIN while events are pending) are not
+exceptions: they are the results in :mod:`pagein.sys.uffd`.
+
+Every message is one sentence with the context a user needs to act on it.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class PageinError(Exception):
+    """Root of every error pagein raises on purpose."""
+
+
+class KernelError(PageinError):
+    """A system call failed in a way the caller did not expect."""
+
+    def __init__(self, op: str, err: int, detail: str = "") -> None:
+        self.op = op
+        self.errno = err
+        name = _errno.errorcode.get(err, str(err))
+        msg = f"{op} failed: {name} ({os.strerror(err)})"
+        if detail:
+            msg += f"; {detail}"
+        super().__init__(msg)
+
+
+class UffdError(KernelError):
+    """A userfaultfd ioctl on ``[start, start+length)`` failed."""
+
+    def __init__(self, op: str, err: int, start: int, length: int, detail: str = "") -> None:
+        self.start = start
+        self.length = length
+        rng = f"range 0x{start:x}-0x{start + length:x} ({length} bytes)"
+        super().__init__(op, err, f"{rng}{'; ' + detail if detail else ''}")
+
+
+class MappingError(KernelError):
+    """mmap/munmap/madvise/mremap on a range failed."""
+
+    def __init__(self, op: str, err: int, start: int, length: int, detail: str = "") -> None:
+        self.start = start
+        self.length = length
+        rng = f"range 0x{start:x}-0x{start + length:x} ({length} bytes)"
+        super().__init__(op, err, f"{rng}{'; ' + detail if detail else ''}")
+
+
+class KvmError(KernelError):
+    """A KVM ioctl failed."""
+
+    def __init__(self, ioctl: str, err: int, detail: str = "") -> None:
+        self.ioctl = ioctl
+        super().__init__(ioctl, err, detail)
+
+
+class Unavailable(PageinError):
+    """This machine lacks a device, permission or kernel feature pagein needs."""
+
+
+class UnsupportedFeature(Unavailable):
+    """The kernel's userfaultfd lacks a feature or ioctl the caller asked for."""
+
+    def __init__(self, missing: list[str], detail: str) -> None:
+        self.missing = missing
+        super().__init__(f"userfaultfd lacks {', '.join(missing)}: {detail}")
+
+
+class HandshakeError(PageinError):
+    """A VMM's handshake on the handler socket is malformed."""
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        self.field = field
+        self.value = value
+        super().__init__(f"bad handshake field {field}={value!r}: {reason}")
+
+
+class SnapshotFormatError(PageinError):
+    """A snapshot file is malformed, truncated or of an unknown version."""
+
+
+class IntegrityError(SnapshotFormatError):
+    """Snapshot content does not match its recorded checksum."""
+
+
+class SourceError(PageinError):
+    """A page source could not deliver the bytes asked for."""
+
+
+class GuestError(PageinError):
+    """The guest failed: an exception, a triple fault, or an unservable request."""

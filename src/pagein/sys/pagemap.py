@@ -1,0 +1,104 @@
+"""``/proc/PID/pagemap``: what backs each virtual page of a process.
+
+One little-endian u64 per page (``Documentation/admin-guide/mm/pagemap.rst``)::
+
+    bit 63 present   62 swapped   61 file-page or shared-anon   57 uffd-wp
+    bit 56 exclusively mapped     55 soft-dirty                 0-54 PFN (root only)
+"""
+
+from __future__ import annotations
+
+import array
+import os
+from dataclasses import dataclass
+
+from pagein._abi.mman import (
+    PAGEMAP_ENTRY_BYTES,
+    PM_FILE,
+    PM_MMAP_EXCLUSIVE,
+    PM_PFN_MASK,
+    PM_PRESENT,
+    PM_SOFT_DIRTY,
+    PM_SWAP,
+    PM_UFFD_WP,
+)
+from pagein.sys._fd import OwnedFd
+from pagein.sys.mapping import PAGE_SIZE
+
+__all__ = ["PageInfo", "PagemapSummary", "Pagemap", "clear_soft_dirty"]
+
+
+@dataclass(frozen=True, slots=True)
+class PageInfo:
+    """One page's pagemap entry, decoded."""
+
+    present: bool
+    swapped: bool
+    file_or_shared: bool
+    uffd_wp: bool
+    exclusive: bool
+    soft_dirty: bool
+    pfn: int  # 0 unless the reader has CAP_SYS_ADMIN
+
+    @classmethod
+    def decode(cls, entry: int) -> PageInfo:
+        return cls(bool(entry & PM_PRESENT), bool(entry & PM_SWAP), bool(entry & PM_FILE),
+                   bool(entry & PM_UFFD_WP), bool(entry & PM_MMAP_EXCLUSIVE),
+                   bool(entry & PM_SOFT_DIRTY),
+                   entry & PM_PFN_MASK if entry & PM_PRESENT else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class PagemapSummary:
+    """Counts over a range of pages."""
+
+    pages: int
+    present: int
+    swapped: int
+    file_or_shared: int
+    exclusive: int
+    soft_dirty: int
+    uffd_wp: int
+    distinct_pfns: int
+
+
+class Pagemap(OwnedFd):
+    """An open ``/proc/PID/pagemap`` (``pid`` defaults to this process)."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        super().__init__(os.open(f"/proc/{pid or 'self'}/pagemap", os.O_RDONLY | os.O_CLOEXEC))
+        self.pid = pid or os.getpid()
+
+    def entries(self, start: int, length: int) -> array.array[int]:
+        """Return the raw u64 entries for the pages of ``[start, start+length)``."""
+        first = start // PAGE_SIZE
+        n = (start + length + PAGE_SIZE - 1) // PAGE_SIZE - first
+        data = os.pread(self.fileno(), n * PAGEMAP_ENTRY_BYTES, first * PAGEMAP_ENTRY_BYTES)
+        out = array.array("Q")
+        out.frombytes(data)
+        return out
+
+    def pages(self, start: int, length: int) -> list[PageInfo]:
+        """Return one decoded :class:`PageInfo` per page of the range."""
+        return [PageInfo.decode(e) for e in self.entries(start, length)]
+
+    def summary(self, start: int, length: int) -> PagemapSummary:
+        """Count present, swapped, shared, exclusive, soft-dirty and uffd-wp pages."""
+        es = self.entries(start, length)
+        pfns = {e & PM_PFN_MASK for e in es if e & PM_PRESENT and e & PM_PFN_MASK}
+        return PagemapSummary(
+            pages=len(es),
+            present=sum(1 for e in es if e & PM_PRESENT),
+            swapped=sum(1 for e in es if e & PM_SWAP),
+            file_or_shared=sum(1 for e in es if e & PM_FILE),
+            exclusive=sum(1 for e in es if e & PM_MMAP_EXCLUSIVE),
+            soft_dirty=sum(1 for e in es if e & PM_SOFT_DIRTY),
+            uffd_wp=sum(1 for e in es if e & PM_UFFD_WP),
+            distinct_pfns=len(pfns),
+        )
+
+
+def clear_soft_dirty(pid: int | None = None) -> None:
+    """Clear the soft-dirty bits of every page of a process (``echo 4 > clear_refs``)."""
+    with open(f"/proc/{pid or 'self'}/clear_refs", "w") as f:
+        f.write("4")

@@ -1,0 +1,5 @@
+import sys
+
+from pagein.cli.main import main
+
+sys.exit(main())

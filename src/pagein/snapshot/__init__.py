@@ -1,0 +1,1 @@
+"""Snapshot formats and page sources (raw memory file, stores); see :mod:`.source`."""

@@ -311,9 +311,15 @@ class Session:
                 case Filled(done):
                     k = done // ps
                 case AlreadyPresent(done):
-                    k = done // ps + 1  # the page at `done` exists: skip it, wake its waiters
-                    self.uffd.wake(dst, k * ps)
+                    # The page at `done` exists (a racing fill won): skip it, and wake its
+                    # waiters, which only a successful fill would have woken.
+                    k = done // ps
+                    self._account(st, page, k, zero, cause)
+                    st.filled.set(page + k)
+                    self.uffd.wake(dst, (k + 1) * ps)
                     self.counters.eexist += 1
+                    dst, page, count = dst + (k + 1) * ps, page + k + 1, count - k - 1
+                    continue
                 case Retry(done):
                     k = done // ps
                     self._account(st, page, k, zero, cause)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import random
 import socket
 import sys
@@ -75,6 +76,7 @@ class Checker:
         self.errors: list[str] = []
         self.pages = 0
         self.progress = progress
+        self.pause_after = 0
         self.lock = threading.Lock()
         self.zero_ranges: list[tuple[int, int]] = []  # guest addresses that must read zeros
 
@@ -98,9 +100,16 @@ class Checker:
                 kind = "zeros" if not any(got) else "other bytes"
                 self.errors.append(f"region at file 0x{region.offset:x} page {page}: read "
                                    f"{kind} instead of the snapshot")
+                sys.stdout.write(f"mismatch {self.errors[-1]}\n")
+                sys.stdout.flush()
             if self.progress:
                 sys.stdout.write(f"touched {self.pages}\n")
                 sys.stdout.flush()
+            if self.pause_after == self.pages:
+                # Let the test act (kill the server, kill us) at a known point.
+                sys.stdout.write("paused\n")
+                sys.stdout.flush()
+                sys.stdin.readline()
 
     def run_threads(self, threads: int, seed: int) -> None:
         work = [(r, p) for r in self.guest.regions for p in range(r.size_bytes // r.page_size)]
@@ -173,6 +182,7 @@ def balloon_while_faulting(checker: Checker, rounds: int) -> None:
 def cmd_touch(args: argparse.Namespace) -> int:
     guest = start_guest(args)
     checker = Checker(guest, args.progress)
+    checker.pause_after = args.pause_after
     if args.balloon_rounds:
         balloon_while_faulting(checker, args.balloon_rounds)
     else:
@@ -202,6 +212,9 @@ def cmd_raw(args: argparse.Namespace) -> int:
         pass  # connect and say nothing: the handshake timeout must fire
     elif args.no_fd:
         sock.sendall(payload)
+    elif args.pipe_fd:
+        r, _w = os.pipe()
+        send_with_fds(sock, payload, [r])
     else:
         send_with_fds(sock, payload, [uffd.fileno()])
     sys.stdout.write("sent\n")
@@ -226,12 +239,15 @@ def main() -> int:
     t.add_argument("--pre-balloon", help="OFF:LEN in region 0 to drop before touching")
     t.add_argument("--balloon-rounds", type=int, default=0)
     t.add_argument("--hold", action="store_true")
+    t.add_argument("--pause-after", type=int, default=0,
+                   help="after N pages print 'paused' and wait for a line on stdin")
     t.set_defaults(fn=cmd_touch)
     r = sub.add_parser("raw")
     r.add_argument("--socket", required=True)
     r.add_argument("--payload", default="")
     r.add_argument("--no-fd", action="store_true")
     r.add_argument("--silent", action="store_true")
+    r.add_argument("--pipe-fd", action="store_true", help="send a pipe instead of a uffd")
     r.set_defaults(fn=cmd_raw)
     args = p.parse_args()
     rc: int = args.fn(args)

@@ -245,8 +245,11 @@ def _check_overlaps(regions: Sequence[Region], key: str,
     spans = sorted((span(r), i) for i, r in enumerate(regions))
     for (a, ia), (b, ib) in itertools.pairwise(spans):
         if b[0] < a[1]:
-            raise HandshakeError(f"regions[{ib}].{key}", b[0],
-                                 f"overlaps regions[{ia}] (0x{a[0]:x}-0x{a[1]:x})")
+            # Blame the region listed later: the earlier one was fine on its own.
+            (bad, bad_span), (other, other_span) = sorted([(ia, a), (ib, b)], reverse=True)
+            raise HandshakeError(f"regions[{bad}].{key}", bad_span[0],
+                                 f"overlaps regions[{other}] "
+                                 f"(0x{other_span[0]:x}-0x{other_span[1]:x})")
 
 
 @dataclass(frozen=True, slots=True)

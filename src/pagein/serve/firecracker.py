@@ -268,6 +268,11 @@ def _check_uffd(fd: int) -> None:
         return  # no /proc: trust the peer; the first ioctl will fail loudly otherwise
     if target != "anon_inode:[userfaultfd]":
         raise HandshakeError("uffd", target, "the file descriptor sent is not a userfaultfd")
+    # A uffd polls as an error until UFFDIO_API has been called on it.
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    if any(ev & select.POLLERR for _, ev in p.poll(0)):
+        raise HandshakeError("uffd", fd, "the VMM never called UFFDIO_API on this userfaultfd")
 
 
 def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Handshake:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import errno
 import os
+import stat
 import threading
 
 from pagein._abi.mman import Prot
@@ -67,7 +68,11 @@ class RawFileSource(PageSource):
         self._lock = threading.Lock()
         self._fd = self._open(self.path)
         try:
-            self._size = os.fstat(self._fd).st_size
+            st = os.fstat(self._fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise SourceError(f"snapshot memory file {self.path} is a directory: pass the "
+                                  "memory file itself")
+            self._size = st.st_size
             if self._size == 0:
                 raise SnapshotFormatError(
                     f"snapshot memory file {self.path} is empty: give the mem_file_path the "
@@ -96,9 +101,6 @@ class RawFileSource(PageSource):
         except PermissionError as e:
             raise SourceError(f"snapshot memory file {path} is not readable by this user: "
                               "fix its permissions or run as its owner") from e
-        except IsADirectoryError as e:
-            raise SourceError(f"snapshot memory file {path} is a directory: pass the "
-                              "memory file itself") from e
         except OSError as e:
             raise SourceError(f"cannot open snapshot memory file {path}: {e.strerror}") from e
 

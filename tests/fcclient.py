@@ -28,6 +28,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from pagein._abi import libc
 from pagein._abi.mman import Advice
 from pagein.serve.firecracker import Generation, Region, connect_and_send
 from pagein.sys.fdpass import send_with_fds
@@ -57,7 +58,10 @@ def start_guest(args: argparse.Namespace) -> Guest:
     page = HUGE_PAGE_SIZE if args.hugetlb else PAGE_SIZE
     with open(args.mem_file, "rb") as f:
         data = f.read()
-    uffd = Userfaultfd.open(Feature.EVENT_REMOVE, nonblocking=True)
+    features = Feature.EVENT_REMOVE
+    if args.remap:  # not what Firecracker asks for: only to exercise REMAP/UNMAP handling
+        features |= Feature.EVENT_REMAP | Feature.EVENT_UNMAP
+    uffd = Userfaultfd.open(features, nonblocking=True)
     regions, mappings = [], []
     for off, size in parse_layout(args.regions):
         m = Mapping.anonymous(size, hugetlb=args.hugetlb, noreserve=True)
@@ -179,11 +183,34 @@ def balloon_while_faulting(checker: Checker, rounds: int) -> None:
         checker.check_page(r0, p, buf)
 
 
+def remap_then_unmap(checker: Checker) -> None:
+    """Touch half of region 0, mremap it elsewhere, touch the rest there, munmap a quarter
+    of it, then touch every other region: the server must follow the moves."""
+    g = checker.guest
+    r0, m0 = g.regions[0], g.mappings[0]
+    n = r0.size_bytes // r0.page_size
+    buf = ctypes.create_string_buffer(r0.page_size)
+    for p in range(0, n, 2):
+        checker.check_page(r0, p, buf)
+    target = Mapping.anonymous(r0.size_bytes).release()  # reserve an address, then move
+    m0.move_to(target)
+    moved = Region(m0.address, r0.size_bytes, r0.offset, r0.page_size)
+    for p in range(n):
+        checker.check_page(moved, p, buf)
+    quarter = (n // 4) * r0.page_size
+    if libc.munmap(m0.address + r0.size_bytes - quarter, quarter) != 0:
+        raise OSError(ctypes.get_errno(), "munmap")
+    g.regions = g.regions[1:]
+    checker.run_threads(2, 5)
+
+
 def cmd_touch(args: argparse.Namespace) -> int:
     guest = start_guest(args)
     checker = Checker(guest, args.progress)
     checker.pause_after = args.pause_after
-    if args.balloon_rounds:
+    if args.remap:
+        remap_then_unmap(checker)
+    elif args.balloon_rounds:
         balloon_while_faulting(checker, args.balloon_rounds)
     else:
         if args.pre_balloon:
@@ -239,6 +266,8 @@ def main() -> int:
     t.add_argument("--pre-balloon", help="OFF:LEN in region 0 to drop before touching")
     t.add_argument("--balloon-rounds", type=int, default=0)
     t.add_argument("--hold", action="store_true")
+    t.add_argument("--remap", action="store_true",
+                   help="also negotiate EVENT_REMAP/UNMAP; mremap and munmap region 0")
     t.add_argument("--pause-after", type=int, default=0,
                    help="after N pages print 'paused' and wait for a line on stdin")
     t.set_defaults(fn=cmd_touch)

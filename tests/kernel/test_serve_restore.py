@@ -167,3 +167,18 @@ def test_server_keeps_serving_after_peer_exit(tmp_path: Path, snap: tuple[str, b
     assert isinstance(vms, list)
     assert [v["state"] for v in vms] == ["peer exited"] * 3
     assert os.path.exists(server.stats_path)
+
+
+def test_remap_and_unmap_are_followed(tmp_path: Path, snap: tuple[str, bytes],
+                                      server_factory: list[ServerProc]) -> None:
+    path, _ = snap
+    server = start_server(str(tmp_path), path, "--strategy", "populate-all",
+                          "--chunk-size", "16K")
+    server_factory.append(server)
+    rc, res = finish(client(*touch_args(server, path, REGIONS, "--remap")))
+    assert rc == 0, res
+    server.stop()
+    vm = server.stats()["vms"][0]  # type: ignore[index]
+    assert vm["remaps"] == 1 and vm["unmaps"] >= 1
+    assert "ERROR" not in server.log()
+    assert vm["state"] == "peer exited"

@@ -45,7 +45,8 @@ def test_restore_lazily_every_byte_from_threads(tmp_path: Path, strategy: str) -
         assert out.raw == data
         stats = r.stats()
         assert stats.pages == SIZE // P
-        assert stats.zero_pages == SIZE // P // 8
+        if strategy == "on-demand":  # every hole page is a zero page
+            assert stats.zero_pages == SIZE // P // 8
         assert stats.bytes_copied == SIZE - stats.zero_pages * P
         pid = r.handler_pid
     assert r.stats() == stats  # the last statistics stay readable after close

@@ -73,7 +73,7 @@ def test_each_payload_generation_restores_every_byte(
 @pytest.mark.parametrize("strategy", ["readahead", "populate-all"])
 def test_strategies_copy_each_page_once(tmp_path: Path, snap: tuple[str, bytes],
                                         server_factory: list[ServerProc], strategy: str) -> None:
-    path, data = snap
+    path, _data = snap
     server = start_server(str(tmp_path), path, "--strategy", strategy,
                           "--readahead-size", "64K")
     server_factory.append(server)
@@ -83,7 +83,8 @@ def test_strategies_copy_each_page_once(tmp_path: Path, snap: tuple[str, bytes],
     total = server.stats()["total"]
     assert isinstance(total, dict)
     assert total["pages"] == _pages(REGIONS)
-    assert total["bytes_copied"] == (_pages(REGIONS) - _holes(data, REGIONS)) * PAGE
+    # Bulk fills copy short holes with their neighbours (zeros from the file).
+    assert total["bytes_copied"] + total["zero_pages"] * PAGE == _pages(REGIONS) * PAGE
     if strategy == "readahead":
         assert total["bytes_readahead"] > 0
         assert total["faults"] < _pages(REGIONS)
@@ -143,14 +144,16 @@ def test_hugetlb_regions_served_whole(tmp_path: Path, server_factory: list[Serve
     server = start_server(str(tmp_path), path)
     server_factory.append(server)
     regions = [(0, 2 * huge), (3 * huge, huge)]
+    # The second huge page of region 0 is ballooned before any touch: it must read zeros
+    # (a copy from a zero buffer: hugetlbfs has no zero page).
     rc, res = finish(client(*touch_args(server, path, regions, "--hugetlb", "--generation",
-                                        "legacy-kib")))
+                                        "legacy-kib", "--pre-balloon", f"{huge}:{huge}")))
     assert rc == 0, res
     server.stop()
     total = server.stats()["total"]
     assert isinstance(total, dict)
-    assert total["pages"] == 3
-    assert total["bytes_copied"] == 3 * huge
+    assert total["pages"] == 3 and total["zero_pages"] == 1 and total["removes"] == 1
+    assert total["bytes_copied"] == 2 * huge
 
 
 def test_server_keeps_serving_after_peer_exit(tmp_path: Path, snap: tuple[str, bytes],
@@ -182,3 +185,21 @@ def test_remap_and_unmap_are_followed(tmp_path: Path, snap: tuple[str, bytes],
     assert vm["remaps"] == 1 and vm["unmaps"] >= 1
     assert "ERROR" not in server.log()
     assert vm["state"] == "peer exited"
+
+
+def test_populate_all_maps_zero_pages_for_large_holes(tmp_path: Path,
+                                                       server_factory: list[ServerProc]) -> None:
+    path = str(tmp_path / "mem.snap")
+    data = os.urandom(1 << 20)
+    with open(path, "wb") as f:  # 1 MiB of data, then a 3 MiB hole
+        f.write(data)
+        f.truncate(SIZE)
+    server = start_server(str(tmp_path), path, "--strategy", "populate-all")
+    server_factory.append(server)
+    rc, res = finish(client(*touch_args(server, path, [(0, SIZE)], "--threads", "1")))
+    assert rc == 0, res
+    server.stop()
+    total = server.stats()["total"]
+    assert isinstance(total, dict)
+    assert total["zero_pages"] == (3 << 20) // PAGE
+    assert total["bytes_copied"] == 1 << 20

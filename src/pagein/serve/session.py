@@ -61,6 +61,8 @@ log = logging.getLogger("pagein.serve")
 STATS_REQUEST = b'{"pagein": "stats"}\n'
 
 DEFAULT_CHUNK_BYTES = 1 << 20
+#: Holes at least this long (pages) become zero pages in bulk fills; shorter ones are copied.
+MIN_BULK_HOLE_PAGES = 16
 _HUGE = 2 * 1024 * 1024
 _ZEROS = bytearray(_HUGE)
 _ZEROS_ADDR = ctypes.addressof((ctypes.c_char * _HUGE).from_buffer(_ZEROS))
@@ -213,8 +215,18 @@ class Session:
             log.error("vm pid=%d: fault at 0x%x outside every region it registered; "
                       "that vCPU stays blocked", self.peer_pid, fault.address)
             return True
-        ri, page = loc
-        if not self._fill(ri, page, 1, "fault", force=True):
+        ri, page, dst = loc
+        st = self._states[ri]
+        if st.discarded.test(page):
+            zero = True
+        elif st.region.page_size == 4096:
+            off = st.region.offset + page * 4096
+            zero = bool(self.source.zero_extents(off, 4096))
+        else:
+            zero = False
+        # Always fill, even if the bitmap says the page is there: a duplicate fault
+        # (two vCPUs) then gets EEXIST and a wake, never a lost wakeup.
+        if not self._install(st, dst, page, 1, zero, "fault"):
             return False
         self.counters.faults += 1
         window = self.strategy.on_fault(self.regions, ri, page)
@@ -222,7 +234,8 @@ class Session:
             self._fill(window.region, window.first_page, window.pages, "readahead")
         return True
 
-    def _locate(self, address: int) -> tuple[int, int] | None:
+    def _locate(self, address: int) -> tuple[int, int, int] | None:
+        """Return (region, page, page address) for a faulting address, or None."""
         i = bisect.bisect_right(self._starts, address) - 1
         if i < 0:
             return None
@@ -230,7 +243,8 @@ class Session:
         if address >= e.address + e.length:
             return None
         ps = self.regions[e.region].page_size
-        return e.region, (e.rel + address - e.address) // ps
+        page = (e.rel + address - e.address) // ps
+        return e.region, page, e.address + page * ps - e.rel
 
     # --- filling -------------------------------------------------------------------
 
@@ -248,7 +262,12 @@ class Session:
                 yield e.address + p * ps - e.rel, p, c
 
     def _segments(self, ri: int, page: int, count: int) -> list[tuple[int, int, bool]]:
-        """Split a page run into ``(page, count, zero)`` pieces: discarded or hole = zero."""
+        """Split a page run into ``(page, count, zero)`` pieces: discarded or hole = zero.
+
+        Holes shorter than :data:`MIN_BULK_HOLE_PAGES` are copied with their neighbours
+        (they read as zeros from the file): one ioctl per hole would cost more than the
+        memory a zero page saves. Faults always map the zero page for a hole.
+        """
         st = self._states[ri]
         r = st.region
         out: list[tuple[int, int, bool]] = []
@@ -270,7 +289,7 @@ class Session:
         for off, length in self.source.zero_extents(r.offset + p * ps, (q - p) * ps):
             z0 = (off - r.offset + ps - 1) // ps  # whole pages inside the hole only
             z1 = (off + length - r.offset) // ps
-            if z1 <= z0:
+            if z1 - z0 < MIN_BULK_HOLE_PAGES:
                 continue
             if z0 > pos:
                 out.append((pos, z0 - pos, False))

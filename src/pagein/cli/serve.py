@@ -106,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
     if args.strategy == StrategyName.WORKING_SET.value and ws is None:
         raise PageinError("--strategy working-set needs --working-set FILE")
     # Build one strategy now so a bad --readahead-size fails before listening.
-    make_strategy(args.strategy, readahead_bytes=args.readahead_size, working_set=ws)
+    try:
+        make_strategy(args.strategy, readahead_bytes=args.readahead_size, working_set=ws)
+    except ValueError as e:
+        raise PageinError(f"--strategy {args.strategy}: {e}") from e
     source = open_source(args.mem_file or args.source)
     try:
         config = ServerConfig(args.socket, BadHandshakePolicy(args.on_bad_handshake),

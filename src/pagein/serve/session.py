@@ -15,8 +15,8 @@ Ordering rules this loop depends on (see ``ioctl_userfaultfd(2)`` and DESIGN.md)
   wake the range.
 - Non-fault events of one read are applied before that read's faults: a fault racing
   a REMOVE of its page gets zeros, which is what the guest asked for.
-- Background work (prefetch plans) runs one bounded chunk at a time and only when no
-  fault is waiting, so a fault never queues behind more than one chunk.
+- Background work (prefetch plans) runs one bounded chunk per turn of the loop, after
+  the faults that turn read, so a fault never queues behind more than one chunk.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 #: Holes at least this long (pages) become zero pages in bulk fills; shorter ones are copied.
 MIN_BULK_HOLE_PAGES = 16
 _HUGE = 2 * 1024 * 1024
+_BATCH = 128  # uffd messages per read()
 _ZEROS = bytearray(_HUGE)
 _ZEROS_ADDR = ctypes.addressof((ctypes.c_char * _HUGE).from_buffer(_ZEROS))
 
@@ -124,6 +125,8 @@ class Session:
         self._deferred: list[tuple[PageFault, int]] = []
         self._plan: Iterator[Span] = iter(())
         self._span: Span | None = None
+        self._uffd_poll = select.poll()
+        self._uffd_poll.register(uffd.fileno(), select.POLLIN)
 
     # --- the loop ------------------------------------------------------------------
 
@@ -165,19 +168,21 @@ class Session:
                         raise UffdError("poll(uffd)", errno.EBADF, 0, 0,
                                         "the VMM never completed UFFDIO_API on this uffd")
                     uffd_ready = True
-            faults = self._drain(uffd_ready)
-            if not self._serve_faults(faults) and not faults and not self._deferred:
+            self._serve_faults(self._drain(uffd_ready))
+            # One bounded chunk per turn even when faults were served: with a vCPU that
+            # faults all the time, background work would otherwise starve, and it fills
+            # a page ~10x cheaper than a fault does. A fault waits behind one chunk at most.
+            if not self._deferred:
                 self._background_step()
 
     def _drain(self, ready: bool) -> list[tuple[PageFault, int]]:
         """Read every pending event; apply non-fault events now, return the faults."""
         faults: list[tuple[PageFault, int]] = []
-        one = select.poll()
-        one.register(self.uffd.fileno(), select.POLLIN)
         # Only read when poll says so: the VMM may have made the uffd blocking.
         while ready:
             now = time.monotonic_ns()
-            for ev in self.uffd.read_events(128):
+            events = self.uffd.read_events(_BATCH)
+            for ev in events:
                 match ev:
                     case PageFault():
                         faults.append((ev, now))
@@ -191,7 +196,8 @@ class Session:
                         log.warning("vm pid=%d forked with the uffd; not serving the child",
                                     self.peer_pid)
                         child.close()
-            ready = bool(one.poll(0))
+            # A short read emptied the queue; a full one may have left more behind.
+            ready = len(events) == _BATCH and bool(self._uffd_poll.poll(0))
         return faults
 
     def _serve_faults(self, faults: list[tuple[PageFault, int]]) -> bool:

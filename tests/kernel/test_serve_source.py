@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from pagein.errors import SnapshotFormatError, SourceError
+from pagein.serve.server import Server, ServerConfig
+from pagein.serve.strategies import make_strategy
 from pagein.snapshot.open import open_source
 from pagein.snapshot.raw import RawFileSource
+from pagein.snapshot.source import PageSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serve_harness import blocked_in_userfault, client, finish, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -82,3 +90,73 @@ def test_close_is_idempotent_and_fd_released(tmp_path: Path) -> None:
     assert len(os.listdir("/proc/self/fd")) == before
     with pytest.raises(SourceError, match="closed"):
         src.read_into(0, memoryview(bytearray(P)))
+
+
+class BytesSource(PageSource):
+    """A source with no address to copy from (as a store is): served via read_into."""
+
+    def __init__(self, data: bytes, fail_after: int | None = None) -> None:
+        self.data = data
+        self.reads = 0
+        self.fail_after = fail_after
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self.reads += 1
+        if self.fail_after is not None and self.reads > self.fail_after:
+            raise SourceError(f"chunk at 0x{offset:x} is unavailable (test)")
+        buf[:] = self.data[offset:offset + len(buf)]
+
+
+def _serve_in_thread(tmp_path: Path, source: PageSource,
+                     strategy: str) -> tuple[Server, threading.Thread]:
+    server = Server(ServerConfig(str(tmp_path / "s.sock"), exit_after=1), source,
+                    lambda: make_strategy(strategy))
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    return server, t
+
+
+@pytest.mark.parametrize("strategy", ["on-demand", "populate-all"])
+def test_source_without_address_is_served_through_a_buffer(tmp_path: Path,
+                                                           strategy: str) -> None:
+    path = tmp_path / "mem.snap"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    source = BytesSource(data)
+    server, t = _serve_in_thread(tmp_path, source, strategy)
+    try:
+        c = client("touch", "--socket", str(tmp_path / "s.sock"), "--mem-file", str(path),
+                   "--regions", "0x10000:0x80000,0x90000:0x40000", "--threads", "2")
+        rc, res = finish(c)
+        assert rc == 0, res
+        t.join(timeout=30)
+        assert not t.is_alive()
+        assert server.totals().bytes_copied == 0xC0000 and source.reads > 0
+    finally:
+        server.stop()
+        t.join(timeout=30)
+
+
+def test_failing_source_freezes_the_vm_loudly_never_zeros(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "mem.snap"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    server, t = _serve_in_thread(tmp_path, BytesSource(data, fail_after=20), "on-demand")
+    c = client("touch", "--socket", str(tmp_path / "s.sock"), "--mem-file", str(path),
+               "--regions", "0:0x100000", "--threads", "1")
+    try:
+        wait_for(lambda: blocked_in_userfault(c.pid), 20, "the client to block in a fault")
+        assert c.poll() is None  # frozen on the page that could not be read, not zero-filled
+        assert any("is unavailable (test)" in r.getMessage() and r.levelname == "ERROR"
+                   for r in caplog.records)
+    finally:
+        c.kill()
+        out, _ = c.communicate(timeout=10)
+        server.stop()
+        t.join(timeout=30)
+    assert "mismatch" not in out

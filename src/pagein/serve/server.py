@@ -129,6 +129,8 @@ class Server:
 
     def stop(self) -> None:
         """Ask :meth:`serve_forever` and every session to end (safe from a signal handler)."""
+        if self._stop_w < 0:
+            return  # already shut down
         with contextlib.suppress(BlockingIOError):
             os.write(self._stop_w, b"x")
 
@@ -143,8 +145,10 @@ class Server:
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.socket_path)
-        os.close(self._stop_r)
-        os.close(self._stop_w)
+        r, w = self._stop_r, self._stop_w
+        self._stop_r = self._stop_w = -1
+        os.close(r)
+        os.close(w)
 
     # --- one connection ------------------------------------------------------------
 

@@ -1,0 +1,78 @@
+"""Strategies' plans and windows, and the stats renderings."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagein.serve.firecracker import Region
+from pagein.serve.stats import LATENCY_BUCKETS_US, Counters, ServeStats, prometheus_text
+from pagein.serve.strategies import (
+    OnDemand,
+    PopulateAll,
+    Readahead,
+    Span,
+    WorkingSet,
+    make_strategy,
+)
+
+HUGE = 2 << 20
+REGIONS = [Region(0x10000000, 1 << 20, 0), Region(0x20000000, 2 * HUGE, 1 << 20, HUGE)]
+
+
+def test_on_demand_does_nothing_extra() -> None:
+    s = OnDemand()
+    assert list(s.on_connect(REGIONS)) == []
+    assert s.on_fault(REGIONS, 0, 5) is None
+
+
+def test_readahead_window_is_aligned_and_clipped() -> None:
+    s = Readahead(64 * 1024)
+    assert s.on_fault(REGIONS, 0, 37) == Span(0, 32, 16)
+    assert s.on_fault(REGIONS, 0, 255) == Span(0, 240, 16)
+    assert s.on_fault(REGIONS, 1, 1) is None  # a hugepage is already bigger than the window
+    assert Readahead(8 << 20).on_fault(REGIONS, 1, 1) == Span(1, 0, 2)
+    with pytest.raises(ValueError, match="power of two"):
+        Readahead(100_000)
+
+
+def test_populate_all_plans_every_page_of_every_region() -> None:
+    assert list(PopulateAll().on_connect(REGIONS)) == [Span(0, 0, 256), Span(1, 0, 2)]
+
+
+def test_working_set_prefetches_recorded_extents_in_order() -> None:
+    ws = WorkingSet([(0x3000, 0x2000), ((1 << 20) + HUGE, 10), (0xFF000, 0x2000)],
+                    then=PopulateAll())
+    plan = list(ws.on_connect(REGIONS))
+    # Recorded extents first (clipped to regions, rounded out to pages), then the rest.
+    assert plan[:4] == [Span(0, 3, 2), Span(1, 1, 1), Span(0, 255, 1), Span(1, 0, 1)]
+    assert plan[4:] == [Span(0, 0, 256), Span(1, 0, 2)]
+    assert make_strategy("working-set", working_set=[(0, 4096)]).name.value == "working-set"
+    with pytest.raises(ValueError, match="working set"):
+        make_strategy("working-set")
+
+
+def test_counters_add_snapshot_and_latency() -> None:
+    a = Counters(faults=2, pages=3, bytes_fault=4096)
+    a.observe_latency(3)
+    a.observe_latency(LATENCY_BUCKETS_US[-1] + 1)
+    b = a.snapshot()
+    b.add(a)
+    assert b.faults == 4 and b.bytes_copied == 8192
+    assert b.latency_us_buckets[0] == 2 and b.latency_us_buckets[-1] == 2
+    assert a.latency_us_buckets[0] == 1  # the snapshot is a copy
+    d = b.to_dict()
+    assert d["bytes_copied"] == 8192 and d["latency_us_le"][-1] == "inf"  # type: ignore[index]
+    assert ServeStats.from_dict(d).faults == 4
+
+
+def test_prometheus_text_is_cumulative() -> None:
+    c = Counters(faults=3, pages=7)
+    for us in (1, 30, 30):
+        c.observe_latency(us)
+    text = prometheus_text([("42", c)], active=1)
+    assert "pagein_active_vms 1\n" in text
+    assert 'pagein_pages_total{vm="42"} 7\n' in text
+    assert 'pagein_fault_latency_seconds_bucket{vm="42",le="5e-06"} 1\n' in text
+    assert 'pagein_fault_latency_seconds_bucket{vm="42",le="5e-05"} 3\n' in text
+    assert 'pagein_fault_latency_seconds_bucket{vm="42",le="+Inf"} 3\n' in text
+    assert 'pagein_fault_latency_seconds_count{vm="42"} 3\n' in text

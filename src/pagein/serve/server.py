@@ -145,10 +145,10 @@ class Server:
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.socket_path)
-        r, w = self._stop_r, self._stop_w
+        rfd, wfd = self._stop_r, self._stop_w
         self._stop_r = self._stop_w = -1
-        os.close(r)
-        os.close(w)
+        os.close(rfd)
+        os.close(wfd)
 
     # --- one connection ------------------------------------------------------------
 

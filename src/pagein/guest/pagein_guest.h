@@ -51,6 +51,10 @@ struct pg_params {
 };
 
 /* lib.c */
+void *memset(void *d, int c, u64 n);
+void *memcpy(void *d, const void *s, u64 n);
+void *memmove(void *d, const void *s, u64 n);
+int memcmp(const void *a, const void *b, u64 n);
 void pg_putc(char c);
 void pg_write(const char *s, u64 len);
 void pg_puts(const char *s);

@@ -116,12 +116,18 @@ def stack_top(vcpu_id: int) -> int:
     return STACKS_BASE + (vcpu_id + 1) * STACK_SIZE
 
 
-def boot_sregs(initial: Sregs) -> Sregs:
-    """Long mode, paging on, CS/SS at DPL 3: the vCPU starts in user mode."""
-    code = Segment(base=0, limit=0xFFFFFFFF, selector=USER_CS, type=11, present=1, dpl=3,
-                   db=0, s=1, l=1, g=1)
-    data = Segment(base=0, limit=0xFFFFFFFF, selector=USER_DS, type=3, present=1, dpl=3,
-                   db=1, s=1, l=0, g=1)
+def boot_sregs(initial: Sregs, cpl: int = 3) -> Sregs:
+    """Long mode, paging on, CS/SS at DPL ``cpl``: at 3 the vCPU starts in user mode.
+
+    ``cpl=0`` exists to show what kvm_pvm does with privileged guest code (it emulates
+    it, ~2000x slower, and fails on e.g. SSE); VMX/SVM hosts run either natively.
+    """
+    if cpl not in (0, 3):
+        raise ValueError(f"cpl={cpl} must be 3 (user mode) or 0 (kernel mode)")
+    code = Segment(base=0, limit=0xFFFFFFFF, selector=USER_CS if cpl else KERNEL_CS, type=11,
+                   present=1, dpl=cpl, db=0, s=1, l=1, g=1)
+    data = Segment(base=0, limit=0xFFFFFFFF, selector=USER_DS if cpl else KERNEL_DS, type=3,
+                   present=1, dpl=cpl, db=1, s=1, l=0, g=1)
     tr = Segment(base=TSS_ADDR, limit=TSS_LIMIT, selector=TSS_SEL, type=11, present=1)
     return replace(
         initial, cs=code, ds=data, es=data, fs=data, gs=data, ss=data, tr=tr,

@@ -142,9 +142,9 @@ class Machine:
     # --- boot --------------------------------------------------------------------------
 
     def boot(self, image: GuestImage, args: tuple[int, ...] = (), *,
-             min_heap_bytes: int = 0) -> None:
+             min_heap_bytes: int = 0, cpl: int = 3) -> None:
         """Write the machine tables, parameter page and ``image`` into guest RAM and set
-        every vCPU to enter it at CPL 3.
+        every vCPU to enter it at CPL 3 (``cpl=0`` only to demonstrate kvm_pvm's limits).
 
         Raises ``ValueError`` before anything runs when guest RAM is smaller than the
         layout plus ``min_heap_bytes`` the workload needs.
@@ -164,7 +164,7 @@ class Machine:
         for seg in image.segments:
             self.memory.write(seg.address, seg.data + bytes(seg.memory_size - len(seg.data)))
         for vcpu in self.vcpus:
-            vcpu.set_sregs(layout.boot_sregs(vcpu.get_sregs()))
+            vcpu.set_sregs(layout.boot_sregs(vcpu.get_sregs(), cpl))
             vcpu.set_regs(layout.boot_regs(vcpu.id, image.entry, abi.PARAMS_ADDR))
 
     # --- state for snapshot/restore ----------------------------------------------------
@@ -401,9 +401,7 @@ class Machine:
         if ex is None:
             msg = f"vCPU {vcpu.id} {what} ({where})"
         elif isinstance(ex, Shutdown):
-            hint = ""
-            if sregs is not None and sregs.cr2 >= self.memory.end:
-                hint = f"; cr2 is beyond guest RAM (0x{self.memory.end:x} bytes)"
+            hint = "" if sregs is None else _cr2_hint(sregs.cr2, self.memory.end)
             msg = (f"vCPU {vcpu.id} triple-faulted: the guest raised an exception and there "
                    f"is no IDT to handle it ({where}{hint})")
         elif isinstance(ex, InternalError) and ex.suberror == _EMULATION:
@@ -456,3 +454,14 @@ def _describe(regs: Regs | None, sregs: Sregs | None) -> str:
             f"rflags=0x{regs.rflags:x} cs=0x{sregs.cs.selector:x} rax=0x{regs.rax:x} "
             f"rbx=0x{regs.rbx:x} rcx=0x{regs.rcx:x} rdx=0x{regs.rdx:x} rsi=0x{regs.rsi:x} "
             f"rdi=0x{regs.rdi:x}")
+
+
+def _cr2_hint(cr2: int, mem_end: int) -> str:
+    # CR2 holds the address of the last page fault; it is stale after other exceptions.
+    if cr2 >= mem_end:
+        return f"; cr2 is beyond guest RAM (0x{mem_end:x} bytes)"
+    if cr2 < layout.LARGE_PAGE:
+        return "; cr2 is in the VMM's supervisor-only first 2 MiB (a NULL dereference?)"
+    if cr2 < layout.IMAGE_BASE:
+        return "; cr2 is in the read-only parameter page"
+    return ""

@@ -6,6 +6,7 @@
  *   2 HLT, privileged at CPL 3: a general-protection fault
  *   3 an SSE instruction (fine at CPL 3; kvm_pvm cannot emulate it at CPL 0)
  *   4 UD2: an invalid-opcode exception
+ *   5 spin forever without an exit (only a kick from the VMM gets it out of KVM_RUN)
  */
 #include "pagein_guest.h"
 
@@ -22,6 +23,9 @@ static void fail(u64 kind, u64 address)
         break;
     }
     case 4: __asm__ volatile("ud2"); break;
+    case 5:
+        pg_puts("spinning\n");
+        for (;;) __asm__ volatile("pause");
     default: break;
     }
 }

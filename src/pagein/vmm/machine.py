@@ -129,12 +129,12 @@ class Machine:
 
     @classmethod
     def create(cls, mem_size: int, vcpus: int = 1, *, backing: Backing = Backing.ANONYMOUS,
-               console: Console | None = None) -> Machine:
+               console: Console | None = None, kvm_path: str = "/dev/kvm") -> Machine:
         """A machine with fresh guest RAM of ``mem_size`` bytes, owned by the machine."""
         layout.check_memory_size(mem_size)
         memory = GuestMemory.create(mem_size, backing)
         try:
-            return cls(memory, vcpus, console=console, own_memory=True)
+            return cls(memory, vcpus, console=console, own_memory=True, kvm_path=kvm_path)
         except BaseException:
             memory.close()
             raise
@@ -150,12 +150,12 @@ class Machine:
         layout plus ``min_heap_bytes`` the workload needs.
         """
         mem_end = self.memory.end
-        need = layout.HEAP_START + min_heap_bytes
-        if mem_end < max(need, layout.MIN_MEM):
+        need = max(layout.HEAP_START + min_heap_bytes, layout.MIN_MEM)
+        need = -(-need // layout.LARGE_PAGE) * layout.LARGE_PAGE
+        if mem_end < need:
             raise ValueError(
                 f"guest memory of {mem_end >> 20} MiB is too small for workload "
-                f"{image.name!r}: it needs at least {-(-max(need, layout.MIN_MEM) >> 20)} MiB "
-                "(raise --mem)")
+                f"{image.name!r}: it needs at least {need >> 20} MiB (raise --mem)")
         for address, data in layout.system_tables(mem_end):
             self.memory.write(address, data)
         params = abi.Params(mem_size=mem_end, vcpus=len(self.vcpus),

@@ -86,6 +86,7 @@ class Fault(enum.IntEnum):
     HLT = 2     # privileged at CPL 3
     SSE = 3     # fine at CPL 3; kvm_pvm cannot emulate it at CPL 0
     UD2 = 4
+    SPIN = 5    # loop forever without a VM exit
 
 
 def hello_args(status: int = 0, fault: Fault = Fault.NONE, address: int = 0) -> WorkloadArgs:

@@ -73,11 +73,13 @@ class GuestFault(GuestError):
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
-    """How the guest ended: its exit status, exit counts by kind, and wall time."""
+    """How the guest ended: its exit status, exit counts by kind, wall time from start,
+    and the time from start to the guest's READY (None if it never said it)."""
 
     status: int
     exits: dict[str, int] = field(default_factory=dict)
     run_seconds: float = 0.0
+    ready_seconds: float | None = None
 
 
 class _Stopped(Exception):
@@ -108,6 +110,7 @@ class Machine:
         self._exits: Counter[str] = Counter()
         self._threads: list[threading.Thread] = []
         self._t0 = self._t1 = 0.0
+        self._ready_at: float | None = None
         self.kvm = Kvm.open(kvm_path)
         self.vcpus: list[Vcpu] = []
         try:
@@ -223,7 +226,8 @@ class Machine:
     def result(self) -> RunResult:
         with self._cond:
             end = self._t1 or time.monotonic()
-            return RunResult(self._status or 0, dict(self._exits), end - self._t0)
+            ready = None if self._ready_at is None else self._ready_at - self._t0
+            return RunResult(self._status or 0, dict(self._exits), end - self._t0, ready)
 
     def stop(self) -> None:
         """Ask every vCPU thread to end (used on errors, timeouts and close)."""
@@ -346,6 +350,9 @@ class Machine:
                 result = abi.RETRY if line is None else len(line)
                 self.memory.write(value + 16, struct.pack("<q", result))
             case Port.READY:
+                with self._cond:
+                    if self._ready_at is None:
+                        self._ready_at = time.monotonic()
                 self.ready.set()
                 if self.pause_on_ready:
                     with self._cond:

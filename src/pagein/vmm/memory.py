@@ -5,13 +5,15 @@ Memory is made by :meth:`GuestMemory.create` (anonymous private, a shared memfd,
 restore that already mapped a snapshot file or registered the range with userfaultfd.
 Only memory this object created is unmapped on close.
 
-Safety: :meth:`read` / :meth:`write` touch guest memory from the calling thread. On
-memory registered with userfaultfd and served from this process, that blocks on the GIL
-(see DESIGN.md): do not call them before the handler has filled the range.
+Safety: :meth:`read` / :meth:`write` copy with ``ctypes.memmove``, which releases the
+GIL, so a VMM access to a page that is still missing in uffd-registered memory waits
+for the handler without freezing the other Python threads — including a handler thread
+in this same process (see DESIGN.md on the GIL).
 """
 
 from __future__ import annotations
 
+import ctypes
 import enum
 from dataclasses import dataclass
 from types import TracebackType
@@ -93,12 +95,16 @@ class GuestMemory:
         return True
 
     def read(self, guest_phys: int, length: int) -> bytes:
+        """Copy guest bytes out (GIL released during the copy)."""
         mapping, off = self._locate(guest_phys, length)
-        return mapping.read(off, length)
+        buf = ctypes.create_string_buffer(length)
+        ctypes.memmove(buf, mapping.address + off, length)
+        return buf.raw
 
     def write(self, guest_phys: int, data: bytes) -> None:
+        """Copy bytes into the guest (GIL released during the copy)."""
         mapping, off = self._locate(guest_phys, len(data))
-        mapping.write(off, data)
+        ctypes.memmove(mapping.address + off, data, len(data))
 
     def close(self) -> None:
         if self._closed:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from typing import Any, Self
+from typing import Any
 
 from pagein._abi import kvm as abi
 from pagein._abi import libc
@@ -411,9 +411,6 @@ class Vcpu(OwnedFd):
         if not self.closed:
             self._run_area.close()
         super().close()
-
-    def __enter__(self) -> Self:
-        return self
 
 
 def _msr_buffer(indices: list[int]) -> tuple[ctypes.Array[ctypes.c_char], abi.kvm_msrs,

@@ -25,7 +25,7 @@ from pagein._abi.mman import (
 from pagein.sys._fd import OwnedFd
 from pagein.sys.mapping import PAGE_SIZE
 
-__all__ = ["PageInfo", "PagemapSummary", "Pagemap", "clear_soft_dirty"]
+__all__ = ["PageInfo", "Pagemap", "PagemapSummary", "clear_soft_dirty"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,15 @@ import signal
 import threading
 
 import pytest
-from _toucher import ChildDied, Toucher, copy_from, fault_waiters, pattern, serve
+from _toucher import (
+    ChildDied,
+    Toucher,
+    copy_from,
+    fault_waiters,
+    pattern,
+    serve,
+    wait_for_fault_waiters,
+)
 
 from pagein._abi import libc
 from pagein.errors import UffdError
@@ -120,6 +128,9 @@ def test_dontwake_leaves_the_faulting_thread_asleep_until_wake() -> None:
     with Toucher.spawn(P) as t:
         t.send("read", 0, P)
         ev = _one_fault(t)
+        # The event is readable a moment before the thread sleeps: wait for the sleep,
+        # or a fill could land first and the thread would never need a wake.
+        wait_for_fault_waiters(t.pid, 1)
         res = t.uffd.copy(ev.address, libc.buffer_address(src), P, CopyMode.DONTWAKE)
         assert res == Filled(P)
         assert fault_waiters(t.pid) == 1 and _no_reply(t)
@@ -132,6 +143,7 @@ def test_eexist_is_already_present_and_still_needs_a_wake() -> None:
     with Toucher.spawn(P) as t:
         t.send("read", 0, P)
         ev = _one_fault(t)
+        wait_for_fault_waiters(t.pid, 1)
         # A racing filler installed the page without waking (DONTWAKE stands in for it).
         assert t.uffd.copy(ev.address, libc.buffer_address(src), P, CopyMode.DONTWAKE) \
             == Filled(P)

@@ -9,7 +9,7 @@ import pickle
 import pytest
 
 from pagein._abi import libc
-from pagein.errors import Unavailable, UffdError, UnsupportedFeature
+from pagein.errors import UffdError, Unavailable, UnsupportedFeature
 from pagein.sys import uffd as uffd_mod
 from pagein.sys.mapping import PAGE_SIZE, Mapping
 from pagein.sys.uffd import ApiInfo, Feature, RegisterMode, Userfaultfd

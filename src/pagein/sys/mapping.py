@@ -94,9 +94,11 @@ class Mapping:
         if addr is None or addr == MAP_FAILED or addr == libc.VOID_P_FAILED:
             err = libc.get_errno()
             detail = ""
-            if flags & MapFlag.HUGETLB:
+            if err == errno.ENOMEM and (flags & MapFlag.HUGETLB or page == HUGE_PAGE_SIZE):
                 detail = (f"not enough free 2 MiB pages ({hugetlb_free_pages()} free): "
                           "raise sysctl vm.nr_hugepages")
+            elif err == errno.EEXIST and at is not None:
+                detail = "something is already mapped there: pass replace=True to replace it"
             raise MappingError("mmap", err, at or 0, length, detail)
         if at is not None and addr != at:
             libc.munmap(addr, length)
@@ -225,14 +227,24 @@ class Memfd(OwnedFd):
 
     @classmethod
     def create(cls, name: str, size: int, *, hugetlb: bool = False) -> Memfd:
-        """Create a memfd of ``size`` bytes (a multiple of the page size)."""
+        """Create a memfd of ``size`` bytes (a multiple of the page size).
+
+        ``hugetlb`` backs it with 2 MiB pages from the ``vm.nr_hugepages`` pool (pages are
+        taken when first touched or filled, so reserve them first).
+        """
+        page = HUGE_PAGE_SIZE if hugetlb else PAGE_SIZE
+        if size <= 0 or size % page:
+            raise ValueError(f"memfd size {size} must be a positive multiple of {page}")
         flags = MemfdFlag.CLOEXEC | MemfdFlag.ALLOW_SEALING
         if hugetlb:
-            flags = MemfdFlag.CLOEXEC | MemfdFlag.HUGETLB | MemfdFlag.HUGE_2MB
+            flags |= MemfdFlag.HUGETLB | MemfdFlag.HUGE_2MB
         try:
             fd = os.memfd_create(name, int(flags))
         except OSError as e:
-            raise Unavailable(f"memfd_create({name!r}) failed: {e.strerror}") from e
+            need = ("a kernel with CONFIG_HUGETLBFS and 2 MiB pages" if hugetlb
+                    else "a kernel with memfd_create (Linux >= 3.17)")
+            raise Unavailable(f"memfd_create({name!r}) failed ({e.strerror}): this needs "
+                              f"{need}") from e
         try:
             os.ftruncate(fd, size)
         except OSError as e:

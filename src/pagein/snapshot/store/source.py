@@ -72,16 +72,18 @@ class ChunkedSource(PageSource):
         first, last = offset // cs, (offset + length - 1) // cs
         # Start every fetch first so a read spanning chunks waits for the slowest
         # one, not for the sum of them.
-        parts = [self._chunk(i) for i in range(first, last + 1)]
-        for i, part in zip(range(first, last + 1), parts, strict=True):
+        pending = [self._chunk(i) for i in range(first, last + 1)]
+        # Resolve (fetch + verify) every chunk before copying any byte: on an error
+        # the caller's buffer is untouched, not half-filled.
+        parts = [p.result() if isinstance(p, Future) else p for p in pending]
+        for i, data in zip(range(first, last + 1), parts, strict=True):
             lo = max(offset, i * cs)
             hi = min(offset + length, (i + 1) * cs)
             dst = view[lo - offset:hi - offset]
-            if part is None:
+            if data is None:
                 dst[:] = bytes(hi - lo)
-                continue
-            data = part if isinstance(part, bytes) else part.result()
-            dst[:] = memoryview(data)[lo - i * cs:hi - i * cs]
+            else:
+                dst[:] = memoryview(data)[lo - i * cs:hi - i * cs]
 
     def _chunk(self, index: int) -> bytes | Future[bytes] | None:
         """Return chunk ``index``: None if all-zero, bytes if cached, else a pending fetch."""

@@ -13,7 +13,7 @@ import pytest
 
 from pagein.errors import IntegrityError, SourceError
 from pagein.snapshot.open import open_source
-from pagein.snapshot.store import ops, open_store_source
+from pagein.snapshot.store import open_store_source, ops
 from pagein.snapshot.store.backend import Backend, LocalBackend, ObjectInfo
 from pagein.snapshot.store.cache import ChunkCache
 from pagein.snapshot.store.layout import chunk_key, read_manifest
@@ -235,7 +235,7 @@ def test_processes_share_one_cache_dir(store: tuple[LocalBackend, bytes],
 
 def test_options_are_checked(store: tuple[LocalBackend, bytes]) -> None:
     backend, _ = store
-    with pytest.raises(SourceError, match="unknown store option.*cache_size"):
+    with pytest.raises(SourceError, match=r"unknown store option.*cache_size"):
         open_store_source("dir", f"{backend.root}/vm", cache_size=5)
     with pytest.raises(SourceError, match="workers=0 must be a positive integer"):
         open_store_source("dir", f"{backend.root}/vm", workers=0)
@@ -245,9 +245,9 @@ def test_options_are_checked(store: tuple[LocalBackend, bytes]) -> None:
 
 def test_read_outside_snapshot_is_refused(store: tuple[LocalBackend, bytes]) -> None:
     backend, content = store
-    with open_store_source("dir", f"{backend.root}/vm", cache_dir=None) as source:
-        with pytest.raises(SourceError, match="outside snapshot"):
-            source.read_into(len(content) - 10, memoryview(bytearray(20)))
+    with (open_store_source("dir", f"{backend.root}/vm", cache_dir=None) as source,
+          pytest.raises(SourceError, match="outside snapshot")):
+        source.read_into(len(content) - 10, memoryview(bytearray(20)))
 
 
 def test_default_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

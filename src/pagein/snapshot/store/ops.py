@@ -29,8 +29,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pagein.errors import SourceError
-from pagein.snapshot.store.backend import Backend
+from pagein.errors import IntegrityError, SourceError
+from pagein.snapshot.store.backend import Backend, ObjectInfo
 from pagein.snapshot.store.chunker import decode_chunk, digest, encode_chunk, iter_chunks
 from pagein.snapshot.store.layout import (
     CHUNKS,
@@ -46,10 +46,11 @@ from pagein.snapshot.store.layout import (
 from pagein.snapshot.store.manifest import ChunkRef, Manifest, check_chunk_size, check_name
 
 __all__ = ["GcStats", "Progress", "PullStats", "PushStats", "SnapshotInfo", "fetch_chunk", "gc",
-           "list_snapshots", "pull", "push", "remove"]
+           "list_snapshots", "pull", "push", "remove", "verify"]
 
-#: A push or gc marker older than this is from a process that died; ignore and remove it.
-MARKER_TTL_SECONDS = 3600.0
+#: A push or gc marker not refreshed for this long is from a process that died.
+MARKER_TTL_SECONDS = 600.0
+MARKER_REFRESH_SECONDS = 60.0
 DEFAULT_GRACE_SECONDS = 3600.0
 
 
@@ -125,15 +126,54 @@ class SnapshotInfo:
     created_unix: float
 
 
-def _put_marker(backend: Backend, key: str, kind: str, name: str = "") -> float:
-    body = json.dumps({"kind": kind, "name": name, "by": host_tag(),
-                       "client_time": time.time()}).encode()
-    backend.put(key, body)
-    info = backend.head(key)
-    if info is None:
-        raise SourceError(f"store {backend.url} lost {key} right after writing it: the store "
-                          "is not read-after-write consistent")
-    return info.mtime
+class _Marker:
+    """A "push/gc under way" object, rewritten every minute so that it stays live.
+
+    Liveness is the object's store mtime; the store time of the *first* write is
+    kept in the body (``started``), so refreshing does not move the start.
+    """
+
+    def __init__(self, backend: Backend, key: str, kind: str, name: str = "") -> None:
+        self.backend = backend
+        self.key = key
+        self.kind = kind
+        self.name = name
+        self.started = 0.0
+        self._last_put = 0.0
+
+    def _put(self) -> None:
+        body = {"kind": self.kind, "name": self.name, "by": host_tag(),
+                "started": self.started, "client_time": time.time()}
+        self.backend.put(self.key, json.dumps(body).encode())
+        self._last_put = time.monotonic()
+
+    def create(self) -> float:
+        """Write the marker; return its store time (the store's "now")."""
+        self._put()
+        info = self.backend.head(self.key)
+        if info is None:
+            raise SourceError(f"store {self.backend.url} lost {self.key} right after writing "
+                              "it: the store is not read-after-write consistent")
+        self.started = info.mtime
+        self._put()
+        return info.mtime
+
+    def keep_alive(self) -> None:
+        if time.monotonic() - self._last_put > MARKER_REFRESH_SECONDS:
+            self._put()
+
+    def remove(self) -> None:
+        self.backend.delete([self.key])
+
+
+def _push_started(backend: Backend, info: ObjectInfo) -> float:
+    """Return when a push began (store clock), from its marker's body, else its mtime."""
+    data = backend.get(info.key)
+    try:
+        started = json.loads(data or b"{}").get("started")
+    except (ValueError, AttributeError):
+        started = None
+    return float(started) if isinstance(started, int | float) and started > 0 else info.mtime
 
 
 def push(backend: Backend, path: str | os.PathLike[str], name: str, *,
@@ -151,25 +191,25 @@ def push(backend: Backend, path: str | os.PathLike[str], name: str, *,
         size = os.stat(path).st_size
     except OSError as e:
         raise SourceError(f"cannot read memory file {os.fspath(path)}: {e.strerror}") from e
-    marker = f"{PUSHES}{name}.{uuid.uuid4().hex}.json"
-    _put_marker(backend, marker, "push", name)
+    marker = _Marker(backend, f"{PUSHES}{name}.{uuid.uuid4().hex}.json", "push", name)
+    marker.create()
     try:
         progress(Progress("listing", 0, 0))
         existing = {d: o.size_bytes for o in backend.list(CHUNKS)
                     if (d := digest_of_key(o.key)) is not None}
         progress(Progress("listed", len(existing), len(existing)))
         refs, sizes, raw_lengths, counts = _upload_chunks(backend, path, size, chunk_size, existing,
-                                             workers, progress)
+                                             workers, progress, marker)
         manifest = Manifest(name, size, chunk_size,
                             tuple(None if d is None else ChunkRef(d, sizes[d]) for d in refs),
                             time.time())
         backend.put(manifest_key(name), manifest.encode())
         progress(Progress("verifying", 0, len(sizes)))
-        reuploaded = _settle_with_gc(backend, path, manifest, progress)
+        reuploaded = _settle_with_gc(backend, path, manifest, progress, marker)
     except OSError as e:
         raise SourceError(f"reading memory file {os.fspath(path)} failed: {e}") from e
     finally:
-        backend.delete([marker])
+        marker.remove()
     zero = sum(1 for d in refs if d is None)
     new_chunks, bytes_out = counts
     return PushStats(name, len(refs), zero, len(sizes), new_chunks, size,
@@ -177,9 +217,12 @@ def push(backend: Backend, path: str | os.PathLike[str], name: str, *,
                      sum(sizes.values()), bytes_out, reuploaded)
 
 
+_Uploaded = tuple[list[str | None], dict[str, int], dict[str, int], tuple[int, int]]
+
+
 def _upload_chunks(backend: Backend, path: str | os.PathLike[str], size: int, chunk_size: int,
-                   existing: dict[str, int], workers: int, progress: ProgressFn
-                   ) -> tuple[list[str | None], dict[str, int], dict[str, int], tuple[int, int]]:
+                   existing: dict[str, int], workers: int, progress: ProgressFn,
+                   marker: _Marker) -> _Uploaded:
     """Read, hash and upload missing chunks.
 
     Return (digest per index, stored size per digest, raw size per digest,
@@ -213,6 +256,7 @@ def _upload_chunks(backend: Backend, path: str | os.PathLike[str], size: int, ch
                     fut = pool.submit(upload, d, raw.data)
                     pending[d] = fut
                     window.append(fut)
+            marker.keep_alive()
             while len(window) > workers * 2:
                 window.pop(0).result()
             if raw.index % 64 == 0 or raw.index == total - 1:
@@ -224,20 +268,24 @@ def _upload_chunks(backend: Backend, path: str | os.PathLike[str], size: int, ch
 
 
 def _settle_with_gc(backend: Backend, path: str | os.PathLike[str], manifest: Manifest,
-                    progress: ProgressFn) -> int:
+                    progress: ProgressFn, marker: _Marker) -> int:
     """Wait out running gcs, then restore any referenced chunk one of them deleted."""
     written = backend.head(manifest_key(manifest.name))
     now = written.mtime if written is not None else time.time()
+    # A gc that began before our manifest existed may still delete a chunk we
+    # reused; only when it is gone is the store's chunk list final for us. A gc
+    # that starts later sees the manifest, so only the ones running now count.
+    running = {m.key for m in backend.list(GCS) if m.mtime > now - MARKER_TTL_SECONDS}
     waited = 0
-    while True:
-        live = [m for m in backend.list(GCS) if m.mtime > now - MARKER_TTL_SECONDS]
-        if not live:
-            break
-        # A gc that began before our manifest existed may still delete a chunk we
-        # reused; only when it is gone is the store's chunk list final for us.
+    started = time.monotonic()
+    while running:
         progress(Progress("waiting for gc", waited, 0))
-        time.sleep(min(0.05 * 2 ** min(waited, 5), 1.0))
+        time.sleep(min(0.02 * 2 ** min(waited, 4), 0.25))
         waited += 1
+        marker.keep_alive()
+        # Still there and refreshed recently (a dead gc's marker goes stale).
+        horizon = now + (time.monotonic() - started) - MARKER_TTL_SECONDS
+        running &= {m.key for m in backend.list(GCS) if m.mtime > horizon}
     present = {digest_of_key(o.key) for o in backend.list(CHUNKS)}
     first_index: dict[str, int] = {}
     for i, c in enumerate(manifest.chunks):
@@ -338,11 +386,12 @@ def gc(backend: Backend, *, grace_seconds: float = DEFAULT_GRACE_SECONDS,
     Raises IntegrityError/SnapshotFormatError (and deletes nothing) if any manifest
     cannot be read: a chunk must never go because its manifest was unreadable.
     """
-    marker = f"{GCS}{uuid.uuid4().hex}.json"
-    now = _put_marker(backend, marker, "gc")
+    marker = _Marker(backend, f"{GCS}{uuid.uuid4().hex}.json", "gc")
+    now = marker.create()
     try:
         progress(Progress("listing chunks", 0, 0))
         chunks = [(d, o) for o in backend.list(CHUNKS) if (d := digest_of_key(o.key))]
+        marker.keep_alive()
         pushes = list(backend.list(PUSHES))
         live = [p for p in pushes if p.mtime > now - MARKER_TTL_SECONDS]
         stale = [p.key for p in pushes if p.mtime <= now - MARKER_TTL_SECONDS]
@@ -352,19 +401,38 @@ def gc(backend: Backend, *, grace_seconds: float = DEFAULT_GRACE_SECONDS,
                 referenced |= read_manifest(backend, name).referenced()
             except SourceError:  # removed between list and get: its chunks are free
                 continue
+            marker.keep_alive()
         cutoff = now - grace_seconds
         if live:
-            cutoff = min(cutoff, min(p.mtime for p in live))
+            cutoff = min(cutoff, min(_push_started(backend, p) for p in live))
         doomed = [(d, o) for d, o in chunks if d not in referenced and o.mtime < cutoff]
         young = sum(1 for d, o in chunks if d not in referenced and o.mtime >= cutoff)
         if not dry_run:
             for start in range(0, len(doomed), 500):
+                marker.keep_alive()  # pushes wait for us only while our marker is fresh
                 backend.delete([o.key for _, o in doomed[start:start + 500]])
                 progress(Progress("deleting", min(start + 500, len(doomed)), len(doomed)))
             stale_gcs = [m.key for m in backend.list(GCS)
                          if m.mtime <= now - MARKER_TTL_SECONDS]
             backend.delete(stale + stale_gcs)
     finally:
-        backend.delete([marker])
+        marker.remove()
     return GcStats(len(chunks), len(doomed), sum(o.size_bytes for _, o in doomed), young,
                    0 if dry_run else len(stale))
+
+
+def verify(backend: Backend, name: str, *, workers: int = 8) -> list[int]:
+    """Fetch and check every chunk of snapshot ``name``; return indices missing or corrupt."""
+    manifest = read_manifest(backend, name)
+    where = f"{backend.url}/{name}"
+
+    def bad(index: int) -> bool:
+        try:
+            fetch_chunk(backend, manifest, index, where)
+        except (SourceError, IntegrityError):
+            return True
+        return False
+
+    indices = [i for i, c in enumerate(manifest.chunks) if c is not None]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pagein-verify") as pool:
+        return [i for i, b in zip(indices, pool.map(bad, indices), strict=True) if b]

@@ -1,0 +1,71 @@
+"""The lab: experiments that make the Linux memory model behind lazy restore observable.
+
+Each experiment is a function ``run(size_bytes) -> result`` that drives the real kernel
+mechanism (mmap, memfd, userfaultfd, vmsplice...) and returns a frozen dataclass of
+measured facts, including ``rows``: one :class:`~pagein.lab._probe.Row` per step, with
+the RSS, pagemap and fault counters of the process that did the touching.
+:data:`EXPERIMENTS` lists them in reading order; ``pagein lab`` shows them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from pagein.lab import demand, fill, replace
+from pagein.lab._probe import MIB, Row
+
+__all__ = ["EXPERIMENTS", "Experiment", "LabResult", "Row", "find"]
+
+
+class LabResult(Protocol):
+    """What every experiment returns: a frozen dataclass with at least ``rows``."""
+
+    @property
+    def rows(self) -> tuple[Row, ...]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    """One lab experiment: its CLI name, a title, two lines of explanation, and its runner."""
+
+    name: str
+    title: str
+    explanation: tuple[str, str]
+    run: Callable[[int], LabResult]
+    default_size_bytes: int = 64 * MIB
+
+
+EXPERIMENTS: tuple[Experiment, ...] = (
+    Experiment(
+        "demand-paging", "Demand paging: mmap commits nothing, the first touch allocates",
+        ("An anonymous mmap only reserves addresses; reading an untouched page maps the one "
+         "shared zero page,",
+         "the first write faults again and allocates a real page; a transparent huge page "
+         "maps 512 pages per fault."),
+        demand.run),
+    Experiment(
+        "replace-mapping", "Replacing a mapping: MAP_FIXED|MAP_PRIVATE restore breaks sharing",
+        ("Guest memory is a memfd shared with a peer; restoring by mmap(MAP_FIXED|MAP_PRIVATE) "
+         "of the snapshot changes only the VMM's page tables:",
+         "the peer keeps the old pages, writes stop flowing both ways, and a page handed to "
+         "the kernel earlier (vmsplice) stays the old one."),
+        replace.run),
+    Experiment(
+        "uffd-fill", "userfaultfd fill: restore into the shared mapping without replacing it",
+        ("MISSING+UFFDIO_COPY allocates each restored page in the memfd's page cache; "
+         "MINOR+UFFDIO_CONTINUE maps snapshot pages already there.",
+         "The mapping is never replaced, so the peer sees every restored byte and the "
+         "same physical pages."),
+        fill.run),
+)
+
+
+def find(name: str) -> Experiment:
+    """Return the experiment called ``name``; raise ``KeyError`` listing the known names."""
+    for e in EXPERIMENTS:
+        if e.name == name:
+            return e
+    raise KeyError(f"no lab experiment {name!r}; choose one of: "
+                   f"{', '.join(e.name for e in EXPERIMENTS)}")

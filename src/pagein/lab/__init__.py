@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pagein.lab import demand, fill, replace
+from pagein.lab import balloon, demand, filemap, fill, replace
 from pagein.lab._probe import MIB, Row
 
 __all__ = ["EXPERIMENTS", "Experiment", "LabResult", "Row", "find"]
@@ -46,6 +46,13 @@ EXPERIMENTS: tuple[Experiment, ...] = (
          "maps 512 pages per fault."),
         demand.run),
     Experiment(
+        "file-mappings", "File mappings: one page cache, copy-on-write, fault-around",
+        ("MAP_SHARED and MAP_PRIVATE of one file read the same page-cache pages, several "
+         "per fault (fault-around);",
+         "a private write copies the page and leaves the file unchanged, but unwritten "
+         "private pages keep following the file."),
+        filemap.run),
+    Experiment(
         "replace-mapping", "Replacing a mapping: MAP_FIXED|MAP_PRIVATE restore breaks sharing",
         ("Guest memory is a memfd shared with a peer; restoring by mmap(MAP_FIXED|MAP_PRIVATE) "
          "of the snapshot changes only the VMM's page tables:",
@@ -59,6 +66,13 @@ EXPERIMENTS: tuple[Experiment, ...] = (
          "The mapping is never replaced, so the peer sees every restored byte and the "
          "same physical pages."),
         fill.run),
+    Experiment(
+        "balloon", "Balloon: MADV_DONTNEED on registered memory raises REMOVE",
+        ("madvise(DONTNEED) frees the pages and waits until the handler reads the REMOVE; "
+         "until then every fill fails with EAGAIN.",
+         "The next touch faults again and must read zeros: refilling from the snapshot "
+         "resurrects stale data."),
+        balloon.run),
 )
 
 

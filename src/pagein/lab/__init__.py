@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pagein.lab import balloon, demand, filemap, fill, replace
+from pagein.lab import balloon, cost, demand, filemap, fill, replace, zero
 from pagein.lab._probe import MIB, Row
 
 __all__ = ["EXPERIMENTS", "Experiment", "LabResult", "Row", "find"]
@@ -67,12 +67,26 @@ EXPERIMENTS: tuple[Experiment, ...] = (
          "same physical pages."),
         fill.run),
     Experiment(
+        "zero-pages", "Zero pages and file holes: the cheapest page is one never stored",
+        ("Untouched anonymous memory and UFFDIO_ZEROPAGE map the one zero page; "
+         "UFFDIO_COPY of zeros and shmem holes allocate a page each.",
+         "Reading file holes allocates no disk blocks, and SEEK_DATA/SEEK_HOLE find the "
+         "data without reading it."),
+        zero.run),
+    Experiment(
         "balloon", "Balloon: MADV_DONTNEED on registered memory raises REMOVE",
         ("madvise(DONTNEED) frees the pages and waits until the handler reads the REMOVE; "
          "until then every fill fails with EAGAIN.",
          "The next touch faults again and must read zeros: refilling from the snapshot "
          "resurrects stale data."),
         balloon.run),
+    Experiment(
+        "fault-cost", "The cost of a page fault on this machine",
+        ("One byte of every page touched five ways: kernel anonymous (write, zero-page "
+         "read), kernel file (warm, cold), and",
+         "a userfaultfd round trip through the Python handler on the same and on another "
+         "CPU. Measured, not asserted: compare, don't quote."),
+        cost.run),
 )
 
 

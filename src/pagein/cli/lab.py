@@ -11,6 +11,7 @@ from typing import Any
 from pagein.lab import EXPERIMENTS, Experiment, LabResult, Row, find
 from pagein.sys.mapping import PAGE_SIZE
 
+MIB = 1 << 20
 _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -97,6 +98,21 @@ def table(rows: tuple[Row, ...]) -> list[str]:
     return out
 
 
+def _value(key: str, value: object) -> str:
+    """Format one fact, with its unit when the name carries one."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if not isinstance(value, int):
+        return str(value)
+    if key.endswith("_kib"):
+        return f"{value} KiB" + (f" ({value / 1024:.1f} MiB)" if value >= 1024 else "")
+    if key.endswith("_bytes"):
+        return f"{value} bytes" + (f" ({value / MIB:g} MiB)" if value >= MIB else "")
+    if "_ns" in key:
+        return f"{value} ns"
+    return str(value)
+
+
 def _facts(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for f in dataclasses.fields(obj):
@@ -104,12 +120,16 @@ def _facts(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
             continue
         value = getattr(obj, f.name)
         key = prefix + f.name
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) and all(
+                isinstance(getattr(value, g.name), int) for g in dataclasses.fields(value)):
+            # A block of counters (a handler's stats): one line, zeros left out.
+            counts = [f"{g.name} {getattr(value, g.name)}" for g in dataclasses.fields(value)
+                      if getattr(value, g.name)]
+            out.append((key, ", ".join(counts) or "nothing"))
+        elif dataclasses.is_dataclass(value):
             out += _facts(value, key + ".")
-        elif isinstance(value, bool):
-            out.append((key, "yes" if value else "no"))
         else:
-            out.append((key, str(value)))
+            out.append((key, _value(f.name, value)))
     return out
 
 

@@ -21,8 +21,8 @@ import os
 import selectors
 from collections import Counter
 from dataclasses import dataclass, field
-from time import perf_counter_ns
 from multiprocessing.connection import Connection
+from time import perf_counter_ns
 from typing import Any, Protocol, Self
 
 from pagein.errors import PageinError

@@ -123,8 +123,9 @@ def _facts(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
         if dataclasses.is_dataclass(value) and all(
                 isinstance(getattr(value, g.name), int) for g in dataclasses.fields(value)):
             # A block of counters (a handler's stats): one line, zeros left out.
-            counts = [f"{g.name} {getattr(value, g.name)}" for g in dataclasses.fields(value)
-                      if getattr(value, g.name)]
+            counts = [f"{g.name.removesuffix('_ns')} "
+                      + (_time(n) if g.name.endswith("_ns") else str(n))
+                      for g in dataclasses.fields(value) if (n := getattr(value, g.name))]
             out.append((key, ", ".join(counts) or "nothing"))
         elif dataclasses.is_dataclass(value):
             out += _facts(value, key + ".")

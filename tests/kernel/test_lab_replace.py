@@ -39,3 +39,9 @@ def test_views_diverge_on_the_next_write(result: replace.ReplaceMapping) -> None
 def test_a_vmspliced_page_stays_the_old_page(result: replace.ReplaceMapping) -> None:
     assert result.pipe_page_is_old_page
     assert not result.pipe_page_equals_guest_view
+
+
+def test_a_uffd_registration_goes_with_the_replaced_mapping(
+        result: replace.ReplaceMapping) -> None:
+    assert result.uffd_registered_before
+    assert not result.uffd_registered_after

@@ -36,6 +36,7 @@ __all__ = [
     "page_pfns",
     "read_each_page",
     "rss_kib",
+    "vma_flags",
     "vma_kib",
     "write_each_page",
 ]
@@ -90,6 +91,23 @@ def vma_kib(address: int, pid: int | None = None) -> dict[str, int]:
                 key, value = line.split(":", 1)
                 out[key] = int(value.split()[0])
     return out
+
+
+def vma_flags(address: int, pid: int | None = None) -> frozenset[str]:
+    """Return the ``VmFlags`` of the mapping that contains ``address`` (``um``: uffd missing).
+
+    Returns an empty set when no mapping contains the address.
+    """
+    inside = False
+    with open(f"{_proc(pid)}/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return frozenset(line.split()[1:])
+    return frozenset()
 
 
 # --- touching pages ------------------------------------------------------------------

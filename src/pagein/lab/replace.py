@@ -5,6 +5,8 @@ vhost-user backend plays). A "restore" that maps the snapshot file over the gues
 range with ``mmap(MAP_FIXED|MAP_PRIVATE)`` changes only the VMM's page tables: the peer
 keeps the old memfd pages, writes stop propagating in both directions, and anything
 the kernel was handed earlier (here: a page vmspliced into a pipe) keeps the old page.
+State that belongs to the old mapping goes with it: a userfaultfd registration of the
+guest range does not survive the replacement.
 """
 
 from __future__ import annotations
@@ -14,10 +16,20 @@ import os
 from dataclasses import dataclass
 
 from pagein.lab._files import scratch_file, snapshot_bytes
-from pagein.lab._probe import MIB, PAGE_SIZE, Recorder, Row, data_crcs, page_crcs, page_pfns
+from pagein.lab._probe import (
+    MIB,
+    PAGE_SIZE,
+    Recorder,
+    Row,
+    data_crcs,
+    page_crcs,
+    page_pfns,
+    vma_flags,
+)
 from pagein.lab._procs import Peer
 from pagein.sys.mapping import Mapping, Memfd
 from pagein.sys.pipe import vmsplice
+from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
 
 __all__ = ["ReplaceMapping", "run"]
 
@@ -39,6 +51,8 @@ class ReplaceMapping:
     peer_write_seen_by_guest_after: bool
     pipe_page_is_old_page: bool  # the vmspliced page reads back with the peer's later write
     pipe_page_equals_guest_view: bool
+    uffd_registered_before: bool  # the guest range carried a uffd registration (VmFlags um)
+    uffd_registered_after: bool  # ... and still does after the replacement
     rows: tuple[Row, ...]
 
 
@@ -58,7 +72,8 @@ def run(size_bytes: int = 64 * MIB) -> ReplaceMapping:
     snap_crcs = data_crcs(snap)
     rec = Recorder()
     pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
-    with scratch_file(snap) as snap_fd, Memfd.create("pagein-lab-guest", size_bytes) as mfd:
+    with scratch_file(snap) as snap_fd, Memfd.create("pagein-lab-guest", size_bytes) as mfd, \
+            Userfaultfd.open(Feature.MISSING_SHMEM) as uffd:
         guest = mfd.map()
         try:
             with rec.step("guest writes every page (boot)", guest.address, size_bytes):
@@ -71,6 +86,10 @@ def run(size_bytes: int = 64 * MIB) -> ReplaceMapping:
                 seen_before = _seen(guest, peer, PAGE_SIZE + 100, b"guest-before")
                 # The pipe takes a reference to the physical page now backing page 0.
                 vmsplice(pipe_w, guest.address, PAGE_SIZE)
+                # A uffd registration is state of the mapping: it goes with the mapping.
+                # Every page is present, so nothing here faults into the (absent) handler.
+                uffd.register(guest.address, size_bytes, RegisterMode.MISSING)
+                reg_before = "um" in vma_flags(guest.address)
                 with rec.step("restore: mmap(MAP_FIXED|MAP_PRIVATE) snapshot over guest",
                               guest.address, size_bytes):
                     restored = Mapping.of_fd(snap_fd, size_bytes, shared=False,
@@ -85,6 +104,7 @@ def run(size_bytes: int = 64 * MIB) -> ReplaceMapping:
                     peer_crcs = peer.crcs()
                     st.note = f"{_same(peer_crcs, snap_crcs)} pages equal the snapshot"
                 same_after = _same(page_pfns(guest.address, size_bytes), peer.pfns())
+                reg_after = "um" in vma_flags(guest.address)
                 g2p = _seen(guest, peer, 2 * PAGE_SIZE, b"guest-after")
                 p2g = _seen(peer, guest, 3 * PAGE_SIZE, b"peer-after")
                 peer.write(0, b"peer-after-restore")
@@ -103,4 +123,5 @@ def run(size_bytes: int = 64 * MIB) -> ReplaceMapping:
         guest_write_seen_by_peer_after=g2p, peer_write_seen_by_guest_after=p2g,
         pipe_page_is_old_page=piped.startswith(b"peer-after-restore"),
         pipe_page_equals_guest_view=piped == guest_page0,
+        uffd_registered_before=reg_before, uffd_registered_after=reg_after,
         rows=rec.rows())

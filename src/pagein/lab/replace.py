@@ -66,6 +66,19 @@ def _seen(writer: Mapping | Peer, reader: Mapping | Peer, offset: int, marker: b
     return reader.read(offset, len(marker)) == marker
 
 
+def _read_both(rec: Recorder, guest: Mapping, peer: Peer,
+               snap_crcs: tuple[int, ...]) -> tuple[int, int]:
+    """Read every page in both views; return how many equal the snapshot in each."""
+    with rec.step("guest reads every page", guest.address, guest.length) as st:
+        guest_same = _same(page_crcs(guest.address, guest.length), snap_crcs)
+        st.note = f"{guest_same} pages equal the snapshot"
+    with rec.step("peer reads every page", peer.address, peer.length, pid=peer.pid,
+                  who="peer") as st:
+        peer_same = _same(peer.crcs(), snap_crcs)
+        st.note = f"{peer_same} pages equal the snapshot"
+    return guest_same, peer_same
+
+
 def run(size_bytes: int = 64 * MIB) -> ReplaceMapping:
     """Share a memfd with a peer, replace the VMM's mapping of it, and compare views."""
     snap = snapshot_bytes(size_bytes)
@@ -96,13 +109,7 @@ def run(size_bytes: int = 64 * MIB) -> ReplaceMapping:
                                              at=guest.address, replace=True)
                 guest.release()  # the old range is gone; the new mapping owns the address
                 guest = restored
-                with rec.step("guest reads every page", guest.address, size_bytes) as st:
-                    guest_crcs = page_crcs(guest.address, size_bytes)
-                    st.note = f"{_same(guest_crcs, snap_crcs)} pages equal the snapshot"
-                with rec.step("peer reads every page", peer.address, size_bytes,
-                              pid=peer.pid, who="peer") as st:
-                    peer_crcs = peer.crcs()
-                    st.note = f"{_same(peer_crcs, snap_crcs)} pages equal the snapshot"
+                guest_same, peer_same = _read_both(rec, guest, peer, snap_crcs)
                 same_after = _same(page_pfns(guest.address, size_bytes), peer.pfns())
                 reg_after = "um" in vma_flags(guest.address)
                 g2p = _seen(guest, peer, 2 * PAGE_SIZE, b"guest-after")
@@ -117,8 +124,7 @@ def run(size_bytes: int = 64 * MIB) -> ReplaceMapping:
     return ReplaceMapping(
         size_bytes=size_bytes, pages=size_bytes // PAGE_SIZE,
         same_pfns_before=same_before, guest_write_seen_by_peer_before=seen_before,
-        guest_pages_equal_snapshot=_same(guest_crcs, snap_crcs),
-        peer_pages_equal_snapshot=_same(peer_crcs, snap_crcs),
+        guest_pages_equal_snapshot=guest_same, peer_pages_equal_snapshot=peer_same,
         same_pfns_after=same_after,
         guest_write_seen_by_peer_after=g2p, peer_write_seen_by_guest_after=p2g,
         pipe_page_is_old_page=piped.startswith(b"peer-after-restore"),

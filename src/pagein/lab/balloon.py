@@ -79,7 +79,7 @@ def _serve(rec: Recorder, label: str, snap: bytes, balloon_aware: bool) -> tuple
     with Mapping.anonymous(size) as m, Userfaultfd.open(Feature.EVENT_REMOVE) as uffd:
         uffd.register(m.address, size, RegisterMode.MISSING)
         policy = CopyPolicy(m.address, ctypes.addressof(src), balloon_aware=balloon_aware)
-        with FaultHandler(uffd, policy) as handler:
+        with FaultHandler(uffd, policy, (m.address, size)) as handler:
             with rec.step(f"{label}: guest reads every page", m.address, size):
                 page_crcs(m.address, size)
             with rec.step(f"{label}: balloon: MADV_DONTNEED the second half", m.address,

@@ -100,7 +100,7 @@ def _uffd(rec: Recorder, size: int, label: str, handler_cpu: int) -> tuple[int, 
     with Mapping.anonymous(size) as m, Userfaultfd.open() as uffd:
         uffd.register(m.address, size, RegisterMode.MISSING)
         policy = CopyPolicy(m.address, ctypes.addressof(src))
-        with FaultHandler(uffd, policy, cpu=handler_cpu) as handler:
+        with FaultHandler(uffd, policy, (m.address, size), cpu=handler_cpu) as handler:
             with rec.step(label, m.address, size):
                 read_each_page(m.address, size)
             stats = handler.stop()

@@ -49,7 +49,7 @@ class ZeroPages:
 def _uffd_zero(rec: Recorder, label: str, size: int, zero_buffer: int) -> HandlerStats:
     with Mapping.anonymous(size) as m, Userfaultfd.open() as uffd:
         uffd.register(m.address, size, RegisterMode.MISSING)
-        with FaultHandler(uffd, ZeroPolicy(zero_buffer)) as handler:
+        with FaultHandler(uffd, ZeroPolicy(zero_buffer), (m.address, size)) as handler:
             with rec.step(label, m.address, size) as st:
                 data = read_each_page(m.address, size)
                 st.note = "all zero" if not any(data) else "non-zero bytes!"

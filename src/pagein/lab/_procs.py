@@ -165,6 +165,10 @@ class CopyPolicy:
 
     ``balloon_aware``: after a REMOVE, fill pages of the removed range with zeros (what
     a correct handler must do) instead of the stale snapshot page.
+
+    Safety: ``source`` is read in the handler process and must cover the registered
+    range starting at ``base``; it stays valid there because the handler is forked
+    after the caller mapped it.
     """
 
     base: int
@@ -200,6 +204,8 @@ class ZeroPolicy:
     """Fill every fault with zeros: ``UFFDIO_ZEROPAGE``, or a copy of a zero buffer."""
 
     zero_buffer: int = 0  # an address of PAGE_SIZE zero bytes in the handler; 0: ZEROPAGE
+
+    # Safety: zero_buffer is read by the kernel in the handler process (mapped before fork).
 
     def fill(self, uffd: Userfaultfd, page: int, counts: Counter[str]) -> FillResult:
         if self.zero_buffer:

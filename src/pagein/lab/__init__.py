@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pagein.lab import balloon, cost, demand, filemap, fill, replace, zero
+from pagein.lab import balloon, cost, demand, filemap, fill, guest, replace, zero
 from pagein.lab._probe import MIB, Row
 
 __all__ = ["EXPERIMENTS", "Experiment", "LabResult", "Row", "find"]
@@ -87,6 +87,13 @@ EXPERIMENTS: tuple[Experiment, ...] = (
          "and a userfaultfd round trip through the Python handler on the same and another "
          "CPU. Measured, not asserted."),
         cost.run),
+    Experiment(
+        "guest-view", "The guest's view: a missing guest page, through KVM, to userfaultfd",
+        ("A guest paused at READY is restored by copy and by userfaultfd; a missing page "
+         "faults in KVM's MMU, which faults",
+         "on the VMM's mapping inside KVM_RUN: the handler sees every fault, the VMM not one "
+         "extra exit."),
+        guest.run),
 )
 
 

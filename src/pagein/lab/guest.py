@@ -11,9 +11,9 @@ handler fills the page: the VMM sees no extra exit, only the handler sees the fa
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
+from pagein._abi.libc import buffer_address
 from pagein.errors import PageinError
 from pagein.lab._probe import MIB, PAGE_SIZE, Recorder, Row
 from pagein.lab._procs import WAIT_S, CopyPolicy, FaultHandler, HandlerStats
@@ -100,12 +100,12 @@ def run(size_bytes: int = 64 * MIB) -> GuestView:
         result, line = _run(rec, "eager copy: guest scans its heap", mapping, states)
         eager = _summary("eager copy", result, line, expected, rec.last(), HandlerStats())
     rec.annotate(f"{eager.exits_total} VM exits, no uffd")
-    src = ctypes.create_string_buffer(image, mem)  # the handler copies from here
+    src = bytearray(image)  # the handler copies from here
     del image
     with Mapping.anonymous(mem) as mapping, Userfaultfd.open() as uffd:
         uffd.register(mapping.address, mem, RegisterMode.MISSING)
         # Forked before the VM exists: the handler holds no KVM fd and no vCPU thread.
-        policy = CopyPolicy(mapping.address, ctypes.addressof(src))
+        policy = CopyPolicy(mapping.address, buffer_address(src))
         with FaultHandler(uffd, policy, (mapping.address, mem)) as handler:
             result, line = _run(rec, "userfaultfd: guest scans its heap", mapping, states)
             stats = handler.stop()

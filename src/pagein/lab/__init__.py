@@ -35,6 +35,7 @@ class Experiment:
     explanation: tuple[str, str]
     run: Callable[[int], LabResult]
     default_size_bytes: int = 64 * MIB
+    min_size_bytes: int = MIB  # below this the experiment has too few pages to show anything
 
 
 EXPERIMENTS: tuple[Experiment, ...] = (
@@ -72,7 +73,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
          "and shmem holes cost a page each.",
          "Reading file holes allocates no disk blocks, and SEEK_DATA/SEEK_HOLE find the "
          "data without reading it."),
-        zero.run),
+        zero.run, min_size_bytes=4 * MIB),
     Experiment(
         "balloon", "Balloon: MADV_DONTNEED on registered memory raises REMOVE",
         ("madvise(DONTNEED) frees the pages and waits for the handler to read REMOVE; "
@@ -93,7 +94,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
          "faults in KVM's MMU, which faults",
          "on the VMM's mapping inside KVM_RUN: the handler sees every fault, the VMM not one "
          "extra exit."),
-        guest.run),
+        guest.run, min_size_bytes=2 * MIB),
 )
 
 

@@ -101,19 +101,21 @@ class Peer:
         child.close()
         self.length = length
         self.pid: int = self._proc.pid or 0
-        self.address: int = self._call("address")
+        try:
+            self.address: int = self._call("address")
+        except BaseException:
+            self.close()
+            raise
 
     def _call(self, cmd: str, *args: object) -> Any:
         try:
             self._conn.send((cmd, args))
-            answered = self._conn.poll(WAIT_S)
-        except OSError as e:
-            raise PageinError(f"the peer process {self.pid} is gone ({e.strerror}) "
-                              f"before {cmd!r}") from e
-        if not answered:
-            raise PageinError(f"the peer process {self.pid} did not answer {cmd!r} within "
-                           f"{WAIT_S:.0f} s")
-        status, value = self._conn.recv()
+            if not self._conn.poll(WAIT_S):
+                raise PageinError(f"the peer process {self.pid} did not answer {cmd!r} "
+                                  f"within {WAIT_S:.0f} s")
+            status, value = self._conn.recv()
+        except (OSError, EOFError) as e:
+            raise PageinError(f"the peer process {self.pid} is gone (on {cmd!r})") from e
         if status != "ok":
             raise PageinError(f"the peer process failed on {cmd!r}: {value}")
         return value

@@ -56,3 +56,9 @@ def test_parse_size_rejects(text: str) -> None:
         text = "1001K"
     with pytest.raises(argparse.ArgumentTypeError, match="size"):
         parse_size(text)
+
+
+def test_run_refuses_a_size_too_small_to_show_anything(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lab", "run", "zero-pages", "--size", "64K"]) == 2
+    assert "--size must be at least 4 MiB" in capsys.readouterr().err

@@ -26,3 +26,9 @@ class SpliceFlag(enum.IntFlag):
 vmsplice = libc.vmsplice
 vmsplice.restype = ctypes.c_ssize_t
 vmsplice.argtypes = [ctypes.c_int, ctypes.POINTER(iovec), ctypes.c_size_t, ctypes.c_uint]
+
+
+def vmsplice_one(fd: int, address: int, length: int, flags: int) -> int:
+    """Call ``vmsplice`` with a single iovec; return its result (-1 and errno on failure)."""
+    iov = iovec(address, length)
+    return int(vmsplice(fd, ctypes.byref(iov), 1, flags))

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import re
+import sys
 from typing import Any
 
 from pagein.lab import EXPERIMENTS, Experiment, LabResult, Row, find
@@ -53,7 +54,12 @@ def _list(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     exp = find(args.name)
-    result = exp.run(args.size or exp.default_size_bytes)
+    size = args.size or exp.default_size_bytes
+    if size < exp.min_size_bytes:
+        print(f"pagein lab run {exp.name}: --size must be at least "
+              f"{exp.min_size_bytes // MIB} MiB", file=sys.stderr)
+        return 2
+    result = exp.run(size)
     if args.json:
         print(json.dumps({"name": exp.name, "title": exp.title,
                           "explanation": list(exp.explanation),

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pagein.lab import balloon, cost, demand, filemap, fill, replace, zero
+from pagein.lab import balloon, cost, demand, filemap, fill, guest, replace, zero
 from pagein.lab._probe import MIB, Row
 
 __all__ = ["EXPERIMENTS", "Experiment", "LabResult", "Row", "find"]
@@ -35,6 +35,7 @@ class Experiment:
     explanation: tuple[str, str]
     run: Callable[[int], LabResult]
     default_size_bytes: int = 64 * MIB
+    min_size_bytes: int = MIB  # below this the experiment has too few pages to show anything
 
 
 EXPERIMENTS: tuple[Experiment, ...] = (
@@ -49,44 +50,51 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         "file-mappings", "File mappings: one page cache, copy-on-write, fault-around",
         ("MAP_SHARED and MAP_PRIVATE of one file read the same page-cache pages, several "
          "per fault (fault-around);",
-         "a private write copies the page and leaves the file unchanged, but unwritten "
-         "private pages keep following the file."),
+         "a private write copies the page and leaves the file alone, but unwritten private "
+         "pages keep following the file."),
         filemap.run),
     Experiment(
         "replace-mapping", "Replacing a mapping: MAP_FIXED|MAP_PRIVATE restore breaks sharing",
-        ("Guest memory is a memfd shared with a peer; restoring by mmap(MAP_FIXED|MAP_PRIVATE) "
-         "of the snapshot changes only the VMM's page tables:",
-         "the peer keeps the old pages, writes stop flowing both ways, and a page handed to "
-         "the kernel earlier (vmsplice) stays the old one."),
+        ("Guest memory is a memfd shared with a peer; a restore by mmap(MAP_FIXED|MAP_PRIVATE) "
+         "of the snapshot",
+         "changes only the VMM's page tables: the peer and a vmspliced page keep the old "
+         "pages, writes stop flowing."),
         replace.run),
     Experiment(
         "uffd-fill", "userfaultfd fill: restore into the shared mapping without replacing it",
-        ("MISSING+UFFDIO_COPY allocates each restored page in the memfd's page cache; "
-         "MINOR+UFFDIO_CONTINUE maps snapshot pages already there.",
+        ("MISSING+COPY allocates each restored page in the memfd's page cache; "
+         "MINOR+CONTINUE maps pages already there.",
          "The mapping is never replaced, so the peer sees every restored byte and the "
          "same physical pages."),
         fill.run),
     Experiment(
         "zero-pages", "Zero pages and file holes: the cheapest page is one never stored",
-        ("Untouched anonymous memory and UFFDIO_ZEROPAGE map the one zero page; "
-         "UFFDIO_COPY of zeros and shmem holes allocate a page each.",
+        ("Untouched anonymous memory and UFFDIO_ZEROPAGE map one zero page; copying zeros "
+         "and shmem holes cost a page each.",
          "Reading file holes allocates no disk blocks, and SEEK_DATA/SEEK_HOLE find the "
          "data without reading it."),
-        zero.run),
+        zero.run, min_size_bytes=4 * MIB),
     Experiment(
         "balloon", "Balloon: MADV_DONTNEED on registered memory raises REMOVE",
-        ("madvise(DONTNEED) frees the pages and waits until the handler reads the REMOVE; "
-         "until then every fill fails with EAGAIN.",
+        ("madvise(DONTNEED) frees the pages and waits for the handler to read REMOVE; "
+         "until then fills fail with EAGAIN.",
          "The next touch faults again and must read zeros: refilling from the snapshot "
          "resurrects stale data."),
         balloon.run),
     Experiment(
         "fault-cost", "The cost of a page fault on this machine",
-        ("One byte of every page touched five ways: kernel anonymous (write, zero-page "
-         "read), kernel file (warm, cold), and",
-         "a userfaultfd round trip through the Python handler on the same and on another "
-         "CPU. Measured, not asserted: compare, don't quote."),
+        ("One byte of every page, touched five ways: kernel anonymous (write, zero-page "
+         "read), kernel file (warm, cold),",
+         "and a userfaultfd round trip through the Python handler on the same and another "
+         "CPU. Measured, not asserted."),
         cost.run),
+    Experiment(
+        "guest-view", "The guest's view: a missing guest page, through KVM, to userfaultfd",
+        ("A guest paused at READY is restored by copy and by userfaultfd; a missing page "
+         "faults in KVM's MMU, which faults",
+         "on the VMM's mapping inside KVM_RUN: the handler sees every fault, the VMM not one "
+         "extra exit."),
+        guest.run, min_size_bytes=2 * MIB),
 )
 
 

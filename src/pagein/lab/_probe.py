@@ -12,13 +12,13 @@ experiments serve faults from a forked handler process.
 
 from __future__ import annotations
 
-import ctypes
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from time import perf_counter_ns
 
+from pagein._abi import libc
 from pagein.sys.mapping import PAGE_SIZE
 from pagein.sys.pagemap import Pagemap
 
@@ -114,7 +114,7 @@ def vma_flags(address: int, pid: int | None = None) -> frozenset[str]:
 
 
 def _view(address: int, length: int) -> memoryview:
-    return memoryview((ctypes.c_char * length).from_address(address)).cast("B")
+    return libc.memory_view(address, length)
 
 
 def read_each_page(address: int, length: int) -> bytes:

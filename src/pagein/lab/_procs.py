@@ -54,10 +54,6 @@ WAIT_S = 30.0  # the longest any experiment waits for another process
 _ctx = multiprocessing.get_context("fork")
 
 
-class LabError(PageinError):
-    """A helper process of a lab experiment failed or stopped answering."""
-
-
 def _stop(proc: multiprocessing.process.BaseProcess) -> None:
     proc.join(WAIT_S)
     if proc.is_alive():
@@ -105,16 +101,23 @@ class Peer:
         child.close()
         self.length = length
         self.pid: int = self._proc.pid or 0
-        self.address: int = self._call("address")
+        try:
+            self.address: int = self._call("address")
+        except BaseException:
+            self.close()
+            raise
 
     def _call(self, cmd: str, *args: object) -> Any:
-        self._conn.send((cmd, args))
-        if not self._conn.poll(WAIT_S):
-            raise LabError(f"the peer process {self.pid} did not answer {cmd!r} within "
-                           f"{WAIT_S:.0f} s")
-        status, value = self._conn.recv()
+        try:
+            self._conn.send((cmd, args))
+            if not self._conn.poll(WAIT_S):
+                raise PageinError(f"the peer process {self.pid} did not answer {cmd!r} "
+                                  f"within {WAIT_S:.0f} s")
+            status, value = self._conn.recv()
+        except (OSError, EOFError) as e:
+            raise PageinError(f"the peer process {self.pid} is gone (on {cmd!r})") from e
         if status != "ok":
-            raise LabError(f"the peer process failed on {cmd!r}: {value}")
+            raise PageinError(f"the peer process failed on {cmd!r}: {value}")
         return value
 
     def touch(self) -> None:
@@ -164,6 +167,10 @@ class CopyPolicy:
 
     ``balloon_aware``: after a REMOVE, fill pages of the removed range with zeros (what
     a correct handler must do) instead of the stale snapshot page.
+
+    Safety: ``source`` is read in the handler process and must cover the registered
+    range starting at ``base``; it stays valid there because the handler is forked
+    after the caller mapped it.
     """
 
     base: int
@@ -199,6 +206,8 @@ class ZeroPolicy:
     """Fill every fault with zeros: ``UFFDIO_ZEROPAGE``, or a copy of a zero buffer."""
 
     zero_buffer: int = 0  # an address of PAGE_SIZE zero bytes in the handler; 0: ZEROPAGE
+
+    # Safety: zero_buffer is read by the kernel in the handler process (mapped before fork).
 
     def fill(self, uffd: Userfaultfd, page: int, counts: Counter[str]) -> FillResult:
         if self.zero_buffer:
@@ -248,19 +257,19 @@ def _serve_batch(uffd: Userfaultfd, policy: Policy, faults: list[PageFault],
     return again
 
 
-def _handler_main(uffd: Userfaultfd, policy: Policy, stop_fd: int, conn: Connection,
-                  cpu: int | None) -> None:
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
-    counts: Counter[str] = Counter()
+def _serve_until_stopped(uffd: Userfaultfd, policy: Policy, stop_fd: int,
+                         counts: Counter[str]) -> bool:
+    """The handler's loop; return False when it gave up waiting (nothing for WAIT_S)."""
     sel = selectors.DefaultSelector()
     sel.register(uffd.fileno(), selectors.EVENT_READ, "uffd")
     sel.register(stop_fd, selectors.EVENT_READ, "stop")
     deferred: list[PageFault] = []
     while True:
         ready = sel.select(timeout=0 if deferred else WAIT_S)
-        if any(key.data == "stop" for key, _ in ready) or (not ready and not deferred):
-            break
+        if any(key.data == "stop" for key, _ in ready):
+            return True
+        if not ready and not deferred:
+            return False
         faults, deferred = deferred, []
         # Read every pending event before filling: while a REMOVE is unread, every fill
         # fails with EAGAIN, and a page removed after its fault was queued must read zeros.
@@ -277,20 +286,43 @@ def _handler_main(uffd: Userfaultfd, policy: Policy, stop_fd: int, conn: Connect
                 case _:
                     pass
         deferred = _serve_batch(uffd, policy, faults, counts)
-    conn.send(dict(counts))
+
+
+def _handler_main(uffd: Userfaultfd, policy: Policy, serves: tuple[int, int], stop_fd: int,
+                  conn: Connection, cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    counts: Counter[str] = Counter()
+    error = ""
+    try:
+        if not _serve_until_stopped(uffd, policy, stop_fd, counts):
+            error = f"no fault and no stop request for {WAIT_S:.0f} s"
+    except (PageinError, OSError, ValueError) as e:
+        error = f"{type(e).__name__}: {e}"
+    if error:
+        # The toucher may be asleep in a fault nobody will serve now. Unregistering the
+        # range (the ioctl acts on the toucher's memory) wakes it: its access retries as
+        # an ordinary fault, and the experiment reports this error instead of hanging.
+        with contextlib.suppress(PageinError):
+            uffd.unregister(*serves)
+    conn.send((dict(counts), error))
 
 
 class FaultHandler:
     """Serve the faults of a uffd from a forked process, with ``policy``, until stopped.
 
-    ``cpu`` pins the handler to one CPU. :meth:`stop` returns the handler's counters.
+    ``serves`` is the registered range ``(start, length)``: if the handler fails, it
+    unregisters it so the faulting process wakes up. ``cpu`` pins the handler to one
+    CPU. :meth:`stop` returns the handler's counters, or raises
+    :class:`~pagein.errors.PageinError` with the handler's error.
     """
 
-    def __init__(self, uffd: Userfaultfd, policy: Policy, *, cpu: int | None = None) -> None:
+    def __init__(self, uffd: Userfaultfd, policy: Policy, serves: tuple[int, int], *,
+                 cpu: int | None = None) -> None:
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._conn, child = _ctx.Pipe()
-        self._proc = _ctx.Process(target=_handler_main,
-                                  args=(uffd, policy, self._stop_r, child, cpu), daemon=True)
+        self._proc = _ctx.Process(target=_handler_main, daemon=True,
+                                  args=(uffd, policy, serves, self._stop_r, child, cpu))
         self._proc.start()
         child.close()
         os.close(self._stop_r)
@@ -304,10 +336,13 @@ class FaultHandler:
             self._signal_stop()
             if not self._conn.poll(WAIT_S):
                 _stop(self._proc)
-                raise LabError(f"the fault handler {self.pid} did not report within "
+                raise PageinError(f"the fault handler {self.pid} did not report within "
                                f"{WAIT_S:.0f} s")
-            self._stats = HandlerStats(**self._conn.recv())
+            counts, error = self._conn.recv()
             self.close()
+            if error:
+                raise PageinError(f"the fault handler {self.pid} failed: {error}")
+            self._stats = HandlerStats(**counts)
         return self._stats
 
     def _signal_stop(self) -> None:

@@ -9,11 +9,11 @@ again resurrects stale data the guest threw away.
 
 from __future__ import annotations
 
-import ctypes
 import selectors
 import threading
 from dataclasses import dataclass
 
+from pagein._abi.libc import buffer_address
 from pagein.lab._files import snapshot_bytes
 from pagein.lab._probe import MIB, PAGE_SIZE, Recorder, Row, data_crcs, page_crcs
 from pagein.lab._procs import WAIT_S, CopyPolicy, FaultHandler, HandlerStats
@@ -46,11 +46,12 @@ def _ordering() -> tuple[bool, str, str, str]:
     The thread's madvise runs inside ctypes with the GIL released, and nothing here
     faults on the registered range, so this process can be its own handler.
     """
-    src = ctypes.create_string_buffer(b"\x5a" * PAGE_SIZE, PAGE_SIZE)
+    src = bytearray(b"\x5a" * PAGE_SIZE)
+    src_address = buffer_address(src)
     with Mapping.anonymous(2 * PAGE_SIZE) as m, \
             Userfaultfd.open(Feature.EVENT_REMOVE) as uffd:
         uffd.register(m.address, m.length, RegisterMode.MISSING)
-        uffd.copy(m.address, ctypes.addressof(src), PAGE_SIZE)
+        uffd.copy(m.address, src_address, PAGE_SIZE)
         t = threading.Thread(target=m.madvise, args=(Advice.DONTNEED, 0, PAGE_SIZE))
         t.start()
         try:
@@ -58,11 +59,11 @@ def _ordering() -> tuple[bool, str, str, str]:
                 sel.register(uffd.fileno(), selectors.EVENT_READ)
                 readable = bool(sel.select(WAIT_S))
             waited = readable and t.is_alive()
-            during = uffd.copy(m.address + PAGE_SIZE, ctypes.addressof(src), PAGE_SIZE)
+            during = uffd.copy(m.address + PAGE_SIZE, src_address, PAGE_SIZE)
             events = uffd.read_events()
         finally:
             t.join(WAIT_S)
-        after = uffd.copy(m.address + PAGE_SIZE, ctypes.addressof(src), PAGE_SIZE)
+        after = uffd.copy(m.address + PAGE_SIZE, src_address, PAGE_SIZE)
         kinds = ",".join(type(e).__name__ for e in events) or "nothing"
         if not any(isinstance(e, Remove) for e in events):
             kinds += " (no Remove!)"
@@ -75,11 +76,11 @@ def _serve(rec: Recorder, label: str, snap: bytes, balloon_aware: bool) -> tuple
     """Restore, balloon the second half, touch it again; return stats and its page CRCs."""
     size = len(snap)
     half = size // PAGE_SIZE // 2 * PAGE_SIZE
-    src = ctypes.create_string_buffer(snap, size)  # alive until the handler is stopped
+    src = bytearray(snap)  # alive until the handler is stopped
     with Mapping.anonymous(size) as m, Userfaultfd.open(Feature.EVENT_REMOVE) as uffd:
         uffd.register(m.address, size, RegisterMode.MISSING)
-        policy = CopyPolicy(m.address, ctypes.addressof(src), balloon_aware=balloon_aware)
-        with FaultHandler(uffd, policy) as handler:
+        policy = CopyPolicy(m.address, buffer_address(src), balloon_aware=balloon_aware)
+        with FaultHandler(uffd, policy, (m.address, size)) as handler:
             with rec.step(f"{label}: guest reads every page", m.address, size):
                 page_crcs(m.address, size)
             with rec.step(f"{label}: balloon: MADV_DONTNEED the second half", m.address,

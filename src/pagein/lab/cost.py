@@ -9,12 +9,12 @@ are measurements, not claims: the numbers vary with the machine and its load.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from pagein._abi.libc import buffer_address
 from pagein.lab._files import scratch_file, snapshot_bytes
 from pagein.lab._probe import MIB, PAGE_SIZE, Recorder, Row, read_each_page, write_each_page
 from pagein.lab._procs import CopyPolicy, FaultHandler
@@ -96,11 +96,11 @@ def _file(rec: Recorder, size: int) -> tuple[int, int, int, int]:
 
 
 def _uffd(rec: Recorder, size: int, label: str, handler_cpu: int) -> tuple[int, int]:
-    src = ctypes.create_string_buffer(size)  # alive until the handler has stopped
+    src = bytearray(size)  # alive until the handler has stopped
     with Mapping.anonymous(size) as m, Userfaultfd.open() as uffd:
         uffd.register(m.address, size, RegisterMode.MISSING)
-        policy = CopyPolicy(m.address, ctypes.addressof(src))
-        with FaultHandler(uffd, policy, cpu=handler_cpu) as handler:
+        policy = CopyPolicy(m.address, buffer_address(src))
+        with FaultHandler(uffd, policy, (m.address, size), cpu=handler_cpu) as handler:
             with rec.step(label, m.address, size):
                 read_each_page(m.address, size)
             stats = handler.stop()

@@ -62,7 +62,7 @@ def _restore(rec: Recorder, mfd: Memfd, mode: RegisterMode, policy: Policy,
         uffd.register(guest.address, size, mode)
         if isinstance(policy, CopyPolicy):
             policy.base = guest.address
-        with FaultHandler(uffd, policy) as handler:
+        with FaultHandler(uffd, policy, (guest.address, size)) as handler:
             with rec.step(f"{name}: guest reads every page", guest.address, size) as st:
                 guest_crcs = page_crcs(guest.address, size)
                 st.note = f"{_same(guest_crcs, snap_crcs)} pages equal the snapshot"

@@ -11,7 +11,6 @@ guest range does not survive the replacement.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 
@@ -90,7 +89,7 @@ def run(size_bytes: int = 64 * MIB) -> ReplaceMapping:
         guest = mfd.map()
         try:
             with rec.step("guest writes every page (boot)", guest.address, size_bytes):
-                ctypes.memset(guest.address, _BOOT, size_bytes)
+                guest.write(0, bytes([_BOOT]) * size_bytes)
             with Peer(mfd.fileno(), size_bytes) as peer:
                 with rec.step("peer reads every page", peer.address, size_bytes,
                               pid=peer.pid, who="peer"):

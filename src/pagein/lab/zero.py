@@ -9,10 +9,10 @@ finds the data without reading a byte — how a restore can skip zero ranges.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 
+from pagein._abi.libc import buffer_address
 from pagein.lab._files import pattern_page, scratch_file
 from pagein.lab._probe import MIB, PAGE_SIZE, Recorder, Row, read_each_page
 from pagein.lab._procs import FaultHandler, HandlerStats, ZeroPolicy
@@ -49,7 +49,7 @@ class ZeroPages:
 def _uffd_zero(rec: Recorder, label: str, size: int, zero_buffer: int) -> HandlerStats:
     with Mapping.anonymous(size) as m, Userfaultfd.open() as uffd:
         uffd.register(m.address, size, RegisterMode.MISSING)
-        with FaultHandler(uffd, ZeroPolicy(zero_buffer)) as handler:
+        with FaultHandler(uffd, ZeroPolicy(zero_buffer), (m.address, size)) as handler:
             with rec.step(label, m.address, size) as st:
                 data = read_each_page(m.address, size)
                 st.note = "all zero" if not any(data) else "non-zero bytes!"
@@ -79,11 +79,11 @@ def run(size_bytes: int = 64 * MIB) -> ZeroPages:
             rec.step("anonymous: read every page", m.address, size_bytes):
         read_each_page(m.address, size_bytes)
     anon = rec.last()
-    zero_buffer = ctypes.create_string_buffer(PAGE_SIZE)  # alive while handlers run
+    zero_buffer = bytearray(PAGE_SIZE)  # alive while handlers run
     zp = _uffd_zero(rec, "uffd ZEROPAGE: guest reads every page", size_bytes, 0)
     zp_row = rec.last()
     cz = _uffd_zero(rec, "uffd COPY of zeros: guest reads every page", size_bytes,
-                    ctypes.addressof(zero_buffer))
+                    buffer_address(zero_buffer))
     cz_row = rec.last()
     with scratch_file(size_bytes=size_bytes) as fd:
         blocks_before = os.fstat(fd).st_blocks

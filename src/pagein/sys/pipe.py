@@ -12,10 +12,10 @@ readable in this process.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 
 from pagein._abi import splice as abi
+from pagein._abi.libc import get_errno
 from pagein._abi.splice import SpliceFlag
 from pagein.errors import KernelError
 
@@ -31,10 +31,9 @@ def vmsplice(fd: int, address: int, length: int, flags: SpliceFlag = SpliceFlag.
     Safety: the pipe keeps references to the pages, not a copy of their bytes: later
     writes to those physical pages show up when the pipe is read.
     """
-    iov = abi.iovec(address, length)
-    n = abi.vmsplice(fd, ctypes.byref(iov), 1, int(flags))
+    n = abi.vmsplice_one(fd, address, length, int(flags))
     if n < 0:
-        err = ctypes.get_errno()
+        err = get_errno()
         raise KernelError(f"vmsplice(fd={fd}, 0x{address:x}, {length})", err,
                           "pass the write end of a pipe and a mapped, readable range")
     return int(n)

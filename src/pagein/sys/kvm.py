@@ -18,7 +18,6 @@ mapped for as long as the slot exists (close the :class:`Vm` first).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from typing import Any
@@ -70,7 +69,7 @@ SNAPSHOT_MSRS: tuple[int, ...] = (
 def _ioctl(fd: int, nr: IoctlNr, arg: int | None, what: str = "") -> int:
     ret: int = libc.ioctl_ptr(fd, int(nr), arg)
     if ret < 0:
-        raise KvmError(f"KVM_{nr.name}", ctypes.get_errno(), what)
+        raise KvmError(f"KVM_{nr.name}", libc.get_errno(), what)
     return ret
 
 
@@ -115,9 +114,9 @@ class Kvm(OwnedFd):
     def supported_cpuid(self) -> tuple[CpuidEntry, ...]:
         """``KVM_GET_SUPPORTED_CPUID``: the leaves a guest may be given."""
         for count in (128, 256, 1024):
-            buf, head, entries = _cpuid_buffer(count)
+            buf, head, entries = abi.cpuid2_buffer(count)
             try:
-                _ioctl(self.fileno(), IoctlNr.GET_SUPPORTED_CPUID, ctypes.addressof(buf))
+                _ioctl(self.fileno(), IoctlNr.GET_SUPPORTED_CPUID, libc.buffer_address(buf))
             except KvmError as e:
                 if e.errno == errno.E2BIG:
                     continue
@@ -127,35 +126,20 @@ class Kvm(OwnedFd):
 
     def msr_index_list(self) -> tuple[int, ...]:
         """``KVM_GET_MSR_INDEX_LIST``: the MSRs KVM saves and restores."""
-        head = abi.kvm_msr_list(0)
+        buf, head, _ = abi.msr_list_buffer(0)
         try:
-            _ioctl(self.fileno(), IoctlNr.GET_MSR_INDEX_LIST, ctypes.addressof(head))
+            _ioctl(self.fileno(), IoctlNr.GET_MSR_INDEX_LIST, libc.buffer_address(buf))
         except KvmError as e:
-            if e.errno != errno.E2BIG:
+            if e.errno != errno.E2BIG:  # E2BIG: KVM wrote how many there are
                 raise
-        n = head.nmsrs
-
-        class _List(ctypes.Structure):
-            _fields_ = [("nmsrs", ctypes.c_uint32), ("indices", ctypes.c_uint32 * n)]
-
-        full = _List(n)
-        _ioctl(self.fileno(), IoctlNr.GET_MSR_INDEX_LIST, ctypes.addressof(full))
-        return tuple(full.indices[: full.nmsrs])
+        buf, head, indices = abi.msr_list_buffer(head.nmsrs)
+        _ioctl(self.fileno(), IoctlNr.GET_MSR_INDEX_LIST, libc.buffer_address(buf))
+        return tuple(indices[: head.nmsrs])
 
     def create_vm(self) -> Vm:
         """``KVM_CREATE_VM`` (default machine type)."""
         fd = _ioctl(self.fileno(), IoctlNr.CREATE_VM, 0)
         return Vm(fd, self.vcpu_mmap_size())
-
-
-def _cpuid_buffer(count: int) -> tuple[ctypes.Array[ctypes.c_char], abi.kvm_cpuid2,
-                                         ctypes.Array[abi.kvm_cpuid_entry2]]:
-    size = ctypes.sizeof(abi.kvm_cpuid2) + count * ctypes.sizeof(abi.kvm_cpuid_entry2)
-    buf = ctypes.create_string_buffer(size)
-    head = abi.kvm_cpuid2.from_buffer(buf)
-    head.nent = count
-    entries = (abi.kvm_cpuid_entry2 * count).from_buffer(buf, ctypes.sizeof(abi.kvm_cpuid2))
-    return buf, head, entries
 
 
 def _cpuid_entry(c: abi.kvm_cpuid_entry2) -> CpuidEntry:
@@ -184,7 +168,7 @@ class Vm(OwnedFd):
         """
         region = abi.kvm_userspace_memory_region(slot, int(flags), guest_phys,
                                                  mapping.length, mapping.address)
-        _ioctl(self.fileno(), IoctlNr.SET_USER_MEMORY_REGION, ctypes.addressof(region),
+        _ioctl(self.fileno(), IoctlNr.SET_USER_MEMORY_REGION, libc.addressof(region),
                f"slot {slot} at guest 0x{guest_phys:x}+0x{mapping.length:x}")
 
     def set_tss_addr(self, address: int) -> None:
@@ -215,7 +199,7 @@ class Vcpu(OwnedFd):
         super().__init__(fd)
         self.id = vcpu_id
         self._run_area = run_area
-        self._run = abi.kvm_run.from_address(run_area.address)
+        self._run = abi.run_at(run_area.address)
         self._io_data_offset = 0
 
     # --- running ---------------------------------------------------------------------
@@ -224,7 +208,7 @@ class Vcpu(OwnedFd):
         """``KVM_RUN`` until the next exit, with the GIL released; decode the exit."""
         ret = libc.ioctl_ptr(self.fileno(), int(IoctlNr.RUN), None)
         if ret < 0:
-            err = ctypes.get_errno()
+            err = libc.get_errno()
             if err in (errno.EINTR, errno.EAGAIN):
                 return Interrupted()
             raise KvmError("KVM_RUN", err, f"vcpu {self.id}")
@@ -281,7 +265,7 @@ class Vcpu(OwnedFd):
         self.request_exit(True)
         try:
             ret = libc.ioctl_ptr(self.fileno(), int(IoctlNr.RUN), None)
-            err = ctypes.get_errno()
+            err = libc.get_errno()
             if ret < 0 and err != errno.EINTR:
                 raise KvmError("KVM_RUN", err, f"vcpu {self.id} completing pending I/O")
         finally:
@@ -289,13 +273,13 @@ class Vcpu(OwnedFd):
 
     # --- state -----------------------------------------------------------------------
 
-    def _get(self, nr: IoctlNr, ctype: type[ctypes.Structure]) -> Any:
+    def _get(self, nr: IoctlNr, ctype: type[abi.Structure]) -> Any:
         out = ctype()
-        _ioctl(self.fileno(), nr, ctypes.addressof(out), f"vcpu {self.id}")
+        _ioctl(self.fileno(), nr, libc.addressof(out), f"vcpu {self.id}")
         return out
 
-    def _set(self, nr: IoctlNr, value: ctypes.Structure | ctypes.Array[Any]) -> None:
-        _ioctl(self.fileno(), nr, ctypes.addressof(value), f"vcpu {self.id}")
+    def _set(self, nr: IoctlNr, value: abi.Structure) -> None:
+        _ioctl(self.fileno(), nr, libc.addressof(value), f"vcpu {self.id}")
 
     def get_regs(self) -> Regs:
         return Regs.from_c(self._get(IoctlNr.GET_REGS, abi.kvm_regs))
@@ -316,16 +300,16 @@ class Vcpu(OwnedFd):
         self._set(IoctlNr.SET_MP_STATE, abi.kvm_mp_state(state))
 
     def _get_bytes(self, nr: IoctlNr, size: int) -> bytes:
-        buf = ctypes.create_string_buffer(size)
-        _ioctl(self.fileno(), nr, ctypes.addressof(buf), f"vcpu {self.id}")
-        return buf.raw
+        buf = bytearray(size)
+        _ioctl(self.fileno(), nr, libc.buffer_address(buf), f"vcpu {self.id}")
+        return bytes(buf)
 
     def _set_bytes(self, nr: IoctlNr, data: bytes) -> None:
-        buf = ctypes.create_string_buffer(data, len(data))
-        _ioctl(self.fileno(), nr, ctypes.addressof(buf), f"vcpu {self.id}")
+        buf = bytearray(data)
+        _ioctl(self.fileno(), nr, libc.buffer_address(buf), f"vcpu {self.id}")
 
     def get_fpu(self) -> bytes:
-        return self._get_bytes(IoctlNr.GET_FPU, ctypes.sizeof(abi.kvm_fpu))
+        return self._get_bytes(IoctlNr.GET_FPU, abi.FPU_BYTES)
 
     def set_fpu(self, data: bytes) -> None:
         self._set_bytes(IoctlNr.SET_FPU, data)
@@ -341,13 +325,13 @@ class Vcpu(OwnedFd):
         self._set_bytes(IoctlNr.SET_XSAVE, data)
 
     def get_xcrs(self) -> bytes:
-        return self._get_bytes(IoctlNr.GET_XCRS, ctypes.sizeof(abi.kvm_xcrs))
+        return self._get_bytes(IoctlNr.GET_XCRS, abi.XCRS_BYTES)
 
     def set_xcrs(self, data: bytes) -> None:
         self._set_bytes(IoctlNr.SET_XCRS, data)
 
     def get_events(self) -> bytes:
-        return self._get_bytes(IoctlNr.GET_VCPU_EVENTS, ctypes.sizeof(abi.kvm_vcpu_events))
+        return self._get_bytes(IoctlNr.GET_VCPU_EVENTS, abi.EVENTS_BYTES)
 
     def set_events(self, data: bytes) -> None:
         self._set_bytes(IoctlNr.SET_VCPU_EVENTS, data)
@@ -356,8 +340,8 @@ class Vcpu(OwnedFd):
         """``KVM_GET_MSRS``; MSRs this KVM refuses to read are left out."""
         wanted = list(indices)
         while wanted:
-            buf, _head, entries = _msr_buffer(wanted)
-            n = _ioctl(self.fileno(), IoctlNr.GET_MSRS, ctypes.addressof(buf))
+            buf, _head, entries = abi.msrs_buffer(wanted)
+            n = _ioctl(self.fileno(), IoctlNr.GET_MSRS, libc.buffer_address(buf))
             if n == len(wanted):
                 return tuple((entries[i].index, entries[i].data) for i in range(n))
             del wanted[n]  # KVM stops at the first MSR it cannot read: skip it, retry
@@ -365,22 +349,22 @@ class Vcpu(OwnedFd):
 
     def set_msrs(self, msrs: tuple[tuple[int, int], ...]) -> None:
         """``KVM_SET_MSRS``; raises when KVM accepts fewer than all of them."""
-        buf, _head, entries = _msr_buffer([i for i, _ in msrs])
+        buf, _head, entries = abi.msrs_buffer([i for i, _ in msrs])
         for k, (_, value) in enumerate(msrs):
             entries[k].data = value
-        n = _ioctl(self.fileno(), IoctlNr.SET_MSRS, ctypes.addressof(buf))
+        n = _ioctl(self.fileno(), IoctlNr.SET_MSRS, libc.buffer_address(buf))
         if n != len(msrs):
             raise KvmError("KVM_SET_MSRS", errno.EINVAL,
                            f"vcpu {self.id} refused MSR 0x{msrs[n][0]:x}")
 
     def set_cpuid(self, entries: tuple[CpuidEntry, ...]) -> None:
         """``KVM_SET_CPUID2``: what CPUID reports inside the guest."""
-        buf, _head, c_entries = _cpuid_buffer(len(entries))
+        buf, _head, c_entries = abi.cpuid2_buffer(len(entries))
         for k, e in enumerate(entries):
             c = c_entries[k]
             c.function, c.index, c.flags = e.function, e.index, e.flags
             c.eax, c.ebx, c.ecx, c.edx = e.eax, e.ebx, e.ecx, e.edx
-        _ioctl(self.fileno(), IoctlNr.SET_CPUID2, ctypes.addressof(buf), f"vcpu {self.id}")
+        _ioctl(self.fileno(), IoctlNr.SET_CPUID2, libc.buffer_address(buf), f"vcpu {self.id}")
 
     def get_state(self, msr_indices: tuple[int, ...] = SNAPSHOT_MSRS,
                   xsave_size: int = abi.KVM_XSAVE_LEGACY_BYTES) -> VcpuState:
@@ -411,16 +395,3 @@ class Vcpu(OwnedFd):
         if not self.closed:
             self._run_area.close()
         super().close()
-
-
-def _msr_buffer(indices: list[int]) -> tuple[ctypes.Array[ctypes.c_char], abi.kvm_msrs,
-                                             ctypes.Array[abi.kvm_msr_entry]]:
-    n = len(indices)
-    size = ctypes.sizeof(abi.kvm_msrs) + n * ctypes.sizeof(abi.kvm_msr_entry)
-    buf = ctypes.create_string_buffer(size)
-    head = abi.kvm_msrs.from_buffer(buf)
-    head.nmsrs = n
-    entries = (abi.kvm_msr_entry * n).from_buffer(buf, ctypes.sizeof(abi.kvm_msrs))
-    for k, index in enumerate(indices):
-        entries[k].index = index
-    return buf, head, entries

@@ -8,7 +8,6 @@ store). :class:`VcpuState` is everything a snapshot of one vCPU carries.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -110,11 +109,8 @@ Exit = (IoOut | IoIn | Mmio | Hlt | Shutdown | FailEntry | InternalError | Guest
 # --- typed register state ------------------------------------------------------------
 
 
-def _to_c(value: Any, ctype: type[ctypes.Structure]) -> ctypes.Structure:
-    out = ctype()
-    for f in fields(value):
-        setattr(out, f.name, getattr(value, f.name))
-    return out
+def _to_c(value: Any, ctype: type[abi.Structure]) -> Any:
+    return ctype(**{f.name: getattr(value, f.name) for f in fields(value)})
 
 
 @dataclass(frozen=True, slots=True)

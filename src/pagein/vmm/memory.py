@@ -5,15 +5,14 @@ Memory is made by :meth:`GuestMemory.create` (anonymous private, a shared memfd,
 restore that already mapped a snapshot file or registered the range with userfaultfd.
 Only memory this object created is unmapped on close.
 
-Safety: :meth:`read` / :meth:`write` copy with ``ctypes.memmove``, which releases the
-GIL, so a VMM access to a page that is still missing in uffd-registered memory waits
+Safety: :meth:`read` / :meth:`write` copy with the GIL released (``Mapping.read`` /
+``Mapping.write``), so a VMM access to a page that is still missing in uffd-registered memory waits
 for the handler without freezing the other Python threads — including a handler thread
 in this same process (see DESIGN.md on the GIL).
 """
 
 from __future__ import annotations
 
-import ctypes
 import enum
 from dataclasses import dataclass
 from types import TracebackType
@@ -97,14 +96,12 @@ class GuestMemory:
     def read(self, guest_phys: int, length: int) -> bytes:
         """Copy guest bytes out (GIL released during the copy)."""
         mapping, off = self._locate(guest_phys, length)
-        buf = ctypes.create_string_buffer(length)
-        ctypes.memmove(buf, mapping.address + off, length)
-        return buf.raw
+        return mapping.read(off, length)
 
     def write(self, guest_phys: int, data: bytes) -> None:
         """Copy bytes into the guest (GIL released during the copy)."""
         mapping, off = self._locate(guest_phys, len(data))
-        ctypes.memmove(mapping.address + off, data, len(data))
+        mapping.write(off, data)
 
     def close(self) -> None:
         if self._closed:

@@ -150,10 +150,11 @@ def test_failing_source_freezes_the_vm_loudly_never_zeros(
     c = client("touch", "--socket", str(tmp_path / "s.sock"), "--mem-file", str(path),
                "--regions", "0:0x100000", "--threads", "1")
     try:
+        wait_for(lambda: any("is unavailable (test)" in r.getMessage()
+                             and r.levelname == "ERROR" for r in caplog.records),
+                 20, "the session to log the source failure")
         wait_for(lambda: blocked_in_userfault(c.pid), 20, "the client to block in a fault")
         assert c.poll() is None  # frozen on the page that could not be read, not zero-filled
-        assert any("is unavailable (test)" in r.getMessage() and r.levelname == "ERROR"
-                   for r in caplog.records)
     finally:
         c.kill()
         out, _ = c.communicate(timeout=10)

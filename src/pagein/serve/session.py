@@ -22,7 +22,6 @@ Ordering rules this loop depends on (see ``ioctl_userfaultfd(2)`` and DESIGN.md)
 from __future__ import annotations
 
 import bisect
-import ctypes
 import errno
 import json
 import logging
@@ -39,6 +38,7 @@ from pagein.serve.firecracker import Region
 from pagein.serve.stats import Counters
 from pagein.serve.strategies import Span, Strategy
 from pagein.snapshot.source import PageSource
+from pagein.sys.mapping import PAGE_SIZE, Mapping
 from pagein.sys.uffd import (
     AlreadyPresent,
     Filled,
@@ -65,8 +65,6 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 MIN_BULK_HOLE_PAGES = 16
 _HUGE = 2 * 1024 * 1024
 _BATCH = 128  # uffd messages per read()
-_ZEROS = bytearray(_HUGE)
-_ZEROS_ADDR = ctypes.addressof((ctypes.c_char * _HUGE).from_buffer(_ZEROS))
 
 
 class SessionEnd(Enum):
@@ -119,9 +117,12 @@ class Session:
         self._extents = sorted((_Extent(r.base_address, r.size_bytes, i, 0)
                                 for i, r in enumerate(self.regions)), key=lambda e: e.address)
         self._starts = [e.address for e in self._extents]
-        self._scratch = bytearray(max(chunk_bytes, _HUGE))
-        self._scratch_addr = ctypes.addressof(
-            (ctypes.c_char * len(self._scratch)).from_buffer(self._scratch))
+        # Private anonymous memory never written: it reads as zeros, so it is the zero
+        # source for hugetlbfs (which has no zero page) as well as the bounce buffer for
+        # sources without an address. `_zeros` is never written.
+        scratch = -(-max(chunk_bytes, _HUGE) // PAGE_SIZE) * PAGE_SIZE
+        self._zeros = Mapping.anonymous(_HUGE)
+        self._scratch = Mapping.anonymous(scratch)
         self._deferred: list[tuple[PageFault, int]] = []
         self._plan: Iterator[Span] = iter(())
         self._span: Span | None = None
@@ -375,16 +376,16 @@ class Session:
         if zero and ps == 4096:
             return self.uffd.zeropage(dst, length)
         if zero:  # hugetlbfs has no zero page: copy from a zero buffer, one page at a time
-            return self.uffd.copy(dst, _ZEROS_ADDR, ps)
+            return self.uffd.copy(dst, self._zeros.address, ps)
         off = r.offset + page * ps
         src = self.source.address_of(off, length)
         if src is None:
-            view = memoryview(self._scratch)[:length]
+            view = self._scratch.view()
             try:
-                self.source.read_into(off, view)
+                self.source.read_into(off, view[:length])
             finally:
                 view.release()
-            src = self._scratch_addr
+            src = self._scratch.address
         return self.uffd.copy(dst, src, length)
 
     # --- background ----------------------------------------------------------------
@@ -499,6 +500,8 @@ class Session:
         return True
 
     def close(self) -> None:
-        """Close the uffd and the socket (idempotent)."""
+        """Close the uffd, the socket and the buffers (idempotent)."""
         self.uffd.close()
         self.sock.close()
+        self._zeros.close()
+        self._scratch.close()

@@ -196,12 +196,12 @@ class Server:
         self.handshake_failures += 1
         action = self.config.on_bad_handshake
         if action is BadHandshakePolicy.KILL and peer.pid > 1 and peer.pid != os.getpid():
-            log.error("vm pid=%d: bad handshake, %s; killing the VMM (--on-bad-handshake "
-                      "close keeps it alive)", peer.pid, e)
+            log.error("vm pid=%d: %s; killing the VMM (--on-bad-handshake close keeps it "
+                      "alive)", peer.pid, e)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(peer.pid, signal.SIGKILL)
         else:
-            log.error("vm pid=%d: bad handshake, %s; closing the connection", peer.pid, e)
+            log.error("vm pid=%d: %s; closing the connection", peer.pid, e)
         conn.close()
 
     # --- stats ---------------------------------------------------------------------

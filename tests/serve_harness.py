@@ -64,16 +64,21 @@ class ServerProc:
         return self.proc.returncode
 
 
-def start_server(tmp: str, mem_file: str, *extra: str, timeout: float = 20) -> ServerProc:
-    """Start ``python -m pagein serve`` and wait until it listens (``--ready-fd``)."""
+def start_server(tmp: str, mem_file: str, *extra: str, timeout: float = 20,
+                 source: str | None = None, env: dict[str, str] | None = None) -> ServerProc:
+    """Start ``python -m pagein serve`` and wait until it listens (``--ready-fd``).
+
+    Serves ``mem_file`` (``--mem-file``), or ``source`` (``--source``) when given.
+    """
     sock = os.path.join(tmp, "fc.sock")
     log_path = os.path.join(tmp, "server.log")
     stats = os.path.join(tmp, "stats.json")
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "pagein", "-v", "serve", "--socket", sock, "--mem-file",
-           mem_file, "--stats-json", stats, "--ready-fd", str(w), *extra]
+    what = ["--source", source] if source else ["--mem-file", mem_file]
+    cmd = [sys.executable, "-m", "pagein", "-v", "serve", "--socket", sock, *what,
+           "--stats-json", stats, "--ready-fd", str(w), *extra]
     with open(log_path, "wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, pass_fds=(w,))
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, pass_fds=(w,), env=env)
     os.close(w)
     try:
         ready = select.select([r], [], [], timeout)[0] and os.read(r, 16)

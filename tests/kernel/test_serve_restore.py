@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -203,3 +204,23 @@ def test_populate_all_maps_zero_pages_for_large_holes(tmp_path: Path,
     assert isinstance(total, dict)
     assert total["zero_pages"] == (3 << 20) // PAGE
     assert total["bytes_copied"] == 1 << 20
+
+
+def test_serve_from_a_chunk_store_source(tmp_path: Path, snap: tuple[str, bytes],
+                                         server_factory: list[ServerProc]) -> None:
+    """--source dir:///store/name: a store source (no address, read_into only), every byte."""
+    path, _ = snap
+    store = tmp_path / "store"
+    env = {**os.environ, "PAGEIN_CACHE_DIR": str(tmp_path / "cache")}
+    subprocess.run([sys.executable, "-m", "pagein", "store", "push", "-q", "--store",
+                    f"dir://{store}", "--chunk-size", "64K", path, "snap1"],
+                   check=True, env=env, timeout=120)
+    server = start_server(str(tmp_path), path, "--strategy", "readahead",
+                          source=f"dir://{store}/snap1", env=env)
+    server_factory.append(server)
+    rc, res = finish(client(*touch_args(server, path, REGIONS, "--threads", "2")))
+    assert rc == 0, res
+    server.stop()
+    total = server.stats()["total"]
+    assert isinstance(total, dict) and total["pages"] == _pages(REGIONS)
+    assert server.stats()["source"] != path

@@ -11,9 +11,11 @@ strategy (like a host's handler daemon) and, per restore, this process maps fres
 memory, registers it with a new uffd and sends it over the socket. Pages are touched by
 a small C loop called through ctypes (no Python per page). The toucher is pinned to
 CPU 0 and the handler to CPU 1 in every run; the eager and MAP_PRIVATE baselines have no
-handler. Ratios are against eager read() with the same cache state and order.
+handler (``--cpus same`` puts the handler on the toucher's CPU: cross-CPU wakeups are
+expensive in VMs). Ratios are against eager read() with the same cache state and order.
 
-Run: ``.venv/bin/python benchmarks/restore_strategies.py [--quick] [--size-mib N] [--repeat 3]``
+Run: ``.venv/bin/python benchmarks/restore_strategies.py [--quick] [--size-mib N] [--repeat 3]
+[--cpus split|same]``
 """
 
 from __future__ import annotations
@@ -188,10 +190,13 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--repeat", type=int, default=3, help="runs per cell; the median is kept")
+    ap.add_argument("--cpus", choices=["split", "same"], default="split",
+                    help="handler on another CPU than the toucher (default) or the same one")
     args = ap.parse_args()
     size = (args.size_mib or (128 if args.quick else 1024)) << 20
     cpus = sorted(os.sched_getaffinity(0))
-    toucher_cpu, handler_cpu = cpus[0], cpus[-1]
+    toucher_cpu = cpus[0]
+    handler_cpu = cpus[0] if args.cpus == "same" else cpus[-1]
     os.sched_setaffinity(0, {toucher_cpu})
     strategies = ["on-demand", "readahead", "populate-all"]
     methods = ["eager read()", "MAP_PRIVATE file", *strategies]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from pagein.errors import HandlerError
+from pagein.errors import HandlerError, SnapshotFormatError
 from pagein.serve.local import restore_lazily
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from serve_harness import blocked_in_userfault, make_snapshot, wait_for
+from serve_harness import blocked_in_userfault, hugepages_available, make_snapshot, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -92,3 +92,23 @@ def test_handler_death_blocks_touches_never_zeros(tmp_path: Path) -> None:
         child.kill()
         out, _ = child.communicate(timeout=10)
     assert "READ" not in out
+
+
+def test_size_not_a_multiple_of_the_page_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "odd.snap"
+    path.write_bytes(b"\1" * (P * 3))
+    with pytest.raises(SnapshotFormatError, match="not a multiple of the page size 2097152"):
+        restore_lazily(str(path), hugetlb=True)
+
+
+@pytest.mark.hugetlb
+def test_restore_lazily_on_hugepages(tmp_path: Path) -> None:
+    if not hugepages_available(2):
+        pytest.skip("needs 2 free 2 MiB pages: raise vm.nr_hugepages")
+    path = str(tmp_path / "mem.snap")
+    data = make_snapshot(path, 4 << 20)
+    with restore_lazily(path, hugetlb=True) as r:
+        out = ctypes.create_string_buffer(4 << 20)
+        ctypes.memmove(out, r.mapping.address, 4 << 20)
+        assert out.raw == data
+        assert r.stats().pages == 2

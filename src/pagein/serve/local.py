@@ -18,6 +18,7 @@ of reading zeros; a watchdog logs the death at ERROR and :meth:`LazyRestore.stat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -231,6 +232,7 @@ def restore_lazily(source: str, *, strategy: str | StrategyName = StrategyName.O
         uffd.register(mapping.address, size, RegisterMode.MISSING)
         proc, sock_path = _start_handler(source, workdir, name, readahead_bytes, start_timeout)
         sock = connect_and_send(sock_path, [Region(mapping.address, size, 0, page)], uffd)
+        restore = LazyRestore(mapping, uffd, sock, proc, workdir, source)
     except BaseException:
         if proc is not None:
             proc.kill()
@@ -241,4 +243,12 @@ def restore_lazily(source: str, *, strategy: str | StrategyName = StrategyName.O
             uffd.close()
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    return LazyRestore(mapping, uffd, sock, proc, workdir, source)
+    try:
+        # One round trip proves the handler accepted the handshake and serves this range;
+        # a refused handshake would otherwise only show as a touch that never returns.
+        restore.stats(timeout=start_timeout)
+    except BaseException:
+        with contextlib.suppress(HandlerError):
+            restore.close()
+        raise
+    return restore

@@ -169,9 +169,16 @@ class Server:
             conn.close()
             return
         uffd = Userfaultfd.adopt(hs.uffd_fd)
-        session = Session(uffd=uffd, sock=conn, regions=hs.regions, source=self.source,
-                          strategy=self._factory(), peer_pid=peer.pid, stop_fd=self._stop_r,
-                          chunk_bytes=self.config.chunk_bytes, pending=hs.rest)
+        try:
+            session = Session(uffd=uffd, sock=conn, regions=hs.regions, source=self.source,
+                              strategy=self._factory(), peer_pid=peer.pid,
+                              stop_fd=self._stop_r, chunk_bytes=self.config.chunk_bytes,
+                              pending=hs.rest)
+        except (PageinError, OSError) as e:
+            log.error("vm pid=%d: cannot start serving: %s; its guest is frozen", peer.pid, e)
+            uffd.close()
+            conn.close()
+            return
         record = _VmRecord(peer, session, threading.current_thread())
         with self._lock:
             self._vms.append(record)

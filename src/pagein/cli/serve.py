@@ -58,7 +58,8 @@ def register(sub: Any) -> None:
     p.add_argument("--on-bad-handshake", choices=[b.value for b in BadHandshakePolicy],
                    default=BadHandshakePolicy.KILL.value,
                    help="kill the VMM (default) or only close its connection")
-    p.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS")
+    p.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="time a VMM has to complete its handshake (default 5)")
     p.add_argument("--stats-json", metavar="FILE",
                    help="write counters here on exit and on SIGUSR1")
     p.add_argument("--metrics-port", type=int, metavar="PORT",

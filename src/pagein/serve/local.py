@@ -90,6 +90,9 @@ class LazyRestore:
         return os.path.join(self._workdir, "handler.log")
 
     def _died(self) -> HandlerError:
+        # The socket can report EOF a moment before the process can be reaped.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=5)
         tail = ""
         try:
             with open(self._log_path(), "rb") as f:

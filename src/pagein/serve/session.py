@@ -222,7 +222,7 @@ class Session:
             log.error("vm pid=%d: fault at 0x%x outside every region it registered; "
                       "that vCPU stays blocked", self.peer_pid, fault.address)
             return True
-        ri, page, dst = loc
+        ri, page, dst, left = loc
         st = self._states[ri]
         if st.discarded.test(page):
             zero = True
@@ -231,18 +231,43 @@ class Session:
             zero = bool(self.source.zero_extents(off, 4096))
         else:
             zero = False
+        window = self.strategy.on_fault(self.regions, ri, page)
+        n = 1
+        if window is not None and not zero:
+            n = self._forward(st, page, min(window.first_page + window.pages, page + left))
         # Always fill, even if the bitmap says the page is there: a duplicate fault
         # (two vCPUs) then gets EEXIST and a wake, never a lost wakeup.
-        if not self._install(st, dst, page, 1, zero, "fault"):
+        before = self.counters.bytes_fault
+        if not self._install(st, dst, page, n, zero, "fault"):
             return False
+        extra = self.counters.bytes_fault - before - st.region.page_size
+        if extra > 0:  # the pages after the faulting one count as readahead
+            self.counters.bytes_fault -= extra
+            self.counters.bytes_readahead += extra
         self.counters.faults += 1
-        window = self.strategy.on_fault(self.regions, ri, page)
         if window is not None:
             self._fill(window.region, window.first_page, window.pages, "readahead")
         return True
 
-    def _locate(self, address: int) -> tuple[int, int, int] | None:
-        """Return (region, page, page address) for a faulting address, or None."""
+    def _forward(self, st: _RegionState, page: int, end: int) -> int:
+        """How many pages from ``page`` one copy can fill: the faulting page plus the
+        unfilled, undiscarded pages after it up to ``end`` (and before a long hole).
+
+        Copying them with the faulting page saves a sequential reader the second fault
+        it would take on the next page while the rest of the window was being filled.
+        """
+        stop = min(st.filled.next_set(page + 1), st.discarded.next_set(page + 1), end)
+        r = st.region
+        if stop > page + 1 and r.page_size == 4096:
+            start = r.offset + (page + 1) * 4096
+            for hole, length in self.source.zero_extents(start, (stop - page - 1) * 4096):
+                if length >= MIN_BULK_HOLE_PAGES * 4096:
+                    stop = min(stop, max(page + 1, (hole - r.offset) // 4096))
+                    break
+        return max(1, stop - page)
+
+    def _locate(self, address: int) -> tuple[int, int, int, int] | None:
+        """Return (region, page, page address, pages left in the extent) for an address."""
         i = bisect.bisect_right(self._starts, address) - 1
         if i < 0:
             return None
@@ -251,7 +276,8 @@ class Session:
             return None
         ps = self.regions[e.region].page_size
         page = (e.rel + address - e.address) // ps
-        return e.region, page, e.address + page * ps - e.rel
+        page_address = e.address + page * ps - e.rel
+        return e.region, page, page_address, (e.address + e.length - page_address) // ps
 
     # --- filling -------------------------------------------------------------------
 

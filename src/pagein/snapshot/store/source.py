@@ -11,7 +11,7 @@ its bytes are copied out, whether it came from the store or the disk cache.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 from pagein.errors import IntegrityError, SourceError
 from pagein.snapshot.source import PageSource
@@ -75,7 +75,10 @@ class ChunkedSource(PageSource):
         pending = [self._chunk(i) for i in range(first, last + 1)]
         # Resolve (fetch + verify) every chunk before copying any byte: on an error
         # the caller's buffer is untouched, not half-filled.
-        parts = [p.result() if isinstance(p, Future) else p for p in pending]
+        try:
+            parts = [p.result() if isinstance(p, Future) else p for p in pending]
+        except CancelledError as e:
+            raise SourceError(f"page source {self._where} was closed during a read") from e
         for i, data in zip(range(first, last + 1), parts, strict=True):
             lo = max(offset, i * cs)
             hi = min(offset + length, (i + 1) * cs)

@@ -210,7 +210,8 @@ class S3Backend(Backend):
                     raise SourceError(
                         f"bucket {self.bucket!r} does not exist at {self.endpoint}: create "
                         "it or fix the s3:// URL") from e
-                if code not in _TRANSIENT_CODES:
+                status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+                if code not in _TRANSIENT_CODES and status < 500:
                     raise SourceError(f"S3 {op} s3://{self.bucket}/{self._key(key)} at "
                                       f"{self.endpoint} failed: {e}") from e
                 last = e

@@ -67,6 +67,10 @@ def test_unreachable_gives_one_error_after_bounded_attempts(backend: S3Backend) 
     msg = str(info.value)
     assert "S3 store http://127.0.0.1:9 is unreachable" in msg
     assert "s3://bkt/pre/chunks/x failed 3 times" in msg and "AWS_ENDPOINT_URL" in msg
+    # Right after, other calls fail at once with the same message (no new retry loop).
+    with pytest.raises(SourceError, match="is unreachable"):
+        backend.get("chunks/y")
+    assert client.calls == 3
 
 
 @pytest.mark.parametrize(("code", "status", "expect"), [

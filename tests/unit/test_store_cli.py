@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,9 @@ def test_push_ls_pull_rm_gc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     code, out, _ = run(capsys, "store", "gc", "--store", store, "--grace", "0")
     assert code == 0 and "deleted 0" in out  # vm2 still needs every chunk
     assert run(capsys, "store", "rm", "vm2", "--store", store)[0] == 0
+    past = time.time() - 10  # file mtimes tick in jiffies: make the chunks clearly older
+    for p in (tmp_path / "store" / "chunks").rglob("*.zst"):
+        os.utime(p, (past, past))
     code, out, _ = run(capsys, "store", "gc", "--store", store, "--grace", "0")
     assert code == 0 and "deleted 0" not in out
     assert not list((tmp_path / "store" / "chunks").rglob("*.zst"))

@@ -19,12 +19,19 @@ def test_snapshot_content_is_distinct_and_has_zero_pages(tmp_path: object) -> No
     assert len(set(nonzero)) == len(nonzero) == 14
 
 
-def test_run_demo_verifies_both_restores() -> None:
+def test_run_demo_verifies_every_restore() -> None:
     result = run_demo(8 << 20)
-    eager, lazy = result.runs
-    assert eager.verified_bytes == lazy.verified_bytes == 8 << 20
-    # Every page was touched once, so the handler served at least one fault per data page.
-    assert lazy.faults >= (8 << 20) // PAGE_SIZE * 7 // 8 // 16
+    pages = (8 << 20) // PAGE_SIZE
+    methods = [r.method for r in result.runs]
+    assert methods == ["eager read()", "lazy, on-demand", "lazy, readahead",
+                       "lazy, populate-all"]
+    assert all(r.verified_bytes == 8 << 20 and r.pages == pages for r in result.runs)
+    eager, on_demand, readahead, _ = result.runs
+    assert eager.faults == 0
+    # One page per fault: every page read faulted exactly once.
+    assert on_demand.faults == pages
+    # A 256 KiB window fills 64 pages per fault.
+    assert readahead.faults <= pages // 64 + 1
 
 
 def test_demo_cli_prints_table() -> None:
@@ -32,7 +39,8 @@ def test_demo_cli_prints_table() -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "every byte verified" in out.stdout
-    assert "eager read()" in out.stdout and "lazy (pagein uffd)" in out.stdout
+    for method in ("eager read()", "lazy, on-demand", "lazy, readahead", "lazy, populate-all"):
+        assert method in out.stdout
 
 
 def test_demo_cli_rejects_bad_size() -> None:

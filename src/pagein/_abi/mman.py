@@ -60,7 +60,8 @@ class MemfdFlag(enum.IntFlag):
 
 MAP_FAILED = (1 << 64) - 1
 
-# /proc/PID/pagemap: one little-endian u64 per virtual page (Documentation/admin-guide/mm/pagemap.rst).
+# /proc/PID/pagemap: one little-endian u64 per virtual page
+# (Documentation/admin-guide/mm/pagemap.rst).
 PM_PFN_MASK = (1 << 55) - 1
 PM_SOFT_DIRTY = 1 << 55
 PM_MMAP_EXCLUSIVE = 1 << 56

@@ -148,6 +148,7 @@ class PagefaultFlag(enum.IntFlag):
 class Feature(enum.IntFlag):
     """``UFFD_FEATURE_*``."""
 
+    NONE = 0
     PAGEFAULT_FLAG_WP = 1 << 0
     EVENT_FORK = 1 << 1
     EVENT_REMAP = 1 << 2

@@ -11,7 +11,7 @@ Python thread of the process that serves it deadlocks on the GIL (see DESIGN.md)
 
 from __future__ import annotations
 
-import ctypes
+import errno
 import os
 import warnings
 from types import TracebackType
@@ -30,7 +30,7 @@ HUGE_PAGE_SIZE = 2 * 1024 * 1024
 
 def _errno_check(ret: int, op: str, start: int, length: int, detail: str = "") -> None:
     if ret != 0:
-        raise MappingError(op, ctypes.get_errno(), start, length, detail)
+        raise MappingError(op, libc.get_errno(), start, length, detail)
 
 
 class Mapping:
@@ -91,16 +91,18 @@ class Mapping:
         if at is not None:
             flags |= MapFlag.FIXED if replace else MapFlag.FIXED_NOREPLACE
         addr = libc.mmap(at or 0, length, int(prot), int(flags), fd, offset)
-        if addr is None or addr == MAP_FAILED or addr == ctypes.c_void_p(-1).value:
-            err = ctypes.get_errno()
+        if addr is None or addr == MAP_FAILED or addr == libc.VOID_P_FAILED:
+            err = libc.get_errno()
             detail = ""
-            if flags & MapFlag.HUGETLB:
+            if err == errno.ENOMEM and (flags & MapFlag.HUGETLB or page == HUGE_PAGE_SIZE):
                 detail = (f"not enough free 2 MiB pages ({hugetlb_free_pages()} free): "
                           "raise sysctl vm.nr_hugepages")
+            elif err == errno.EEXIST and at is not None:
+                detail = "something is already mapped there: pass replace=True to replace it"
             raise MappingError("mmap", err, at or 0, length, detail)
         if at is not None and addr != at:
             libc.munmap(addr, length)
-            raise MappingError("mmap", 17, at, length, "the kernel placed it elsewhere")
+            raise MappingError("mmap", errno.EEXIST, at, length, "the kernel placed it elsewhere")
         return cls(int(addr), length, page_size=page, shared=shared)
 
     # --- access --------------------------------------------------------------------
@@ -112,19 +114,22 @@ class Mapping:
     def view(self) -> memoryview:
         """Return a writable byte view of the whole mapping (see the module's Safety)."""
         self._alive()
-        return memoryview((ctypes.c_char * self.length).from_address(self.address)).cast("B")
+        return libc.memory_view(self.address, self.length)
 
     def read(self, offset: int, length: int) -> bytes:
-        """Copy ``length`` bytes at ``offset`` out of the mapping."""
+        """Copy ``length`` bytes at ``offset`` out of the mapping (GIL released).
+
+        Safety: reading a uffd-registered range blocks until the page is served; the
+        copy runs without the GIL, so a handler thread of this process can serve it.
+        """
         self._bounds(offset, length)
-        return ctypes.string_at(self.address + offset, length)
+        return libc.read_memory(self.address + offset, length)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Copy ``data`` into the mapping at ``offset``."""
-        n = len(data)
+        """Copy ``data`` into the mapping at ``offset`` (GIL released, like :meth:`read`)."""
+        n = memoryview(data).nbytes
         self._bounds(offset, n)
-        buf = (ctypes.c_char * n).from_buffer_copy(data) if not isinstance(data, bytes) else data
-        ctypes.memmove(self.address + offset, buf, n)
+        libc.write_memory(self.address + offset, data)
 
     def madvise(self, advice: Advice, offset: int = 0, length: int | None = None) -> None:
         """``madvise(2)`` on part of the mapping (page-aligned)."""
@@ -144,7 +149,7 @@ class Mapping:
         """Return one byte per base page: bit 0 set when the page is resident."""
         self._alive()
         n = (self.length + PAGE_SIZE - 1) // PAGE_SIZE
-        vec = (ctypes.c_ubyte * n)()
+        vec = libc.byte_vector(n)
         _errno_check(libc.mincore(self.address, self.length, vec), "mincore", self.address,
                      self.length)
         return bytes(vec)
@@ -160,8 +165,8 @@ class Mapping:
         if keep_source:
             flags |= MremapFlag.DONTUNMAP
         ret = libc.mremap(self.address, self.length, self.length, int(flags), new_address)
-        if ret is None or ret == ctypes.c_void_p(-1).value:
-            raise MappingError("mremap", ctypes.get_errno(), self.address, self.length)
+        if ret is None or ret == libc.VOID_P_FAILED:
+            raise MappingError("mremap", libc.get_errno(), self.address, self.length)
         self.address = int(ret)
 
     def _alive(self) -> None:
@@ -222,14 +227,24 @@ class Memfd(OwnedFd):
 
     @classmethod
     def create(cls, name: str, size: int, *, hugetlb: bool = False) -> Memfd:
-        """Create a memfd of ``size`` bytes (a multiple of the page size)."""
+        """Create a memfd of ``size`` bytes (a multiple of the page size).
+
+        ``hugetlb`` backs it with 2 MiB pages from the ``vm.nr_hugepages`` pool (pages are
+        taken when first touched or filled, so reserve them first).
+        """
+        page = HUGE_PAGE_SIZE if hugetlb else PAGE_SIZE
+        if size <= 0 or size % page:
+            raise ValueError(f"memfd size {size} must be a positive multiple of {page}")
         flags = MemfdFlag.CLOEXEC | MemfdFlag.ALLOW_SEALING
         if hugetlb:
-            flags = MemfdFlag.CLOEXEC | MemfdFlag.HUGETLB | MemfdFlag.HUGE_2MB
+            flags |= MemfdFlag.HUGETLB | MemfdFlag.HUGE_2MB
         try:
             fd = os.memfd_create(name, int(flags))
         except OSError as e:
-            raise Unavailable(f"memfd_create({name!r}) failed: {e.strerror}") from e
+            need = ("a kernel with CONFIG_HUGETLBFS and 2 MiB pages" if hugetlb
+                    else "a kernel with memfd_create (Linux >= 3.17)")
+            raise Unavailable(f"memfd_create({name!r}) failed ({e.strerror}): this needs "
+                              f"{need}") from e
         try:
             os.ftruncate(fd, size)
         except OSError as e:

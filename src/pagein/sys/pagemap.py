@@ -23,9 +23,9 @@ from pagein._abi.mman import (
     PM_UFFD_WP,
 )
 from pagein.sys._fd import OwnedFd
-from pagein.sys.mapping import PAGE_SIZE
+from pagein.sys.mapping import PAGE_SIZE, Mapping
 
-__all__ = ["PageInfo", "PagemapSummary", "Pagemap", "clear_soft_dirty"]
+__all__ = ["PageInfo", "Pagemap", "PagemapSummary", "clear_soft_dirty"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +98,21 @@ class Pagemap(OwnedFd):
         )
 
 
+def soft_dirty_supported() -> bool:
+    """Return whether this kernel tracks soft-dirty bits (``CONFIG_MEM_SOFT_DIRTY``).
+
+    Probed by writing a fresh page: the kernel marks new pages soft-dirty when it
+    tracks them at all. Without it, bit 55 always reads 0.
+    """
+    with Mapping.anonymous(PAGE_SIZE) as m, Pagemap() as pm:
+        m.write(0, b"\1")
+        return pm.pages(m.address, PAGE_SIZE)[0].soft_dirty
+
+
 def clear_soft_dirty(pid: int | None = None) -> None:
-    """Clear the soft-dirty bits of every page of a process (``echo 4 > clear_refs``)."""
+    """Clear the soft-dirty bits of every page of a process (``echo 4 > clear_refs``).
+
+    A no-op on kernels without ``CONFIG_MEM_SOFT_DIRTY`` (see :func:`soft_dirty_supported`).
+    """
     with open(f"/proc/{pid or 'self'}/clear_refs", "w") as f:
         f.write("4")

@@ -5,6 +5,13 @@ uffd. Expected kernel outcomes of a fill are results, not exceptions
 (:data:`FillResult`): :class:`Filled`, :class:`AlreadyPresent` (EEXIST) and
 :class:`Retry` (EAGAIN). Every other failure raises :class:`~pagein.errors.UffdError`.
 
+Blocking and non-blocking use: a uffd opened with ``nonblocking=True`` (the default)
+works with ``selectors``/epoll and asyncio (:meth:`Userfaultfd.read_events_async`);
+the kernel reports ``EPOLLERR`` to ``poll`` on a *blocking* uffd, so a blocking uffd
+can only be read directly (:meth:`Userfaultfd.read_events` then sleeps in ``read``
+with the GIL released). ``read`` never returns end-of-file: watch the peer's socket
+or a pidfd to learn that the monitored process is gone.
+
 Safety: every fill writes into the address space of the process that *created* the
 uffd (even when the ioctl is issued by another process holding the fd). Callers pass
 raw addresses; a wrong ``dst`` fills the wrong memory of that process.
@@ -12,7 +19,7 @@ raw addresses; a wrong ``dst`` fills the wrong memory of that process.
 
 from __future__ import annotations
 
-import ctypes
+import asyncio
 import errno
 import os
 import struct
@@ -33,7 +40,7 @@ from pagein._abi.uffd import (
     WriteprotectMode,
     ZeropageMode,
 )
-from pagein.errors import Unavailable, UffdError, UnsupportedFeature
+from pagein.errors import UffdError, Unavailable, UnsupportedFeature
 from pagein.sys._fd import OwnedFd
 
 __all__ = [
@@ -58,6 +65,8 @@ __all__ = [
     "Userfaultfd",
     "WriteprotectMode",
     "ZeropageMode",
+    "decode_events",
+    "feature_names",
     "supported_api",
 ]
 
@@ -74,10 +83,10 @@ class Filled:
 
 @dataclass(frozen=True, slots=True)
 class AlreadyPresent:
-    """EEXIST: a racing fill installed (part of) the range first.
+    """EEXIST: a racing fill (or an earlier one) installed the page first.
 
-    The waiters on that page may still be asleep: wake the range (the fill ioctl
-    wakes only on success), then consider it done.
+    The waiters on that page may still be asleep: the fill ioctl wakes only when it
+    succeeds, so wake the range (:meth:`Userfaultfd.wake`), then consider it done.
     """
 
     done: int = 0
@@ -87,8 +96,9 @@ class AlreadyPresent:
 class Retry:
     """EAGAIN: ``done`` bytes were filled; retry the rest after reading pending events.
 
-    While a REMOVE/UNMAP/REMAP event is unread, every fill fails with EAGAIN (the
-    kernel's ``mmap_changing``), so the caller must drain events before retrying.
+    While a REMOVE/UNMAP/REMAP/FORK event is unread, every fill fails with EAGAIN (the
+    kernel's ``mmap_changing``), so the caller must drain events before retrying. A
+    partial fill (``done > 0``) is reported the same way.
     """
 
     done: int
@@ -102,7 +112,11 @@ FillResult = Filled | AlreadyPresent | Retry
 
 @dataclass(frozen=True, slots=True)
 class PageFault:
-    """A thread faulted at ``address`` (page-aligned unless EXACT_ADDRESS was asked)."""
+    """A thread faulted at ``address`` (page-aligned unless EXACT_ADDRESS was asked).
+
+    ``write``: the access was a write. ``wp``: a write hit a write-protected page (WP
+    mode). ``minor``: the page is in the page cache but not mapped (MINOR mode).
+    """
 
     address: int
     write: bool
@@ -113,7 +127,11 @@ class PageFault:
 
 @dataclass(frozen=True, slots=True)
 class Fork:
-    """The monitored process forked; ``uffd`` is the child's new uffd, now owned by you."""
+    """The monitored process forked; ``uffd`` is the child's new uffd, now owned by you.
+
+    The child's registered ranges fault into ``uffd`` (it acts on the child's address
+    space). Close it when done, or the child's ranges fall back to normal faults.
+    """
 
     uffd: Userfaultfd
 
@@ -150,7 +168,7 @@ _MSG = struct.Struct(abi.UFFD_MSG_FORMAT)
 
 @dataclass(frozen=True, slots=True)
 class ApiInfo:
-    """What ``UFFDIO_API`` granted: the features and the fd-level ioctls."""
+    """What ``UFFDIO_API`` granted: the features enabled and the fd-level ioctls."""
 
     features: Feature
     ioctls: frozenset[IoctlNr]
@@ -160,55 +178,106 @@ def _ioctl_set(mask: int) -> frozenset[IoctlNr]:
     return frozenset(nr for nr in IoctlNr if mask & (1 << nr))
 
 
-_SUPPORTED: dict[bool, ApiInfo] = {}
+def feature_names(features: int) -> list[str]:
+    """Return the kernel names (``UFFD_FEATURE_*``) of the bits set in ``features``."""
+    names = [f"UFFD_FEATURE_{f.name}" for f in Feature if features & f]
+    known = sum(Feature)
+    names += [f"unknown feature bit {b}" for b in range(64)
+              if features & (1 << b) and not known & (1 << b)]
+    return names
+
+
+# The first Linux release that offers each feature (x86-64), for error messages.
+_FEATURE_SINCE: dict[Feature, str] = {
+    Feature.PAGEFAULT_FLAG_WP: "5.7",
+    Feature.EVENT_FORK: "4.11",
+    Feature.EVENT_REMAP: "4.11",
+    Feature.EVENT_REMOVE: "4.11",
+    Feature.MISSING_HUGETLBFS: "4.11",
+    Feature.MISSING_SHMEM: "4.11",
+    Feature.EVENT_UNMAP: "4.11",
+    Feature.SIGBUS: "4.14",
+    Feature.THREAD_ID: "4.14",
+    Feature.MINOR_HUGETLBFS: "5.13",
+    Feature.MINOR_SHMEM: "5.14",
+    Feature.EXACT_ADDRESS: "5.18",
+    Feature.WP_HUGETLBFS_SHMEM: "5.19",
+    Feature.WP_UNPOPULATED: "6.4",
+    Feature.POISON: "6.6",
+    Feature.WP_ASYNC: "6.7",
+    Feature.MOVE: "6.8",
+}
+
+
+def _kernel_hint(missing: int) -> str:
+    versions = [_FEATURE_SINCE[f] for f in Feature if missing & f and f in _FEATURE_SINCE]
+    running = os.uname().release
+    if not versions:
+        return f"this kernel ({running}) does not know it"
+    need = max(versions, key=lambda v: tuple(map(int, v.split("."))))
+    return (f"it needs Linux >= {need} built with the matching CONFIG_* options "
+            f"(running {running}); upgrade the kernel or drop the feature")
+
 
 _HELP_PERMISSION = (
-    "run as root, or give this user read/write access to /dev/userfaultfd, or set "
-    "sysctl vm.unprivileged_userfaultfd=1 (or grant CAP_SYS_PTRACE)"
+    "run as root, give this user read/write access to /dev/userfaultfd, set sysctl "
+    "vm.unprivileged_userfaultfd=1, grant CAP_SYS_PTRACE, or open with "
+    "user_mode_only=True"
 )
 
 
 def _open_raw(flags: int, user_mode_only: bool) -> int:
     """Create a uffd through /dev/userfaultfd, falling back to the syscall."""
     mode = flags | (abi.UFFD_USER_MODE_ONLY if user_mode_only else 0)
-    dev_error: OSError | None = None
+    dev_error = ""
     try:
         dev = os.open(abi.USERFAULTFD_DEVICE, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
-        dev_error = e
+        dev_error = f"{abi.USERFAULTFD_DEVICE}: {e.strerror}"
     else:
         try:
             res = libc.ioctl_ptr(dev, abi.USERFAULTFD_IOC_NEW, mode)
-            err = ctypes.get_errno()
+            err = libc.get_errno()
         finally:
             os.close(dev)
         if res >= 0:
             return int(res)
-        dev_error = OSError(err, os.strerror(err))
-    fd = libc.syscall(ctypes.c_long(abi.NR_USERFAULTFD_X86_64), ctypes.c_int(mode))
+        dev_error = f"USERFAULTFD_IOC_NEW: {os.strerror(err)}"
+    fd = libc.syscall1(abi.NR_USERFAULTFD_X86_64, mode)
     if fd >= 0:
-        return int(fd)
-    err = ctypes.get_errno()
+        return fd
+    err = libc.get_errno()
     if err == errno.ENOSYS:
         raise Unavailable(
             "userfaultfd is not available: this kernel was built without "
-            "CONFIG_USERFAULTFD (Linux >= 4.3 with it enabled is needed)"
-        )
+            "CONFIG_USERFAULTFD; use a Linux >= 4.3 kernel with it enabled")
     if err in (errno.EPERM, errno.EACCES):
-        why = f"/dev/userfaultfd: {dev_error.strerror}; " if dev_error else ""
-        raise Unavailable(f"userfaultfd creation was refused ({why}syscall: EPERM): {_HELP_PERMISSION}")
-    raise UffdError("userfaultfd", err, 0, 0)
+        raise Unavailable(
+            f"userfaultfd creation was refused ({dev_error}; userfaultfd(2): "
+            f"{os.strerror(err)}): {_HELP_PERMISSION}")
+    if err == errno.EINVAL and user_mode_only:
+        raise UnsupportedFeature(
+            ["UFFD_USER_MODE_ONLY"], "it needs Linux >= 5.11; open without user_mode_only")
+    raise Unavailable(f"userfaultfd(2) failed: {os.strerror(err)} ({dev_error})")
 
 
 def _api(fd: int, features: int) -> ApiInfo:
     arg = abi.uffdio_api(api=abi.UFFD_API, features=features, ioctls=0)
-    if libc.ioctl_ptr(fd, abi.UFFDIO_API, ctypes.addressof(arg)) < 0:
-        err = ctypes.get_errno()
+    if libc.ioctl_ptr(fd, abi.UFFDIO_API, libc.addressof(arg)) < 0:
+        err = libc.get_errno()
+        if err == errno.EPERM and features & Feature.EVENT_FORK:
+            raise UnsupportedFeature(
+                ["UFFD_FEATURE_EVENT_FORK"],
+                "UFFDIO_API refused it (EPERM): it needs CAP_SYS_PTRACE; run as root or "
+                "drop Feature.EVENT_FORK")
         raise UnsupportedFeature(
-            [f.name or str(f) for f in Feature(features)] or ["UFFD_API"],
-            f"UFFDIO_API refused the request ({os.strerror(err)})",
-        )
+            feature_names(features) or ["UFFD_API"],
+            f"UFFDIO_API refused the request ({os.strerror(err)}); {_kernel_hint(features)}")
+    # The kernel writes back every feature it *offers*, not the ones it enabled.
     return ApiInfo(Feature(arg.features), _ioctl_set(arg.ioctls))
+
+
+_SUPPORTED: dict[bool, ApiInfo] = {}
 
 
 def supported_api(user_mode_only: bool = False) -> ApiInfo:
@@ -222,28 +291,45 @@ def supported_api(user_mode_only: bool = False) -> ApiInfo:
     return _SUPPORTED[user_mode_only]
 
 
-def _kernel_hint(missing: Feature) -> str:
-    since = {
-        Feature.MINOR_SHMEM: "5.14",
-        Feature.MINOR_HUGETLBFS: "5.13",
-        Feature.WP_HUGETLBFS_SHMEM: "6.1",
-        Feature.WP_UNPOPULATED: "6.4",
-        Feature.POISON: "6.6",
-        Feature.WP_ASYNC: "6.7",
-        Feature.MOVE: "6.8",
-        Feature.EXACT_ADDRESS: "5.18",
-    }
-    versions = [since[f] for f in Feature if f in missing and f in since]
-    if versions:
-        return f"upgrade to Linux >= {max(versions, key=lambda v: tuple(map(int, v.split('.'))))}"
-    return "this kernel does not offer it"
+# Per-errno advice appended to UffdError messages; ops can refine it (see _OP_HINTS).
+_HINTS = {
+    errno.EINVAL: "check that start and length are page aligned (huge-page aligned on "
+                  "hugetlbfs), non-zero, and that the range is registered in the mode this "
+                  "operation needs",
+    errno.ENOENT: "the range is not registered with this uffd (or no longer mapped) in the "
+                  "process that created it",
+    errno.ESRCH: "the process that created this uffd has exited",
+    errno.ENOMEM: "the kernel could not allocate the page (or no 2 MiB page is free: raise "
+                  "sysctl vm.nr_hugepages)",
+    errno.EPERM: "the range's mapping does not allow this operation",
+    errno.EFAULT: "the source or destination address is not mapped in the right process",
+}
+_OP_HINTS = {
+    ("UFFDIO_REGISTER", errno.EINVAL): "check that start and length are page aligned and "
+        "that this kind of memory supports the mode (MINOR needs shmem or hugetlbfs)",
+    ("UFFDIO_REGISTER", errno.ENOMEM): "part of the range is not mapped",
+    ("UFFDIO_REGISTER", errno.EBUSY): "the range is already registered with another uffd",
+    ("UFFDIO_MOVE", errno.EINVAL): "UFFDIO_MOVE must be called by the process that created "
+        "the uffd, with Feature.MOVE, page-aligned private anonymous source and destination "
+        "of equal protection, and a destination registered with this uffd",
+    ("UFFDIO_MOVE", errno.EBUSY): "a source page is shared (e.g. after fork); copy it instead",
+    ("UFFDIO_POISON", errno.EINVAL): "UFFDIO_POISON needs Feature.POISON at open and a "
+        "page-aligned registered range",
+    ("UFFDIO_CONTINUE", errno.EFAULT): "the page is not in the page cache: write it "
+        "through another mapping of the file first",
+}
+
+
+def _error(op: str, err: int, start: int, length: int) -> UffdError:
+    return UffdError(op, err, start, length, _OP_HINTS.get((op, err)) or _HINTS.get(err, ""))
 
 
 class Userfaultfd(OwnedFd):
     """One userfaultfd with its negotiated API.
 
     Create with :meth:`open`. Usable with ``selectors``/epoll and asyncio through
-    :meth:`fileno`; :meth:`read_events` reads many messages per ``read()``.
+    :meth:`fileno`; :meth:`read_events` reads many messages per ``read()``. After
+    :meth:`close`, every method raises ``ValueError`` (from :meth:`fileno`).
     """
 
     def __init__(self, fd: int, api: ApiInfo, *, nonblocking: bool) -> None:
@@ -252,16 +338,16 @@ class Userfaultfd(OwnedFd):
         self.nonblocking = nonblocking
         # Preallocated argument structs for the hot path (one fault, one copy).
         self._copy = abi.uffdio_copy()
-        self._copy_addr = ctypes.addressof(self._copy)
+        self._copy_addr = libc.addressof(self._copy)
         self._range = abi.uffdio_range()
-        self._range_addr = ctypes.addressof(self._range)
+        self._range_addr = libc.addressof(self._range)
 
     @classmethod
     def open(
         cls,
-        features: Feature = Feature(0),
+        features: Feature = Feature.NONE,
         *,
-        optional: Feature = Feature(0),
+        optional: Feature = Feature.NONE,
         nonblocking: bool = True,
         user_mode_only: bool = False,
     ) -> Userfaultfd:
@@ -269,21 +355,21 @@ class Userfaultfd(OwnedFd):
 
         Uses ``/dev/userfaultfd`` (``USERFAULTFD_IOC_NEW``) when present, else the
         ``userfaultfd(2)`` syscall. Raises :class:`~pagein.errors.Unavailable` when
-        neither is permitted, :class:`~pagein.errors.UnsupportedFeature` naming each
-        missing required feature.
+        neither is permitted (naming the device, the sysctl and the capability),
+        :class:`~pagein.errors.UnsupportedFeature` naming each missing required feature
+        and the kernel version that has it.
         """
         offered = supported_api(user_mode_only).features
-        missing = Feature(features & ~offered)
+        missing = int(features) & ~int(offered)
         if missing:
-            raise UnsupportedFeature(
-                [f.name or str(f) for f in Feature if f in missing], _kernel_hint(missing)
-            )
+            raise UnsupportedFeature(feature_names(missing), _kernel_hint(missing))
         flags = os.O_CLOEXEC | (os.O_NONBLOCK if nonblocking else 0)
         fd = _open_raw(flags, user_mode_only)
         try:
-            # The kernel answers with every feature it offers, not the ones enabled:
-            # what is enabled is exactly what was asked for.
             asked = Feature(features | (optional & offered))
+            # WP_ASYNC implies WP_UNPOPULATED: the kernel turns it on by itself.
+            if asked & Feature.WP_ASYNC:
+                asked |= Feature.WP_UNPOPULATED
             api = ApiInfo(asked, _api(fd, int(asked)).ioctls)
         except BaseException:
             os.close(fd)
@@ -291,18 +377,34 @@ class Userfaultfd(OwnedFd):
         return cls(fd, api, nonblocking=nonblocking)
 
     @classmethod
-    def adopt(cls, fd: int, *, features: Feature = Feature(0)) -> Userfaultfd:
-        """Take ownership of a uffd received from another process (its API is already set)."""
+    def adopt(cls, fd: int, *, features: Feature = Feature.NONE) -> Userfaultfd:
+        """Own a uffd received from another process or a fork event (API already set).
+
+        ``features`` records what the creator negotiated, when known.
+        """
         ioctls = frozenset({IoctlNr.REGISTER, IoctlNr.UNREGISTER, IoctlNr.API})
         return cls(fd, ApiInfo(features, ioctls), nonblocking=not os.get_blocking(fd))
+
+    def set_nonblocking(self, nonblocking: bool) -> None:
+        """Switch ``O_NONBLOCK`` (shared with every process holding this open file).
+
+        A blocking uffd reports ``EPOLLERR`` to poll/epoll: only read it directly.
+        """
+        os.set_blocking(self.fileno(), not nonblocking)
+        self.nonblocking = nonblocking
 
     # --- ranges --------------------------------------------------------------------
 
     def register(self, start: int, length: int, mode: RegisterMode) -> frozenset[IoctlNr]:
-        """Register ``[start, start+length)`` and return the ioctls the range supports."""
+        """Register ``[start, start+length)`` and return the ioctls the range supports.
+
+        Wraps ``UFFDIO_REGISTER``. Raises :class:`~pagein.errors.UffdError` (EINVAL for a
+        misaligned range or a mode this memory does not support, ENOMEM for a hole,
+        EBUSY when another uffd has it).
+        """
         arg = abi.uffdio_register(range=abi.uffdio_range(start, length), mode=int(mode))
-        self._check(libc.ioctl_ptr(self.fileno(), abi.UFFDIO_REGISTER, ctypes.addressof(arg)),
-                    f"UFFDIO_REGISTER({mode!r})", start, length)
+        if libc.ioctl_ptr(self.fileno(), abi.UFFDIO_REGISTER, libc.addressof(arg)) < 0:
+            raise _error("UFFDIO_REGISTER", libc.get_errno(), start, length)
         return _ioctl_set(arg.ioctls)
 
     def unregister(self, start: int, length: int) -> None:
@@ -310,59 +412,66 @@ class Userfaultfd(OwnedFd):
         self._range_op(abi.UFFDIO_UNREGISTER, "UFFDIO_UNREGISTER", start, length)
 
     def wake(self, start: int, length: int) -> None:
-        """Wake the threads waiting on faults in the range."""
+        """Wake the threads waiting on faults in the range (``UFFDIO_WAKE``)."""
         self._range_op(abi.UFFDIO_WAKE, "UFFDIO_WAKE", start, length)
 
     def _range_op(self, req: int, op: str, start: int, length: int) -> None:
         self._range.start = start
         self._range.len = length
-        self._check(libc.ioctl_ptr(self.fileno(), req, self._range_addr), op, start, length)
-
-    def _check(self, ret: int, op: str, start: int, length: int) -> None:
-        if ret < 0:
-            err = ctypes.get_errno()
-            raise UffdError(op, err, start, length, _hint(err))
+        if libc.ioctl_ptr(self.fileno(), req, self._range_addr) < 0:
+            raise _error(op, libc.get_errno(), start, length)
 
     # --- fills ---------------------------------------------------------------------
 
     def copy(self, dst: int, src: int, length: int, mode: CopyMode = CopyMode.NONE) -> FillResult:
         """Atomically copy ``length`` bytes from address ``src`` (ours) to ``dst``.
 
-        Safety: ``src`` must point at ``length`` readable bytes of this process.
+        Wraps ``UFFDIO_COPY``; wakes the faulting threads unless ``CopyMode.DONTWAKE``;
+        ``CopyMode.WP`` maps the pages write-protected (range registered with WP).
+
+        Safety: ``src`` must point at ``length`` readable bytes of this process; ``dst``
+        is an address in the uffd creator's address space.
         """
         c = self._copy
         c.dst = dst
         c.src = src
         c.len = length
         c.mode = mode
+        # Some EAGAIN/EINVAL paths return before the kernel writes ``copy``: a stale
+        # value from the previous call must not be read as progress.
+        c.copy = 0
         ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_COPY, self._copy_addr)
         return _fill_result("UFFDIO_COPY", ret, c.copy, dst, length)
 
-    def zeropage(self, start: int, length: int, mode: ZeropageMode = ZeropageMode.NONE) -> FillResult:
-        """Map the zero page over the range (anonymous memory only; not hugetlbfs)."""
+    def zeropage(self, start: int, length: int,
+                 mode: ZeropageMode = ZeropageMode.NONE) -> FillResult:
+        """Map the zero page over the range (``UFFDIO_ZEROPAGE``; not on hugetlbfs)."""
         arg = abi.uffdio_zeropage(range=abi.uffdio_range(start, length), mode=int(mode))
-        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_ZEROPAGE, ctypes.addressof(arg))
+        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_ZEROPAGE, libc.addressof(arg))
         return _fill_result("UFFDIO_ZEROPAGE", ret, arg.zeropage, start, length)
 
-    def continue_(self, start: int, length: int, mode: ContinueMode = ContinueMode.NONE) -> FillResult:
-        """Map pages already in the page cache (MINOR faults on shmem/hugetlbfs)."""
+    def continue_(self, start: int, length: int,
+                  mode: ContinueMode = ContinueMode.NONE) -> FillResult:
+        """Map pages already in the page cache (``UFFDIO_CONTINUE``, MINOR faults)."""
         arg = abi.uffdio_continue(range=abi.uffdio_range(start, length), mode=int(mode))
-        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_CONTINUE, ctypes.addressof(arg))
+        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_CONTINUE, libc.addressof(arg))
         return _fill_result("UFFDIO_CONTINUE", ret, arg.mapped, start, length)
 
     def poison(self, start: int, length: int, mode: PoisonMode = PoisonMode.NONE) -> FillResult:
-        """Install poison markers: later accesses get SIGBUS (Linux >= 6.6)."""
+        """Install poison markers: later accesses get SIGBUS (``UFFDIO_POISON``, 6.6+)."""
         arg = abi.uffdio_poison(range=abi.uffdio_range(start, length), mode=int(mode))
-        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_POISON, ctypes.addressof(arg))
+        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_POISON, libc.addressof(arg))
         return _fill_result("UFFDIO_POISON", ret, arg.updated, start, length)
 
     def move(self, dst: int, src: int, length: int, mode: MoveMode = MoveMode.NONE) -> FillResult:
-        """Move pages (not copy) from ``src`` to ``dst`` in the uffd's mm (Linux >= 6.8).
+        """Move pages (not copy) from ``src`` to ``dst`` (``UFFDIO_MOVE``, Linux >= 6.8).
 
-        Both addresses are in the address space of the process that created the uffd.
+        Both addresses are in the address space of the process that created the uffd,
+        and the kernel refuses cross-mm moves: only a thread of that process may call
+        this (EINVAL otherwise). ``src`` reads as unpopulated afterwards.
         """
         arg = abi.uffdio_move(dst=dst, src=src, len=length, mode=int(mode))
-        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_MOVE, ctypes.addressof(arg))
+        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_MOVE, libc.addressof(arg))
         return _fill_result("UFFDIO_MOVE", ret, arg.move, dst, length)
 
     def writeprotect(self, start: int, length: int,
@@ -372,25 +481,71 @@ class Userfaultfd(OwnedFd):
         Clearing wakes the threads blocked on WP faults unless DONTWAKE is given.
         """
         arg = abi.uffdio_writeprotect(range=abi.uffdio_range(start, length), mode=int(mode))
-        self._check(libc.ioctl_ptr(self.fileno(), abi.UFFDIO_WRITEPROTECT, ctypes.addressof(arg)),
-                    "UFFDIO_WRITEPROTECT", start, length)
+        if libc.ioctl_ptr(self.fileno(), abi.UFFDIO_WRITEPROTECT, libc.addressof(arg)) < 0:
+            raise _error("UFFDIO_WRITEPROTECT", libc.get_errno(), start, length)
 
     # --- events --------------------------------------------------------------------
 
     def read_events(self, max_events: int = 64) -> list[Event]:
         """Read up to ``max_events`` messages with one ``read()`` and decode them.
 
-        Returns ``[]`` when the uffd is non-blocking and nothing is pending.
+        Returns ``[]`` when the uffd is non-blocking and nothing is pending; a blocking
+        uffd sleeps (GIL released) until at least one message arrives. A :class:`Fork`
+        hands you the child's new uffd.
         """
         try:
             data = os.read(self.fileno(), abi.UFFD_MSG_SIZE * max_events)
         except BlockingIOError:
             return []
-        return decode_events(data)
+        return decode_events(data, features=self.api.features)
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        """Read raw ``uffd_msg`` records into ``buf`` and return how many arrived.
+
+        The allocation-free path for tight loops (decode with ``_abi.uffd.UFFD_MSG_FORMAT``);
+        returns 0 when non-blocking and nothing is pending. Fork messages read this way
+        carry a new fd the caller must adopt or close.
+        """
+        try:
+            n = os.readv(self.fileno(), [buf])
+        except BlockingIOError:
+            return 0
+        return n // abi.UFFD_MSG_SIZE
+
+    async def read_events_async(self, max_events: int = 64) -> list[Event]:
+        """Wait (asyncio) until messages are pending, then read and decode them.
+
+        Needs a non-blocking uffd; uses ``loop.add_reader`` on the fd.
+        """
+        if not self.nonblocking:
+            raise ValueError("read_events_async needs a uffd opened with nonblocking=True")
+        while True:
+            events = self.read_events(max_events)
+            if events:
+                return events
+            loop = asyncio.get_running_loop()
+            ready: asyncio.Future[None] = loop.create_future()
+            fd = self.fileno()
+            loop.add_reader(fd, _set_ready, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
 
 
-def decode_events(data: bytes) -> list[Event]:
-    """Decode a buffer of whole ``uffd_msg`` records (as ``read()`` returns them)."""
+def _set_ready(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+def decode_events(data: bytes | bytearray | memoryview, *,
+                  features: Feature = Feature.NONE) -> list[Event]:
+    """Decode a buffer of whole ``uffd_msg`` records (as ``read()`` returns them).
+
+    A fork message's fd is adopted as a :class:`Userfaultfd` with ``features`` (a forked
+    uffd inherits its parent's). Raises ``ValueError`` on a torn record or an unknown
+    event type (after closing any fork fds already decoded).
+    """
     if len(data) % abi.UFFD_MSG_SIZE:
         raise ValueError(f"uffd read returned {len(data)} bytes, not a multiple of 32")
     out: list[Event] = []
@@ -405,8 +560,11 @@ def decode_events(data: bytes) -> list[Event]:
         elif kind == EventType.REMAP:
             out.append(Remap(a, b, c))
         elif kind == EventType.FORK:
-            out.append(Fork(Userfaultfd.adopt(a & 0xFFFFFFFF)))
+            out.append(Fork(Userfaultfd.adopt(a & 0xFFFFFFFF, features=features)))
         else:
+            for ev in out:
+                if isinstance(ev, Fork):
+                    ev.uffd.close()
             raise ValueError(f"unknown uffd event type 0x{kind:x}")
     return out
 
@@ -414,26 +572,16 @@ def decode_events(data: bytes) -> list[Event]:
 def _fill_result(op: str, ret: int, progress: int, start: int, length: int) -> FillResult:
     """Turn a fill ioctl's return value and progress field into a result.
 
-    The kernel reports progress in the struct: bytes done, or ``-errno``.
+    The kernel reports progress in the struct's last field: bytes done, or ``-errno``.
+    A partial fill returns EAGAIN with the bytes done; EEXIST means the first page was
+    already there; EAGAIN with no progress means an event is pending.
     """
     if ret >= 0:
-        return Filled(length if progress < 0 else progress)
-    err = ctypes.get_errno()
+        return Filled(length if progress <= 0 else progress)
+    err = libc.get_errno()
     done = progress if progress > 0 else 0
     if err == errno.EEXIST:
         return AlreadyPresent(done)
     if err == errno.EAGAIN:
         return Retry(done)
-    raise UffdError(op, err, start, length, _hint(err))
-
-
-def _hint(err: int) -> str:
-    return {
-        errno.EINVAL: "check that start and length are page aligned (huge-page aligned on "
-                      "hugetlbfs) and the range is registered in the right mode",
-        errno.ENOENT: "the range is not registered (or no longer mapped) in the faulting process",
-        errno.ESRCH: "the process that owns this memory has exited",
-        errno.EBADF: "the uffd is closed",
-        errno.ENOMEM: "the kernel could not allocate the page",
-        errno.EPERM: "the range's mapping does not allow this operation",
-    }.get(err, "")
+    raise _error(op, err, start, length)

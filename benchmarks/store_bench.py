@@ -1,8 +1,9 @@
 """Snapshot store benchmark: compression, dedup, restore throughput, first-read latency.
 
 Run: ``.venv/bin/python benchmarks/store_bench.py [--size-mib 64] [--chunk-size 256K]``
+(``--no-guest`` without /dev/kvm, ``--skip-s3`` without SeaweedFS)
 
-Data is synthetic but shaped like guest memory (4 KiB pages): 40% never-touched
+Synthetic data is shaped like guest memory (4 KiB pages): 40% never-touched
 (zero) memory at the end; the used 60% in runs of 1-64 pages of one kind: zero (20%),
 copies from a pool of "code" pages shared by every image (30%), text-like
 compressible pages (30%), random pages (20%). Scenarios:
@@ -11,10 +12,14 @@ compressible pages (30%), random pages (20%). Scenarios:
    32 pages), per chunk size: compression ratio and dedup savings of the second push;
 2. ten images derived from one base (10% clustered changes each): store bytes vs
    the raw images and vs storing each snapshot alone;
-3. through a real SeaweedFS on loopback: whole-snapshot restore throughput from the
-   store (cold cache, warm disk cache, hot memory cache) against reading the raw
-   local file, and first-read latency (p50/p99) of a 4 KiB read in a chunk not yet in
-   the memory cache, cold vs warm disk cache vs hot.
+3. real guests (the ``function`` workload on pagein's KVM VMM, when /dev/kvm works):
+   two snapshots of one guest (at ready, then after 200 requests), and ten guests
+   from one image (same boot then their own requests; or their own data);
+4. through a real SeaweedFS on loopback, on the real guest's snapshot (else the
+   synthetic one): whole-snapshot restore throughput from the store (cold cache,
+   warm disk cache, hot memory cache) against reading the raw local file, and
+   first-read latency (p50/p99) of a 4 KiB read in a chunk not yet in the memory
+   cache, cold vs warm disk cache vs hot.
 
 Every ratio is against a baseline measured in the same run. The process is pinned to
 the same CPUs for every measurement (os.sched_setaffinity).
@@ -93,25 +98,114 @@ def store_bytes(backend: LocalBackend) -> int:
     return sum(o.size_bytes for o in backend.list("chunks/"))
 
 
+def guest_memory(m: object) -> bytes:
+    """The guest's RAM as Firecracker's raw memory file lays it out (regions in order)."""
+    regions = m.memory.regions  # type: ignore[attr-defined]
+    return b"".join(r.mapping.read(0, r.size) for r in regions)
+
+
+def real_guest_snapshots(tmp: Path, mem_mib: int, requests: int) -> tuple[Path, Path] | None:
+    """Boot the ``function`` guest; snapshot it at ready and again after ``requests``.
+
+    Returns the two raw memory files, or None when this machine cannot run the VMM.
+    """
+    try:
+        from pagein.vmm.image import workload_image
+        from pagein.vmm.machine import Machine
+        from pagein.vmm.workloads import function_args
+    except ImportError:
+        return None
+    if not os.path.exists("/dev/kvm"):
+        return None
+    wa = function_args((mem_mib // 2) << 20, seed=1)
+    with Machine.create(mem_mib << 20, 1) as m:
+        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
+        m.start()
+        if not m.ready.wait(60):
+            raise RuntimeError("the function guest never signalled ready")
+        m.pause()
+        (tmp / "guest-1").write_bytes(guest_memory(m))
+        m.resume()
+        for i in range(requests):
+            m.console.send(f"sum {i * 997} {i * 997 + 20000}\n")
+            m.console.read_line(timeout=60)
+        m.pause()
+        (tmp / "guest-2").write_bytes(guest_memory(m))
+        m.resume()
+        m.console.send("quit\n")
+        m.wait(timeout=60)
+    return tmp / "guest-1", tmp / "guest-2"
+
+
+def boot_and_snapshot(path: Path, mem_mib: int, seed: int, requests: int) -> None:
+    """Boot one ``function`` guest, serve ``requests`` requests, write its memory to path."""
+    from pagein.vmm.image import workload_image
+    from pagein.vmm.machine import Machine
+    from pagein.vmm.workloads import function_args
+
+    wa = function_args((mem_mib // 2) << 20, seed=seed)
+    with Machine.create(mem_mib << 20, 1) as m:
+        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
+        m.start()
+        if not m.ready.wait(60):
+            raise RuntimeError("the function guest never signalled ready")
+        for i in range(requests):
+            m.console.send(f"sum {i * 991} {i * 991 + 5000}\n")
+            m.console.read_line(timeout=60)
+        m.pause()
+        path.write_bytes(guest_memory(m))
+        m.resume()
+        m.console.send("quit\n")
+        m.wait(timeout=60)
+
+
+def ten_real_guests(tmp: Path, mem_mib: int, cs: int) -> None:
+    """Ten ``function`` guests from one image: same boot then own requests; or own data."""
+    rows = []
+    for label, seeds, requests in [
+            ("same boot, 10-100 own requests", [1] * 10, [10 * (i + 1) for i in range(10)]),
+            ("own data (seeds 1-10)", list(range(1, 11)), [0] * 10)]:
+        backend = LocalBackend(tmp / "ten-guests", create=True)
+        alone = 0
+        for i, (seed, n) in enumerate(zip(seeds, requests, strict=True)):
+            boot_and_snapshot(tmp / "g", mem_mib, seed, n)
+            alone += ops.push(backend, tmp / "g", f"g{i}", chunk_size=cs).unique_stored_bytes
+        total = store_bytes(backend)
+        raw = 10 * (mem_mib << 20)
+        rows.append([label, f"{alone / (1 << 20):.1f}", f"{total / (1 << 20):.1f}",
+                     f"{1 - total / alone:.1%}", f"{raw / total:.1f}x"])
+        shutil.rmtree(tmp / "ten-guests")
+    print(f"\n== ten real guests from one image (function workload, {mem_mib} MiB RAM, "
+          f"{mem_mib // 2} MiB state; {cs >> 10}K chunks; raw {10 * mem_mib} MiB)")
+    print(table(["guests", "alone MiB", "shared MiB", "dedup savings", "raw/stored"], rows))
+
+
+def push_pair(tmp: Path, a: Path, b: Path, label: str, cs: int) -> list[str]:
+    backend = LocalBackend(tmp / "pair", create=True)
+    first = ops.push(backend, a, "a", chunk_size=cs)
+    second = ops.push(backend, b, "b", chunk_size=cs)
+    raw = a.stat().st_size + b.stat().st_size
+    row = [f"{label}, {cs >> 10}K", f"{first.compression_ratio:.2f}x",
+           f"{first.zero_chunks / first.chunks:.0%}", f"{second.new_chunks}/{second.chunks}",
+           f"{second.dedup_savings:.2%}", f"{raw / store_bytes(backend):.1f}x"]
+    shutil.rmtree(tmp / "pair")
+    return row
+
+
+PAIR_HEADERS = ["change pattern, chunk", "compression", "zero chunks", "new chunks 2nd",
+                "dedup 2nd push", "raw/stored (both)"]
+
+
 def bench_two_snapshots(tmp: Path, base: bytearray, chunk_sizes: list[int]) -> None:
     rows = []
+    (tmp / "a").write_bytes(base)
     for run in (1, 32):
-        changed = mutate(base, 0.10, run, seed=99)
-        (tmp / "a").write_bytes(base)
-        (tmp / "b").write_bytes(changed)
-        for cs in chunk_sizes:
-            backend = LocalBackend(tmp / f"two-{run}-{cs}", create=True)
-            a = ops.push(backend, tmp / "a", "a", chunk_size=cs)
-            b = ops.push(backend, tmp / "b", "b", chunk_size=cs)
-            raw = 2 * len(base)
-            rows.append([f"{'scattered' if run == 1 else 'runs of 32'} pages, {cs >> 10}K",
-                         f"{a.compression_ratio:.2f}x", f"{a.zero_chunks / a.chunks:.0%}",
-                         f"{b.dedup_savings:.1%}", f"{raw / store_bytes(backend):.1f}x"])
-            shutil.rmtree(tmp / f"two-{run}-{cs}")
+        (tmp / "b").write_bytes(mutate(base, 0.10, run, seed=99))
+        label = "scattered pages" if run == 1 else "runs of 32 pages"
+        rows += [push_pair(tmp, tmp / "a", tmp / "b", label, cs) for cs in chunk_sizes]
     print("\n== two snapshots of one image, 10% of used pages changed "
           f"({len(base) >> 20} MiB each)")
-    print(table(["change pattern, chunk", "compression", "zero chunks",
-                 "dedup 2nd push", "raw/stored (both)"], rows))
+    print(table(PAIR_HEADERS, rows))
 
 
 def bench_ten_images(tmp: Path, size: int, pool: list[bytes], cs: int) -> None:
@@ -174,7 +268,7 @@ def pct(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1e3
 
 
-def bench_seaweedfs(tmp: Path, image: bytearray, cs: int) -> None:
+def bench_seaweedfs(tmp: Path, image: bytearray, cs: int, kind: str) -> None:
     from seaweed_server import BUCKET, start_weed
 
     os.environ.update({"AWS_ACCESS_KEY_ID": "pagein-test-key",
@@ -205,7 +299,7 @@ def bench_seaweedfs(tmp: Path, image: bytearray, cs: int) -> None:
                             ("store, warm disk cache", warm_s),
                             ("store, hot memory cache", hot_s)]:
             rows.append([label, f"{mib / secs:.0f}", f"{raw_s / secs:.3f}"])
-        print(f"\n== restore throughput, whole snapshot in 8 MiB reads with readahead "
+        print(f"\n== restore throughput, whole {kind} snapshot in 8 MiB reads with readahead "
               f"({mib:.0f} MiB, {cs >> 10}K chunks; push took {push_s:.1f} s = "
               f"{mib / push_s:.0f} MiB/s)")
         print(table(["source", "MiB/s", "vs raw"], rows))
@@ -225,8 +319,8 @@ def bench_seaweedfs(tmp: Path, image: bytearray, cs: int) -> None:
                     for label, v in [("cold: fetch from SeaweedFS", cold_lat),
                                      ("warm disk cache", warm_lat),
                                      ("hot memory cache", hot_lat)]]
-        print(f"\n== first read of a 4 KiB page in a new chunk ({len(offsets)} chunks, "
-              f"{cs >> 10}K)")
+        print(f"\n== first read of a 4 KiB page in a new chunk, {kind} snapshot "
+              f"({len(offsets)} chunks, {cs >> 10}K)")
         print(table(["cache state", "p50 ms", "p99 ms", "p50 speedup vs cold"], lat_rows))
         backend.close()
     finally:
@@ -239,6 +333,8 @@ def main() -> int:
     p.add_argument("--chunk-size", type=parse_size, default=256 << 10,
                    help="chunk size for the ten-image and SeaweedFS runs (default 256K)")
     p.add_argument("--skip-s3", action="store_true", help="no SeaweedFS part")
+    p.add_argument("--no-guest", action="store_true",
+                   help="no real-guest part (it needs /dev/kvm and gcc)")
     args = p.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, cpus)  # same CPUs for every measurement below
@@ -249,10 +345,19 @@ def main() -> int:
     base = synth_image(size, 0, pool)
     tmp = Path(tempfile.mkdtemp(prefix="pagein-store-bench-"))
     try:
-        bench_two_snapshots(tmp, base, [64 << 10, 256 << 10, 1 << 20])
+        sizes = [64 << 10, 256 << 10, 1 << 20]
+        bench_two_snapshots(tmp, base, sizes)
         bench_ten_images(tmp, max(size // 2, 1 << 20), pool, args.chunk_size)
+        guests = None if args.no_guest else real_guest_snapshots(tmp, args.size_mib, 200)
+        if guests is not None:
+            print(f"\n== two snapshots of one real guest ({args.size_mib} MiB RAM, function "
+                  "workload): at ready, then after 200 requests")
+            print(table(PAIR_HEADERS, [push_pair(tmp, *guests, "guest", cs) for cs in sizes]))
+            ten_real_guests(tmp, args.size_mib, args.chunk_size)
         if not args.skip_s3:
-            bench_seaweedfs(tmp, base, args.chunk_size)
+            image = bytearray(guests[0].read_bytes()) if guests is not None else base
+            bench_seaweedfs(tmp, image, args.chunk_size,
+                            "real guest" if guests is not None else "synthetic")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -60,7 +60,15 @@ class ChunkedSource(PageSource):
     # --- reading --------------------------------------------------------------------
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` with the snapshot bytes at ``offset``; raise rather than return short."""
+        """Fill ``buf`` with the snapshot bytes at ``offset``; raise rather than return short.
+
+        Raises SourceError (outside the snapshot, chunk missing, store unreachable)
+        or IntegrityError (a chunk does not match its hash); ``buf`` is then untouched.
+
+        Safety: writes only into ``buf``. If ``buf`` views memory registered with a
+        userfaultfd served by this same process, the copy faults while holding the
+        GIL and deadlocks: pass a buffer the fault server owns (DESIGN.md, GIL).
+        """
         view = buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
         length = len(view)
         if offset < 0 or offset + length > self.size:

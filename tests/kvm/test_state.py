@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from pagein.sys.kvm import Regs
 from pagein.sys.mapping import Mapping
 from pagein.vmm.image import workload_image
@@ -81,3 +83,14 @@ def test_restore_from_copied_memory_and_states_answers_the_same() -> None:
             restored.console.close_input()
             assert restored.wait(timeout=60).status == 0
         assert not mapping.closed  # caller-supplied memory stays the caller's
+
+
+def test_start_runs_only_the_given_vcpus() -> None:
+    with Machine.create(32 * MiB, 3) as m:
+        m.boot(workload_image("hello"), hello_args(4).args)
+        with pytest.raises(ValueError, match=r"vCPU ids \[5\] must be a non-empty subset"):
+            m.start({5})
+        m.start({0, 2})
+        assert m.active_vcpus <= {0, 2}
+        assert m.wait(timeout=30).status == 4
+        assert m.console.output() == b"hello from vcpu 0\nhello from vcpu 2\n"

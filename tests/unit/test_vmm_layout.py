@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pagein.vmm import abi, layout
+from pagein.vmm.console import Console
 from pagein.vmm.image import GUEST_SRC
 from pagein.vmm.workloads import (
     Op,
@@ -111,3 +112,22 @@ def test_bad_workload_arguments_name_the_item(name: str, items: list[str],
                                                message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_workload(name, items)
+
+
+def test_console_hands_out_lines_and_keeps_pending_input() -> None:
+    console = Console()
+    console.send("get 1\nsum")
+    assert console.take_line(100, lambda: False) == b"get 1\n"
+    assert console.pending_input() == b"sum"
+    console.send(" 1 2\nchecksum\n")
+    assert console.take_line(3, lambda: False) == b"sum"  # capacity splits a long line
+    assert console.take_line(100, lambda: False) == b" 1 2\n"
+    assert console.pending_input() == b"checksum\n"
+    assert console.take_line(100, lambda: True) is None  # a pause or stop cuts waits short
+    console.close_input()
+    assert console.take_line(100, lambda: False) == b"checksum\n"
+    assert console.take_line(100, lambda: False) == b""  # end of input
+    console.write(b"ok\npart")
+    assert console.read_line(timeout=1) == "ok"
+    with pytest.raises(TimeoutError, match="partial output b'part'"):
+        console.read_line(timeout=0.01)

@@ -299,3 +299,47 @@ class IoctlNr(enum.IntEnum):
     GET_XCRS = ior(KVMIO, 0xA6, kvm_xcrs)
     SET_XCRS = iow(KVMIO, 0xA7, kvm_xcrs)
     GET_XSAVE2 = ior(KVMIO, 0xCF, kvm_xsave)
+
+
+# --- buffers for the variable-length structs ------------------------------------------
+# Each returns the backing bytearray (pass ``libc.buffer_address(buf)`` to the ioctl and
+# keep ``buf`` alive while using the views), the header and the entry array over it.
+
+Structure = ctypes.Structure
+FPU_BYTES = ctypes.sizeof(kvm_fpu)
+XCRS_BYTES = ctypes.sizeof(kvm_xcrs)
+EVENTS_BYTES = ctypes.sizeof(kvm_vcpu_events)
+
+
+def run_at(address: int) -> kvm_run:
+    """View the mmap'd ``kvm_run`` of a vCPU. Safety: valid while the mapping lives."""
+    return kvm_run.from_address(address)
+
+
+def cpuid2_buffer(count: int) -> tuple[bytearray, kvm_cpuid2,
+                                        ctypes.Array[kvm_cpuid_entry2]]:
+    head_size = ctypes.sizeof(kvm_cpuid2)
+    buf = bytearray(head_size + count * ctypes.sizeof(kvm_cpuid_entry2))
+    head = kvm_cpuid2.from_buffer(buf)
+    head.nent = count
+    return buf, head, (kvm_cpuid_entry2 * count).from_buffer(buf, head_size)
+
+
+def msrs_buffer(indices: list[int]) -> tuple[bytearray, kvm_msrs,
+                                              ctypes.Array[kvm_msr_entry]]:
+    n, head_size = len(indices), ctypes.sizeof(kvm_msrs)
+    buf = bytearray(head_size + n * ctypes.sizeof(kvm_msr_entry))
+    head = kvm_msrs.from_buffer(buf)
+    head.nmsrs = n
+    entries = (kvm_msr_entry * n).from_buffer(buf, head_size)
+    for k, index in enumerate(indices):
+        entries[k].index = index
+    return buf, head, entries
+
+
+def msr_list_buffer(count: int) -> tuple[bytearray, kvm_msr_list, ctypes.Array[u32]]:
+    head_size = ctypes.sizeof(kvm_msr_list)
+    buf = bytearray(head_size + count * ctypes.sizeof(u32))
+    head = kvm_msr_list.from_buffer(buf)
+    head.nmsrs = count
+    return buf, head, (u32 * count).from_buffer(buf, head_size)

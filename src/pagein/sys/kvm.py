@@ -1,7 +1,8 @@
 """KVM file descriptors: :class:`Kvm` (``/dev/kvm``), :class:`Vm` and :class:`Vcpu`.
 
 One class per fd, as in the kernel's API (Documentation/virt/kvm/api.rst). Exits are
-decoded once, here, into typed values (:data:`Exit`) that callers ``match`` on. vCPU
+decoded once, here, into typed values (:data:`Exit`, defined with the state types in
+:mod:`pagein.sys.kvm_state` and re-exported) that callers ``match`` on. vCPU
 state is typed where a VMM reads it (:class:`Regs`, :class:`Sregs`) and opaque bytes
 where it only saves and restores it (FPU, XSAVE, XCRs, events): :class:`VcpuState`
 holds everything a snapshot needs, and :meth:`Vcpu.get_state` / :meth:`Vcpu.set_state`
@@ -17,17 +18,35 @@ mapped for as long as the slot exists (close the :class:`Vm` first).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-from dataclasses import dataclass, fields
-from typing import Any, Self
+from typing import Any
 
 from pagein._abi import kvm as abi
 from pagein._abi import libc
 from pagein._abi.kvm import Cap, ExitReason, IoctlNr, MemFlag, MpState
 from pagein.errors import KvmError, Unavailable
 from pagein.sys._fd import OwnedFd
+from pagein.sys.kvm_state import (
+    CpuidEntry,
+    DescriptorTable,
+    Exit,
+    FailEntry,
+    GuestException,
+    Hlt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    Mmio,
+    Regs,
+    Segment,
+    Shutdown,
+    Sregs,
+    SystemEvent,
+    UnknownExit,
+    VcpuState,
+)
 from pagein.sys.mapping import Mapping
 
 __all__ = [
@@ -50,254 +69,8 @@ SNAPSHOT_MSRS: tuple[int, ...] = (
 def _ioctl(fd: int, nr: IoctlNr, arg: int | None, what: str = "") -> int:
     ret: int = libc.ioctl_ptr(fd, int(nr), arg)
     if ret < 0:
-        raise KvmError(f"KVM_{nr.name}", ctypes.get_errno(), what)
+        raise KvmError(f"KVM_{nr.name}", libc.get_errno(), what)
     return ret
-
-
-# --- exits ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class IoOut:
-    """The guest wrote ``data`` (``size`` bytes x ``count``) to ``port``."""
-
-    port: int
-    size: int
-    count: int
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class IoIn:
-    """The guest reads ``size`` x ``count`` bytes from ``port``: answer with
-    :meth:`Vcpu.set_io_in_data` before the next run."""
-
-    port: int
-    size: int
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class Mmio:
-    """The guest accessed ``length`` bytes at ``address``, outside every memory slot."""
-
-    address: int
-    length: int
-    is_write: bool
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Hlt:
-    """The guest executed HLT."""
-
-
-@dataclass(frozen=True, slots=True)
-class Shutdown:
-    """Triple fault (or an exception KVM could not deliver): the guest is dead."""
-
-
-@dataclass(frozen=True, slots=True)
-class FailEntry:
-    """The CPU refused to enter the guest (invalid state)."""
-
-    hardware_reason: int
-    cpu: int
-
-
-@dataclass(frozen=True, slots=True)
-class InternalError:
-    """KVM could not continue the guest; EMULATION means an instruction KVM had to
-    emulate is not supported by its emulator."""
-
-    suberror: int
-    data: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class GuestException:
-    """KVM_EXIT_EXCEPTION (only with guest debugging enabled)."""
-
-    vector: int
-    error_code: int
-
-
-@dataclass(frozen=True, slots=True)
-class SystemEvent:
-    """KVM_EXIT_SYSTEM_EVENT (shutdown, reset, crash...)."""
-
-    kind: int
-    data: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Interrupted:
-    """KVM_RUN returned early: a signal arrived or ``immediate_exit`` was set."""
-
-
-@dataclass(frozen=True, slots=True)
-class UnknownExit:
-    """Any exit reason this VMM does not handle."""
-
-    reason: int
-    hardware_reason: int
-
-
-Exit = (IoOut | IoIn | Mmio | Hlt | Shutdown | FailEntry | InternalError | GuestException
-        | SystemEvent | Interrupted | UnknownExit)
-
-
-# --- typed register state ------------------------------------------------------------
-
-
-def _to_c(value: Any, ctype: type[ctypes.Structure]) -> ctypes.Structure:
-    out = ctype()
-    for f in fields(value):
-        setattr(out, f.name, getattr(value, f.name))
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class Regs:
-    """General-purpose registers (``struct kvm_regs``)."""
-
-    rax: int = 0
-    rbx: int = 0
-    rcx: int = 0
-    rdx: int = 0
-    rsi: int = 0
-    rdi: int = 0
-    rsp: int = 0
-    rbp: int = 0
-    r8: int = 0
-    r9: int = 0
-    r10: int = 0
-    r11: int = 0
-    r12: int = 0
-    r13: int = 0
-    r14: int = 0
-    r15: int = 0
-    rip: int = 0
-    rflags: int = 0x2
-
-    @classmethod
-    def from_c(cls, c: abi.kvm_regs) -> Regs:
-        return cls(*(getattr(c, f.name) for f in fields(cls)))
-
-    def to_c(self) -> abi.kvm_regs:
-        out = _to_c(self, abi.kvm_regs)
-        assert isinstance(out, abi.kvm_regs)
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """A segment register as KVM sees it (``struct kvm_segment``)."""
-
-    base: int = 0
-    limit: int = 0
-    selector: int = 0
-    type: int = 0
-    present: int = 0
-    dpl: int = 0
-    db: int = 0
-    s: int = 0
-    l: int = 0  # noqa: E741 - the kernel's name for the 64-bit code flag
-    g: int = 0
-    avl: int = 0
-    unusable: int = 0
-
-    @classmethod
-    def from_c(cls, c: abi.kvm_segment) -> Segment:
-        return cls(*(getattr(c, f.name) for f in fields(cls)))
-
-
-@dataclass(frozen=True, slots=True)
-class DescriptorTable:
-    """GDTR/IDTR (``struct kvm_dtable``)."""
-
-    base: int = 0
-    limit: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Sregs:
-    """Segment, descriptor-table and control registers (``struct kvm_sregs``)."""
-
-    cs: Segment
-    ds: Segment
-    es: Segment
-    fs: Segment
-    gs: Segment
-    ss: Segment
-    tr: Segment
-    ldt: Segment
-    gdt: DescriptorTable
-    idt: DescriptorTable
-    cr0: int
-    cr2: int
-    cr3: int
-    cr4: int
-    cr8: int
-    efer: int
-    apic_base: int
-    interrupt_bitmap: tuple[int, int, int, int] = (0, 0, 0, 0)
-
-    @classmethod
-    def from_c(cls, c: abi.kvm_sregs) -> Sregs:
-        segs = {n: Segment.from_c(getattr(c, n)) for n in abi.SEGMENT_NAMES}
-        bitmap = tuple(c.interrupt_bitmap)
-        return cls(**segs, gdt=DescriptorTable(c.gdt.base, c.gdt.limit),
-                   idt=DescriptorTable(c.idt.base, c.idt.limit), cr0=c.cr0, cr2=c.cr2,
-                   cr3=c.cr3, cr4=c.cr4, cr8=c.cr8, efer=c.efer, apic_base=c.apic_base,
-                   interrupt_bitmap=(bitmap[0], bitmap[1], bitmap[2], bitmap[3]))
-
-    def to_c(self) -> abi.kvm_sregs:
-        out = abi.kvm_sregs()
-        for name in abi.SEGMENT_NAMES:
-            seg = getattr(out, name)
-            for f in fields(Segment):
-                setattr(seg, f.name, getattr(getattr(self, name), f.name))
-        for name in ("gdt", "idt"):
-            table = getattr(out, name)
-            table.base = getattr(self, name).base
-            table.limit = getattr(self, name).limit
-        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
-            setattr(out, name, getattr(self, name))
-        for i, word in enumerate(self.interrupt_bitmap):
-            out.interrupt_bitmap[i] = word
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class CpuidEntry:
-    """One CPUID leaf/subleaf (``struct kvm_cpuid_entry2``)."""
-
-    function: int
-    index: int
-    flags: int
-    eax: int
-    ebx: int
-    ecx: int
-    edx: int
-
-
-@dataclass(frozen=True, slots=True)
-class VcpuState:
-    """Everything KVM holds for one vCPU that a snapshot must carry.
-
-    ``xsave``, ``xcrs`` and ``events`` are the kernel structs as bytes (they are only
-    saved and put back); ``fpu`` is used only when the host has no XSAVE.
-    """
-
-    regs: Regs
-    sregs: Sregs
-    fpu: bytes
-    xsave: bytes
-    xcrs: bytes
-    events: bytes
-    mp_state: int
-    msrs: tuple[tuple[int, int], ...]
 
 
 # --- /dev/kvm ------------------------------------------------------------------------
@@ -341,9 +114,9 @@ class Kvm(OwnedFd):
     def supported_cpuid(self) -> tuple[CpuidEntry, ...]:
         """``KVM_GET_SUPPORTED_CPUID``: the leaves a guest may be given."""
         for count in (128, 256, 1024):
-            buf, head, entries = _cpuid_buffer(count)
+            buf, head, entries = abi.cpuid2_buffer(count)
             try:
-                _ioctl(self.fileno(), IoctlNr.GET_SUPPORTED_CPUID, ctypes.addressof(buf))
+                _ioctl(self.fileno(), IoctlNr.GET_SUPPORTED_CPUID, libc.buffer_address(buf))
             except KvmError as e:
                 if e.errno == errno.E2BIG:
                     continue
@@ -353,35 +126,20 @@ class Kvm(OwnedFd):
 
     def msr_index_list(self) -> tuple[int, ...]:
         """``KVM_GET_MSR_INDEX_LIST``: the MSRs KVM saves and restores."""
-        head = abi.kvm_msr_list(0)
+        buf, head, _ = abi.msr_list_buffer(0)
         try:
-            _ioctl(self.fileno(), IoctlNr.GET_MSR_INDEX_LIST, ctypes.addressof(head))
+            _ioctl(self.fileno(), IoctlNr.GET_MSR_INDEX_LIST, libc.buffer_address(buf))
         except KvmError as e:
-            if e.errno != errno.E2BIG:
+            if e.errno != errno.E2BIG:  # E2BIG: KVM wrote how many there are
                 raise
-        n = head.nmsrs
-
-        class _List(ctypes.Structure):
-            _fields_ = [("nmsrs", ctypes.c_uint32), ("indices", ctypes.c_uint32 * n)]
-
-        full = _List(n)
-        _ioctl(self.fileno(), IoctlNr.GET_MSR_INDEX_LIST, ctypes.addressof(full))
-        return tuple(full.indices[: full.nmsrs])
+        buf, head, indices = abi.msr_list_buffer(head.nmsrs)
+        _ioctl(self.fileno(), IoctlNr.GET_MSR_INDEX_LIST, libc.buffer_address(buf))
+        return tuple(indices[: head.nmsrs])
 
     def create_vm(self) -> Vm:
         """``KVM_CREATE_VM`` (default machine type)."""
         fd = _ioctl(self.fileno(), IoctlNr.CREATE_VM, 0)
         return Vm(fd, self.vcpu_mmap_size())
-
-
-def _cpuid_buffer(count: int) -> tuple[ctypes.Array[ctypes.c_char], abi.kvm_cpuid2,
-                                         ctypes.Array[abi.kvm_cpuid_entry2]]:
-    size = ctypes.sizeof(abi.kvm_cpuid2) + count * ctypes.sizeof(abi.kvm_cpuid_entry2)
-    buf = ctypes.create_string_buffer(size)
-    head = abi.kvm_cpuid2.from_buffer(buf)
-    head.nent = count
-    entries = (abi.kvm_cpuid_entry2 * count).from_buffer(buf, ctypes.sizeof(abi.kvm_cpuid2))
-    return buf, head, entries
 
 
 def _cpuid_entry(c: abi.kvm_cpuid_entry2) -> CpuidEntry:
@@ -410,7 +168,7 @@ class Vm(OwnedFd):
         """
         region = abi.kvm_userspace_memory_region(slot, int(flags), guest_phys,
                                                  mapping.length, mapping.address)
-        _ioctl(self.fileno(), IoctlNr.SET_USER_MEMORY_REGION, ctypes.addressof(region),
+        _ioctl(self.fileno(), IoctlNr.SET_USER_MEMORY_REGION, libc.addressof(region),
                f"slot {slot} at guest 0x{guest_phys:x}+0x{mapping.length:x}")
 
     def set_tss_addr(self, address: int) -> None:
@@ -441,7 +199,7 @@ class Vcpu(OwnedFd):
         super().__init__(fd)
         self.id = vcpu_id
         self._run_area = run_area
-        self._run = abi.kvm_run.from_address(run_area.address)
+        self._run = abi.run_at(run_area.address)
         self._io_data_offset = 0
 
     # --- running ---------------------------------------------------------------------
@@ -450,7 +208,7 @@ class Vcpu(OwnedFd):
         """``KVM_RUN`` until the next exit, with the GIL released; decode the exit."""
         ret = libc.ioctl_ptr(self.fileno(), int(IoctlNr.RUN), None)
         if ret < 0:
-            err = ctypes.get_errno()
+            err = libc.get_errno()
             if err in (errno.EINTR, errno.EAGAIN):
                 return Interrupted()
             raise KvmError("KVM_RUN", err, f"vcpu {self.id}")
@@ -507,7 +265,7 @@ class Vcpu(OwnedFd):
         self.request_exit(True)
         try:
             ret = libc.ioctl_ptr(self.fileno(), int(IoctlNr.RUN), None)
-            err = ctypes.get_errno()
+            err = libc.get_errno()
             if ret < 0 and err != errno.EINTR:
                 raise KvmError("KVM_RUN", err, f"vcpu {self.id} completing pending I/O")
         finally:
@@ -515,13 +273,13 @@ class Vcpu(OwnedFd):
 
     # --- state -----------------------------------------------------------------------
 
-    def _get(self, nr: IoctlNr, ctype: type[ctypes.Structure]) -> Any:
+    def _get(self, nr: IoctlNr, ctype: type[abi.Structure]) -> Any:
         out = ctype()
-        _ioctl(self.fileno(), nr, ctypes.addressof(out), f"vcpu {self.id}")
+        _ioctl(self.fileno(), nr, libc.addressof(out), f"vcpu {self.id}")
         return out
 
-    def _set(self, nr: IoctlNr, value: ctypes.Structure | ctypes.Array[Any]) -> None:
-        _ioctl(self.fileno(), nr, ctypes.addressof(value), f"vcpu {self.id}")
+    def _set(self, nr: IoctlNr, value: abi.Structure) -> None:
+        _ioctl(self.fileno(), nr, libc.addressof(value), f"vcpu {self.id}")
 
     def get_regs(self) -> Regs:
         return Regs.from_c(self._get(IoctlNr.GET_REGS, abi.kvm_regs))
@@ -542,16 +300,16 @@ class Vcpu(OwnedFd):
         self._set(IoctlNr.SET_MP_STATE, abi.kvm_mp_state(state))
 
     def _get_bytes(self, nr: IoctlNr, size: int) -> bytes:
-        buf = ctypes.create_string_buffer(size)
-        _ioctl(self.fileno(), nr, ctypes.addressof(buf), f"vcpu {self.id}")
-        return buf.raw
+        buf = bytearray(size)
+        _ioctl(self.fileno(), nr, libc.buffer_address(buf), f"vcpu {self.id}")
+        return bytes(buf)
 
     def _set_bytes(self, nr: IoctlNr, data: bytes) -> None:
-        buf = ctypes.create_string_buffer(data, len(data))
-        _ioctl(self.fileno(), nr, ctypes.addressof(buf), f"vcpu {self.id}")
+        buf = bytearray(data)
+        _ioctl(self.fileno(), nr, libc.buffer_address(buf), f"vcpu {self.id}")
 
     def get_fpu(self) -> bytes:
-        return self._get_bytes(IoctlNr.GET_FPU, ctypes.sizeof(abi.kvm_fpu))
+        return self._get_bytes(IoctlNr.GET_FPU, abi.FPU_BYTES)
 
     def set_fpu(self, data: bytes) -> None:
         self._set_bytes(IoctlNr.SET_FPU, data)
@@ -567,13 +325,13 @@ class Vcpu(OwnedFd):
         self._set_bytes(IoctlNr.SET_XSAVE, data)
 
     def get_xcrs(self) -> bytes:
-        return self._get_bytes(IoctlNr.GET_XCRS, ctypes.sizeof(abi.kvm_xcrs))
+        return self._get_bytes(IoctlNr.GET_XCRS, abi.XCRS_BYTES)
 
     def set_xcrs(self, data: bytes) -> None:
         self._set_bytes(IoctlNr.SET_XCRS, data)
 
     def get_events(self) -> bytes:
-        return self._get_bytes(IoctlNr.GET_VCPU_EVENTS, ctypes.sizeof(abi.kvm_vcpu_events))
+        return self._get_bytes(IoctlNr.GET_VCPU_EVENTS, abi.EVENTS_BYTES)
 
     def set_events(self, data: bytes) -> None:
         self._set_bytes(IoctlNr.SET_VCPU_EVENTS, data)
@@ -582,8 +340,8 @@ class Vcpu(OwnedFd):
         """``KVM_GET_MSRS``; MSRs this KVM refuses to read are left out."""
         wanted = list(indices)
         while wanted:
-            buf, _head, entries = _msr_buffer(wanted)
-            n = _ioctl(self.fileno(), IoctlNr.GET_MSRS, ctypes.addressof(buf))
+            buf, _head, entries = abi.msrs_buffer(wanted)
+            n = _ioctl(self.fileno(), IoctlNr.GET_MSRS, libc.buffer_address(buf))
             if n == len(wanted):
                 return tuple((entries[i].index, entries[i].data) for i in range(n))
             del wanted[n]  # KVM stops at the first MSR it cannot read: skip it, retry
@@ -591,22 +349,22 @@ class Vcpu(OwnedFd):
 
     def set_msrs(self, msrs: tuple[tuple[int, int], ...]) -> None:
         """``KVM_SET_MSRS``; raises when KVM accepts fewer than all of them."""
-        buf, _head, entries = _msr_buffer([i for i, _ in msrs])
+        buf, _head, entries = abi.msrs_buffer([i for i, _ in msrs])
         for k, (_, value) in enumerate(msrs):
             entries[k].data = value
-        n = _ioctl(self.fileno(), IoctlNr.SET_MSRS, ctypes.addressof(buf))
+        n = _ioctl(self.fileno(), IoctlNr.SET_MSRS, libc.buffer_address(buf))
         if n != len(msrs):
             raise KvmError("KVM_SET_MSRS", errno.EINVAL,
                            f"vcpu {self.id} refused MSR 0x{msrs[n][0]:x}")
 
     def set_cpuid(self, entries: tuple[CpuidEntry, ...]) -> None:
         """``KVM_SET_CPUID2``: what CPUID reports inside the guest."""
-        buf, _head, c_entries = _cpuid_buffer(len(entries))
+        buf, _head, c_entries = abi.cpuid2_buffer(len(entries))
         for k, e in enumerate(entries):
             c = c_entries[k]
             c.function, c.index, c.flags = e.function, e.index, e.flags
             c.eax, c.ebx, c.ecx, c.edx = e.eax, e.ebx, e.ecx, e.edx
-        _ioctl(self.fileno(), IoctlNr.SET_CPUID2, ctypes.addressof(buf), f"vcpu {self.id}")
+        _ioctl(self.fileno(), IoctlNr.SET_CPUID2, libc.buffer_address(buf), f"vcpu {self.id}")
 
     def get_state(self, msr_indices: tuple[int, ...] = SNAPSHOT_MSRS,
                   xsave_size: int = abi.KVM_XSAVE_LEGACY_BYTES) -> VcpuState:
@@ -637,19 +395,3 @@ class Vcpu(OwnedFd):
         if not self.closed:
             self._run_area.close()
         super().close()
-
-    def __enter__(self) -> Self:
-        return self
-
-
-def _msr_buffer(indices: list[int]) -> tuple[ctypes.Array[ctypes.c_char], abi.kvm_msrs,
-                                             ctypes.Array[abi.kvm_msr_entry]]:
-    n = len(indices)
-    size = ctypes.sizeof(abi.kvm_msrs) + n * ctypes.sizeof(abi.kvm_msr_entry)
-    buf = ctypes.create_string_buffer(size)
-    head = abi.kvm_msrs.from_buffer(buf)
-    head.nmsrs = n
-    entries = (abi.kvm_msr_entry * n).from_buffer(buf, ctypes.sizeof(abi.kvm_msrs))
-    for k, index in enumerate(indices):
-        entries[k].index = index
-    return buf, head, entries

@@ -65,6 +65,11 @@ class Console:
             self._read_pos = nl + 1
         return line.decode(errors="replace")
 
+    def pending_input(self) -> bytes:
+        """Input queued but not yet read by the guest (a snapshot keeps it)."""
+        with self._cond:
+            return b"".join(self._lines) + bytes(self._partial)
+
     def output(self) -> bytes:
         """Everything the guest wrote so far."""
         with self._cond:

@@ -23,6 +23,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -109,8 +110,13 @@ class Machine:
         self._error: BaseException | None = None
         self._exits: Counter[str] = Counter()
         self._threads: list[threading.Thread] = []
+        # vCPU id -> thread ident of threads still in their run loop. A thread leaves it
+        # only under _kick_lock, so a kick never signals a thread that has exited.
+        self._kick_lock = threading.Lock()
+        self._kickable: dict[int, int] = {}
         self._t0 = self._t1 = 0.0
         self._ready_at: float | None = None
+        _install_kick_handler()
         self.kvm = Kvm.open(kvm_path)
         self.vcpus: list[Vcpu] = []
         try:
@@ -193,19 +199,31 @@ class Machine:
 
     # --- running -----------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start one thread per vCPU."""
+    def start(self, vcpu_ids: Collection[int] | None = None) -> None:
+        """Start one thread per vCPU (or only ``vcpu_ids``: a restore must not run a
+        vCPU that had already stopped when the snapshot was taken)."""
         if self._threads:
             raise RuntimeError("machine already started")
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
-            signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+        ids = set(range(len(self.vcpus)) if vcpu_ids is None else vcpu_ids)
+        if not ids or not ids <= set(range(len(self.vcpus))):
+            raise ValueError(f"vCPU ids {sorted(ids)} must be a non-empty subset of "
+                             f"0..{len(self.vcpus) - 1}")
+        _install_kick_handler()
+        self._active = set(ids)
         self._t0 = time.monotonic()
         for vcpu in self.vcpus:
+            if vcpu.id not in ids:
+                continue
             t = threading.Thread(target=self._vcpu_main, args=(vcpu,),
                                  name=f"pagein-vcpu{vcpu.id}", daemon=True)
             self._threads.append(t)
             t.start()
+
+    @property
+    def active_vcpus(self) -> frozenset[int]:
+        """vCPUs that have not stopped (pass them to ``start`` after a restore)."""
+        with self._cond:
+            return frozenset(self._active)
 
     def wait(self, timeout: float | None = None) -> RunResult:
         """Wait for the guest to end; return its status or raise its error.
@@ -257,16 +275,20 @@ class Machine:
 
     def _kick_all(self) -> None:
         self.console.interrupt()
-        handler = signal.getsignal(KICK_SIGNAL)
-        for vcpu, t in zip(self.vcpus, self._threads, strict=False):
-            vcpu.request_exit(True)
-            if t.is_alive() and t.ident is not None and handler not in (signal.SIG_DFL, None):
-                signal.pthread_kill(t.ident, KICK_SIGNAL)
+        can_signal = signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None)
+        with self._kick_lock:
+            for vcpu in self.vcpus:
+                vcpu.request_exit(True)
+                ident = self._kickable.get(vcpu.id)
+                if ident is not None and can_signal:
+                    signal.pthread_kill(ident, KICK_SIGNAL)
 
     def _cancelled(self) -> bool:
         return self._stop or self._pause
 
     def _vcpu_main(self, vcpu: Vcpu) -> None:
+        with self._kick_lock:
+            self._kickable[vcpu.id] = threading.get_ident()
         try:
             self._run_loop(vcpu)
         except _Stopped:
@@ -277,6 +299,8 @@ class Machine:
                     self._error = e
             self.stop()
         finally:
+            with self._kick_lock:
+                del self._kickable[vcpu.id]
             with self._cond:
                 self._active.discard(vcpu.id)
                 self._release_barrier()
@@ -452,6 +476,14 @@ class Machine:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _install_kick_handler() -> None:
+    # Python installs signal handlers only from the main thread; elsewhere a kick falls
+    # back to immediate_exit alone, which a guest spinning without exits never sees.
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
 
 
 def _describe(regs: Regs | None, sregs: Sregs | None) -> str:

@@ -5,9 +5,10 @@ Memory is made by :meth:`GuestMemory.create` (anonymous private, a shared memfd,
 restore that already mapped a snapshot file or registered the range with userfaultfd.
 Only memory this object created is unmapped on close.
 
-Safety: :meth:`read` / :meth:`write` touch guest memory from the calling thread. On
-memory registered with userfaultfd and served from this process, that blocks on the GIL
-(see DESIGN.md): do not call them before the handler has filled the range.
+Safety: :meth:`read` / :meth:`write` copy with the GIL released (``Mapping.read`` /
+``Mapping.write``), so a VMM access to a page that is still missing in uffd-registered memory waits
+for the handler without freezing the other Python threads — including a handler thread
+in this same process (see DESIGN.md on the GIL).
 """
 
 from __future__ import annotations
@@ -93,10 +94,12 @@ class GuestMemory:
         return True
 
     def read(self, guest_phys: int, length: int) -> bytes:
+        """Copy guest bytes out (GIL released during the copy)."""
         mapping, off = self._locate(guest_phys, length)
         return mapping.read(off, length)
 
     def write(self, guest_phys: int, data: bytes) -> None:
+        """Copy bytes into the guest (GIL released during the copy)."""
         mapping, off = self._locate(guest_phys, len(data))
         mapping.write(off, data)
 

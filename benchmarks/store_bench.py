@@ -104,6 +104,11 @@ def guest_memory(m: object) -> bytes:
     return b"".join(r.mapping.read(0, r.size) for r in regions)
 
 
+def state_mib(mem_mib: int) -> int:
+    """The function guest's state: half its RAM, a quarter below 64 MiB (layout overhead)."""
+    return mem_mib // 2 if mem_mib >= 64 else max(1, mem_mib // 4)
+
+
 def real_guest_snapshots(tmp: Path, mem_mib: int, requests: int) -> tuple[Path, Path] | None:
     """Boot the ``function`` guest; snapshot it at ready and again after ``requests``.
 
@@ -117,7 +122,7 @@ def real_guest_snapshots(tmp: Path, mem_mib: int, requests: int) -> tuple[Path, 
         return None
     if not os.path.exists("/dev/kvm"):
         return None
-    wa = function_args((mem_mib // 2) << 20, seed=1)
+    wa = function_args(state_mib(mem_mib) << 20, seed=1)
     with Machine.create(mem_mib << 20, 1) as m:
         m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
         m.start()
@@ -143,7 +148,7 @@ def boot_and_snapshot(path: Path, mem_mib: int, seed: int, requests: int) -> Non
     from pagein.vmm.machine import Machine
     from pagein.vmm.workloads import function_args
 
-    wa = function_args((mem_mib // 2) << 20, seed=seed)
+    wa = function_args(state_mib(mem_mib) << 20, seed=seed)
     with Machine.create(mem_mib << 20, 1) as m:
         m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
         m.start()
@@ -176,7 +181,7 @@ def ten_real_guests(tmp: Path, mem_mib: int, cs: int) -> None:
                      f"{1 - total / alone:.1%}", f"{raw / total:.1f}x"])
         shutil.rmtree(tmp / "ten-guests")
     print(f"\n== ten real guests from one image (function workload, {mem_mib} MiB RAM, "
-          f"{mem_mib // 2} MiB state; {cs >> 10}K chunks; raw {10 * mem_mib} MiB)")
+          f"{state_mib(mem_mib)} MiB state; {cs >> 10}K chunks; raw {10 * mem_mib} MiB)")
     print(table(["guests", "alone MiB", "shared MiB", "dedup savings", "raw/stored"], rows))
 
 

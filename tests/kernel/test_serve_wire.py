@@ -40,9 +40,12 @@ def test_payload_split_over_many_sends_is_reassembled() -> None:
 
         def send() -> None:
             send_with_fds(a, payload[:700], [uffd.fileno()])
-            for i in range(700, len(payload), 997):
-                a.sendall(payload[i:i + 997])
-            a.sendall(b'{"pagein": "stats"}\n')
+            pieces = [payload[i:i + 997] for i in range(700, len(payload), 997)]
+            # The bytes after the array travel with its last piece (one small write is
+            # one read), so the handler must keep them rather than drop them.
+            pieces[-1] += b'{"pagein": "stats"}\n'
+            for piece in pieces:
+                a.sendall(piece)
 
         t = threading.Thread(target=send)
         t.start()

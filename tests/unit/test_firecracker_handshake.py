@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from pagein.errors import HandshakeError
 from pagein.serve.firecracker import (
+    ArrayScanner,
     Generation,
     Region,
     encode_regions,
@@ -137,3 +138,20 @@ def test_validate_overlap_oracle(spans: list[tuple[int, int]]) -> None:
 def test_valid_layout_passes() -> None:
     validate_regions([Region(0x7F0000000000, HUGE, 0, HUGE), Region(0x1000, 4096, HUGE)],
                      HUGE + 4096)
+
+
+@given(regions_st, st.lists(st.integers(1, 200), max_size=30))
+def test_scanner_fed_in_pieces_finds_the_same_end(regions: list[Region], cuts: list[int]) -> None:
+    payload = b"\n [" + b'{"note": "a]\\\\\\"}[", "x": []},' + encode_regions(regions)[1:]
+    trailer = b'{"pagein": "stats"}\n'
+    stream = payload + trailer
+    scanner = ArrayScanner()
+    pos, end = 0, None
+    for n in [*cuts, len(stream)]:
+        piece = stream[pos:pos + n]
+        pos += len(piece)
+        end = scanner.feed(piece)
+        if end is not None:
+            break
+    assert end == len(payload)
+    assert json.loads(stream[:end])[0]["note"] == 'a]\\"}['

@@ -23,6 +23,7 @@ import enum
 import itertools
 import json
 import os
+import re
 import select
 import socket
 import time
@@ -36,6 +37,7 @@ from pagein.sys.uffd import Userfaultfd
 __all__ = [
     "MAX_HANDSHAKE_BYTES",
     "PAGE_SIZES",
+    "ArrayScanner",
     "Generation",
     "Handshake",
     "Region",
@@ -125,44 +127,71 @@ def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaul
 # --- decoding (the handler side) -----------------------------------------------------
 
 
-def json_end(buf: bytes) -> int | None:
-    """Return the index just past the top-level JSON array/object in ``buf``, or None.
+_TOKEN = re.compile(rb'[\[\]{}"\\]')
 
-    A scanner over brackets and strings: the handshake has no length prefix, so the
-    handler must know when the peer's one message is complete without a close.
+
+class ArrayScanner:
+    """Find where a JSON array ends in a byte stream fed piece by piece.
+
+    The handshake has no length prefix, so the handler must know when the peer's one
+    message is complete without waiting for a close. Only brackets, quotes and
+    backslashes matter; a C-level regex skips everything else, and each byte is
+    looked at once however many pieces the array arrives in.
+    """
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._pos = 0  # next byte to scan
+        self._depth = 0
+        self._started = False
+        self._in_str = False
+        self._skip_to = 0  # a backslash in a string hides the next byte
+
+    def feed(self, data: bytes) -> int | None:
+        """Add bytes; return the index just past the array's ``]`` once it has arrived.
+
+        Raises :class:`HandshakeError` when the stream does not start with an array.
+        """
+        self._buf += data
+        buf = self._buf
+        if not self._started:
+            stripped = buf.lstrip(b" \t\r\n")
+            if not stripped:
+                return None
+            if stripped[:1] != b"[":
+                raise HandshakeError("payload", stripped[:40].decode(errors="replace"),
+                                     "expected a JSON array of regions")
+            self._started = True
+            self._pos = len(buf) - len(stripped) + 1
+            self._depth = 1
+        for m in _TOKEN.finditer(buf, self._pos):
+            i = m.start()
+            if i < self._skip_to:
+                continue
+            ch = buf[i]
+            if self._in_str:
+                if ch == 0x5C:  # backslash
+                    self._skip_to = i + 2
+                elif ch == 0x22:
+                    self._in_str = False
+            elif ch == 0x22:
+                self._in_str = True
+            elif ch in b"[{":
+                self._depth += 1
+            elif ch in b"]}":
+                self._depth -= 1
+                if self._depth == 0:
+                    return i + 1
+        self._pos = len(buf)
+        return None
+
+
+def json_end(buf: bytes) -> int | None:
+    """Return the index just past the top-level JSON array in ``buf``, or None.
+
     Raises :class:`HandshakeError` when ``buf`` cannot start an array.
     """
-    depth = 0
-    in_str = False
-    escape = False
-    started = False
-    for i, ch in enumerate(buf):
-        if not started:
-            if ch in b" \t\r\n":
-                continue
-            if ch != ord("["):
-                raise HandshakeError("payload", buf[:40].decode(errors="replace"),
-                                     "expected a JSON array of regions")
-            started = True
-            depth = 1
-            continue
-        if in_str:
-            if escape:
-                escape = False
-            elif ch == 0x5C:  # backslash
-                escape = True
-            elif ch == 0x22:
-                in_str = False
-            continue
-        if ch == 0x22:
-            in_str = True
-        elif ch in b"[{":
-            depth += 1
-        elif ch in b"]}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None
+    return ArrayScanner().feed(buf)
 
 
 def _opt_int(obj: dict[str, object], key: str, where: str) -> int | None:
@@ -284,6 +313,7 @@ def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Ha
     """
     deadline = time.monotonic() + timeout
     buf = b""
+    scanner = ArrayScanner()
     fds: list[int] = []
     try:
         end = None
@@ -301,7 +331,7 @@ def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Ha
             if len(buf) > MAX_HANDSHAKE_BYTES:
                 raise HandshakeError("payload", f"{len(buf)} bytes",
                                      f"larger than {MAX_HANDSHAKE_BYTES} bytes")
-            end = json_end(buf)
+            end = scanner.feed(got.data)
         regions = parse_regions(buf[:end])
         if len(fds) != 1:
             raise HandshakeError("uffd", f"{len(fds)} fds",

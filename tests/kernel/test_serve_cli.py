@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serve_harness import start_server
 
 pytestmark = pytest.mark.kernel
 
@@ -51,3 +55,20 @@ def test_working_set_needs_a_file(tmp_path: Path) -> None:
                "--strategy", "working-set")
     assert r.returncode == 1
     assert "--working-set FILE" in r.stderr
+
+
+def test_a_live_socket_is_not_stolen_but_a_stale_one_is_replaced(tmp_path: Path) -> None:
+    mem = tmp_path / "m.mem"
+    mem.write_bytes(b"\1" * 8192)
+    path = tmp_path / "fc.sock"  # where start_server puts it
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(path))
+    live.listen(1)
+    try:
+        r = _serve("--socket", str(path), "--mem-file", str(mem))
+        assert r.returncode == 1
+        assert "is in use by another running handler" in r.stderr
+    finally:
+        live.close()  # the file stays behind: a stale socket, as after a crash
+    server = start_server(str(tmp_path), str(mem))
+    assert server.stop() == 0

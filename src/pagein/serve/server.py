@@ -40,6 +40,18 @@ log = logging.getLogger("pagein.serve")
 _KEEP_ENDED = 1000  # ended VMs whose counters stay listed in the stats
 
 
+def _listening(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket ``path`` now."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 class BadHandshakePolicy(enum.Enum):
     """What to do with a VMM whose handshake is invalid."""
 
@@ -93,6 +105,9 @@ class Server:
             if not stat.S_ISSOCK(st.st_mode):
                 raise PageinError(f"--socket {path} exists and is not a socket: "
                                   "remove it or choose another path")
+            if _listening(path):
+                raise PageinError(f"--socket {path} is in use by another running handler: "
+                                  "stop it or choose another path")
             os.unlink(path)  # a stale socket from an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:

@@ -229,7 +229,8 @@ def cmd_touch(args: argparse.Namespace) -> int:
 
 def cmd_raw(args: argparse.Namespace) -> int:
     """Send ``--payload`` (with a uffd unless --no-fd) and report how the server reacted."""
-    uffd = Userfaultfd.open(Feature.EVENT_REMOVE, nonblocking=True)
+    uffd = Userfaultfd.open(Feature.NONE if args.no_remove else Feature.EVENT_REMOVE,
+                            nonblocking=True)
     m = Mapping.anonymous(1 << 20)
     uffd.register(m.address, m.length, RegisterMode.MISSING)
     payload = args.payload.replace("BASE", str(m.address)).encode()
@@ -277,6 +278,8 @@ def main() -> int:
     r.add_argument("--no-fd", action="store_true")
     r.add_argument("--silent", action="store_true")
     r.add_argument("--pipe-fd", action="store_true", help="send a pipe instead of a uffd")
+    r.add_argument("--no-remove", action="store_true",
+                   help="a uffd without UFFD_FEATURE_EVENT_REMOVE")
     r.set_defaults(fn=cmd_raw)
     args = p.parse_args()
     rc: int = args.fn(args)

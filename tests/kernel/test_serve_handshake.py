@@ -40,6 +40,7 @@ CASES = [
                  '"offset": 65536}]'], "regions[1].base_host_virt_addr"),
     ("no-fd", ["--no-fd", "--payload", "[{" + GOOD + "}]"], "uffd"),
     ("not-a-uffd", ["--pipe-fd", "--payload", "[{" + GOOD + "}]"], "uffd"),
+    ("no-event-remove", ["--no-remove", "--payload", "[{" + GOOD + "}]"], "uffd"),
     ("silent", ["--silent"], "handshake"),
 ]
 

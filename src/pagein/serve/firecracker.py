@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from pagein.errors import HandshakeError
 from pagein.sys.fdpass import recv_with_fds, send_with_fds
-from pagein.sys.uffd import Userfaultfd
+from pagein.sys.uffd import Feature, Userfaultfd
 
 __all__ = [
     "MAX_HANDSHAKE_BYTES",
@@ -288,13 +288,30 @@ class Handshake:
     regions: tuple[Region, ...]
     uffd_fd: int
     rest: bytes
+    features: Feature = Feature.NONE  # what the VMM negotiated on the uffd
 
 
-def _check_uffd(fd: int) -> None:
+def _uffd_features(fd: int) -> Feature | None:
+    """Read the features negotiated on a uffd from ``/proc/self/fdinfo`` (None if absent).
+
+    The kernel prints ``API:<api>:<features>:<ioctls>`` in hex for a userfaultfd.
+    """
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("API:"):
+                    known = sum(int(x) for x in Feature)
+                    return Feature(int(line.split(":")[2], 16) & known)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_uffd(fd: int) -> Feature:
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
-        return  # no /proc: trust the peer; the first ioctl will fail loudly otherwise
+        return Feature.NONE  # no /proc: trust the peer; a bad fd fails its first ioctl
     if target != "anon_inode:[userfaultfd]":
         raise HandshakeError("uffd", target, "the file descriptor sent is not a userfaultfd")
     # A uffd polls as an error until UFFDIO_API has been called on it.
@@ -302,6 +319,14 @@ def _check_uffd(fd: int) -> None:
     p.register(fd, select.POLLIN)
     if any(ev & select.POLLERR for _, ev in p.poll(0)):
         raise HandshakeError("uffd", fd, "the VMM never called UFFDIO_API on this userfaultfd")
+    features = _uffd_features(fd)
+    if features is not None and Feature.EVENT_REMOVE not in features:
+        # Without REMOVE events a balloon's MADV_DONTNEED is invisible to the handler, and
+        # the guest would later read stale snapshot bytes where it expects zeros.
+        raise HandshakeError("uffd", f"features=0x{int(features):x}",
+                             "the VMM must enable UFFD_FEATURE_EVENT_REMOVE (as Firecracker "
+                             "does), or ballooned pages would read stale snapshot data")
+    return features or Feature.NONE
 
 
 def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Handshake:
@@ -336,10 +361,10 @@ def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Ha
         if len(fds) != 1:
             raise HandshakeError("uffd", f"{len(fds)} fds",
                                  "expected exactly one userfaultfd in SCM_RIGHTS")
-        _check_uffd(fds[0])
+        features = _check_uffd(fds[0])
         validate_regions(regions, file_size)
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-    return Handshake(tuple(regions), fds[0], buf[end:])
+    return Handshake(tuple(regions), fds[0], buf[end:], features)

@@ -183,7 +183,7 @@ class Server:
             log.warning("vm pid=%d: handshake failed: %s", peer.pid, e)
             conn.close()
             return
-        uffd = Userfaultfd.adopt(hs.uffd_fd)
+        uffd = Userfaultfd.adopt(hs.uffd_fd, features=hs.features)
         try:
             session = Session(uffd=uffd, sock=conn, regions=hs.regions, source=self.source,
                               strategy=self._factory(), peer_pid=peer.pid,

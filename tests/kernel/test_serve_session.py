@@ -1,0 +1,143 @@
+"""Session ordering rules with a scripted uffd: EAGAIN defers, REMOVE wins, EEXIST wakes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from pagein.serve.firecracker import Region
+from pagein.serve.session import Session, SessionEnd
+from pagein.serve.strategies import OnDemand
+from pagein.snapshot.raw import RawFileSource
+from pagein.sys.uffd import AlreadyPresent, Event, Filled, FillResult, PageFault, Remove, Retry
+
+pytestmark = pytest.mark.kernel
+
+BASE = 0x7F0000000000
+P = 4096
+
+
+class ScriptedUffd:
+    """Stands in for a uffd: events come in scripted batches, fills return scripted results.
+
+    Readiness is a pipe with one byte per pending batch; ``then`` hooks push the next
+    batch or stop the session when a given call happens.
+    """
+
+    def __init__(self, stop_w: int) -> None:
+        self.r, self.w = os.pipe()
+        self.batches: list[list[Event]] = []
+        self.calls: list[tuple[str, int, int]] = []
+        self.results: dict[str, list[FillResult]] = {"copy": [], "zeropage": []}
+        self.stop_w = stop_w
+        self.stop_after = 0
+
+    def push(self, batch: list[Event]) -> None:
+        self.batches.append(batch)
+        os.write(self.w, b"x")
+
+    def fileno(self) -> int:
+        return self.r
+
+    def read_events(self, max_events: int = 64) -> list[Event]:
+        os.read(self.r, 1)
+        return self.batches.pop(0)
+
+    def _fill(self, op: str, dst: int, length: int) -> FillResult:
+        self.calls.append((op, dst, length))
+        res = self.results[op].pop(0) if self.results[op] else Filled(length)
+        if isinstance(res, Retry):
+            # The event that made the kernel refuse arrives now.
+            self.push([Remove(BASE, BASE + 2 * P)])
+        self._maybe_stop()
+        return res
+
+    def _maybe_stop(self) -> None:
+        if len(self.calls) >= self.stop_after:
+            os.write(self.stop_w, b"x")
+
+    def copy(self, dst: int, src: int, length: int) -> FillResult:
+        return self._fill("copy", dst, length)
+
+    def zeropage(self, start: int, length: int) -> FillResult:
+        return self._fill("zeropage", start, length)
+
+    def wake(self, start: int, length: int) -> None:
+        self.calls.append(("wake", start, length))
+        self._maybe_stop()
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            os.close(fd)
+
+
+def _run(s: Session, timeout: float = 10) -> SessionEnd | None:
+    """Run the session in a thread; stop it (and fail) if it has not ended in time."""
+    out: list[SessionEnd] = []
+    t = threading.Thread(target=lambda: out.append(s.run()))
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        os.write(s.uffd.stop_w, b"x")  # type: ignore[attr-defined]
+        t.join()
+        pytest.fail(f"the session did not end; calls so far: {s.uffd.calls}")  # type: ignore[attr-defined]
+    s.close()
+    s.source.close()
+    s._test_peer.close()  # type: ignore[attr-defined]
+    os.close(s.uffd.stop_w)  # type: ignore[attr-defined]
+    os.close(s._stop_fd)
+    return out[0]
+
+
+def _session(tmp_path: Path) -> tuple[Session, ScriptedUffd, int]:
+    path = tmp_path / "mem.snap"
+    path.write_bytes(b"\x5a" * (16 * P))
+    stop_r, stop_w = os.pipe()
+    uffd = ScriptedUffd(stop_w)
+    a, peer = socket.socketpair()
+    s = Session(uffd=uffd, sock=a, regions=[Region(BASE, 16 * P, 0)],  # type: ignore[arg-type]
+                source=RawFileSource(path), strategy=OnDemand(), peer_pid=1, stop_fd=stop_r)
+    s._test_peer = peer  # type: ignore[attr-defined]
+    return s, uffd, stop_r
+
+
+def test_eagain_defers_and_a_remove_read_meanwhile_turns_the_fill_into_zeros(
+        tmp_path: Path) -> None:
+    s, uffd, _ = _session(tmp_path)
+    uffd.results["copy"] = [Retry(0)]
+    uffd.stop_after = 2
+    uffd.push([PageFault(BASE + P, False, False, False, 0)])
+    assert _run(s) is SessionEnd.STOPPED
+    # First the snapshot copy (refused), then, after the REMOVE was read, zeros.
+    assert uffd.calls == [("copy", BASE + P, P), ("zeropage", BASE + P, P)]
+    assert s.counters.retries == 1 and s.counters.zero_pages == 1 and s.counters.faults == 1
+    assert s.counters.removes == 1
+
+
+def test_eexist_wakes_the_waiters_and_counts_no_page(tmp_path: Path) -> None:
+    s, uffd, _ = _session(tmp_path)
+    uffd.results["copy"] = [AlreadyPresent(0)]
+    uffd.stop_after = 2
+    uffd.push([PageFault(BASE + 3 * P, True, False, False, 0)])
+    assert _run(s) is SessionEnd.STOPPED
+    assert uffd.calls == [("copy", BASE + 3 * P, P), ("wake", BASE + 3 * P, P)]
+    assert s.counters.eexist == 1 and s.counters.pages == 0
+
+
+def test_remove_in_the_same_read_as_the_fault_wins(tmp_path: Path) -> None:
+    s, uffd, _ = _session(tmp_path)
+    uffd.stop_after = 1
+    uffd.push([PageFault(BASE, False, False, False, 0), Remove(BASE, BASE + P)])
+    assert _run(s) is SessionEnd.STOPPED
+    assert uffd.calls == [("zeropage", BASE, P)]
+
+
+def test_peer_closing_its_socket_ends_the_session(tmp_path: Path) -> None:
+    s, uffd, _ = _session(tmp_path)
+    s._test_peer.shutdown(socket.SHUT_WR)  # type: ignore[attr-defined]
+    assert _run(s) is SessionEnd.PEER_EXITED
+    assert uffd.calls == []

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 from pagein._abi import libc
@@ -166,6 +168,54 @@ Event = PageFault | Fork | Remap | Remove | Unmap
 _MSG = struct.Struct(abi.UFFD_MSG_FORMAT)
 
 
+# --- ioctl arguments -------------------------------------------------------------------
+#
+# Ioctls go through ``fcntl.ioctl`` with a bytearray argument: it copies the struct in
+# and out around the call with the GIL released, and costs far less per call than a
+# ctypes foreign call (this is the per-fault hot path). Field positions come from the
+# ctypes structs in ``_abi`` (every field is 64-bit).
+
+
+class _Arg:
+    """One ioctl argument struct: its bytes, viewed as unsigned and signed u64 words."""
+
+    __slots__ = ("buf", "s", "u")
+
+    def __init__(self, struct_type: abi.StructType) -> None:
+        self.buf = bytearray(abi.size(struct_type))
+        view = memoryview(self.buf)
+        self.u = view.cast("Q")
+        self.s = view.cast("q")
+
+
+_W = abi.word
+_API_API, _API_FEATURES, _API_IOCTLS = (_W(abi.uffdio_api, f) for f in ("api", "features",
+                                                                       "ioctls"))
+# dst/src/len/mode/result: the layout of uffdio_copy and uffdio_move.
+_DST, _SRC, _LEN, _MODE, _DONE = (_W(abi.uffdio_copy, f) for f in ("dst", "src", "len",
+                                                                   "mode", "copy"))
+# range.start/range.len/mode/result: zeropage, continue, poison, register, writeprotect.
+_R_START = _W(abi.uffdio_zeropage, "range")
+_R_LEN = _R_START + 1
+_R_MODE = _W(abi.uffdio_zeropage, "mode")
+_R_DONE = _W(abi.uffdio_zeropage, "zeropage")
+_REG_IOCTLS = _W(abi.uffdio_register, "ioctls")
+_ioctl = fcntl.ioctl
+_get_ident = threading.get_ident
+
+# Filled results are immutable: share one per length instead of allocating per fault.
+_FILLED: dict[int, Filled] = {}
+
+
+def _filled(n: int) -> Filled:
+    f = _FILLED.get(n)
+    if f is None:
+        f = Filled(n)
+        if len(_FILLED) < 256:
+            _FILLED[n] = f
+    return f
+
+
 @dataclass(frozen=True, slots=True)
 class ApiInfo:
     """What ``UFFDIO_API`` granted: the features enabled and the fd-level ioctls."""
@@ -236,13 +286,11 @@ def _open_raw(flags: int, user_mode_only: bool) -> int:
         dev_error = f"{abi.USERFAULTFD_DEVICE}: {e.strerror}"
     else:
         try:
-            res = libc.ioctl_ptr(dev, abi.USERFAULTFD_IOC_NEW, mode)
-            err = libc.get_errno()
+            return fcntl.ioctl(dev, abi.USERFAULTFD_IOC_NEW, mode)
+        except OSError as e:
+            dev_error = f"USERFAULTFD_IOC_NEW: {e.strerror}"
         finally:
             os.close(dev)
-        if res >= 0:
-            return int(res)
-        dev_error = f"USERFAULTFD_IOC_NEW: {os.strerror(err)}"
     fd = libc.syscall1(abi.NR_USERFAULTFD_X86_64, mode)
     if fd >= 0:
         return fd
@@ -262,19 +310,23 @@ def _open_raw(flags: int, user_mode_only: bool) -> int:
 
 
 def _api(fd: int, features: int) -> ApiInfo:
-    arg = abi.uffdio_api(api=abi.UFFD_API, features=features, ioctls=0)
-    if libc.ioctl_ptr(fd, abi.UFFDIO_API, libc.addressof(arg)) < 0:
-        err = libc.get_errno()
+    arg = _Arg(abi.uffdio_api)
+    arg.u[_API_API], arg.u[_API_FEATURES] = abi.UFFD_API, features
+    try:
+        fcntl.ioctl(fd, abi.UFFDIO_API, arg.buf, True)
+    except OSError as e:
+        err = e.errno or 0
         if err == errno.EPERM and features & Feature.EVENT_FORK:
             raise UnsupportedFeature(
                 ["UFFD_FEATURE_EVENT_FORK"],
                 "UFFDIO_API refused it (EPERM): it needs CAP_SYS_PTRACE; run as root or "
-                "drop Feature.EVENT_FORK")
+                "drop Feature.EVENT_FORK") from None
         raise UnsupportedFeature(
             feature_names(features) or ["UFFD_API"],
-            f"UFFDIO_API refused the request ({os.strerror(err)}); {_kernel_hint(features)}")
+            f"UFFDIO_API refused the request ({os.strerror(err)}); {_kernel_hint(features)}",
+        ) from None
     # The kernel writes back every feature it *offers*, not the ones it enabled.
-    return ApiInfo(Feature(arg.features), _ioctl_set(arg.ioctls))
+    return ApiInfo(Feature(arg.u[_API_FEATURES]), _ioctl_set(arg.u[_API_IOCTLS]))
 
 
 _SUPPORTED: dict[bool, ApiInfo] = {}
@@ -336,11 +388,13 @@ class Userfaultfd(OwnedFd):
         super().__init__(fd)
         self.api = api
         self.nonblocking = nonblocking
-        # Preallocated argument structs for the hot path (one fault, one copy).
-        self._copy = abi.uffdio_copy()
-        self._copy_addr = libc.addressof(self._copy)
-        self._range = abi.uffdio_range()
-        self._range_addr = libc.addressof(self._range)
+        # Preallocated argument structs for the hot path (one fault, one fill), used only
+        # by the thread that created this object; other threads get fresh ones, so
+        # concurrent fills from several threads never share an argument buffer.
+        self._owner = _get_ident()
+        self._copy_arg = _Arg(abi.uffdio_copy)
+        self._cont_arg = _Arg(abi.uffdio_continue)
+        self._range_arg = _Arg(abi.uffdio_range)
 
     @classmethod
     def open(
@@ -402,10 +456,12 @@ class Userfaultfd(OwnedFd):
         misaligned range or a mode this memory does not support, ENOMEM for a hole,
         EBUSY when another uffd has it).
         """
-        arg = abi.uffdio_register(range=abi.uffdio_range(start, length), mode=int(mode))
-        if libc.ioctl_ptr(self.fileno(), abi.UFFDIO_REGISTER, libc.addressof(arg)) < 0:
-            raise _error("UFFDIO_REGISTER", libc.get_errno(), start, length)
-        return _ioctl_set(arg.ioctls)
+        arg = self._ranged(abi.uffdio_register, start, length, mode)
+        try:
+            _ioctl(self.fileno(), abi.UFFDIO_REGISTER, arg.buf, True)
+        except OSError as e:
+            raise _error("UFFDIO_REGISTER", e.errno or 0, start, length) from None
+        return _ioctl_set(arg.u[_REG_IOCTLS])
 
     def unregister(self, start: int, length: int) -> None:
         """Unregister a range; later faults there are served by the kernel as usual."""
@@ -416,10 +472,38 @@ class Userfaultfd(OwnedFd):
         self._range_op(abi.UFFDIO_WAKE, "UFFDIO_WAKE", start, length)
 
     def _range_op(self, req: int, op: str, start: int, length: int) -> None:
-        self._range.start = start
-        self._range.len = length
-        if libc.ioctl_ptr(self.fileno(), req, self._range_addr) < 0:
-            raise _error(op, libc.get_errno(), start, length)
+        arg = self._range_arg if _get_ident() == self._owner else _Arg(abi.uffdio_range)
+        u = arg.u
+        u[_R_START] = start
+        u[_R_LEN] = length
+        try:
+            _ioctl(self.fileno(), req, arg.buf, True)
+        except OSError as e:
+            raise _error(op, self._errno(e), start, length) from None
+
+    def _ranged(self, struct_type: abi.StructType, start: int, length: int,
+                mode: int) -> _Arg:
+        """A fresh range/mode argument (register, zeropage, poison, writeprotect)."""
+        arg = _Arg(struct_type)
+        arg.u[_R_START], arg.u[_R_LEN], arg.u[_R_MODE] = start, length, mode
+        return arg
+
+    def _errno(self, e: OSError) -> int:
+        """The errno of a failed ioctl; a closed uffd raises ValueError like fileno()."""
+        if self._fd < 0:
+            self.fileno()
+        return e.errno or 0
+
+    def _fill(self, req: int, op: str, arg: _Arg, done_word: int, start: int,
+              length: int) -> FillResult:
+        """Issue a fill ioctl and turn its outcome into a result (see _fill_failed)."""
+        arg.u[done_word] = 0
+        try:
+            _ioctl(self.fileno(), req, arg.buf, True)
+        except OSError as e:
+            return _fill_failed(op, self._errno(e), arg.s[done_word], start, length)
+        done = arg.s[done_word]
+        return _filled(done if done > 0 else length)
 
     # --- fills ---------------------------------------------------------------------
 
@@ -432,36 +516,45 @@ class Userfaultfd(OwnedFd):
         Safety: ``src`` must point at ``length`` readable bytes of this process; ``dst``
         is an address in the uffd creator's address space.
         """
-        c = self._copy
-        c.dst = dst
-        c.src = src
-        c.len = length
-        c.mode = mode
+        # The hot path: one preallocated argument, one ioctl, a shared result.
+        arg = self._copy_arg if _get_ident() == self._owner else _Arg(abi.uffdio_copy)
+        u = arg.u
+        u[_DST] = dst
+        u[_SRC] = src
+        u[_LEN] = length
+        u[_MODE] = mode
         # Some EAGAIN/EINVAL paths return before the kernel writes ``copy``: a stale
         # value from the previous call must not be read as progress.
-        c.copy = 0
-        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_COPY, self._copy_addr)
-        return _fill_result("UFFDIO_COPY", ret, c.copy, dst, length)
+        u[_DONE] = 0
+        try:
+            _ioctl(self._fd, abi.UFFDIO_COPY, arg.buf, True)
+        except ValueError:  # fd -1: closed
+            self.fileno()
+            raise
+        except OSError as e:
+            return _fill_failed("UFFDIO_COPY", self._errno(e), arg.s[_DONE], dst, length)
+        return _filled(length)
 
     def zeropage(self, start: int, length: int,
                  mode: ZeropageMode = ZeropageMode.NONE) -> FillResult:
         """Map the zero page over the range (``UFFDIO_ZEROPAGE``; not on hugetlbfs)."""
-        arg = abi.uffdio_zeropage(range=abi.uffdio_range(start, length), mode=int(mode))
-        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_ZEROPAGE, libc.addressof(arg))
-        return _fill_result("UFFDIO_ZEROPAGE", ret, arg.zeropage, start, length)
+        arg = self._ranged(abi.uffdio_zeropage, start, length, mode)
+        return self._fill(abi.UFFDIO_ZEROPAGE, "UFFDIO_ZEROPAGE", arg, _R_DONE, start, length)
 
     def continue_(self, start: int, length: int,
                   mode: ContinueMode = ContinueMode.NONE) -> FillResult:
         """Map pages already in the page cache (``UFFDIO_CONTINUE``, MINOR faults)."""
-        arg = abi.uffdio_continue(range=abi.uffdio_range(start, length), mode=int(mode))
-        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_CONTINUE, libc.addressof(arg))
-        return _fill_result("UFFDIO_CONTINUE", ret, arg.mapped, start, length)
+        arg = self._cont_arg if _get_ident() == self._owner else _Arg(abi.uffdio_continue)
+        u = arg.u
+        u[_R_START] = start
+        u[_R_LEN] = length
+        u[_R_MODE] = mode
+        return self._fill(abi.UFFDIO_CONTINUE, "UFFDIO_CONTINUE", arg, _R_DONE, start, length)
 
     def poison(self, start: int, length: int, mode: PoisonMode = PoisonMode.NONE) -> FillResult:
         """Install poison markers: later accesses get SIGBUS (``UFFDIO_POISON``, 6.6+)."""
-        arg = abi.uffdio_poison(range=abi.uffdio_range(start, length), mode=int(mode))
-        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_POISON, libc.addressof(arg))
-        return _fill_result("UFFDIO_POISON", ret, arg.updated, start, length)
+        arg = self._ranged(abi.uffdio_poison, start, length, mode)
+        return self._fill(abi.UFFDIO_POISON, "UFFDIO_POISON", arg, _R_DONE, start, length)
 
     def move(self, dst: int, src: int, length: int, mode: MoveMode = MoveMode.NONE) -> FillResult:
         """Move pages (not copy) from ``src`` to ``dst`` (``UFFDIO_MOVE``, Linux >= 6.8).
@@ -470,9 +563,9 @@ class Userfaultfd(OwnedFd):
         and the kernel refuses cross-mm moves: only a thread of that process may call
         this (EINVAL otherwise). ``src`` reads as unpopulated afterwards.
         """
-        arg = abi.uffdio_move(dst=dst, src=src, len=length, mode=int(mode))
-        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_MOVE, libc.addressof(arg))
-        return _fill_result("UFFDIO_MOVE", ret, arg.move, dst, length)
+        arg = _Arg(abi.uffdio_move)
+        arg.u[_DST], arg.u[_SRC], arg.u[_LEN], arg.u[_MODE] = dst, src, length, mode
+        return self._fill(abi.UFFDIO_MOVE, "UFFDIO_MOVE", arg, _DONE, dst, length)
 
     def writeprotect(self, start: int, length: int,
                      mode: WriteprotectMode = WriteprotectMode.WP) -> None:
@@ -480,9 +573,11 @@ class Userfaultfd(OwnedFd):
 
         Clearing wakes the threads blocked on WP faults unless DONTWAKE is given.
         """
-        arg = abi.uffdio_writeprotect(range=abi.uffdio_range(start, length), mode=int(mode))
-        if libc.ioctl_ptr(self.fileno(), abi.UFFDIO_WRITEPROTECT, libc.addressof(arg)) < 0:
-            raise _error("UFFDIO_WRITEPROTECT", libc.get_errno(), start, length)
+        arg = self._ranged(abi.uffdio_writeprotect, start, length, mode)
+        try:
+            _ioctl(self.fileno(), abi.UFFDIO_WRITEPROTECT, arg.buf, True)
+        except OSError as e:
+            raise _error("UFFDIO_WRITEPROTECT", self._errno(e), start, length) from None
 
     # --- events --------------------------------------------------------------------
 
@@ -569,16 +664,13 @@ def decode_events(data: bytes | bytearray | memoryview, *,
     return out
 
 
-def _fill_result(op: str, ret: int, progress: int, start: int, length: int) -> FillResult:
-    """Turn a fill ioctl's return value and progress field into a result.
+def _fill_failed(op: str, err: int, progress: int, start: int, length: int) -> FillResult:
+    """Turn a failed fill ioctl's errno and progress field into a result or an error.
 
     The kernel reports progress in the struct's last field: bytes done, or ``-errno``.
-    A partial fill returns EAGAIN with the bytes done; EEXIST means the first page was
-    already there; EAGAIN with no progress means an event is pending.
+    A partial fill fails with EAGAIN and the bytes done; EEXIST means the first page
+    was already there; EAGAIN with no progress means an event is pending.
     """
-    if ret >= 0:
-        return Filled(length if progress <= 0 else progress)
-    err = libc.get_errno()
     done = progress if progress > 0 else 0
     if err == errno.EEXIST:
         return AlreadyPresent(done)

@@ -27,7 +27,6 @@ import struct
 import threading
 from dataclasses import dataclass
 
-from pagein._abi import libc
 from pagein._abi import uffd as abi
 from pagein._abi.uffd import (
     ContinueMode,
@@ -42,8 +41,19 @@ from pagein._abi.uffd import (
     WriteprotectMode,
     ZeropageMode,
 )
-from pagein.errors import UffdError, Unavailable, UnsupportedFeature
+from pagein.errors import UnsupportedFeature
 from pagein.sys._fd import OwnedFd
+from pagein.sys._uffd_api import (
+    ApiInfo,
+    Arg,
+    error_for,
+    feature_names,
+    ioctl_set,
+    kernel_hint,
+    negotiate,
+    open_raw,
+    supported_api,
+)
 
 __all__ = [
     "AlreadyPresent",
@@ -168,29 +178,8 @@ Event = PageFault | Fork | Remap | Remove | Unmap
 _MSG = struct.Struct(abi.UFFD_MSG_FORMAT)
 
 
-# --- ioctl arguments -------------------------------------------------------------------
-#
-# Ioctls go through ``fcntl.ioctl`` with a bytearray argument: it copies the struct in
-# and out around the call with the GIL released, and costs far less per call than a
-# ctypes foreign call (this is the per-fault hot path). Field positions come from the
-# ctypes structs in ``_abi`` (every field is 64-bit).
-
-
-class _Arg:
-    """One ioctl argument struct: its bytes, viewed as unsigned and signed u64 words."""
-
-    __slots__ = ("buf", "s", "u")
-
-    def __init__(self, struct_type: abi.StructType) -> None:
-        self.buf = bytearray(abi.size(struct_type))
-        view = memoryview(self.buf)
-        self.u = view.cast("Q")
-        self.s = view.cast("q")
-
-
+# Word positions of the fill argument structs' fields (all fields are 64-bit).
 _W = abi.word
-_API_API, _API_FEATURES, _API_IOCTLS = (_W(abi.uffdio_api, f) for f in ("api", "features",
-                                                                       "ioctls"))
 # dst/src/len/mode/result: the layout of uffdio_copy and uffdio_move.
 _DST, _SRC, _LEN, _MODE, _DONE = (_W(abi.uffdio_copy, f) for f in ("dst", "src", "len",
                                                                    "mode", "copy"))
@@ -216,166 +205,6 @@ def _filled(n: int) -> Filled:
     return f
 
 
-@dataclass(frozen=True, slots=True)
-class ApiInfo:
-    """What ``UFFDIO_API`` granted: the features enabled and the fd-level ioctls."""
-
-    features: Feature
-    ioctls: frozenset[IoctlNr]
-
-
-def _ioctl_set(mask: int) -> frozenset[IoctlNr]:
-    return frozenset(nr for nr in IoctlNr if mask & (1 << nr))
-
-
-def feature_names(features: int) -> list[str]:
-    """Return the kernel names (``UFFD_FEATURE_*``) of the bits set in ``features``."""
-    names = [f"UFFD_FEATURE_{f.name}" for f in Feature if features & f]
-    known = sum(Feature)
-    names += [f"unknown feature bit {b}" for b in range(64)
-              if features & (1 << b) and not known & (1 << b)]
-    return names
-
-
-# The first Linux release that offers each feature (x86-64), for error messages.
-_FEATURE_SINCE: dict[Feature, str] = {
-    Feature.PAGEFAULT_FLAG_WP: "5.7",
-    Feature.EVENT_FORK: "4.11",
-    Feature.EVENT_REMAP: "4.11",
-    Feature.EVENT_REMOVE: "4.11",
-    Feature.MISSING_HUGETLBFS: "4.11",
-    Feature.MISSING_SHMEM: "4.11",
-    Feature.EVENT_UNMAP: "4.11",
-    Feature.SIGBUS: "4.14",
-    Feature.THREAD_ID: "4.14",
-    Feature.MINOR_HUGETLBFS: "5.13",
-    Feature.MINOR_SHMEM: "5.14",
-    Feature.EXACT_ADDRESS: "5.18",
-    Feature.WP_HUGETLBFS_SHMEM: "5.19",
-    Feature.WP_UNPOPULATED: "6.4",
-    Feature.POISON: "6.6",
-    Feature.WP_ASYNC: "6.7",
-    Feature.MOVE: "6.8",
-}
-
-
-def _kernel_hint(missing: int) -> str:
-    versions = [_FEATURE_SINCE[f] for f in Feature if missing & f and f in _FEATURE_SINCE]
-    running = os.uname().release
-    if not versions:
-        return f"this kernel ({running}) does not know it"
-    need = max(versions, key=lambda v: tuple(map(int, v.split("."))))
-    return (f"it needs Linux >= {need} built with the matching CONFIG_* options "
-            f"(running {running}); upgrade the kernel or drop the feature")
-
-
-_HELP_PERMISSION = (
-    "run as root, give this user read/write access to /dev/userfaultfd, set sysctl "
-    "vm.unprivileged_userfaultfd=1, grant CAP_SYS_PTRACE, or open with "
-    "user_mode_only=True"
-)
-
-
-def _open_raw(flags: int, user_mode_only: bool) -> int:
-    """Create a uffd through /dev/userfaultfd, falling back to the syscall."""
-    mode = flags | (abi.UFFD_USER_MODE_ONLY if user_mode_only else 0)
-    dev_error = ""
-    try:
-        dev = os.open(abi.USERFAULTFD_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        dev_error = f"{abi.USERFAULTFD_DEVICE}: {e.strerror}"
-    else:
-        try:
-            return fcntl.ioctl(dev, abi.USERFAULTFD_IOC_NEW, mode)
-        except OSError as e:
-            dev_error = f"USERFAULTFD_IOC_NEW: {e.strerror}"
-        finally:
-            os.close(dev)
-    fd = libc.syscall1(abi.NR_USERFAULTFD_X86_64, mode)
-    if fd >= 0:
-        return fd
-    err = libc.get_errno()
-    if err == errno.ENOSYS:
-        raise Unavailable(
-            "userfaultfd is not available: this kernel was built without "
-            "CONFIG_USERFAULTFD; use a Linux >= 4.3 kernel with it enabled")
-    if err in (errno.EPERM, errno.EACCES):
-        raise Unavailable(
-            f"userfaultfd creation was refused ({dev_error}; userfaultfd(2): "
-            f"{os.strerror(err)}): {_HELP_PERMISSION}")
-    if err == errno.EINVAL and user_mode_only:
-        raise UnsupportedFeature(
-            ["UFFD_USER_MODE_ONLY"], "it needs Linux >= 5.11; open without user_mode_only")
-    raise Unavailable(f"userfaultfd(2) failed: {os.strerror(err)} ({dev_error})")
-
-
-def _api(fd: int, features: int) -> ApiInfo:
-    arg = _Arg(abi.uffdio_api)
-    arg.u[_API_API], arg.u[_API_FEATURES] = abi.UFFD_API, features
-    try:
-        fcntl.ioctl(fd, abi.UFFDIO_API, arg.buf, True)
-    except OSError as e:
-        err = e.errno or 0
-        if err == errno.EPERM and features & Feature.EVENT_FORK:
-            raise UnsupportedFeature(
-                ["UFFD_FEATURE_EVENT_FORK"],
-                "UFFDIO_API refused it (EPERM): it needs CAP_SYS_PTRACE; run as root or "
-                "drop Feature.EVENT_FORK") from None
-        raise UnsupportedFeature(
-            feature_names(features) or ["UFFD_API"],
-            f"UFFDIO_API refused the request ({os.strerror(err)}); {_kernel_hint(features)}",
-        ) from None
-    # The kernel writes back every feature it *offers*, not the ones it enabled.
-    return ApiInfo(Feature(arg.u[_API_FEATURES]), _ioctl_set(arg.u[_API_IOCTLS]))
-
-
-_SUPPORTED: dict[bool, ApiInfo] = {}
-
-
-def supported_api(user_mode_only: bool = False) -> ApiInfo:
-    """Return every feature and ioctl this kernel offers (probed once per process)."""
-    if user_mode_only not in _SUPPORTED:
-        fd = _open_raw(os.O_CLOEXEC, user_mode_only)
-        try:
-            _SUPPORTED[user_mode_only] = _api(fd, 0)
-        finally:
-            os.close(fd)
-    return _SUPPORTED[user_mode_only]
-
-
-# Per-errno advice appended to UffdError messages; ops can refine it (see _OP_HINTS).
-_HINTS = {
-    errno.EINVAL: "check that start and length are page aligned (huge-page aligned on "
-                  "hugetlbfs), non-zero, and that the range is registered in the mode this "
-                  "operation needs",
-    errno.ENOENT: "the range is not registered with this uffd (or no longer mapped) in the "
-                  "process that created it",
-    errno.ESRCH: "the process that created this uffd has exited",
-    errno.ENOMEM: "the kernel could not allocate the page (or no 2 MiB page is free: raise "
-                  "sysctl vm.nr_hugepages)",
-    errno.EPERM: "the range's mapping does not allow this operation",
-    errno.EFAULT: "the source or destination address is not mapped in the right process",
-}
-_OP_HINTS = {
-    ("UFFDIO_REGISTER", errno.EINVAL): "check that start and length are page aligned and "
-        "that this kind of memory supports the mode (MINOR needs shmem or hugetlbfs)",
-    ("UFFDIO_REGISTER", errno.ENOMEM): "part of the range is not mapped",
-    ("UFFDIO_REGISTER", errno.EBUSY): "the range is already registered with another uffd",
-    ("UFFDIO_MOVE", errno.EINVAL): "UFFDIO_MOVE must be called by the process that created "
-        "the uffd, with Feature.MOVE, page-aligned private anonymous source and destination "
-        "of equal protection, and a destination registered with this uffd",
-    ("UFFDIO_MOVE", errno.EBUSY): "a source page is shared (e.g. after fork); copy it instead",
-    ("UFFDIO_POISON", errno.EINVAL): "UFFDIO_POISON needs Feature.POISON at open and a "
-        "page-aligned registered range",
-    ("UFFDIO_CONTINUE", errno.EFAULT): "the page is not in the page cache: write it "
-        "through another mapping of the file first",
-}
-
-
-def _error(op: str, err: int, start: int, length: int) -> UffdError:
-    return UffdError(op, err, start, length, _OP_HINTS.get((op, err)) or _HINTS.get(err, ""))
-
-
 class Userfaultfd(OwnedFd):
     """One userfaultfd with its negotiated API.
 
@@ -392,9 +221,9 @@ class Userfaultfd(OwnedFd):
         # by the thread that created this object; other threads get fresh ones, so
         # concurrent fills from several threads never share an argument buffer.
         self._owner = _get_ident()
-        self._copy_arg = _Arg(abi.uffdio_copy)
-        self._cont_arg = _Arg(abi.uffdio_continue)
-        self._range_arg = _Arg(abi.uffdio_range)
+        self._copy_arg = Arg(abi.uffdio_copy)
+        self._cont_arg = Arg(abi.uffdio_continue)
+        self._range_arg = Arg(abi.uffdio_range)
 
     @classmethod
     def open(
@@ -416,15 +245,15 @@ class Userfaultfd(OwnedFd):
         offered = supported_api(user_mode_only).features
         missing = int(features) & ~int(offered)
         if missing:
-            raise UnsupportedFeature(feature_names(missing), _kernel_hint(missing))
+            raise UnsupportedFeature(feature_names(missing), kernel_hint(missing))
         flags = os.O_CLOEXEC | (os.O_NONBLOCK if nonblocking else 0)
-        fd = _open_raw(flags, user_mode_only)
+        fd = open_raw(flags, user_mode_only)
         try:
             asked = Feature(features | (optional & offered))
             # WP_ASYNC implies WP_UNPOPULATED: the kernel turns it on by itself.
             if asked & Feature.WP_ASYNC:
                 asked |= Feature.WP_UNPOPULATED
-            api = ApiInfo(asked, _api(fd, int(asked)).ioctls)
+            api = ApiInfo(asked, negotiate(fd, int(asked)).ioctls)
         except BaseException:
             os.close(fd)
             raise
@@ -460,8 +289,8 @@ class Userfaultfd(OwnedFd):
         try:
             _ioctl(self.fileno(), abi.UFFDIO_REGISTER, arg.buf, True)
         except OSError as e:
-            raise _error("UFFDIO_REGISTER", e.errno or 0, start, length) from None
-        return _ioctl_set(arg.u[_REG_IOCTLS])
+            raise error_for("UFFDIO_REGISTER", e.errno or 0, start, length) from None
+        return ioctl_set(arg.u[_REG_IOCTLS])
 
     def unregister(self, start: int, length: int) -> None:
         """Unregister a range; later faults there are served by the kernel as usual."""
@@ -472,19 +301,19 @@ class Userfaultfd(OwnedFd):
         self._range_op(abi.UFFDIO_WAKE, "UFFDIO_WAKE", start, length)
 
     def _range_op(self, req: int, op: str, start: int, length: int) -> None:
-        arg = self._range_arg if _get_ident() == self._owner else _Arg(abi.uffdio_range)
+        arg = self._range_arg if _get_ident() == self._owner else Arg(abi.uffdio_range)
         u = arg.u
         u[_R_START] = start
         u[_R_LEN] = length
         try:
             _ioctl(self.fileno(), req, arg.buf, True)
         except OSError as e:
-            raise _error(op, self._errno(e), start, length) from None
+            raise error_for(op, self._errno(e), start, length) from None
 
     def _ranged(self, struct_type: abi.StructType, start: int, length: int,
-                mode: int) -> _Arg:
+                mode: int) -> Arg:
         """A fresh range/mode argument (register, zeropage, poison, writeprotect)."""
-        arg = _Arg(struct_type)
+        arg = Arg(struct_type)
         arg.u[_R_START], arg.u[_R_LEN], arg.u[_R_MODE] = start, length, mode
         return arg
 
@@ -494,7 +323,7 @@ class Userfaultfd(OwnedFd):
             self.fileno()
         return e.errno or 0
 
-    def _fill(self, req: int, op: str, arg: _Arg, done_word: int, start: int,
+    def _fill(self, req: int, op: str, arg: Arg, done_word: int, start: int,
               length: int) -> FillResult:
         """Issue a fill ioctl and turn its outcome into a result (see _fill_failed)."""
         arg.u[done_word] = 0
@@ -517,7 +346,7 @@ class Userfaultfd(OwnedFd):
         is an address in the uffd creator's address space.
         """
         # The hot path: one preallocated argument, one ioctl, a shared result.
-        arg = self._copy_arg if _get_ident() == self._owner else _Arg(abi.uffdio_copy)
+        arg = self._copy_arg if _get_ident() == self._owner else Arg(abi.uffdio_copy)
         u = arg.u
         u[_DST] = dst
         u[_SRC] = src
@@ -533,7 +362,7 @@ class Userfaultfd(OwnedFd):
             raise
         except OSError as e:
             return _fill_failed("UFFDIO_COPY", self._errno(e), arg.s[_DONE], dst, length)
-        return _filled(length)
+        return _FILLED.get(length) or _filled(length)
 
     def zeropage(self, start: int, length: int,
                  mode: ZeropageMode = ZeropageMode.NONE) -> FillResult:
@@ -544,7 +373,7 @@ class Userfaultfd(OwnedFd):
     def continue_(self, start: int, length: int,
                   mode: ContinueMode = ContinueMode.NONE) -> FillResult:
         """Map pages already in the page cache (``UFFDIO_CONTINUE``, MINOR faults)."""
-        arg = self._cont_arg if _get_ident() == self._owner else _Arg(abi.uffdio_continue)
+        arg = self._cont_arg if _get_ident() == self._owner else Arg(abi.uffdio_continue)
         u = arg.u
         u[_R_START] = start
         u[_R_LEN] = length
@@ -563,7 +392,7 @@ class Userfaultfd(OwnedFd):
         and the kernel refuses cross-mm moves: only a thread of that process may call
         this (EINVAL otherwise). ``src`` reads as unpopulated afterwards.
         """
-        arg = _Arg(abi.uffdio_move)
+        arg = Arg(abi.uffdio_move)
         arg.u[_DST], arg.u[_SRC], arg.u[_LEN], arg.u[_MODE] = dst, src, length, mode
         return self._fill(abi.UFFDIO_MOVE, "UFFDIO_MOVE", arg, _DONE, dst, length)
 
@@ -577,7 +406,7 @@ class Userfaultfd(OwnedFd):
         try:
             _ioctl(self.fileno(), abi.UFFDIO_WRITEPROTECT, arg.buf, True)
         except OSError as e:
-            raise _error("UFFDIO_WRITEPROTECT", self._errno(e), start, length) from None
+            raise error_for("UFFDIO_WRITEPROTECT", self._errno(e), start, length) from None
 
     # --- events --------------------------------------------------------------------
 
@@ -676,4 +505,4 @@ def _fill_failed(op: str, err: int, progress: int, start: int, length: int) -> F
         return AlreadyPresent(done)
     if err == errno.EAGAIN:
         return Retry(done)
-    raise _error(op, err, start, length)
+    raise error_for(op, err, start, length)

@@ -107,3 +107,7 @@ class SourceError(PageinError):
 
 class GuestError(PageinError):
     """The guest failed: an exception, a triple fault, or an unservable request."""
+
+
+class HandlerError(PageinError):
+    """A page-fault handler process failed or died while memory depended on it."""

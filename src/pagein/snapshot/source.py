@@ -22,7 +22,7 @@ from typing import Self
 
 
 class PageSource(abc.ABC):
-    """Snapshot bytes by offset. Subclasses own their files/connections; ``close()`` is idempotent."""
+    """Snapshot bytes by offset; subclasses own their files and connections."""
 
     #: Fetch granularity in bytes: reading less than this costs as much as reading this.
     block_size: int = 4096

@@ -1,0 +1,184 @@
+"""``pagein store push | pull | ls | rm | gc``: snapshots in a chunk store (see docs/store.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import UTC, datetime
+
+from pagein.cli._format import parse_size, table
+from pagein.errors import SourceError
+from pagein.snapshot.store import ops
+from pagein.snapshot.store.backend import Backend
+from pagein.snapshot.store.layout import StoreOptions, open_backend
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+class _ProgressLine:
+    """Progress on stderr: one rewritten line on a terminal, a line every few s otherwise."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+        self.started = time.monotonic()
+        self.dirty = False
+
+    def __call__(self, p: ops.Progress) -> None:
+        now = time.monotonic()
+        final = p.total and p.done >= p.total
+        if self.quiet or (now - self.last < (0.2 if self.tty else 2.0) and not final):
+            return
+        self.last = now
+        count = f"{p.done}/{p.total}" if p.total else (str(p.done) if p.done else "")
+        text = f"{p.phase} {count} ({now - self.started:.1f} s)"
+        if self.tty:
+            sys.stderr.write(f"\r\x1b[K{text}")
+            self.dirty = True
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.dirty:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def _backend(args: argparse.Namespace, create: bool = False) -> Backend:
+    url = args.store or os.environ.get("PAGEIN_STORE")
+    if not url:
+        raise SourceError("no store given: pass --store s3://bucket[/prefix] or dir:///path "
+                          "(or set PAGEIN_STORE)")
+    return open_backend(url, StoreOptions(endpoint_url=args.endpoint_url, profile=args.profile),
+                        create=create)
+
+
+def _push(args: argparse.Namespace) -> int:
+    progress = _ProgressLine(args.quiet)
+    backend = _backend(args, create=True)
+    started = time.monotonic()
+    try:
+        s = ops.push(backend, args.file, args.name, chunk_size=args.chunk_size,
+                     workers=args.workers, progress=progress)
+    finally:
+        progress.done()
+        backend.close()
+    elapsed = time.monotonic() - started
+    rows = [
+        ["chunks", f"{s.chunks} x {args.chunk_size // 1024} KiB"],
+        ["zero (not stored)", str(s.zero_chunks)],
+        ["unique", str(s.unique_chunks)],
+        ["new (uploaded)", str(s.new_chunks)],
+        ["bytes in", _mib(s.bytes_in)],
+        ["bytes out", _mib(s.bytes_out)],
+        ["compression ratio", f"{s.compression_ratio:.2f}x"],
+        ["dedup savings", f"{s.dedup_savings:.1%}"],
+        ["overall in/out", f"{s.bytes_in / s.bytes_out:.1f}x" if s.bytes_out else "all reused"],
+        ["time", f"{elapsed:.1f} s ({s.bytes_in / (1 << 20) / max(elapsed, 1e-9):.0f} MiB/s)"],
+    ]
+    if s.reuploaded:
+        rows.append(["restored after gc", str(s.reuploaded)])
+    print(f"pushed {s.name} to {backend.url}")
+    print(table(["", "value"], rows))
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    progress = _ProgressLine(args.quiet)
+    backend = _backend(args)
+    started = time.monotonic()
+    try:
+        s = ops.pull(backend, args.name, args.out, workers=args.workers, progress=progress)
+    finally:
+        progress.done()
+        backend.close()
+    elapsed = time.monotonic() - started
+    print(f"pulled {s.name} to {args.out}: {s.chunks} chunks ({s.zero_chunks} zero), "
+          f"{_mib(s.bytes_out)} in {elapsed:.1f} s, every chunk verified")
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    backend = _backend(args)
+    try:
+        rows = ops.list_snapshots(backend)
+    finally:
+        backend.close()
+    print(table(["name", "size", "chunk", "chunks", "zero", "stored", "created (UTC)"], [
+        [r.name, _mib(r.size_bytes), f"{r.chunk_size // 1024}K", str(r.chunks),
+         str(r.zero_chunks), _mib(r.stored_bytes),
+         datetime.fromtimestamp(r.created_unix, UTC).strftime("%Y-%m-%d %H:%M:%S")]
+        for r in rows]))
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    backend = _backend(args)
+    try:
+        ops.remove(backend, args.name)
+    finally:
+        backend.close()
+    print(f"removed {args.name} (its chunks go at the next 'pagein store gc')")
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    progress = _ProgressLine(args.quiet)
+    backend = _backend(args)
+    try:
+        s = ops.gc(backend, grace_seconds=args.grace, dry_run=args.dry_run, progress=progress)
+    finally:
+        progress.done()
+        backend.close()
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"gc: {s.chunks_seen} chunks, {verb} {s.chunks_deleted} ({_mib(s.bytes_freed)}), "
+          f"kept {s.kept_young} unreferenced but younger than --grace or a running push")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``pagein store`` and its subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", help="s3://bucket[/prefix], dir:///path or a path "
+                                        "(default $PAGEIN_STORE)")
+    common.add_argument("--endpoint-url", help="S3 endpoint (default $AWS_ENDPOINT_URL)")
+    common.add_argument("--profile", help="AWS profile for credentials (default $AWS_PROFILE)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p = subparsers.add_parser("store", help="push, pull, list, remove and gc snapshots in a "
+                                            "chunk store (directory or S3)")
+    sub = p.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+
+    push = sub.add_parser("push", parents=[common], help="store a memory file as NAME")
+    push.add_argument("file", help="raw memory file (Firecracker layout)")
+    push.add_argument("name", help="snapshot name (A-Z a-z 0-9 . _ -)")
+    push.add_argument("--chunk-size", type=parse_size, default=1 << 20,
+                      help="power of two from 64K to 4M (default 1M)")
+    push.add_argument("--workers", type=int, default=4, help="parallel uploads (default 4)")
+    push.set_defaults(handler=_push)
+
+    pull = sub.add_parser("pull", parents=[common], help="rebuild NAME as a memory file")
+    pull.add_argument("name")
+    pull.add_argument("out", help="output file (written sparse, replaced atomically)")
+    pull.add_argument("--workers", type=int, default=8, help="parallel downloads (default 8)")
+    pull.set_defaults(handler=_pull)
+
+    ls = sub.add_parser("ls", parents=[common], help="list snapshots")
+    ls.set_defaults(handler=_ls)
+
+    rm = sub.add_parser("rm", parents=[common], help="remove snapshot NAME (chunks: see gc)")
+    rm.add_argument("name")
+    rm.set_defaults(handler=_rm)
+
+    gc = sub.add_parser("gc", parents=[common],
+                        help="delete chunks no snapshot references (safe during pushes)")
+    gc.add_argument("--grace", type=float, default=ops.DEFAULT_GRACE_SECONDS,
+                    help="keep unreferenced chunks younger than this many seconds "
+                         f"(default {ops.DEFAULT_GRACE_SECONDS:.0f})")
+    gc.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    gc.set_defaults(handler=_gc)

@@ -1,0 +1,315 @@
+"""Firecracker's page-fault handler protocol, both sides.
+
+The handler listens on a Unix stream socket. The VMM creates guest memory, creates a
+userfaultfd (requiring ``UFFD_FEATURE_EVENT_REMOVE``), registers every region in MISSING
+mode, connects, and sends ONE ``sendmsg``: a JSON array with one object per region and
+the uffd as SCM_RIGHTS. No length prefix, no reply; the VMM keeps the socket open::
+
+    [{"base_host_virt_addr": 140240000000000, "size": 134217728, "offset": 0,
+      "page_size": 4096, "page_size_kib": 4096}, ...]
+
+Three generations of that object are in the field (all sizes in bytes):
+
+- ``current``: ``page_size`` and the legacy ``page_size_kib`` (which also holds bytes);
+- ``legacy-kib``: only ``page_size_kib``;
+- ``original``: neither page field (Firecracker < 1.7), meaning 4096.
+
+Wire names stay in this module: the rest of pagein sees :class:`Region` values.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import json
+import os
+import select
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pagein.errors import HandshakeError
+from pagein.sys.fdpass import recv_with_fds, send_with_fds
+from pagein.sys.uffd import Userfaultfd
+
+__all__ = [
+    "MAX_HANDSHAKE_BYTES",
+    "PAGE_SIZES",
+    "Generation",
+    "Handshake",
+    "Region",
+    "connect_and_send",
+    "encode_regions",
+    "json_end",
+    "parse_regions",
+    "receive_handshake",
+    "validate_regions",
+]
+
+#: The page sizes a region may use: base pages and 2 MiB huge pages.
+PAGE_SIZES = (4096, 2 * 1024 * 1024)
+#: A handshake larger than this is refused (thousands of regions fit in it).
+MAX_HANDSHAKE_BYTES = 4 * 1024 * 1024
+_RECV_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """One guest memory region: where it is mapped in the VMM and where its bytes are."""
+
+    base_address: int
+    size_bytes: int
+    offset: int  # in the raw memory file
+    page_size: int = 4096
+
+    @property
+    def end_address(self) -> int:
+        return self.base_address + self.size_bytes
+
+    @property
+    def end_offset(self) -> int:
+        return self.offset + self.size_bytes
+
+
+class Generation(enum.Enum):
+    """Which page-size fields a VMM's handshake carries."""
+
+    CURRENT = "current"  # page_size + page_size_kib (Firecracker >= 1.10)
+    LEGACY_KIB = "legacy-kib"  # page_size_kib only (holds bytes despite its name)
+    ORIGINAL = "original"  # neither: 4096
+
+
+# --- encoding (the VMM side) ---------------------------------------------------------
+
+
+def encode_regions(regions: Sequence[Region], generation: Generation = Generation.CURRENT) -> bytes:
+    """Encode regions as the JSON array a Firecracker VMM of ``generation`` sends."""
+    out = []
+    for r in regions:
+        obj: dict[str, int] = {"base_host_virt_addr": r.base_address, "size": r.size_bytes,
+                               "offset": r.offset}
+        if generation is not Generation.ORIGINAL:
+            obj["page_size_kib"] = r.page_size
+        if generation is Generation.CURRENT:
+            obj["page_size"] = r.page_size
+        out.append(obj)
+    return json.dumps(out).encode()
+
+
+def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaultfd | int, *,
+                     generation: Generation = Generation.CURRENT,
+                     timeout: float | None = 10.0) -> socket.socket:
+    """Do what Firecracker's VMM does: connect, send the regions and the uffd in one message.
+
+    Returns the connected socket: keep it open for as long as the guest runs (closing it
+    tells the handler the VM is gone). The caller keeps its own copy of the uffd, as
+    Firecracker does, so the guest freezes rather than reads zeros if the handler dies.
+    """
+    fd = uffd if isinstance(uffd, int) else uffd.fileno()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        payload = encode_regions(regions, generation)
+        sent = send_with_fds(sock, payload, [fd])
+        if sent < len(payload):  # the fd went with the first part; the rest follows
+            sock.sendall(payload[sent:])
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# --- decoding (the handler side) -----------------------------------------------------
+
+
+def json_end(buf: bytes) -> int | None:
+    """Return the index just past the top-level JSON array/object in ``buf``, or None.
+
+    A scanner over brackets and strings: the handshake has no length prefix, so the
+    handler must know when the peer's one message is complete without a close.
+    Raises :class:`HandshakeError` when ``buf`` cannot start an array.
+    """
+    depth = 0
+    in_str = False
+    escape = False
+    started = False
+    for i, ch in enumerate(buf):
+        if not started:
+            if ch in b" \t\r\n":
+                continue
+            if ch != ord("["):
+                raise HandshakeError("payload", buf[:40].decode(errors="replace"),
+                                     "expected a JSON array of regions")
+            started = True
+            depth = 1
+            continue
+        if in_str:
+            if escape:
+                escape = False
+            elif ch == 0x5C:  # backslash
+                escape = True
+            elif ch == 0x22:
+                in_str = False
+            continue
+        if ch == 0x22:
+            in_str = True
+        elif ch in b"[{":
+            depth += 1
+        elif ch in b"]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+def _opt_int(obj: dict[str, object], key: str, where: str) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HandshakeError(f"{where}.{key}", value, "must be an integer")
+    if value < 0 or value >= 1 << 64:
+        raise HandshakeError(f"{where}.{key}", value, "must be an unsigned 64-bit integer")
+    return value
+
+
+def _req_int(obj: dict[str, object], key: str, where: str) -> int:
+    value = _opt_int(obj, key, where)
+    if value is None:
+        raise HandshakeError(f"{where}.{key}", None, "missing")
+    return value
+
+
+def _region(obj: object, where: str) -> Region:
+    if not isinstance(obj, dict):
+        raise HandshakeError(where, obj, "each region must be a JSON object")
+    base = _req_int(obj, "base_host_virt_addr", where)
+    size = _req_int(obj, "size", where)
+    offset = _req_int(obj, "offset", where)
+    page_size = _opt_int(obj, "page_size", where)
+    legacy = _opt_int(obj, "page_size_kib", where)
+    if page_size is not None and legacy is not None and page_size != legacy:
+        raise HandshakeError(f"{where}.page_size_kib", legacy,
+                             f"disagrees with page_size={page_size} (both hold bytes)")
+    ps = page_size if page_size is not None else legacy if legacy is not None else 4096
+    return Region(base, size, offset, ps)
+
+
+def parse_regions(payload: bytes) -> list[Region]:
+    """Decode a handshake payload of any generation into regions (no range checks)."""
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HandshakeError("payload", payload[:60].decode(errors="replace"),
+                             f"not valid JSON ({e})") from e
+    if not isinstance(doc, list):
+        raise HandshakeError("payload", type(doc).__name__, "expected a JSON array of regions")
+    if not doc:
+        raise HandshakeError("payload", "[]", "the VMM sent no regions")
+    return [_region(obj, f"regions[{i}]") for i, obj in enumerate(doc)]
+
+
+def validate_regions(regions: Sequence[Region], file_size: int) -> None:
+    """Check regions before serving a page: sizes, alignment, file bounds, no overlaps.
+
+    Raises :class:`HandshakeError` naming the first bad field and its value.
+    """
+    for i, r in enumerate(regions):
+        where = f"regions[{i}]"
+        if r.page_size not in PAGE_SIZES:
+            raise HandshakeError(f"{where}.page_size", r.page_size,
+                                 "must be 4096 or 2097152 (2 MiB hugetlbfs)")
+        if r.size_bytes == 0:
+            raise HandshakeError(f"{where}.size", 0, "a region must not be empty")
+        for key, value in (("base_host_virt_addr", r.base_address), ("size", r.size_bytes),
+                           ("offset", r.offset)):
+            if value % r.page_size:
+                raise HandshakeError(f"{where}.{key}", value,
+                                     f"must be a multiple of the page size {r.page_size}")
+        if r.end_offset > file_size:
+            raise HandshakeError(f"{where}.offset", r.offset,
+                                 f"region bytes 0x{r.offset:x}-0x{r.end_offset:x} lie past the "
+                                 f"end of the memory file (0x{file_size:x} bytes)")
+        if r.end_address > 1 << 64:
+            raise HandshakeError(f"{where}.size", r.size_bytes,
+                                 "the region wraps the address space")
+    _check_overlaps(regions, "base_host_virt_addr", lambda r: (r.base_address, r.end_address))
+    _check_overlaps(regions, "offset", lambda r: (r.offset, r.end_offset))
+
+
+def _check_overlaps(regions: Sequence[Region], key: str,
+                    span: Callable[[Region], tuple[int, int]]) -> None:
+    spans = sorted((span(r), i) for i, r in enumerate(regions))
+    for (a, ia), (b, ib) in itertools.pairwise(spans):
+        if b[0] < a[1]:
+            # Blame the region listed later: the earlier one was fine on its own.
+            (bad, bad_span), (other, other_span) = sorted([(ia, a), (ib, b)], reverse=True)
+            raise HandshakeError(f"regions[{bad}].{key}", bad_span[0],
+                                 f"overlaps regions[{other}] "
+                                 f"(0x{other_span[0]:x}-0x{other_span[1]:x})")
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """What a VMM sent: its regions, the uffd (now owned by the receiver) and any bytes after."""
+
+    regions: tuple[Region, ...]
+    uffd_fd: int
+    rest: bytes
+
+
+def _check_uffd(fd: int) -> None:
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return  # no /proc: trust the peer; the first ioctl will fail loudly otherwise
+    if target != "anon_inode:[userfaultfd]":
+        raise HandshakeError("uffd", target, "the file descriptor sent is not a userfaultfd")
+    # A uffd polls as an error until UFFDIO_API has been called on it.
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    if any(ev & select.POLLERR for _, ev in p.poll(0)):
+        raise HandshakeError("uffd", fd, "the VMM never called UFFDIO_API on this userfaultfd")
+
+
+def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Handshake:
+    """Receive and validate one handshake within ``timeout`` seconds.
+
+    Reads until the JSON array is complete (it may span many reads: there is no length
+    prefix and it can be far larger than 1 KiB). Raises :class:`HandshakeError` naming
+    the bad field; on error every received fd is closed.
+    """
+    deadline = time.monotonic() + timeout
+    buf = b""
+    fds: list[int] = []
+    try:
+        end = None
+        while end is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+                raise HandshakeError("handshake", f"{len(buf)} bytes",
+                                     f"no complete handshake within {timeout:g} s")
+            got = recv_with_fds(sock, _RECV_CHUNK, 8)
+            fds.extend(got.fds)
+            if not got.data:
+                raise HandshakeError("handshake", f"{len(buf)} bytes",
+                                     "the peer closed the socket before the handshake ended")
+            buf += got.data
+            if len(buf) > MAX_HANDSHAKE_BYTES:
+                raise HandshakeError("payload", f"{len(buf)} bytes",
+                                     f"larger than {MAX_HANDSHAKE_BYTES} bytes")
+            end = json_end(buf)
+        regions = parse_regions(buf[:end])
+        if len(fds) != 1:
+            raise HandshakeError("uffd", f"{len(fds)} fds",
+                                 "expected exactly one userfaultfd in SCM_RIGHTS")
+        _check_uffd(fds[0])
+        validate_regions(regions, file_size)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return Handshake(tuple(regions), fds[0], buf[end:])

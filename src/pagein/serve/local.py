@@ -1,0 +1,244 @@
+"""Restore a snapshot into this process's own memory, lazily, through a handler process.
+
+:func:`restore_lazily` maps anonymous memory the size of the snapshot, registers it with
+a new userfaultfd (MISSING mode, ``UFFD_FEATURE_EVENT_REMOVE``), starts ``pagein serve``
+in a *separate process* on a private socket and hands it the uffd exactly as Firecracker
+does. One code path serves VMs and processes alike.
+
+Why a separate process: a Python thread that faults on registered memory while holding
+the GIL (``Mapping.read`` does) blocks every thread of its process, including any
+handler thread there. A handler process has its own GIL.
+
+Failure is loud, never silent zeros: this process keeps its copy of the uffd for as long
+as the mapping exists, so if the handler dies, touching a missing page blocks instead
+of reading zeros; a watchdog logs the death at ERROR and :meth:`LazyRestore.stats`,
+:meth:`LazyRestore.check` and :meth:`LazyRestore.close` raise
+:class:`~pagein.errors.HandlerError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from types import TracebackType
+from typing import Self
+
+from pagein.errors import HandlerError, SnapshotFormatError
+from pagein.serve.firecracker import Region, connect_and_send
+from pagein.serve.session import STATS_REQUEST
+from pagein.serve.stats import ServeStats
+from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName
+from pagein.snapshot.open import open_source
+from pagein.sys.mapping import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping
+from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
+
+__all__ = ["LazyRestore", "restore_lazily"]
+
+log = logging.getLogger("pagein.serve")
+
+
+class LazyRestore:
+    """A lazily restored snapshot in this process: :attr:`mapping` fills on first touch.
+
+    Create with :func:`restore_lazily`; use as a context manager. ``close()`` unmaps the
+    memory first (so nothing can fault any more), then stops the handler.
+    """
+
+    def __init__(self, mapping: Mapping, uffd: Userfaultfd, sock: socket.socket,
+                 proc: subprocess.Popen[bytes], workdir: str, source: str) -> None:
+        self.mapping = mapping
+        self.source = source
+        self._uffd = uffd
+        self._sock = sock
+        self._proc = proc
+        self._workdir = workdir
+        self._closing = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._last: ServeStats | None = None
+        self._watchdog = threading.Thread(target=self._watch, daemon=True,
+                                          name="pagein-handler-watchdog")
+        self._watchdog.start()
+
+    @property
+    def handler_pid(self) -> int:
+        return self._proc.pid
+
+    @property
+    def size_bytes(self) -> int:
+        return self.mapping.length
+
+    def _watch(self) -> None:
+        code = self._proc.wait()
+        if not self._closing:
+            log.error("pagein handler pid %d exited with status %s while serving %s at "
+                      "0x%x-0x%x: touching a page not yet filled now blocks forever; "
+                      "see %s", self._proc.pid, code, self.source, self.mapping.address,
+                      self.mapping.end, self._log_path())
+
+    def _log_path(self) -> str:
+        return os.path.join(self._workdir, "handler.log")
+
+    def _died(self) -> HandlerError:
+        tail = ""
+        try:
+            with open(self._log_path(), "rb") as f:
+                lines = f.read().decode(errors="replace").strip().splitlines()
+            tail = f": {lines[-1]}" if lines else ""
+        except OSError:
+            pass
+        return HandlerError(
+            f"the pagein handler (pid {self._proc.pid}) for {self.source} exited with status "
+            f"{self._proc.returncode}{tail}; pages not yet filled cannot be restored")
+
+    def check(self) -> None:
+        """Raise :class:`HandlerError` if the handler process is gone."""
+        if self._proc.poll() is not None and not self._closing:
+            raise self._died()
+
+    def stats(self, timeout: float = 10.0) -> ServeStats:
+        """Ask the handler for its counters (faults served, pages, bytes, zero pages)."""
+        if self._closed:
+            if self._last is None:
+                raise HandlerError("this restore is closed and no statistics were collected")
+            return self._last
+        self.check()
+        with self._lock:
+            self._sock.settimeout(timeout)
+            try:
+                self._sock.sendall(STATS_REQUEST)
+                buf = b""
+                while not buf.endswith(b"\n"):
+                    chunk = self._sock.recv(65536)
+                    if not chunk:
+                        raise self._died()
+                    buf += chunk
+            except (TimeoutError, OSError) as e:
+                raise HandlerError(f"the pagein handler (pid {self._proc.pid}) did not answer "
+                                   f"a statistics request within {timeout:g} s: {e}") from e
+            finally:
+                self._sock.settimeout(None)
+        self._last = ServeStats.from_dict(json.loads(buf))
+        return self._last
+
+    def close(self) -> None:
+        """Unmap the memory, then stop the handler; raise if it had died (idempotent)."""
+        if self._closed:
+            return
+        died = self._proc.poll() is not None
+        if not died:
+            try:
+                self.stats()
+            except HandlerError:
+                died = self._proc.poll() is not None
+        self._closing = True
+        self._closed = True
+        # Unmap before releasing the uffd: once the range is gone nothing can fault, so
+        # no access can ever see the zero pages an unserved range would fall back to.
+        self.mapping.close()
+        self._sock.close()
+        self._uffd.close()
+        if not died:
+            self._proc.send_signal(signal.SIGTERM)
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._watchdog.join(timeout=1)
+        error = self._died() if died else None
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        if error is not None:
+            raise error
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self.close()
+        except HandlerError:
+            if exc is None:
+                raise
+
+
+def _start_handler(spec: str, workdir: str, strategy: str, readahead_bytes: int,
+                   timeout: float) -> tuple[subprocess.Popen[bytes], str]:
+    sock_path = os.path.join(workdir, "handler.sock")
+    r, w = os.pipe2(os.O_CLOEXEC)
+    cmd = [sys.executable, "-m", "pagein", "-v", "serve", "--socket", sock_path,
+           "--source", spec, "--strategy", strategy, "--readahead-size", str(readahead_bytes),
+           "--on-bad-handshake", "close", "--exit-after", "1", "--ready-fd", str(w),
+           "--stats-json", os.path.join(workdir, "stats.json")]
+    with open(os.path.join(workdir, "handler.log"), "wb") as logf:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                pass_fds=(w,), start_new_session=True)
+    os.close(w)
+    try:
+        ready = select.select([r], [], [], timeout)[0] and os.read(r, 64)
+    finally:
+        os.close(r)
+    if not ready:
+        proc.kill()
+        proc.wait()
+        with open(os.path.join(workdir, "handler.log"), "rb") as f:
+            lines = f.read().decode(errors="replace").strip().splitlines()
+        raise HandlerError(f"the pagein handler for {spec} did not start within {timeout:g} s"
+                           f"{': ' + lines[-1] if lines else ''}")
+    return proc, sock_path
+
+
+def restore_lazily(source: str, *, strategy: str | StrategyName = StrategyName.ON_DEMAND,
+                   readahead_bytes: int = DEFAULT_READAHEAD_BYTES, hugetlb: bool = False,
+                   start_timeout: float = 30.0) -> LazyRestore:
+    """Map the snapshot ``source`` into this process, to be filled page by page on touch.
+
+    ``source`` is anything :func:`pagein.snapshot.open.open_source` accepts (a raw memory
+    file path, ``file://``, ``s3://``, ``dir://``). ``strategy`` is a
+    :class:`~pagein.serve.strategies.StrategyName` value; ``hugetlb`` backs the memory
+    with 2 MiB pages (``vm.nr_hugepages`` must have enough free).
+
+    Raises :class:`HandlerError` when the handler cannot start, and the source's own
+    errors (:class:`~pagein.errors.SourceError`, ...) when the snapshot cannot be opened.
+
+    Safety: touching :attr:`LazyRestore.mapping` from this process is safe (the handler
+    is another process); touching it after close crashes the process.
+    """
+    name = StrategyName(strategy).value
+    with open_source(source) as src:
+        size = src.size
+    page = HUGE_PAGE_SIZE if hugetlb else PAGE_SIZE
+    if size % page:
+        raise SnapshotFormatError(f"snapshot {source} is {size} bytes, not a multiple of the "
+                                  f"page size {page}: it cannot be one memory region")
+    workdir = tempfile.mkdtemp(prefix="pagein-local-")
+    mapping: Mapping | None = None
+    uffd: Userfaultfd | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        mapping = Mapping.anonymous(size, hugetlb=hugetlb)
+        uffd = Userfaultfd.open(Feature.EVENT_REMOVE)
+        uffd.register(mapping.address, size, RegisterMode.MISSING)
+        proc, sock_path = _start_handler(source, workdir, name, readahead_bytes, start_timeout)
+        sock = connect_and_send(sock_path, [Region(mapping.address, size, 0, page)], uffd)
+    except BaseException:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        if mapping is not None:
+            mapping.close()
+        if uffd is not None:
+            uffd.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return LazyRestore(mapping, uffd, sock, proc, workdir, source)

@@ -1,0 +1,143 @@
+"""Counters and a fault-latency histogram, per VM and in total, as JSON or Prometheus text.
+
+Each session owns one :class:`Counters` and is its only writer; readers (the stats
+file on SIGUSR1, the metrics endpoint) take a :meth:`Counters.snapshot`, which is
+consistent enough for monitoring (each field is read once).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+
+__all__ = ["LATENCY_BUCKETS_US", "Counters", "ServeStats", "prometheus_text", "write_json"]
+
+#: Upper bounds (microseconds) of the fault-latency histogram; one more bucket is +Inf.
+LATENCY_BUCKETS_US = (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000, 100000)
+
+
+@dataclass(slots=True)
+class Counters:
+    """What one session did. Bytes are split by why they were filled."""
+
+    faults: int = 0  # page-fault messages served (duplicates included)
+    pages: int = 0  # pages installed (copied or zero), any cause
+    bytes_fault: int = 0  # bytes copied from the source to serve faults
+    bytes_readahead: int = 0  # bytes copied around faults by the readahead strategy
+    bytes_background: int = 0  # bytes copied by background population (plans)
+    zero_pages: int = 0  # pages installed as zeros (holes, removed pages)
+    retries: int = 0  # fills that hit EAGAIN and were deferred
+    eexist: int = 0  # fills that found the page already present (woken instead)
+    removes: int = 0  # REMOVE events (balloon, MADV_DONTNEED)
+    removed_bytes: int = 0
+    unmaps: int = 0
+    remaps: int = 0
+    latency_us_buckets: list[int] = field(
+        default_factory=lambda: [0] * (len(LATENCY_BUCKETS_US) + 1))
+    latency_us_sum: int = 0
+
+    @property
+    def bytes_copied(self) -> int:
+        return self.bytes_fault + self.bytes_readahead + self.bytes_background
+
+    def observe_latency(self, micros: int) -> None:
+        """Count one fault served ``micros`` after it was read."""
+        self.latency_us_buckets[bisect.bisect_left(LATENCY_BUCKETS_US, micros)] += 1
+        self.latency_us_sum += micros
+
+    def snapshot(self) -> Counters:
+        """Return a copy (the buckets list copied too)."""
+        c = Counters(**{f.name: getattr(self, f.name) for f in fields(self)})
+        c.latency_us_buckets = list(self.latency_us_buckets)
+        return c
+
+    def add(self, other: Counters) -> None:
+        """Accumulate ``other`` into this one."""
+        for f in fields(self):
+            if f.name == "latency_us_buckets":
+                self.latency_us_buckets = [a + b for a, b in
+                                           zip(self.latency_us_buckets,
+                                               other.latency_us_buckets, strict=True)]
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["bytes_copied"] = self.bytes_copied
+        d["latency_us_le"] = [*LATENCY_BUCKETS_US, "inf"]
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class ServeStats:
+    """A summary of one restore, as :func:`pagein.serve.local.restore_lazily` reports it."""
+
+    faults: int
+    pages: int
+    bytes_copied: int
+    zero_pages: int
+    retries: int
+    eexist: int
+    removes: int
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> ServeStats:
+        def get(key: str) -> int:
+            value = d.get(key, 0)
+            return value if isinstance(value, int) else 0
+        return cls(get("faults"), get("pages"), get("bytes_copied"), get("zero_pages"),
+                   get("retries"), get("eexist"), get("removes"))
+
+
+def write_json(path: str, doc: dict[str, object]) -> None:
+    """Write ``doc`` to ``path`` atomically (a temp file renamed over it)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".stats-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+_PROM_COUNTERS = (
+    ("faults", "pagein_faults_total", "Page-fault messages served."),
+    ("pages", "pagein_pages_total", "Pages installed, any cause."),
+    ("bytes_fault", "pagein_bytes_fault_total", "Bytes copied to serve faults."),
+    ("bytes_readahead", "pagein_bytes_readahead_total", "Bytes copied by readahead."),
+    ("bytes_background", "pagein_bytes_background_total", "Bytes copied by background work."),
+    ("zero_pages", "pagein_zero_pages_total", "Pages installed as zeros."),
+    ("retries", "pagein_retries_total", "Fills deferred on EAGAIN."),
+    ("eexist", "pagein_eexist_total", "Fills that found the page present."),
+    ("removes", "pagein_removes_total", "REMOVE events (balloon)."),
+)
+
+
+def prometheus_text(per_vm: Iterable[tuple[str, Counters]], active: int) -> str:
+    """Render counters in the Prometheus text exposition format (version 0.0.4)."""
+    rows = list(per_vm)
+    lines = ["# HELP pagein_active_vms VMs being served now.", "# TYPE pagein_active_vms gauge",
+             f"pagein_active_vms {active}"]
+    for attr, name, help_text in _PROM_COUNTERS:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+        lines += [f'{name}{{vm="{vm}"}} {getattr(c, attr)}' for vm, c in rows]
+    name = "pagein_fault_latency_seconds"
+    lines += [f"# HELP {name} Time from reading a fault to its page being installed.",
+              f"# TYPE {name} histogram"]
+    for vm, c in rows:
+        cumulative = 0
+        for bound, n in zip([*LATENCY_BUCKETS_US, None], c.latency_us_buckets, strict=True):
+            cumulative += n
+            le = "+Inf" if bound is None else f"{bound / 1e6:g}"
+            lines.append(f'{name}_bucket{{vm="{vm}",le="{le}"}} {cumulative}')
+        lines.append(f'{name}_sum{{vm="{vm}"}} {c.latency_us_sum / 1e6:g}')
+        lines.append(f'{name}_count{{vm="{vm}"}} {cumulative}')
+    return "\n".join(lines) + "\n"

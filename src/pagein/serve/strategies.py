@@ -1,0 +1,149 @@
+"""Restore strategies: which pages to fill besides the one a vCPU faulted on, and when.
+
+A :class:`Strategy` answers two questions for a session (one VM):
+
+- :meth:`Strategy.on_connect`: a *prefetch plan*, an ordered iterable of :class:`Span`
+  values the session fills in the background, in bounded chunks, only while no fault
+  is waiting (a fault never queues behind more than one chunk);
+- :meth:`Strategy.on_fault`: an extra window to fill right after the faulting page.
+
+The session never fills a page twice: spans are clipped to pages not yet populated
+(or discarded by a balloon) using the per-region bitmaps, so plans may overlap freely.
+
+``working-set`` is the hook for a recorded working set: :class:`WorkingSet` takes the
+recorded ``(file offset, length)`` extents in the order the guest touched them and
+fills them first; recording them is another module's job.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from pagein.serve.firecracker import Region
+
+__all__ = ["OnDemand", "PopulateAll", "Readahead", "Span", "Strategy", "StrategyName",
+           "WorkingSet", "make_strategy"]
+
+DEFAULT_READAHEAD_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Pages ``[first_page, first_page+pages)`` of region ``region`` (in its page size)."""
+
+    region: int
+    first_page: int
+    pages: int
+
+
+class StrategyName(enum.Enum):
+    ON_DEMAND = "on-demand"
+    READAHEAD = "readahead"
+    POPULATE_ALL = "populate-all"
+    WORKING_SET = "working-set"
+
+
+class Strategy(abc.ABC):
+    """Decides what a session fills beyond the faulting page. One instance per VM."""
+
+    name: StrategyName
+
+    def on_connect(self, regions: Sequence[Region]) -> Iterable[Span]:
+        """Return the background prefetch plan for these regions (default: none)."""
+        return ()
+
+    def on_fault(self, regions: Sequence[Region], region: int, page: int) -> Span | None:
+        """Return an extra span to fill after the faulting ``page`` (default: none)."""
+        return None
+
+
+class OnDemand(Strategy):
+    """One page per fault, nothing else."""
+
+    name = StrategyName.ON_DEMAND
+
+
+class Readahead(Strategy):
+    """Fill the aligned window of ``window_bytes`` around each fault.
+
+    Alignment keeps windows from overlapping, so sequential access costs one fault per
+    window. Hugepage regions use windows of at least one page.
+    """
+
+    name = StrategyName.READAHEAD
+
+    def __init__(self, window_bytes: int = DEFAULT_READAHEAD_BYTES) -> None:
+        if window_bytes <= 0 or window_bytes & (window_bytes - 1):
+            raise ValueError(f"readahead size {window_bytes} must be a power of two in bytes")
+        self.window_bytes = window_bytes
+
+    def on_fault(self, regions: Sequence[Region], region: int, page: int) -> Span | None:
+        r = regions[region]
+        per = max(1, self.window_bytes // r.page_size)
+        if per == 1:
+            return None
+        first = page - page % per
+        total = r.size_bytes // r.page_size
+        return Span(region, first, min(per, total - first))
+
+
+class PopulateAll(Strategy):
+    """Serve faults first; fill everything else in the background, region by region."""
+
+    name = StrategyName.POPULATE_ALL
+
+    def on_connect(self, regions: Sequence[Region]) -> Iterable[Span]:
+        return [Span(i, 0, r.size_bytes // r.page_size) for i, r in enumerate(regions)]
+
+
+class WorkingSet(Strategy):
+    """Prefetch a recorded working set first, then behave like ``then``.
+
+    ``extents`` are ``(file offset, length)`` pairs in the raw memory file, in the order
+    the guest first touched them when the working set was recorded.
+    """
+
+    name = StrategyName.WORKING_SET
+
+    def __init__(self, extents: Sequence[tuple[int, int]], then: Strategy | None = None) -> None:
+        self.extents = list(extents)
+        self.then = then or OnDemand()
+
+    def on_connect(self, regions: Sequence[Region]) -> Iterable[Span]:
+        return _chain(self._recorded(regions), self.then.on_connect(regions))
+
+    def _recorded(self, regions: Sequence[Region]) -> Iterator[Span]:
+        for offset, length in self.extents:
+            for i, r in enumerate(regions):
+                lo, hi = max(offset, r.offset), min(offset + length, r.end_offset)
+                if lo < hi:
+                    first = (lo - r.offset) // r.page_size
+                    last = (hi - r.offset + r.page_size - 1) // r.page_size
+                    yield Span(i, first, last - first)
+
+    def on_fault(self, regions: Sequence[Region], region: int, page: int) -> Span | None:
+        return self.then.on_fault(regions, region, page)
+
+
+def _chain(*parts: Iterable[Span]) -> Iterator[Span]:
+    for part in parts:
+        yield from part
+
+
+def make_strategy(name: str | StrategyName, *, readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
+                  working_set: Sequence[tuple[int, int]] | None = None) -> Strategy:
+    """Build a fresh strategy by name (sessions must not share one instance)."""
+    kind = StrategyName(name)
+    if kind is StrategyName.ON_DEMAND:
+        return OnDemand()
+    if kind is StrategyName.READAHEAD:
+        return Readahead(readahead_bytes)
+    if kind is StrategyName.POPULATE_ALL:
+        return PopulateAll()
+    if working_set is None:
+        raise ValueError("the working-set strategy needs a recorded working set "
+                         "(--working-set FILE)")
+    return WorkingSet(working_set)

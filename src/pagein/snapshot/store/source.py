@@ -1,0 +1,174 @@
+"""Serve a pushed snapshot as a :class:`~pagein.snapshot.source.PageSource`.
+
+A read needs the chunks that overlap it. Each chunk is looked up in the host cache
+(memory, then disk), else fetched from the store on a thread pool; concurrent
+requests for one chunk share a single fetch (single flight). A read spanning
+several chunks starts all their fetches before waiting on the first. Every chunk
+is verified against its content hash (:func:`~.chunker.decode_chunk`) before any of
+its bytes are copied out, whether it came from the store or the disk cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from pagein.errors import IntegrityError, SourceError
+from pagein.snapshot.source import PageSource
+from pagein.snapshot.store.backend import Backend
+from pagein.snapshot.store.cache import ChunkCache
+from pagein.snapshot.store.chunker import decode_chunk
+from pagein.snapshot.store.layout import chunk_key
+from pagein.snapshot.store.manifest import Manifest
+
+__all__ = ["ChunkedSource"]
+
+
+class ChunkedSource(PageSource):
+    """A snapshot's bytes from content-addressed chunks in a store, through a host cache.
+
+    ``block_size`` is the chunk size: reading one byte fetches its whole chunk.
+    ``read_into`` raises SourceError (missing chunk, store unreachable) or
+    IntegrityError (chunk does not match its hash) and never fills with substitute
+    bytes; chunks the manifest marks all-zero read as zeros and are reported by
+    :meth:`zero_extents`. Thread-safe.
+    """
+
+    def __init__(self, backend: Backend, manifest: Manifest, cache: ChunkCache, *,
+                 workers: int = 8, where: str | None = None,
+                 owns_backend: bool = True) -> None:
+        self._backend = backend
+        self.manifest = manifest
+        self.cache = cache
+        self.block_size = manifest.chunk_size
+        self._where = where or f"{backend.url}/{manifest.name}"
+        self._owns_backend = owns_backend
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pagein-fetch")
+        self._lock = threading.Lock()
+        self._inflight: dict[str, Future[bytes]] = {}
+        self._closed = False
+        self.fetches = 0            # chunk objects fetched from the store
+        self.bytes_fetched = 0      # their stored (compressed) bytes
+
+    @property
+    def size(self) -> int:
+        return self.manifest.size_bytes
+
+    def describe(self) -> str:
+        return self._where
+
+    # --- reading --------------------------------------------------------------------
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the snapshot bytes at ``offset``; raise rather than return short."""
+        view = buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
+        length = len(view)
+        if offset < 0 or offset + length > self.size:
+            raise SourceError(f"read 0x{offset:x}-0x{offset + length:x} is outside snapshot "
+                              f"{self._where} (size 0x{self.size:x} bytes)")
+        if length == 0:
+            return
+        cs = self.block_size
+        first, last = offset // cs, (offset + length - 1) // cs
+        # Start every fetch first so a read spanning chunks waits for the slowest
+        # one, not for the sum of them.
+        pending = [self._chunk(i) for i in range(first, last + 1)]
+        # Resolve (fetch + verify) every chunk before copying any byte: on an error
+        # the caller's buffer is untouched, not half-filled.
+        parts = [p.result() if isinstance(p, Future) else p for p in pending]
+        for i, data in zip(range(first, last + 1), parts, strict=True):
+            lo = max(offset, i * cs)
+            hi = min(offset + length, (i + 1) * cs)
+            dst = view[lo - offset:hi - offset]
+            if data is None:
+                dst[:] = bytes(hi - lo)
+            else:
+                dst[:] = memoryview(data)[lo - i * cs:hi - i * cs]
+
+    def _chunk(self, index: int) -> bytes | Future[bytes] | None:
+        """Return chunk ``index``: None if all-zero, bytes if cached, else a pending fetch."""
+        ref = self.manifest.chunks[index]
+        if ref is None:
+            return None
+        data = self.cache.get_memory(ref.digest)
+        if data is not None:
+            return data
+        with self._lock:
+            fut = self._inflight.get(ref.digest)
+            if fut is None:
+                if self._closed:
+                    raise SourceError(f"page source {self._where} is closed")
+                fut = self._pool.submit(self._load, index, ref.digest)
+                self._inflight[ref.digest] = fut
+            return fut
+
+    def _load(self, index: int, digest: str) -> bytes:
+        """Fetch (disk cache, else store), verify and cache one chunk; runs on the pool."""
+        try:
+            length = self.manifest.chunk_length(index)
+            key = chunk_key(digest)
+            what = f"{index} ({key}) of snapshot {self._where}"
+            data: bytes | None = None
+            stored = self.cache.get_disk(digest)
+            if stored is not None:
+                try:
+                    data = decode_chunk(stored, digest, length, f"{what} in the host cache")
+                except IntegrityError:
+                    # A damaged cache file is the cache's problem, not the snapshot's:
+                    # drop it and fetch the real object.
+                    self.cache.discard_disk(digest)
+            if data is None:
+                stored = self._backend.get(key)
+                if stored is None:
+                    raise SourceError(f"chunk {what} is missing from the store: it was "
+                                      "deleted or never uploaded; re-push the snapshot")
+                with self._lock:
+                    self.fetches += 1
+                    self.bytes_fetched += len(stored)
+                data = decode_chunk(stored, digest, length, what)
+                self.cache.put_disk(digest, stored)
+            self.cache.put_memory(digest, data)
+            return data
+        finally:
+            # The chunk is in the memory cache before it leaves _inflight, so a new
+            # request finds one or the other (unless memory is too small to hold it,
+            # which only costs a refetch).
+            with self._lock:
+                self._inflight.pop(digest, None)
+
+    # --- hints ----------------------------------------------------------------------
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Start fetching the chunks of the range in the background (errors surface on read)."""
+        if length <= 0:
+            return
+        cs = self.block_size
+        lo = max(offset, 0) // cs
+        hi = min(offset + length, self.size) - 1
+        for i in range(lo, hi // cs + 1 if hi >= 0 else lo):
+            self._chunk(i)
+
+    def zero_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Return the pieces of the range that lie in chunks pushed as all-zero."""
+        cs = self.block_size
+        end = min(offset + length, self.size)
+        out: list[tuple[int, int]] = []
+        i = max(offset, 0) // cs
+        while i * cs < end:
+            if self.manifest.chunks[i] is None:
+                lo, hi = max(offset, i * cs), min(end, (i + 1) * cs)
+                if out and out[-1][0] + out[-1][1] == lo:
+                    out[-1] = (out[-1][0], out[-1][1] + hi - lo)
+                else:
+                    out.append((lo, hi - lo))
+            i += 1
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._owns_backend:
+            self._backend.close()

@@ -1,0 +1,96 @@
+"""Each invalid handshake: one log line naming the field, the peer killed (or closed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serve_harness import ServerProc, client, finish, make_snapshot, start_server, touch_args
+
+pytestmark = pytest.mark.kernel
+
+SIZE = 1 << 20
+GOOD = '"base_host_virt_addr": BASE, "size": 65536, "offset": 0'
+
+# (case id, fcclient raw arguments, the field the server must name)
+CASES = [
+    ("not-an-array", ["--payload", '"hello"'], "payload"),
+    ("not-json", ["--payload", "[{oops}]"], "payload"),
+    ("no-regions", ["--payload", "[]"], "payload"),
+    ("missing-base", ["--payload", '[{"size": 4096, "offset": 0}]'],
+     "regions[0].base_host_virt_addr"),
+    ("size-not-int", ["--payload", '[{"base_host_virt_addr": BASE, "size": "4k", "offset": 0}]'],
+     "regions[0].size"),
+    ("bad-page-size", ["--payload", "[{" + GOOD + ', "page_size": 8192}]'],
+     "regions[0].page_size"),
+    ("kib-disagrees", ["--payload", "[{" + GOOD + ', "page_size": 4096, "page_size_kib": 4}]'],
+     "regions[0].page_size_kib"),
+    ("unaligned-base", ["--payload", '[{"base_host_virt_addr": 4097, "size": 4096, '
+                                     '"offset": 0}]'], "regions[0].base_host_virt_addr"),
+    ("empty-region", ["--payload", '[{"base_host_virt_addr": BASE, "size": 0, "offset": 0}]'],
+     "regions[0].size"),
+    ("past-end-of-file", ["--payload", '[{"base_host_virt_addr": BASE, "size": 65536, '
+                                       f'"offset": {SIZE}}}]'], "regions[0].offset"),
+    ("overlap", ["--payload", "[{" + GOOD + '}, {"base_host_virt_addr": BASE, "size": 4096, '
+                 '"offset": 65536}]'], "regions[1].base_host_virt_addr"),
+    ("no-fd", ["--no-fd", "--payload", "[{" + GOOD + "}]"], "uffd"),
+    ("not-a-uffd", ["--pipe-fd", "--payload", "[{" + GOOD + "}]"], "uffd"),
+    ("silent", ["--silent"], "handshake"),
+]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProc]]:
+    out: dict[str, ServerProc] = {}
+    try:
+        for policy in ("kill", "close"):
+            tmp = tmp_path_factory.mktemp(policy)
+            snap = str(tmp / "mem.snap")
+            make_snapshot(snap, SIZE)
+            out[policy] = start_server(str(tmp), snap, "--on-bad-handshake", policy,
+                                       "--handshake-timeout", "0.5")
+        yield out
+    finally:
+        for s in out.values():
+            s.stop()
+
+
+def _raw(server: ServerProc, args: list[str]) -> subprocess.Popen[str]:
+    return client("raw", "--socket", server.socket_path, *args)
+
+
+@pytest.mark.parametrize(("case", "args", "field"), CASES, ids=[c[0] for c in CASES])
+def test_bad_handshake_kills_peer_and_names_field(servers: dict[str, ServerProc], case: str,
+                                                  args: list[str], field: str) -> None:
+    server = servers["kill"]
+    c = _raw(server, args)
+    rc, res = finish(c, timeout=20)
+    assert rc == -9, (case, rc, res)
+    lines = [ln for ln in server.log().splitlines() if f"vm pid={c.pid}: bad handshake" in ln]
+    assert len(lines) == 1, server.log()[-3000:]
+    assert f"bad handshake field {field}=" in lines[0]
+    assert "killing the VMM" in lines[0]
+
+
+@pytest.mark.parametrize(("case", "args", "field"), CASES[::4], ids=[c[0] for c in CASES[::4]])
+def test_bad_handshake_close_policy_leaves_peer_alive(servers: dict[str, ServerProc], case: str,
+                                                      args: list[str], field: str) -> None:
+    server = servers["close"]
+    c = _raw(server, args)
+    rc, res = finish(c, timeout=20)
+    assert rc == 3 and res == {"closed": True}, (case, rc, res)
+    assert f"vm pid={c.pid}: bad handshake, bad handshake field {field}=" in server.log()
+
+
+def test_server_still_serves_after_bad_handshakes(servers: dict[str, ServerProc],
+                                                  tmp_path: Path) -> None:
+    for server in servers.values():
+        snap = str(Path(server.socket_path).parent / "mem.snap")
+        rc, res = finish(client(*touch_args(server, snap, [(0, SIZE)], "--threads", "2")))
+        assert rc == 0, res
+        assert server.proc.poll() is None

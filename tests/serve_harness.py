@@ -1,0 +1,158 @@
+"""Test harness for ``pagein serve``: snapshots with known content, the server and the
+Firecracker-faithful client (``tests/fcclient.py``) as real processes, with timeouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+FCCLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fcclient.py")
+PAGE = 4096
+
+
+def make_snapshot(path: str, size: int, *, hole_every: int = 8, seed: int = 7) -> bytes:
+    """Write ``size`` bytes of random pages to ``path``; every ``hole_every``-th page is a hole.
+
+    Returns the file's content (holes read as zeros).
+    """
+    rng = random.Random(seed)
+    data = bytearray(rng.randbytes(size))
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i in range(size // PAGE):
+            if hole_every and i % hole_every == hole_every - 1:
+                data[i * PAGE:(i + 1) * PAGE] = bytes(PAGE)
+                continue
+            f.seek(i * PAGE)
+            f.write(data[i * PAGE:(i + 1) * PAGE])
+    return bytes(data)
+
+
+@dataclass
+class ServerProc:
+    proc: subprocess.Popen[bytes]
+    socket_path: str
+    log_path: str
+    stats_path: str
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stats(self) -> dict[str, object]:
+        with open(self.stats_path) as f:
+            doc: dict[str, object] = json.load(f)
+        return doc
+
+    def stop(self, timeout: float = 10) -> int:
+        """SIGTERM the server and wait (SIGKILL after ``timeout``); return its status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(tmp: str, mem_file: str, *extra: str, timeout: float = 20) -> ServerProc:
+    """Start ``python -m pagein serve`` and wait until it listens (``--ready-fd``)."""
+    sock = os.path.join(tmp, "fc.sock")
+    log_path = os.path.join(tmp, "server.log")
+    stats = os.path.join(tmp, "stats.json")
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "pagein", "-v", "serve", "--socket", sock, "--mem-file",
+           mem_file, "--stats-json", stats, "--ready-fd", str(w), *extra]
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, pass_fds=(w,))
+    os.close(w)
+    try:
+        ready = select.select([r], [], [], timeout)[0] and os.read(r, 16)
+    finally:
+        os.close(r)
+    server = ServerProc(proc, sock, log_path, stats)
+    if not ready:
+        server.stop()
+        raise RuntimeError(f"pagein serve did not start: {server.log()}")
+    return server
+
+
+def client(*args: str, stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    """Start the Firecracker-faithful client with ``args``."""
+    return subprocess.Popen([sys.executable, FCCLIENT, *args], stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, dict[str, object]]:
+    """Wait for a client; return its status and its last JSON line (kill it on timeout)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"client timed out; stderr: {err[-2000:]}") from None
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    result: dict[str, object] = json.loads(lines[-1]) if lines else {"stderr": err[-2000:]}
+    return proc.returncode, result
+
+
+def touch_args(server: ServerProc, mem_file: str, regions: Sequence[tuple[int, int]],
+               *extra: str) -> list[str]:
+    layout = ",".join(f"{off}:{size}" for off, size in regions)
+    return ["touch", "--socket", server.socket_path, "--mem-file", mem_file,
+            "--regions", layout, *extra]
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    """Poll ``predicate()`` until true (kernel state has no event to wait on)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def blocked_in_userfault(pid: int) -> bool:
+    """Whether some thread of ``pid`` sleeps in ``handle_userfault`` (a fault nobody serves)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                if f.read().strip() == "handle_userfault":
+                    return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def hugepages_available(n: int) -> bool:
+    """Make sure ``n`` free 2 MiB pages exist (raising vm.nr_hugepages as root)."""
+    def free() -> int:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("HugePages_Free:"):
+                    return int(line.split()[1])
+        return 0
+    if free() >= n:
+        return True
+    try:
+        with open("/proc/sys/vm/nr_hugepages") as f:
+            total = int(f.read())
+        with open("/proc/sys/vm/nr_hugepages", "w") as f:
+            f.write(str(total + n - free()))
+    except OSError:
+        return False
+    return free() >= n

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import io
 import os
 import struct
 import threading
@@ -211,6 +212,10 @@ class Userfaultfd(OwnedFd):
     Create with :meth:`open`. Usable with ``selectors``/epoll and asyncio through
     :meth:`fileno`; :meth:`read_events` reads many messages per ``read()``. After
     :meth:`close`, every method raises ``ValueError`` (from :meth:`fileno`).
+
+    Fills may be issued from several threads at once: the creating thread reuses
+    preallocated argument buffers (the per-fault hot path), other threads build their
+    own. Every ioctl releases the GIL while the kernel works.
     """
 
     def __init__(self, fd: int, api: ApiInfo, *, nonblocking: bool) -> None:
@@ -224,6 +229,16 @@ class Userfaultfd(OwnedFd):
         self._copy_arg = Arg(abi.uffdio_copy)
         self._cont_arg = Arg(abi.uffdio_continue)
         self._range_arg = Arg(abi.uffdio_range)
+        # Reads go through a FileIO over the same fd (never closing it): its readinto
+        # needs no iovec list, and an empty non-blocking read returns None instead of
+        # raising BlockingIOError (an exception costs microseconds per empty poll).
+        self._reader = io.FileIO(fd, "rb", closefd=False)
+
+    def close(self) -> None:
+        """Close the uffd (idempotent); the registered ranges fall back to normal faults
+        once every process holding it has closed it."""
+        self._reader.close()
+        super().close()
 
     @classmethod
     def open(
@@ -417,9 +432,9 @@ class Userfaultfd(OwnedFd):
         uffd sleeps (GIL released) until at least one message arrives. A :class:`Fork`
         hands you the child's new uffd.
         """
-        try:
-            data = os.read(self.fileno(), abi.UFFD_MSG_SIZE * max_events)
-        except BlockingIOError:
+        self.fileno()  # ValueError once closed: the fd number may belong to a new file
+        data = self._reader.read(abi.UFFD_MSG_SIZE * max_events)
+        if not data:  # None: non-blocking and nothing pending
             return []
         return decode_events(data, features=self.api.features)
 
@@ -430,11 +445,10 @@ class Userfaultfd(OwnedFd):
         returns 0 when non-blocking and nothing is pending. Fork messages read this way
         carry a new fd the caller must adopt or close.
         """
-        try:
-            n = os.readv(self.fileno(), [buf])
-        except BlockingIOError:
-            return 0
-        return n // abi.UFFD_MSG_SIZE
+        if self._fd < 0:
+            self.fileno()
+        n = self._reader.readinto(buf)
+        return 0 if n is None else n // abi.UFFD_MSG_SIZE
 
     async def read_events_async(self, max_events: int = 64) -> list[Event]:
         """Wait (asyncio) until messages are pending, then read and decode them.

@@ -285,9 +285,10 @@ def explain(n: int = 4096) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="64 MiB file, one repeat")
+    p.add_argument("--quick", action="store_true",
+                   help="64 MiB file, one run each unless --repeat is given")
     p.add_argument("--size", type=int, default=GIB, help="file/region size in bytes")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=None, help="runs per case (default 3)")
     p.add_argument("--py-wait", choices=["read", "poll", "both"], default="both")
     p.add_argument("--dir", default="/var/tmp", help="where the benchmark file is created")
     p.add_argument("--serve", nargs=4, metavar=("SOCKET", "FILE", "CPU", "WAIT"),
@@ -297,7 +298,9 @@ def main() -> int:
         serve(args.serve[0], args.serve[1], int(args.serve[2]), args.serve[3])
         return 0
     if args.quick:
-        args.size, args.repeat = 64 * MIB, 1
+        args.size = 64 * MIB
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
     if args.size % BULK_CHUNK:
         p.error("--size must be a multiple of 2 MiB")
     if len(os.sched_getaffinity(0)) < 2:

@@ -20,7 +20,8 @@ and toucher on the same CPU and once on different CPUs. Printed as ratios agains
 C handler measured in the same run (median of ``--repeat`` runs, interleaved).
 
     .venv/bin/python benchmarks/fault_roundtrip.py            # 1 GiB file
-    .venv/bin/python benchmarks/fault_roundtrip.py --quick    # 64 MiB, one repeat
+    .venv/bin/python benchmarks/fault_roundtrip.py --quick    # 64 MiB, one run each
+    .venv/bin/python benchmarks/fault_roundtrip.py --rt       # SCHED_FIFO: less noise
 
 Targets (issue 2): pagein <= 1.10x C per 4 KiB fault; >= 0.9x C bulk throughput.
 """
@@ -162,15 +163,18 @@ def _wait_ready(proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
 
 
 def run_once(handler: list[str], toucher: Path, sock: str, size: int, block: int, mode: int,
-             cpu: int) -> Run:
-    """Start the handler, run the toucher against it, check both outputs."""
+             cpu: int, prefix: list[str]) -> Run:
+    """Start the handler, run the toucher against it, check both outputs.
+
+    ``prefix`` wraps both commands (``chrt -f 10`` with ``--rt``).
+    """
     if os.path.exists(sock):
         os.unlink(sock)
-    hproc = subprocess.Popen(handler, stdout=subprocess.PIPE, text=True)
+    hproc = subprocess.Popen(prefix + handler, stdout=subprocess.PIPE, text=True)
     try:
         _wait_ready(hproc)
-        t = subprocess.run([str(toucher), "run", sock, str(size), str(block), str(mode),
-                            str(cpu)], capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        tcmd = [*prefix, str(toucher), "run", sock, str(size), str(block), str(mode), str(cpu)]
+        t = subprocess.run(tcmd, capture_output=True, text=True, timeout=RUN_TIMEOUT)
         if t.returncode != 0:
             raise RuntimeError(f"toucher failed ({t.returncode}): {t.stdout}{t.stderr}")
         out, _ = hproc.communicate(timeout=RUN_TIMEOUT)
@@ -203,6 +207,9 @@ def measure(args: argparse.Namespace, toucher: Path, ref: Path, data: Path,
              MODE_FAULT), Case("bulk 2 MiB copies", BULK_CHUNK, MODE_BULK)]
     pinnings = [("same CPU", 0, 0), ("different CPUs", 0, 1)]
     waits = ["read", "poll"] if args.py_wait == "both" else [args.py_wait]
+    # SCHED_FIFO keeps other processes on a shared machine from landing inside a round
+    # trip; both handlers and the toucher get the same treatment.
+    prefix = ["chrt", "-f", "10"] if args.rt else []
     results: dict[tuple[str, str, str], list[Run]] = {}
     for pin, hcpu, tcpu in pinnings:
         for case in cases:
@@ -212,7 +219,8 @@ def measure(args: argparse.Namespace, toucher: Path, ref: Path, data: Path,
                     handlers[f"pagein ({w})"] = [sys.executable, __file__, "--serve", sock,
                                                  str(data), str(hcpu), w]
                 for name, cmd in handlers.items():
-                    r = run_once(cmd, toucher, sock, args.size, case.block, case.mode, tcpu)
+                    r = run_once(cmd, toucher, sock, args.size, case.block, case.mode, tcpu,
+                                 prefix)
                     results.setdefault((pin, case.label, name), []).append(r)
     return results
 
@@ -290,6 +298,9 @@ def main() -> int:
     p.add_argument("--size", type=int, default=GIB, help="file/region size in bytes")
     p.add_argument("--repeat", type=int, default=None, help="runs per case (default 3)")
     p.add_argument("--py-wait", choices=["read", "poll", "both"], default="both")
+    p.add_argument("--rt", action="store_true",
+                   help="run toucher and handlers SCHED_FIFO (chrt -f 10): steadier numbers "
+                        "on a machine shared with other work")
     p.add_argument("--dir", default="/var/tmp", help="where the benchmark file is created")
     p.add_argument("--serve", nargs=4, metavar=("SOCKET", "FILE", "CPU", "WAIT"),
                    help=argparse.SUPPRESS)
@@ -312,8 +323,9 @@ def main() -> int:
         subprocess.run([str(toucher), "gen", str(data), str(args.size)], check=True)
         t0 = time.monotonic()
         results = measure(args, toucher, ref, data, str(work / "sock"))
+        sched = "SCHED_FIFO" if args.rt else "SCHED_OTHER"
         print(f"fault round trip: {args.size / MIB:.0f} MiB file, {args.repeat} runs each, "
-              f"every byte verified ({time.monotonic() - t0:.0f} s)")
+              f"{sched}, every byte verified ({time.monotonic() - t0:.0f} s)")
         print("\n".join(report(results, args.size)))
         print("where a pagein fault's Python time goes (in-process, this machine):")
         print("\n".join(explain()))

@@ -3,6 +3,7 @@ Firecracker-faithful client (``tests/fcclient.py``) as real processes, with time
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -11,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 FCCLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fcclient.py")
@@ -143,21 +144,36 @@ def blocked_in_userfault(pid: int) -> bool:
     return False
 
 
-def hugepages_available(n: int) -> bool:
-    """Make sure ``n`` free 2 MiB pages exist (raising vm.nr_hugepages as root)."""
-    def free() -> int:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("HugePages_Free:"):
-                    return int(line.split()[1])
-        return 0
-    if free() >= n:
-        return True
+def _hugepages_free() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1])
+    return 0
+
+
+@contextlib.contextmanager
+def hugepages(n: int) -> Iterator[bool]:
+    """Make sure ``n`` free 2 MiB pages exist while the block runs (raising
+    vm.nr_hugepages by the shortfall as root) and restore the setting afterwards.
+
+    Yields whether enough pages are free.
+    """
+    knob = "/proc/sys/vm/nr_hugepages"
+    shortfall = n - _hugepages_free()
+    if shortfall <= 0:
+        yield True
+        return
     try:
-        with open("/proc/sys/vm/nr_hugepages") as f:
-            total = int(f.read())
-        with open("/proc/sys/vm/nr_hugepages", "w") as f:
-            f.write(str(total + n - free()))
+        with open(knob) as f:
+            before = int(f.read())
+        with open(knob, "w") as f:
+            f.write(str(before + shortfall))
     except OSError:
-        return False
-    return free() >= n
+        yield False
+        return
+    try:
+        yield _hugepages_free() >= n
+    finally:
+        with open(knob, "w") as f:
+            f.write(str(before))

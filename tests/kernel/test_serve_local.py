@@ -17,7 +17,7 @@ from pagein.errors import HandlerError, SnapshotFormatError
 from pagein.serve.local import restore_lazily
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from serve_harness import blocked_in_userfault, hugepages_available, make_snapshot, wait_for
+from serve_harness import blocked_in_userfault, hugepages, make_snapshot, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -103,10 +103,15 @@ def test_size_not_a_multiple_of_the_page_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.hugetlb
 def test_restore_lazily_on_hugepages(tmp_path: Path) -> None:
-    if not hugepages_available(2):
-        pytest.skip("needs 2 free 2 MiB pages: raise vm.nr_hugepages")
     path = str(tmp_path / "mem.snap")
     data = make_snapshot(path, 4 << 20)
+    with hugepages(2) as ok:
+        if not ok:
+            pytest.skip("needs 2 free 2 MiB pages: raise vm.nr_hugepages")
+        _restore_on_hugepages(path, data)
+
+
+def _restore_on_hugepages(path: str, data: bytes) -> None:
     with restore_lazily(path, hugetlb=True) as r:
         out = ctypes.create_string_buffer(4 << 20)
         ctypes.memmove(out, r.mapping.address, 4 << 20)

@@ -16,7 +16,7 @@ from serve_harness import (
     ServerProc,
     client,
     finish,
-    hugepages_available,
+    hugepages,
     make_snapshot,
     start_server,
     touch_args,
@@ -132,8 +132,13 @@ def test_balloon_inflate_deflate_while_faulting(
 
 @pytest.mark.hugetlb
 def test_hugetlb_regions_served_whole(tmp_path: Path, server_factory: list[ServerProc]) -> None:
-    if not hugepages_available(4):
-        pytest.skip("needs 4 free 2 MiB pages: raise vm.nr_hugepages")
+    with hugepages(4) as ok:
+        if not ok:
+            pytest.skip("needs 4 free 2 MiB pages: raise vm.nr_hugepages")
+        _hugetlb_restore(tmp_path, server_factory)
+
+
+def _hugetlb_restore(tmp_path: Path, server_factory: list[ServerProc]) -> None:
     path = str(tmp_path / "mem.snap")
     huge = 2 << 20
     data = make_snapshot(path, 4 * huge, hole_every=0)

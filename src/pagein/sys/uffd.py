@@ -476,6 +476,16 @@ def _set_ready(ready: asyncio.Future[None]) -> None:
         ready.set_result(None)
 
 
+_EV_PAGEFAULT = int(EventType.PAGEFAULT)
+_EV_REMOVE = int(EventType.REMOVE)
+_EV_UNMAP = int(EventType.UNMAP)
+_EV_REMAP = int(EventType.REMAP)
+_EV_FORK = int(EventType.FORK)
+_PF_WRITE = int(PagefaultFlag.WRITE)
+_PF_WP = int(PagefaultFlag.WP)
+_PF_MINOR = int(PagefaultFlag.MINOR)
+
+
 def decode_events(data: bytes | bytearray | memoryview, *,
                   features: Feature = Feature.NONE) -> list[Event]:
     """Decode a buffer of whole ``uffd_msg`` records (as ``read()`` returns them).
@@ -488,16 +498,17 @@ def decode_events(data: bytes | bytearray | memoryview, *,
         raise ValueError(f"uffd read returned {len(data)} bytes, not a multiple of 32")
     out: list[Event] = []
     for kind, a, b, c in _MSG.iter_unpack(data):
-        if kind == EventType.PAGEFAULT:
-            out.append(PageFault(b, bool(a & PagefaultFlag.WRITE), bool(a & PagefaultFlag.WP),
-                                 bool(a & PagefaultFlag.MINOR), c & 0xFFFFFFFF))
-        elif kind == EventType.REMOVE:
+        # Plain ints: ``int & IntFlag`` would build an IntFlag per message (microseconds).
+        if kind == _EV_PAGEFAULT:
+            out.append(PageFault(b, bool(a & _PF_WRITE), bool(a & _PF_WP), bool(a & _PF_MINOR),
+                                 c & 0xFFFFFFFF))
+        elif kind == _EV_REMOVE:
             out.append(Remove(a, b))
-        elif kind == EventType.UNMAP:
+        elif kind == _EV_UNMAP:
             out.append(Unmap(a, b))
-        elif kind == EventType.REMAP:
+        elif kind == _EV_REMAP:
             out.append(Remap(a, b, c))
-        elif kind == EventType.FORK:
+        elif kind == _EV_FORK:
             out.append(Fork(Userfaultfd.adopt(a & 0xFFFFFFFF, features=features)))
         else:
             for ev in out:

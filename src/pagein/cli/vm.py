@@ -75,9 +75,11 @@ def _stdout_sink(data: bytes) -> None:
 
 
 def _pump_stdin(console: Console) -> None:
-    # A daemon thread: reading stdin blocks, and the VM must not wait for it to end.
-    for line in sys.stdin.buffer:
-        console.send(line)
+    # A daemon thread: reading stdin blocks, and the VM must not wait for it to end. It
+    # reads the fd directly: a daemon thread blocked inside sys.stdin's buffered reader
+    # holds its lock, and Python aborts at exit when it finds that lock taken.
+    while data := os.read(sys.stdin.fileno(), 65536):
+        console.send(data)
     console.close_input()
 
 

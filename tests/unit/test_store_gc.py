@@ -30,6 +30,14 @@ def write_image(path: Path, seed: int, chunks: int = 12, shared_seed: int = 0) -
     return bytes(out)
 
 
+def age_chunks(backend: LocalBackend, seconds: float = 10.0) -> None:
+    """Backdate every chunk file: file mtimes tick in jiffies, and gc keeps anything
+    not strictly older than its own marker."""
+    past = time.time() - seconds
+    for p in (backend.root / "chunks").rglob("*.zst"):
+        os.utime(p, (past, past))
+
+
 def stored_chunks(backend: LocalBackend) -> int:
     return sum(1 for _ in backend.list("chunks/"))
 
@@ -42,6 +50,7 @@ def test_gc_keeps_referenced_and_young(tmp_path: Path) -> None:
     ops.push(backend, tmp_path / "b", "b", chunk_size=CS)
     total = stored_chunks(backend)
     ops.remove(backend, "b")
+    age_chunks(backend)
     young = ops.gc(backend)  # default grace: b's chunks are too young to go
     assert young.chunks_deleted == 0 and young.kept_young == 6
     dry = ops.gc(backend, grace_seconds=0, dry_run=True)
@@ -74,8 +83,7 @@ def test_push_restores_a_reused_chunk_that_gc_deleted(tmp_path: Path) -> None:
     content = write_image(tmp_path / "a", 1)
     ops.push(backend, tmp_path / "a", "old", chunk_size=CS)
     ops.remove(backend, "old")
-    for p in (backend.root / "chunks").rglob("*.zst"):
-        os.utime(p, (time.time() - 10, time.time() - 10))  # older than the push marker
+    age_chunks(backend)  # older than the push marker
     deleted: list[int] = []
 
     def after_listing(p: ops.Progress) -> None:

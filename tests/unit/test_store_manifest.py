@@ -103,3 +103,24 @@ def test_chunk_length_last_is_short() -> None:
     assert [m.chunk_length(i) for i in range(3)] == [65536, 65536, 65531]
     assert m.stored_bytes == 17
     assert m.referenced() == {"a" * 64, "b" * 64}
+
+
+_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-3, 1 << 23), st.text(max_size=8),
+                  st.floats(allow_nan=False), st.lists(st.integers(0, 3), max_size=3),
+                  st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@given(st.sampled_from(["name", "size_bytes", "chunk_size", "hash", "compression",
+                        "created_unix", "chunks"]), _JUNK)
+def test_any_bad_value_names_its_field(field: str, value: Any) -> None:
+    """Replace one body field with junk (checksum kept valid): either the manifest is
+    still valid, or the error names that field (a size that no longer matches the
+    chunk list is reported on body.chunks, naming body.size_bytes too)."""
+    try:
+        m = Manifest.decode(_doc(**{field: value}), "where")
+    except IntegrityError:
+        raise
+    except SnapshotFormatError as e:
+        assert f"body.{field}" in str(e), str(e)
+    else:  # the junk happened to be acceptable (e.g. another valid name)
+        assert isinstance(m, Manifest)

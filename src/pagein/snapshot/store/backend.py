@@ -152,6 +152,9 @@ class LocalBackend(Backend):
                 yield ObjectInfo(key, st.st_size, st.st_mtime)
 
 
+#: After giving up on an unreachable store, fail further calls at once for this long.
+DOWN_HOLD_SECONDS = 1.0
+
 _TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable",
                     "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                     "RequestTimeoutException", "InternalServerError"}
@@ -186,6 +189,10 @@ class S3Backend(Backend):
             region_name=region or session.region_name or "us-east-1", config=config)
         self.endpoint: str = str(self._client.meta.endpoint_url)
         self._lock = threading.Lock()
+        # After the store was declared unreachable, calls fail at once for a moment
+        # instead of each running its own retry loop (a restore has many threads).
+        self._down_until = 0.0
+        self._down_message = ""
 
     def _key(self, key: str) -> str:
         return self.prefix + key
@@ -194,6 +201,8 @@ class S3Backend(Backend):
         from botocore.exceptions import BotoCoreError, ClientError
 
         started = time.monotonic()
+        if started < self._down_until:
+            raise SourceError(self._down_message)
         delay = self.retry.first_delay
         last: Exception | None = None
         for attempt in range(1, self.retry.attempts + 1):
@@ -210,7 +219,8 @@ class S3Backend(Backend):
                     raise SourceError(
                         f"bucket {self.bucket!r} does not exist at {self.endpoint}: create "
                         "it or fix the s3:// URL") from e
-                if code not in _TRANSIENT_CODES:
+                status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+                if code not in _TRANSIENT_CODES and status < 500:
                     raise SourceError(f"S3 {op} s3://{self.bucket}/{self._key(key)} at "
                                       f"{self.endpoint} failed: {e}") from e
                 last = e
@@ -220,11 +230,14 @@ class S3Backend(Backend):
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self.retry.max_delay)
         elapsed = time.monotonic() - started
-        raise SourceError(
-            f"S3 store {self.endpoint} is unreachable: {op} s3://{self.bucket}/"
-            f"{self._key(key)} failed {self.retry.attempts} times in {elapsed:.1f} s "
-            f"({last}); check --endpoint-url / AWS_ENDPOINT_URL, that the store is "
-            "running, and the network") from last
+        message = (f"S3 store {self.endpoint} is unreachable: {op} s3://{self.bucket}/"
+                   f"{self._key(key)} failed {self.retry.attempts} times in {elapsed:.1f} s "
+                   f"({last}); check --endpoint-url / AWS_ENDPOINT_URL, that the store is "
+                   "running, and the network")
+        with self._lock:
+            self._down_until = time.monotonic() + DOWN_HOLD_SECONDS
+            self._down_message = message
+        raise SourceError(message) from last
 
     @staticmethod
     def _is_missing(e: Exception) -> bool:

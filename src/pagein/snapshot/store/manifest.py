@@ -204,8 +204,8 @@ def _decode_body(body: dict[str, object], where: str) -> Manifest:
     expected = -(-size // chunk_size)
     if len(raw_chunks) != expected:
         raise _field_error(where, "body.chunks", f"<{len(raw_chunks)} entries>",
-                           f"must have {expected} entries for size_bytes={size} "
-                           f"and chunk_size={chunk_size}")
+                           f"must have {expected} entries for body.size_bytes={size} "
+                           f"and body.chunk_size={chunk_size}")
     chunks: list[ChunkRef | None] = []
     for i, entry in enumerate(raw_chunks):
         if entry is None:

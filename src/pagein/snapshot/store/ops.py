@@ -198,8 +198,8 @@ def push(backend: Backend, path: str | os.PathLike[str], name: str, *,
         existing = {d: o.size_bytes for o in backend.list(CHUNKS)
                     if (d := digest_of_key(o.key)) is not None}
         progress(Progress("listed", len(existing), len(existing)))
-        refs, sizes, raw_lengths, counts = _upload_chunks(backend, path, size, chunk_size, existing,
-                                             workers, progress, marker)
+        refs, sizes, raw_lengths, counts = _upload_chunks(
+            backend, path, size, chunk_size, existing, workers, progress, marker)
         manifest = Manifest(name, size, chunk_size,
                             tuple(None if d is None else ChunkRef(d, sizes[d]) for d in refs),
                             time.time())
@@ -213,8 +213,7 @@ def push(backend: Backend, path: str | os.PathLike[str], name: str, *,
     zero = sum(1 for d in refs if d is None)
     new_chunks, bytes_out = counts
     return PushStats(name, len(refs), zero, len(sizes), new_chunks, size,
-                     sum(raw_lengths.values()),
-                     sum(sizes.values()), bytes_out, reuploaded)
+                     sum(raw_lengths.values()), sum(sizes.values()), bytes_out, reuploaded)
 
 
 _Uploaded = tuple[list[str | None], dict[str, int], dict[str, int], tuple[int, int]]

@@ -11,7 +11,7 @@ its bytes are copied out, whether it came from the store or the disk cache.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 from pagein.errors import IntegrityError, SourceError
 from pagein.snapshot.source import PageSource
@@ -60,7 +60,15 @@ class ChunkedSource(PageSource):
     # --- reading --------------------------------------------------------------------
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` with the snapshot bytes at ``offset``; raise rather than return short."""
+        """Fill ``buf`` with the snapshot bytes at ``offset``; raise rather than return short.
+
+        Raises SourceError (outside the snapshot, chunk missing, store unreachable)
+        or IntegrityError (a chunk does not match its hash); ``buf`` is then untouched.
+
+        Safety: writes only into ``buf``. If ``buf`` views memory registered with a
+        userfaultfd served by this same process, the copy faults while holding the
+        GIL and deadlocks: pass a buffer the fault server owns (DESIGN.md, GIL).
+        """
         view = buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
         length = len(view)
         if offset < 0 or offset + length > self.size:
@@ -75,7 +83,10 @@ class ChunkedSource(PageSource):
         pending = [self._chunk(i) for i in range(first, last + 1)]
         # Resolve (fetch + verify) every chunk before copying any byte: on an error
         # the caller's buffer is untouched, not half-filled.
-        parts = [p.result() if isinstance(p, Future) else p for p in pending]
+        try:
+            parts = [p.result() if isinstance(p, Future) else p for p in pending]
+        except CancelledError as e:
+            raise SourceError(f"page source {self._where} was closed during a read") from e
         for i, data in zip(range(first, last + 1), parts, strict=True):
             lo = max(offset, i * cs)
             hi = min(offset + length, (i + 1) * cs)

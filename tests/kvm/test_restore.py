@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import select
 import signal
 import subprocess
@@ -186,6 +187,47 @@ def test_handler_death_stops_the_guest_loudly_never_zero_pages(taken: Taken) -> 
         # Never a wrong answer: either none, or the right one if it raced ahead.
         assert lines[0] == taken.answers[0]
         assert lines[1:] in ([], [taken.ref.answer("checksum")])
+
+
+_DYING_HANDLER = textwrap.dedent("""
+    import select, socket, sys
+    from pagein.sys.fdpass import recv_with_fds
+    from pagein.sys.uffd import PageFault, Userfaultfd
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(sys.argv[1]); srv.listen(1)
+    print("listening", flush=True)
+    conn, _ = srv.accept()
+    got = recv_with_fds(conn, 65536, 4)
+    uffd = Userfaultfd.adopt(got.fds[0])
+    # Wait for the guest's first fault: a vCPU now waits on a page, then die unserved.
+    while not any(isinstance(e, PageFault) for e in uffd.read_events()):
+        select.select([uffd], [], [], 30)
+    print("faulted", flush=True)
+""")
+
+
+def test_a_handler_that_dies_with_a_vcpu_waiting_fails_the_restore(taken: Taken,
+                                                                   tmp_path: Path) -> None:
+    sock = str(tmp_path / "dying.sock")
+    proc = subprocess.Popen([sys.executable, "-c", _DYING_HANDLER, sock],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "listening"
+        with restore(taken.directory, RestoreOptions(uffd_socket=sock)) as vm:
+            vm.machine.console.send(taken.requests[0] + "\n")
+            assert proc.stdout.readline().strip() == "faulted"
+            assert proc.wait(TIMEOUT) == 0
+            with pytest.raises(HandlerError, match=re.escape(f"handler at {sock} for")):
+                vm.wait(TIMEOUT)
+            # The guest ran on nothing but served pages: it never answered. (Its vCPUs
+            # stay blocked on the page in the kernel; close() leaves that memory mapped.)
+            assert vm.machine.console.output() == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 _SECOND_PROCESS = textwrap.dedent("""

@@ -24,8 +24,12 @@ cannot share: a private file mapping is what breaks sharing.
 
 Failure is loud: this process keeps its own copy of the uffd for as long as guest
 memory is mapped, so a guest whose handler died blocks on its next missing page and
-never reads a zero page. A watchdog sees the handler's socket close, stops the vCPUs and
-:meth:`RestoredVm.wait` raises :class:`~pagein.errors.HandlerError`.
+never reads a zero page. A watchdog sees the handler's socket close, stops the guest,
+logs an error and makes :meth:`RestoredVm.wait` raise :class:`~pagein.errors.HandlerError`
+at once. A vCPU already waiting on a page stays blocked in the kernel (KVM reads guest
+page tables with ``copy_from_user``, which only the page or a fatal signal ends), so
+:meth:`RestoredVm.close` then leaves that VM's memory and uffd in place until the
+process exits rather than crash it or let the range fall back to zero pages.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from typing import Self
 
 import numpy as np
 
-from pagein.errors import HandlerError, PageinError, SnapshotFormatError
+from pagein.errors import HandlerError, SnapshotFormatError
 from pagein.serve.firecracker import Region as WireRegion
 from pagein.serve.firecracker import connect_and_send
 from pagein.serve.local import start_handler
@@ -135,6 +139,14 @@ class RestoredVm:
         self._error: HandlerError | None = None
         self._closed = False
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        # Set when the vCPU threads have all ended, or when the handler died: a vCPU
+        # waiting on a page inside the kernel (KVM walking the guest's page tables with
+        # copy_from_user) can only be woken by the page or a fatal signal, so waiting
+        # for its thread would hang.
+        self._done = threading.Event()
+        self._joined = threading.Event()
+        self._outcome: RunResult | BaseException | None = None
+        threading.Thread(target=self._join, daemon=True, name="pagein-restore-wait").start()
         self._watchdog: threading.Thread | None = None
         if parts.sock is not None:
             self._watchdog = threading.Thread(target=self._watch, daemon=True,
@@ -173,9 +185,19 @@ class RestoredVm:
             f"the pagein handler at {self.options.uffd_socket}"
         self._error = HandlerError(
             f"{who} for {self.snapshot.memory_path} went away while the guest depended on "
-            "it: the vCPUs were stopped, pages not yet filled were never read as zeros")
+            "it: the guest is stopped (a vCPU waiting on a missing page stays blocked) and "
+            "never read a zero page in place of one not yet served")
         log.error("%s", self._error)
         self.machine.stop()
+        self._done.set()
+
+    def _join(self) -> None:
+        try:
+            self._outcome = self.machine.wait()
+        except BaseException as e:  # reported by wait()
+            self._outcome = e
+        self._joined.set()
+        self._done.set()
 
     def check(self) -> None:
         """Raise :class:`HandlerError` if the handler went away."""
@@ -183,15 +205,20 @@ class RestoredVm:
             raise self._error
 
     def wait(self, timeout: float | None = None) -> RunResult:
-        """Wait for the guest to end; raise :class:`HandlerError` if its handler died."""
-        try:
-            result = self.machine.wait(timeout)
-        except PageinError as e:
-            if self._error is not None:
-                raise self._error from e
-            raise
+        """Wait for the guest to end and return how it ended.
+
+        Raises :class:`HandlerError` as soon as the handler is gone (vCPUs waiting on a
+        page it never served stay blocked: they never see a zero page), the guest's
+        own error, or ``TimeoutError`` (the machine is then stopped).
+        """
+        if not self._done.wait(timeout):
+            self.machine.stop()
+            raise TimeoutError(f"the restored guest did not finish within {timeout} s")
         self.check()
-        return result
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        assert self._outcome is not None  # _done is set only after an outcome or an error
+        return self._outcome
 
     def pages_present(self) -> int:
         """Guest memory pages mapped in this process now (``/proc/self/pagemap``)."""
@@ -206,16 +233,20 @@ class RestoredVm:
             return
         self._closed = True
         os.write(self._stop_w, b"x")
+        self.machine.stop()
+        # vCPU threads still running now are blocked on pages their dead handler never
+        # served: unmapping under them would crash the process and closing the uffd would
+        # hand them zero pages, so their machine and memory are left as they are.
+        if not self._joined.wait(1.0 if self._error is not None else 5.0):
+            log.error("vCPUs %s of the VM restored from %s are blocked on pages nobody "
+                      "serves: its memory and uffd stay in place until the process exits",
+                      sorted(self.machine.active_vcpus), self.snapshot.directory)
+            self._parts.close(unmap=False)
+            return
         self.machine.close()
         if self._watchdog is not None:
             self._watchdog.join(5)
-        # A vCPU thread still alive is stuck on a page its dead handler never served:
-        # unmapping under it would crash the process, so the memory is left mapped.
-        stuck = bool(self.machine.active_vcpus)
-        if stuck:
-            log.error("vCPUs %s are stuck on unserved guest pages: their memory stays "
-                      "mapped", sorted(self.machine.active_vcpus))
-        self._parts.close(unmap=not stuck)
+        self._parts.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
 

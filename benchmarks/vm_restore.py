@@ -49,7 +49,8 @@ def _median_run(runs: list[VmRestoreRun]) -> VmRestoreRun:
 
 
 def bench_size(mem: int, methods: tuple[VmMethod, ...], repeat: int, vcpus: int,
-               workdir: str | None, cold: bool) -> tuple[float, list[VmRestoreRun]]:
+               workdir: str | None, cold: bool,
+               timeout: float) -> tuple[float, list[VmRestoreRun]]:
     state = mem // 4
     ref = FunctionReference(state, 1, vcpus)
     requests = (f"get {ref.key(ref.records // 3)}", "checksum")
@@ -68,7 +69,7 @@ def bench_size(mem: int, methods: tuple[VmMethod, ...], repeat: int, vcpus: int,
                     os.sync()
                     with open("/proc/sys/vm/drop_caches", "w") as f:
                         f.write("1\n")
-                runs.append(measure_restore(d, method, requests, want))
+                runs.append(measure_restore(d, method, requests, want, timeout))
             if not all(r.answers_match for r in runs):
                 raise SystemExit(f"{method.label} at {mem >> 20} MiB: a restored guest "
                                  "answered differently from the original")
@@ -101,6 +102,8 @@ def main() -> int:
     p.add_argument("--cold", action="store_true",
                    help="drop the page cache before every restore (root)")
     p.add_argument("--workdir", help="where snapshots are written (default /tmp)")
+    p.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="longest wait for one answer (uffd on-demand at 4 GiB takes minutes)")
     args = p.parse_args()
     sizes = [parse_size(s) for s in (args.sizes or ("64M,256M" if args.quick
                                                     else "256M,1G,4G")).split(",")]
@@ -111,7 +114,7 @@ def main() -> int:
     results: dict[int, list[VmRestoreRun]] = {}
     for mem in sizes:
         setup, runs = bench_size(mem, methods, args.repeat, args.vcpus, args.workdir,
-                                 args.cold)
+                                 args.cold, args.timeout)
         print(f"  {mem >> 20:>5} MiB  boot + snapshot {setup:.1f} s", file=sys.stderr)
         results[mem] = runs
     print(f"\nfunction guest, state = RAM/4, {args.vcpus} vCPU(s), pinned to CPUs {cpus}, "

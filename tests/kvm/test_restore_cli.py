@@ -53,6 +53,31 @@ def test_restore_uffd_shared_memory_with_a_strategy(snapshot_dir: Path) -> None:
     assert res.stdout.splitlines() == ANSWERS
 
 
+def test_restore_hands_the_uffd_to_a_running_pagein_serve(snapshot_dir: Path,
+                                                           tmp_path: Path) -> None:
+    sock = tmp_path / "pf.sock"
+    r, w = os.pipe()
+    serve = subprocess.Popen([sys.executable, "-m", "pagein", "serve", "--socket", str(sock),
+                              "--mem-file", str(snapshot_dir / "memory"), "--exit-after", "1",
+                              "--strategy", "readahead", "--ready-fd", str(w)],
+                             pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(w)
+    try:
+        assert select.select([r], [], [], TIMEOUT)[0] and os.read(r, 16)
+        res = _pagein("restore", str(snapshot_dir), "--uffd-socket", str(sock),
+                      stdin="\n".join(REQUESTS) + "\n")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == ANSWERS
+        assert serve.wait(TIMEOUT) == 0  # it served one VM, which then went away
+    finally:
+        os.close(r)
+        if serve.poll() is None:
+            serve.kill()
+        serve.wait()
+        assert serve.stderr is not None
+        serve.stderr.close()
+
+
 def test_restore_refuses_a_truncated_snapshot(snapshot_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()

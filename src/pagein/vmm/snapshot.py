@@ -327,9 +327,13 @@ def load_snapshot(directory: str, *, check_memory: bool = True) -> Snapshot:
         raise d.bad("memory.sha256", "is not a SHA-256 in hex")
     workload = doc.get("workload")
     wl = None
-    if isinstance(workload, dict) and isinstance(workload.get("name"), str) and \
-            isinstance(workload.get("args"), list):
-        wl = (workload["name"], tuple(int(a) for a in workload["args"]))
+    if workload is not None:
+        args = workload.get("args") if isinstance(workload, dict) else None
+        if not isinstance(workload, dict) or not isinstance(workload.get("name"), str) or \
+                not isinstance(args, list) or not all(
+                    isinstance(a, int) and not isinstance(a, bool) for a in args):
+            raise d.bad("workload", "is not {name: text, args: [integers]} or null")
+        wl = (workload["name"], tuple(args))
     snap = Snapshot(directory, vcpus, frozenset(active),
                     d.uint(console, "output_bytes", "console"),
                     d.blob(console, "pending_input", "console"), regions, file_bytes, sha, wl)

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pagein.errors import IntegrityError, SnapshotFormatError
 from pagein.vmm import restore as restore_mod
@@ -164,3 +166,19 @@ def test_snapshot_type_is_what_restore_accepts(original: tuple[str, list[object]
     with restore(snap, RestoreOptions(backend=Backend.FILE)) as vm:
         # The pending input went back into the console: the guest answers it unasked.
         assert vm.machine.console.read_line(60) == str(FunctionReference(4 * MiB, 3).key(1))
+
+
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(min_value=0, max_value=1 << 16), flip=st.integers(min_value=0),
+       bit=st.integers(min_value=0, max_value=7))
+def test_any_truncation_or_flipped_bit_is_refused(original: tuple[str, list[object]],
+                                                 cut: int, flip: int, bit: int) -> None:
+    data = (Path(original[0]) / STATE_FILE).read_bytes()
+    flipped = bytearray(data)
+    flipped[flip % len(data)] ^= 1 << bit
+    for damaged in (data[: cut % len(data)], bytes(flipped)):
+        with tempfile.TemporaryDirectory(prefix="pagein-test-fuzz-") as d:
+            (Path(d) / STATE_FILE).write_bytes(damaged)
+            with pytest.raises(SnapshotFormatError):
+                load_snapshot(d, check_memory=False)

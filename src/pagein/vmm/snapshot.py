@@ -235,7 +235,7 @@ def _read_state(path: str) -> dict[str, Any]:
     if len(raw) < _HEADER.size:
         raise SnapshotFormatError(f"snapshot state file {path} is truncated: {len(raw)} bytes, "
                                   f"shorter than its {_HEADER.size}-byte header")
-    magic, version, _flags, length, digest = _HEADER.unpack_from(raw)
+    magic, version, flags, length, digest = _HEADER.unpack_from(raw)
     if magic != MAGIC:
         raise SnapshotFormatError(f"{path} is not a pagein VM state file (magic {magic!r}, "
                                   f"expected {MAGIC!r})")
@@ -243,6 +243,10 @@ def _read_state(path: str) -> dict[str, Any]:
         raise SnapshotFormatError(f"snapshot state file {path} has format version {version}, "
                                   f"this pagein reads version {FORMAT_VERSION} only: restore "
                                   "it with the pagein that wrote it")
+    if flags:
+        raise SnapshotFormatError(f"snapshot state file {path} sets header flags 0x{flags:x} "
+                                  "that this pagein does not know: restore it with the pagein "
+                                  "that wrote it")
     body = raw[_HEADER.size:]
     if len(body) != length:
         what = "truncated" if len(body) < length else "longer than its header says"

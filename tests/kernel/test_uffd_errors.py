@@ -10,7 +10,7 @@ import pytest
 
 from pagein._abi import libc
 from pagein.errors import UffdError, Unavailable, UnsupportedFeature
-from pagein.sys import uffd as uffd_mod
+from pagein.sys import _uffd_api as uffd_api
 from pagein.sys.mapping import PAGE_SIZE, Mapping
 from pagein.sys.uffd import ApiInfo, Feature, RegisterMode, Userfaultfd
 
@@ -94,8 +94,8 @@ def test_missing_feature_names_the_feature_and_the_kernel_version(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # Pretend the kernel predates UFFDIO_MOVE: the real probe is replaced by its result
     # minus MOVE, so the message is the one an older kernel produces.
-    real = uffd_mod.supported_api()
-    monkeypatch.setitem(uffd_mod._SUPPORTED, False,
+    real = uffd_api.supported_api()
+    monkeypatch.setitem(uffd_api._SUPPORTED, False,
                         ApiInfo(real.features & ~Feature.MOVE, real.ioctls))
     with pytest.raises(UnsupportedFeature) as e:
         Userfaultfd.open(Feature.EVENT_REMOVE | Feature.MOVE)

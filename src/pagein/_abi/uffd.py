@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+from typing import TypeAlias
 
 from pagein._abi.ioctl import io, ior, iowr
 
@@ -233,3 +234,20 @@ UFFDIO_WRITEPROTECT = iowr(UFFDIO, IoctlNr.WRITEPROTECT, uffdio_writeprotect)
 UFFDIO_CONTINUE = iowr(UFFDIO, IoctlNr.CONTINUE, uffdio_continue)
 UFFDIO_POISON = iowr(UFFDIO, IoctlNr.POISON, uffdio_poison)
 USERFAULTFD_IOC_NEW = io(USERFAULTFD_IOC, 0x00)
+
+
+# Every uffd argument struct is a run of 64-bit fields, so ``sys/`` passes them to
+# ``fcntl.ioctl`` as bytearrays addressed as u64 words; these give the word of a field
+# (a nested ``range`` is its ``start`` word, ``len`` follows) and the struct size.
+StructType: TypeAlias = type[ctypes.Structure]
+
+
+def word(struct: StructType, field: str) -> int:
+    """Return the index of ``field`` in ``struct`` counted in 64-bit words."""
+    offset: int = getattr(struct, field).offset
+    return offset // 8
+
+
+def size(struct: StructType) -> int:
+    """Return ``sizeof(struct)`` in bytes."""
+    return ctypes.sizeof(struct)

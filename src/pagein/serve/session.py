@@ -22,7 +22,6 @@ Ordering rules this loop depends on (see ``ioctl_userfaultfd(2)`` and DESIGN.md)
 from __future__ import annotations
 
 import bisect
-import ctypes
 import errno
 import json
 import logging
@@ -33,6 +32,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
+from pagein._abi import libc
 from pagein.errors import PageinError, SourceError, UffdError
 from pagein.serve.bitmap import Bitmap
 from pagein.serve.firecracker import Region
@@ -63,7 +63,7 @@ STATS_REQUEST = b'{"pagein": "stats"}\n'
 DEFAULT_CHUNK_BYTES = 1 << 20
 _HUGE = 2 * 1024 * 1024
 _ZEROS = bytearray(_HUGE)
-_ZEROS_ADDR = ctypes.addressof((ctypes.c_char * _HUGE).from_buffer(_ZEROS))
+_ZEROS_ADDR = libc.buffer_address(_ZEROS)
 
 
 class SessionEnd(Enum):
@@ -117,8 +117,7 @@ class Session:
                                 for i, r in enumerate(self.regions)), key=lambda e: e.address)
         self._starts = [e.address for e in self._extents]
         self._scratch = bytearray(max(chunk_bytes, _HUGE))
-        self._scratch_addr = ctypes.addressof(
-            (ctypes.c_char * len(self._scratch)).from_buffer(self._scratch))
+        self._scratch_addr = libc.buffer_address(self._scratch)
         self._deferred: list[tuple[PageFault, int]] = []
         self._plan: Iterator[Span] = iter(())
         self._span: Span | None = None

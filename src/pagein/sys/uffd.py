@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
+import io
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
-from pagein._abi import libc
 from pagein._abi import uffd as abi
 from pagein._abi.uffd import (
     ContinueMode,
@@ -40,8 +42,19 @@ from pagein._abi.uffd import (
     WriteprotectMode,
     ZeropageMode,
 )
-from pagein.errors import UffdError, Unavailable, UnsupportedFeature
+from pagein.errors import UnsupportedFeature
 from pagein.sys._fd import OwnedFd
+from pagein.sys._uffd_api import (
+    ApiInfo,
+    Arg,
+    error_for,
+    feature_names,
+    ioctl_set,
+    kernel_hint,
+    negotiate,
+    open_raw,
+    supported_api,
+)
 
 __all__ = [
     "AlreadyPresent",
@@ -166,162 +179,31 @@ Event = PageFault | Fork | Remap | Remove | Unmap
 _MSG = struct.Struct(abi.UFFD_MSG_FORMAT)
 
 
-@dataclass(frozen=True, slots=True)
-class ApiInfo:
-    """What ``UFFDIO_API`` granted: the features enabled and the fd-level ioctls."""
+# Word positions of the fill argument structs' fields (all fields are 64-bit).
+_W = abi.word
+# dst/src/len/mode/result: the layout of uffdio_copy and uffdio_move.
+_DST, _SRC, _LEN, _MODE, _DONE = (_W(abi.uffdio_copy, f) for f in ("dst", "src", "len",
+                                                                   "mode", "copy"))
+# range.start/range.len/mode/result: zeropage, continue, poison, register, writeprotect.
+_R_START = _W(abi.uffdio_zeropage, "range")
+_R_LEN = _R_START + 1
+_R_MODE = _W(abi.uffdio_zeropage, "mode")
+_R_DONE = _W(abi.uffdio_zeropage, "zeropage")
+_REG_IOCTLS = _W(abi.uffdio_register, "ioctls")
+_ioctl = fcntl.ioctl
+_get_ident = threading.get_ident
 
-    features: Feature
-    ioctls: frozenset[IoctlNr]
-
-
-def _ioctl_set(mask: int) -> frozenset[IoctlNr]:
-    return frozenset(nr for nr in IoctlNr if mask & (1 << nr))
-
-
-def feature_names(features: int) -> list[str]:
-    """Return the kernel names (``UFFD_FEATURE_*``) of the bits set in ``features``."""
-    names = [f"UFFD_FEATURE_{f.name}" for f in Feature if features & f]
-    known = sum(Feature)
-    names += [f"unknown feature bit {b}" for b in range(64)
-              if features & (1 << b) and not known & (1 << b)]
-    return names
+# Filled results are immutable: share one per length instead of allocating per fault.
+_FILLED: dict[int, Filled] = {}
 
 
-# The first Linux release that offers each feature (x86-64), for error messages.
-_FEATURE_SINCE: dict[Feature, str] = {
-    Feature.PAGEFAULT_FLAG_WP: "5.7",
-    Feature.EVENT_FORK: "4.11",
-    Feature.EVENT_REMAP: "4.11",
-    Feature.EVENT_REMOVE: "4.11",
-    Feature.MISSING_HUGETLBFS: "4.11",
-    Feature.MISSING_SHMEM: "4.11",
-    Feature.EVENT_UNMAP: "4.11",
-    Feature.SIGBUS: "4.14",
-    Feature.THREAD_ID: "4.14",
-    Feature.MINOR_HUGETLBFS: "5.13",
-    Feature.MINOR_SHMEM: "5.14",
-    Feature.EXACT_ADDRESS: "5.18",
-    Feature.WP_HUGETLBFS_SHMEM: "5.19",
-    Feature.WP_UNPOPULATED: "6.4",
-    Feature.POISON: "6.6",
-    Feature.WP_ASYNC: "6.7",
-    Feature.MOVE: "6.8",
-}
-
-
-def _kernel_hint(missing: int) -> str:
-    versions = [_FEATURE_SINCE[f] for f in Feature if missing & f and f in _FEATURE_SINCE]
-    running = os.uname().release
-    if not versions:
-        return f"this kernel ({running}) does not know it"
-    need = max(versions, key=lambda v: tuple(map(int, v.split("."))))
-    return (f"it needs Linux >= {need} built with the matching CONFIG_* options "
-            f"(running {running}); upgrade the kernel or drop the feature")
-
-
-_HELP_PERMISSION = (
-    "run as root, give this user read/write access to /dev/userfaultfd, set sysctl "
-    "vm.unprivileged_userfaultfd=1, grant CAP_SYS_PTRACE, or open with "
-    "user_mode_only=True"
-)
-
-
-def _open_raw(flags: int, user_mode_only: bool) -> int:
-    """Create a uffd through /dev/userfaultfd, falling back to the syscall."""
-    mode = flags | (abi.UFFD_USER_MODE_ONLY if user_mode_only else 0)
-    dev_error = ""
-    try:
-        dev = os.open(abi.USERFAULTFD_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        dev_error = f"{abi.USERFAULTFD_DEVICE}: {e.strerror}"
-    else:
-        try:
-            res = libc.ioctl_ptr(dev, abi.USERFAULTFD_IOC_NEW, mode)
-            err = libc.get_errno()
-        finally:
-            os.close(dev)
-        if res >= 0:
-            return int(res)
-        dev_error = f"USERFAULTFD_IOC_NEW: {os.strerror(err)}"
-    fd = libc.syscall1(abi.NR_USERFAULTFD_X86_64, mode)
-    if fd >= 0:
-        return fd
-    err = libc.get_errno()
-    if err == errno.ENOSYS:
-        raise Unavailable(
-            "userfaultfd is not available: this kernel was built without "
-            "CONFIG_USERFAULTFD; use a Linux >= 4.3 kernel with it enabled")
-    if err in (errno.EPERM, errno.EACCES):
-        raise Unavailable(
-            f"userfaultfd creation was refused ({dev_error}; userfaultfd(2): "
-            f"{os.strerror(err)}): {_HELP_PERMISSION}")
-    if err == errno.EINVAL and user_mode_only:
-        raise UnsupportedFeature(
-            ["UFFD_USER_MODE_ONLY"], "it needs Linux >= 5.11; open without user_mode_only")
-    raise Unavailable(f"userfaultfd(2) failed: {os.strerror(err)} ({dev_error})")
-
-
-def _api(fd: int, features: int) -> ApiInfo:
-    arg = abi.uffdio_api(api=abi.UFFD_API, features=features, ioctls=0)
-    if libc.ioctl_ptr(fd, abi.UFFDIO_API, libc.addressof(arg)) < 0:
-        err = libc.get_errno()
-        if err == errno.EPERM and features & Feature.EVENT_FORK:
-            raise UnsupportedFeature(
-                ["UFFD_FEATURE_EVENT_FORK"],
-                "UFFDIO_API refused it (EPERM): it needs CAP_SYS_PTRACE; run as root or "
-                "drop Feature.EVENT_FORK")
-        raise UnsupportedFeature(
-            feature_names(features) or ["UFFD_API"],
-            f"UFFDIO_API refused the request ({os.strerror(err)}); {_kernel_hint(features)}")
-    # The kernel writes back every feature it *offers*, not the ones it enabled.
-    return ApiInfo(Feature(arg.features), _ioctl_set(arg.ioctls))
-
-
-_SUPPORTED: dict[bool, ApiInfo] = {}
-
-
-def supported_api(user_mode_only: bool = False) -> ApiInfo:
-    """Return every feature and ioctl this kernel offers (probed once per process)."""
-    if user_mode_only not in _SUPPORTED:
-        fd = _open_raw(os.O_CLOEXEC, user_mode_only)
-        try:
-            _SUPPORTED[user_mode_only] = _api(fd, 0)
-        finally:
-            os.close(fd)
-    return _SUPPORTED[user_mode_only]
-
-
-# Per-errno advice appended to UffdError messages; ops can refine it (see _OP_HINTS).
-_HINTS = {
-    errno.EINVAL: "check that start and length are page aligned (huge-page aligned on "
-                  "hugetlbfs), non-zero, and that the range is registered in the mode this "
-                  "operation needs",
-    errno.ENOENT: "the range is not registered with this uffd (or no longer mapped) in the "
-                  "process that created it",
-    errno.ESRCH: "the process that created this uffd has exited",
-    errno.ENOMEM: "the kernel could not allocate the page (or no 2 MiB page is free: raise "
-                  "sysctl vm.nr_hugepages)",
-    errno.EPERM: "the range's mapping does not allow this operation",
-    errno.EFAULT: "the source or destination address is not mapped in the right process",
-}
-_OP_HINTS = {
-    ("UFFDIO_REGISTER", errno.EINVAL): "check that start and length are page aligned and "
-        "that this kind of memory supports the mode (MINOR needs shmem or hugetlbfs)",
-    ("UFFDIO_REGISTER", errno.ENOMEM): "part of the range is not mapped",
-    ("UFFDIO_REGISTER", errno.EBUSY): "the range is already registered with another uffd",
-    ("UFFDIO_MOVE", errno.EINVAL): "UFFDIO_MOVE must be called by the process that created "
-        "the uffd, with Feature.MOVE, page-aligned private anonymous source and destination "
-        "of equal protection, and a destination registered with this uffd",
-    ("UFFDIO_MOVE", errno.EBUSY): "a source page is shared (e.g. after fork); copy it instead",
-    ("UFFDIO_POISON", errno.EINVAL): "UFFDIO_POISON needs Feature.POISON at open and a "
-        "page-aligned registered range",
-    ("UFFDIO_CONTINUE", errno.EFAULT): "the page is not in the page cache: write it "
-        "through another mapping of the file first",
-}
-
-
-def _error(op: str, err: int, start: int, length: int) -> UffdError:
-    return UffdError(op, err, start, length, _OP_HINTS.get((op, err)) or _HINTS.get(err, ""))
+def _filled(n: int) -> Filled:
+    f = _FILLED.get(n)
+    if f is None:
+        f = Filled(n)
+        if len(_FILLED) < 256:
+            _FILLED[n] = f
+    return f
 
 
 class Userfaultfd(OwnedFd):
@@ -330,17 +212,33 @@ class Userfaultfd(OwnedFd):
     Create with :meth:`open`. Usable with ``selectors``/epoll and asyncio through
     :meth:`fileno`; :meth:`read_events` reads many messages per ``read()``. After
     :meth:`close`, every method raises ``ValueError`` (from :meth:`fileno`).
+
+    Fills may be issued from several threads at once: the creating thread reuses
+    preallocated argument buffers (the per-fault hot path), other threads build their
+    own. Every ioctl releases the GIL while the kernel works.
     """
 
     def __init__(self, fd: int, api: ApiInfo, *, nonblocking: bool) -> None:
         super().__init__(fd)
         self.api = api
         self.nonblocking = nonblocking
-        # Preallocated argument structs for the hot path (one fault, one copy).
-        self._copy = abi.uffdio_copy()
-        self._copy_addr = libc.addressof(self._copy)
-        self._range = abi.uffdio_range()
-        self._range_addr = libc.addressof(self._range)
+        # Preallocated argument structs for the hot path (one fault, one fill), used only
+        # by the thread that created this object; other threads get fresh ones, so
+        # concurrent fills from several threads never share an argument buffer.
+        self._owner = _get_ident()
+        self._copy_arg = Arg(abi.uffdio_copy)
+        self._cont_arg = Arg(abi.uffdio_continue)
+        self._range_arg = Arg(abi.uffdio_range)
+        # Reads go through a FileIO over the same fd (never closing it): its readinto
+        # needs no iovec list, and an empty non-blocking read returns None instead of
+        # raising BlockingIOError (an exception costs microseconds per empty poll).
+        self._reader = io.FileIO(fd, "rb", closefd=False)
+
+    def close(self) -> None:
+        """Close the uffd (idempotent); the registered ranges fall back to normal faults
+        once every process holding it has closed it."""
+        self._reader.close()
+        super().close()
 
     @classmethod
     def open(
@@ -362,15 +260,15 @@ class Userfaultfd(OwnedFd):
         offered = supported_api(user_mode_only).features
         missing = int(features) & ~int(offered)
         if missing:
-            raise UnsupportedFeature(feature_names(missing), _kernel_hint(missing))
+            raise UnsupportedFeature(feature_names(missing), kernel_hint(missing))
         flags = os.O_CLOEXEC | (os.O_NONBLOCK if nonblocking else 0)
-        fd = _open_raw(flags, user_mode_only)
+        fd = open_raw(flags, user_mode_only)
         try:
             asked = Feature(features | (optional & offered))
             # WP_ASYNC implies WP_UNPOPULATED: the kernel turns it on by itself.
             if asked & Feature.WP_ASYNC:
                 asked |= Feature.WP_UNPOPULATED
-            api = ApiInfo(asked, _api(fd, int(asked)).ioctls)
+            api = ApiInfo(asked, negotiate(fd, int(asked)).ioctls)
         except BaseException:
             os.close(fd)
             raise
@@ -402,10 +300,12 @@ class Userfaultfd(OwnedFd):
         misaligned range or a mode this memory does not support, ENOMEM for a hole,
         EBUSY when another uffd has it).
         """
-        arg = abi.uffdio_register(range=abi.uffdio_range(start, length), mode=int(mode))
-        if libc.ioctl_ptr(self.fileno(), abi.UFFDIO_REGISTER, libc.addressof(arg)) < 0:
-            raise _error("UFFDIO_REGISTER", libc.get_errno(), start, length)
-        return _ioctl_set(arg.ioctls)
+        arg = self._ranged(abi.uffdio_register, start, length, mode)
+        try:
+            _ioctl(self.fileno(), abi.UFFDIO_REGISTER, arg.buf, True)
+        except OSError as e:
+            raise error_for("UFFDIO_REGISTER", e.errno or 0, start, length) from None
+        return ioctl_set(arg.u[_REG_IOCTLS])
 
     def unregister(self, start: int, length: int) -> None:
         """Unregister a range; later faults there are served by the kernel as usual."""
@@ -416,10 +316,38 @@ class Userfaultfd(OwnedFd):
         self._range_op(abi.UFFDIO_WAKE, "UFFDIO_WAKE", start, length)
 
     def _range_op(self, req: int, op: str, start: int, length: int) -> None:
-        self._range.start = start
-        self._range.len = length
-        if libc.ioctl_ptr(self.fileno(), req, self._range_addr) < 0:
-            raise _error(op, libc.get_errno(), start, length)
+        arg = self._range_arg if _get_ident() == self._owner else Arg(abi.uffdio_range)
+        u = arg.u
+        u[_R_START] = start
+        u[_R_LEN] = length
+        try:
+            _ioctl(self.fileno(), req, arg.buf, True)
+        except OSError as e:
+            raise error_for(op, self._errno(e), start, length) from None
+
+    def _ranged(self, struct_type: abi.StructType, start: int, length: int,
+                mode: int) -> Arg:
+        """A fresh range/mode argument (register, zeropage, poison, writeprotect)."""
+        arg = Arg(struct_type)
+        arg.u[_R_START], arg.u[_R_LEN], arg.u[_R_MODE] = start, length, mode
+        return arg
+
+    def _errno(self, e: OSError) -> int:
+        """The errno of a failed ioctl; a closed uffd raises ValueError like fileno()."""
+        if self._fd < 0:
+            self.fileno()
+        return e.errno or 0
+
+    def _fill(self, req: int, op: str, arg: Arg, done_word: int, start: int,
+              length: int) -> FillResult:
+        """Issue a fill ioctl and turn its outcome into a result (see _fill_failed)."""
+        arg.u[done_word] = 0
+        try:
+            _ioctl(self.fileno(), req, arg.buf, True)
+        except OSError as e:
+            return _fill_failed(op, self._errno(e), arg.s[done_word], start, length)
+        done = arg.s[done_word]
+        return _filled(done if done > 0 else length)
 
     # --- fills ---------------------------------------------------------------------
 
@@ -432,36 +360,45 @@ class Userfaultfd(OwnedFd):
         Safety: ``src`` must point at ``length`` readable bytes of this process; ``dst``
         is an address in the uffd creator's address space.
         """
-        c = self._copy
-        c.dst = dst
-        c.src = src
-        c.len = length
-        c.mode = mode
+        # The hot path: one preallocated argument, one ioctl, a shared result.
+        arg = self._copy_arg if _get_ident() == self._owner else Arg(abi.uffdio_copy)
+        u = arg.u
+        u[_DST] = dst
+        u[_SRC] = src
+        u[_LEN] = length
+        u[_MODE] = mode
         # Some EAGAIN/EINVAL paths return before the kernel writes ``copy``: a stale
         # value from the previous call must not be read as progress.
-        c.copy = 0
-        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_COPY, self._copy_addr)
-        return _fill_result("UFFDIO_COPY", ret, c.copy, dst, length)
+        u[_DONE] = 0
+        try:
+            _ioctl(self._fd, abi.UFFDIO_COPY, arg.buf, True)
+        except ValueError:  # fd -1: closed
+            self.fileno()
+            raise
+        except OSError as e:
+            return _fill_failed("UFFDIO_COPY", self._errno(e), arg.s[_DONE], dst, length)
+        return _FILLED.get(length) or _filled(length)
 
     def zeropage(self, start: int, length: int,
                  mode: ZeropageMode = ZeropageMode.NONE) -> FillResult:
         """Map the zero page over the range (``UFFDIO_ZEROPAGE``; not on hugetlbfs)."""
-        arg = abi.uffdio_zeropage(range=abi.uffdio_range(start, length), mode=int(mode))
-        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_ZEROPAGE, libc.addressof(arg))
-        return _fill_result("UFFDIO_ZEROPAGE", ret, arg.zeropage, start, length)
+        arg = self._ranged(abi.uffdio_zeropage, start, length, mode)
+        return self._fill(abi.UFFDIO_ZEROPAGE, "UFFDIO_ZEROPAGE", arg, _R_DONE, start, length)
 
     def continue_(self, start: int, length: int,
                   mode: ContinueMode = ContinueMode.NONE) -> FillResult:
         """Map pages already in the page cache (``UFFDIO_CONTINUE``, MINOR faults)."""
-        arg = abi.uffdio_continue(range=abi.uffdio_range(start, length), mode=int(mode))
-        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_CONTINUE, libc.addressof(arg))
-        return _fill_result("UFFDIO_CONTINUE", ret, arg.mapped, start, length)
+        arg = self._cont_arg if _get_ident() == self._owner else Arg(abi.uffdio_continue)
+        u = arg.u
+        u[_R_START] = start
+        u[_R_LEN] = length
+        u[_R_MODE] = mode
+        return self._fill(abi.UFFDIO_CONTINUE, "UFFDIO_CONTINUE", arg, _R_DONE, start, length)
 
     def poison(self, start: int, length: int, mode: PoisonMode = PoisonMode.NONE) -> FillResult:
         """Install poison markers: later accesses get SIGBUS (``UFFDIO_POISON``, 6.6+)."""
-        arg = abi.uffdio_poison(range=abi.uffdio_range(start, length), mode=int(mode))
-        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_POISON, libc.addressof(arg))
-        return _fill_result("UFFDIO_POISON", ret, arg.updated, start, length)
+        arg = self._ranged(abi.uffdio_poison, start, length, mode)
+        return self._fill(abi.UFFDIO_POISON, "UFFDIO_POISON", arg, _R_DONE, start, length)
 
     def move(self, dst: int, src: int, length: int, mode: MoveMode = MoveMode.NONE) -> FillResult:
         """Move pages (not copy) from ``src`` to ``dst`` (``UFFDIO_MOVE``, Linux >= 6.8).
@@ -470,9 +407,9 @@ class Userfaultfd(OwnedFd):
         and the kernel refuses cross-mm moves: only a thread of that process may call
         this (EINVAL otherwise). ``src`` reads as unpopulated afterwards.
         """
-        arg = abi.uffdio_move(dst=dst, src=src, len=length, mode=int(mode))
-        ret = libc.ioctl_ptr(self.fileno(), abi.UFFDIO_MOVE, libc.addressof(arg))
-        return _fill_result("UFFDIO_MOVE", ret, arg.move, dst, length)
+        arg = Arg(abi.uffdio_move)
+        arg.u[_DST], arg.u[_SRC], arg.u[_LEN], arg.u[_MODE] = dst, src, length, mode
+        return self._fill(abi.UFFDIO_MOVE, "UFFDIO_MOVE", arg, _DONE, dst, length)
 
     def writeprotect(self, start: int, length: int,
                      mode: WriteprotectMode = WriteprotectMode.WP) -> None:
@@ -480,9 +417,11 @@ class Userfaultfd(OwnedFd):
 
         Clearing wakes the threads blocked on WP faults unless DONTWAKE is given.
         """
-        arg = abi.uffdio_writeprotect(range=abi.uffdio_range(start, length), mode=int(mode))
-        if libc.ioctl_ptr(self.fileno(), abi.UFFDIO_WRITEPROTECT, libc.addressof(arg)) < 0:
-            raise _error("UFFDIO_WRITEPROTECT", libc.get_errno(), start, length)
+        arg = self._ranged(abi.uffdio_writeprotect, start, length, mode)
+        try:
+            _ioctl(self.fileno(), abi.UFFDIO_WRITEPROTECT, arg.buf, True)
+        except OSError as e:
+            raise error_for("UFFDIO_WRITEPROTECT", self._errno(e), start, length) from None
 
     # --- events --------------------------------------------------------------------
 
@@ -493,9 +432,9 @@ class Userfaultfd(OwnedFd):
         uffd sleeps (GIL released) until at least one message arrives. A :class:`Fork`
         hands you the child's new uffd.
         """
-        try:
-            data = os.read(self.fileno(), abi.UFFD_MSG_SIZE * max_events)
-        except BlockingIOError:
+        self.fileno()  # ValueError once closed: the fd number may belong to a new file
+        data = self._reader.read(abi.UFFD_MSG_SIZE * max_events)
+        if not data:  # None: non-blocking and nothing pending
             return []
         return decode_events(data, features=self.api.features)
 
@@ -506,11 +445,10 @@ class Userfaultfd(OwnedFd):
         returns 0 when non-blocking and nothing is pending. Fork messages read this way
         carry a new fd the caller must adopt or close.
         """
-        try:
-            n = os.readv(self.fileno(), [buf])
-        except BlockingIOError:
-            return 0
-        return n // abi.UFFD_MSG_SIZE
+        if self._fd < 0:
+            self.fileno()
+        n = self._reader.readinto(buf)
+        return 0 if n is None else n // abi.UFFD_MSG_SIZE
 
     async def read_events_async(self, max_events: int = 64) -> list[Event]:
         """Wait (asyncio) until messages are pending, then read and decode them.
@@ -569,19 +507,16 @@ def decode_events(data: bytes | bytearray | memoryview, *,
     return out
 
 
-def _fill_result(op: str, ret: int, progress: int, start: int, length: int) -> FillResult:
-    """Turn a fill ioctl's return value and progress field into a result.
+def _fill_failed(op: str, err: int, progress: int, start: int, length: int) -> FillResult:
+    """Turn a failed fill ioctl's errno and progress field into a result or an error.
 
     The kernel reports progress in the struct's last field: bytes done, or ``-errno``.
-    A partial fill returns EAGAIN with the bytes done; EEXIST means the first page was
-    already there; EAGAIN with no progress means an event is pending.
+    A partial fill fails with EAGAIN and the bytes done; EEXIST means the first page
+    was already there; EAGAIN with no progress means an event is pending.
     """
-    if ret >= 0:
-        return Filled(length if progress <= 0 else progress)
-    err = libc.get_errno()
     done = progress if progress > 0 else 0
     if err == errno.EEXIST:
         return AlreadyPresent(done)
     if err == errno.EAGAIN:
         return Retry(done)
-    raise _error(op, err, start, length)
+    raise error_for(op, err, start, length)

@@ -15,8 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagein.errors import IntegrityError, SnapshotFormatError
+from pagein.errors import IntegrityError, PageinError, SnapshotFormatError
 from pagein.vmm import restore as restore_mod
+from pagein.vmm.control import ControlServer, request
 from pagein.vmm.image import workload_image
 from pagein.vmm.machine import Machine
 from pagein.vmm.reference import FunctionReference
@@ -182,3 +183,26 @@ def test_any_truncation_or_flipped_bit_is_refused(original: tuple[str, list[obje
             (Path(d) / STATE_FILE).write_bytes(damaged)
             with pytest.raises(SnapshotFormatError):
                 load_snapshot(d, check_memory=False)
+
+
+def test_control_socket_snapshots_a_running_guest_and_names_bad_requests(tmp_path: Path) -> None:
+    wa = function_args(1 * MiB, 2)
+    sock, out = str(tmp_path / "ctl.sock"), str(tmp_path / "live")
+    with Machine.create(32 * MiB, 1) as m, ControlServer(m, sock, workload=("function",
+                                                                             wa.args)):
+        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
+        m.start()
+        m.console.send("key 4\n")
+        assert m.console.read_line(60) == str(FunctionReference(1 * MiB, 2).key(4))
+        assert request(sock, {"op": "status"})["active_vcpus"] == [0]
+        assert request(sock, {"op": "snapshot", "dir": out})["memory_bytes"] == 32 * MiB
+        assert load_snapshot(out).workload == ("function", wa.args)
+        with pytest.raises(PageinError, match="unknown op 'reboot'"):
+            request(sock, {"op": "reboot"})
+        with pytest.raises(PageinError, match='needs "dir"'):
+            request(sock, {"op": "snapshot"})
+        m.console.close_input()
+        assert m.wait(60).status == 0
+        with pytest.raises(PageinError, match="the guest has ended"):
+            request(sock, {"op": "snapshot", "dir": out})
+    assert not os.path.exists(sock)

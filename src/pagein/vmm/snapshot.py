@@ -153,8 +153,12 @@ def save_snapshot(machine: Machine, directory: str, *,
     instruction boundary with no port I/O pending. Both files are written under
     temporary names and renamed, the state file last: a crash leaves the old snapshot
     or a complete new one, and a VM restored by mapping the old memory file keeps its
-    (unlinked) pages. Raises ``RuntimeError`` if the machine is running.
+    (unlinked) pages. Raises ``RuntimeError`` if the machine is running and
+    ``ValueError`` if its guest has ended.
     """
+    if not machine.active_vcpus:
+        raise ValueError("the guest has ended (no vCPU is running): there is nothing to "
+                         "snapshot")
     states = machine.vcpu_states()
     os.makedirs(directory, exist_ok=True)
     mem_tmp = os.path.join(directory, f".{MEMORY_FILE}.tmp")

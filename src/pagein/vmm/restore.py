@@ -28,7 +28,8 @@ never reads a zero page. A watchdog sees the handler's socket close, stops the g
 logs an error and makes :meth:`RestoredVm.wait` raise :class:`~pagein.errors.HandlerError`
 at once. A vCPU already waiting on a page stays blocked in the kernel (KVM reads guest
 page tables with ``copy_from_user``, which only the page or a fatal signal ends), so
-:meth:`RestoredVm.close` then leaves that VM's memory and uffd in place until the
+:meth:`RestoredVm.close` serves those pages itself from the snapshot to let the stopped
+vCPUs leave; should that fail, it leaves that VM's memory and uffd in place until the
 process exits rather than crash it or let the range fall back to zero pages.
 """
 
@@ -50,6 +51,7 @@ from typing import Self
 
 import numpy as np
 
+from pagein._abi.mman import Prot
 from pagein.errors import HandlerError, SnapshotFormatError
 from pagein.serve.firecracker import Region as WireRegion
 from pagein.serve.firecracker import connect_and_send
@@ -58,7 +60,7 @@ from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName
 from pagein.snapshot.raw import data_extents
 from pagein.sys.mapping import HUGE_PAGE_SIZE, Mapping, Memfd
 from pagein.sys.pagemap import Pagemap
-from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
+from pagein.sys.uffd import AlreadyPresent, Feature, PageFault, RegisterMode, Userfaultfd
 from pagein.vmm.console import Console
 from pagein.vmm.machine import Machine, RunResult
 from pagein.vmm.memory import GuestMemory, Region
@@ -236,8 +238,10 @@ class RestoredVm:
         self.machine.stop()
         # vCPU threads still running now are blocked on pages their dead handler never
         # served: unmapping under them would crash the process and closing the uffd would
-        # hand them zero pages, so their machine and memory are left as they are.
-        if not self._joined.wait(1.0 if self._error is not None else 5.0):
+        # hand them zero pages. Serve those pages from the snapshot ourselves so they see
+        # the stop; if that fails, their machine and memory are left as they are.
+        if not self._joined.wait(1.0 if self._error is not None else 5.0) and \
+                not self._unblock():
             log.error("vCPUs %s of the VM restored from %s are blocked on pages nobody "
                       "serves: its memory and uffd stay in place until the process exits",
                       sorted(self.machine.active_vcpus), self.snapshot.directory)
@@ -249,6 +253,52 @@ class RestoredVm:
         self._parts.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
+
+    def _unblock(self, timeout: float = 10.0) -> bool:
+        """Fill, from the snapshot, the pages stopped vCPUs wait on; True once they ended.
+
+        Their faults were read by the dead handler, so first wake every waiter: each
+        retries its access and faults again, now to this process's uffd. The machine is
+        stopped and the kick signal pending, so a vCPU leaves KVM_RUN once its page is
+        in; it only ever sees snapshot content.
+
+        Safety: fills guest memory with ``UFFDIO_COPY`` from a read-only mapping of the
+        memory file; only pages of the registered mappings are filled.
+        """
+        uffd = self._parts.uffd
+        if uffd is None or self._error is None:
+            return False
+        log.warning("serving the pages blocked vCPUs wait on from %s so they can stop",
+                    self.snapshot.memory_path)
+        fd = os.open(self.snapshot.memory_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            source = Mapping.of_fd(fd, self.snapshot.memory_bytes, prot=Prot.READ)
+        finally:
+            os.close(fd)
+        with source:
+            spans = [(m.address, m.end, r.offset, r.page_size)
+                     for m, r in zip(self._parts.mappings, self.snapshot.regions, strict=True)]
+            for start, end, _, _ in spans:
+                uffd.wake(start, end - start)
+            deadline = time.monotonic() + timeout
+            while not self._joined.is_set() and time.monotonic() < deadline:
+                if not select.select([uffd.fileno()], [], [], 0.05)[0]:
+                    continue
+                for ev in uffd.read_events():
+                    if isinstance(ev, PageFault):
+                        self._fill_from(uffd, source, spans, ev.address)
+        return self._joined.is_set()
+
+    @staticmethod
+    def _fill_from(uffd: Userfaultfd, source: Mapping, spans: list[tuple[int, int, int, int]],
+                   address: int) -> None:
+        for start, end, offset, page_size in spans:
+            if start <= address < end:
+                page = address - (address - start) % page_size
+                result = uffd.copy(page, source.address + offset + page - start, page_size)
+                if isinstance(result, AlreadyPresent):
+                    uffd.wake(page, page_size)
+                return
 
     def __enter__(self) -> Self:
         return self

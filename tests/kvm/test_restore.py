@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,6 +173,22 @@ def test_snapshot_a_restored_vm_again_and_restore_that(taken: Taken, tmp_path: P
             assert ask(vm2.machine, rest) == taken.answers[2:]
             vm2.machine.console.close_input()
             assert vm2.wait(TIMEOUT).status == 0
+
+
+def test_snapshot_over_the_file_a_vm_is_mapped_from(taken: Taken, tmp_path: Path) -> None:
+    # The new memory file replaces the old one by rename: the VM mapped MAP_PRIVATE from
+    # the old one keeps its (unlinked) pages and goes on answering correctly.
+    d = tmp_path / "own"
+    shutil.copytree(taken.directory, d)
+    first, rest = taken.requests[:2], taken.requests[2:]
+    with restore(str(d), RestoreOptions(backend=Backend.FILE)) as vm:
+        assert ask(vm.machine, first) == taken.answers[:2]
+        vm.machine.pause()
+        save_snapshot(vm.machine, str(d), workload=vm.snapshot.workload)
+        vm.machine.resume()
+        assert ask(vm.machine, rest) == taken.answers[2:]
+    with restore(str(d), RestoreOptions(backend=Backend.FILE)) as vm2:
+        assert ask(vm2.machine, rest) == taken.answers[2:]
 
 
 def test_handler_death_stops_the_guest_loudly_never_zero_pages(taken: Taken) -> None:

@@ -125,3 +125,32 @@ def test_snapshot_a_running_vm_through_its_control_socket(tmp_path: Path) -> Non
     assert not os.path.exists(control)
     res = _pagein("snapshot", "--control", str(control), "--out", str(out))
     assert res.returncode == 1 and "no VM listens on control socket" in res.stderr
+
+
+def test_a_restored_vm_is_snapshotted_again_through_its_control_socket(
+        snapshot_dir: Path, tmp_path: Path) -> None:
+    control, again = tmp_path / "r.sock", tmp_path / "again"
+    proc = subprocess.Popen([sys.executable, "-m", "pagein", "vm", "restore", str(snapshot_dir),
+                             "--backend", "uffd", "--control", str(control)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(f"{REQUESTS[0]}\n".encode())
+        proc.stdin.flush()
+        assert select.select([proc.stdout], [], [], TIMEOUT)[0]
+        assert proc.stdout.readline().decode().strip() == ANSWERS[0]
+        snap = _pagein("snapshot", "--control", str(control), "--out", str(again))
+        assert snap.returncode == 0, snap.stderr
+        proc.stdin.close()
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    res = _pagein("restore", str(again), "--backend", "copy", stdin="\n".join(REQUESTS[1:]) + "\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ANSWERS[1:]

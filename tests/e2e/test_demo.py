@@ -1,4 +1,5 @@
-"""``pagein demo`` as a newcomer runs it: both restores verified, a table printed."""
+"""``pagein demo`` as a newcomer runs it: the VM demo (snapshot, restore every way,
+answers checked, one table) and the memory-only demo (every byte verified)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-from pagein.demo import page_content, run_demo, write_snapshot
+from pagein.demo import VM_METHODS, page_content, run_demo, run_vm_demo, write_snapshot
 from pagein.sys.mapping import PAGE_SIZE
 
 
@@ -35,7 +36,7 @@ def test_run_demo_verifies_every_restore() -> None:
 
 
 def test_demo_cli_prints_table() -> None:
-    out = subprocess.run([sys.executable, "-m", "pagein", "demo", "--size", "8M"],
+    out = subprocess.run([sys.executable, "-m", "pagein", "demo", "--memory-only", "--size", "8M"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "every byte verified" in out.stdout
@@ -44,7 +45,8 @@ def test_demo_cli_prints_table() -> None:
 
 
 def test_demo_cli_rejects_bad_size() -> None:
-    out = subprocess.run([sys.executable, "-m", "pagein", "demo", "--size", "lots"],
+    out = subprocess.run([sys.executable, "-m", "pagein", "demo", "--memory-only", "--size",
+                          "lots"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "e.g. 256M" in out.stderr
@@ -64,3 +66,27 @@ def test_write_snapshot_roundtrip(tmp_path: object) -> None:
     data = p.read_bytes()
     assert [data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] for i in range(16)] == \
         [page_content(i) for i in range(16)]
+
+
+def test_run_vm_demo_restores_every_way_with_the_original_answers() -> None:
+    r = run_vm_demo(8 << 20, 48 << 20, vcpus=2)
+    assert [x.method for x in r.runs] == [m.label for m in VM_METHODS]
+    assert all(x.answers_match for x in r.runs)
+    for x in r.runs:
+        assert 0 < x.resume_s <= x.first_answer_s <= x.all_state_s
+    # Every restore holds at least the state the checksum read, at most all guest RAM.
+    assert all(8 << 20 <= x.present_bytes <= 48 << 20 for x in r.runs)
+
+
+def test_vm_demo_cli_prints_one_table() -> None:
+    out = subprocess.run([sys.executable, "-m", "pagein", "demo", "--state", "8M", "--mem",
+                          "48M", "--vcpus", "1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    header = [line for line in out.stdout.splitlines() if line.startswith("restore ")]
+    assert len(header) == 1 and "resume" in header[0] and "all-state answer" in header[0]
+    for m in VM_METHODS:
+        row = [line for line in out.stdout.splitlines() if line.startswith(m.label)]
+        assert len(row) == 1 and row[0].endswith("yes")
+    out = subprocess.run([sys.executable, "-m", "pagein", "demo", "--state", "64M", "--mem",
+                          "32M"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "raise --mem" in out.stderr

@@ -1,16 +1,23 @@
-"""``pagein vm``: run a guest workload on KVM, build the guest images."""
+"""``pagein vm``: run a guest workload on KVM, snapshot it, restore it, build the images."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import threading
 from typing import Any
 
+from pagein.errors import PageinError
+from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName
 from pagein.vmm.console import Console
+from pagein.vmm.control import ControlServer, request
 from pagein.vmm.image import build_all, workload_image
 from pagein.vmm.machine import Machine, RunResult
 from pagein.vmm.memory import Backing
+from pagein.vmm.restore import Backend, RestoredVm, RestoreOptions, restore
+from pagein.vmm.snapshot import save_snapshot
 from pagein.vmm.workloads import parse_size, parse_workload
 
 
@@ -33,11 +40,18 @@ def register(subparsers: Any) -> None:
                      help="print run time and VM exit counts to stderr at the end")
     run.add_argument("--timeout", type=float, default=None,
                      help="stop the guest after this many seconds (exit 124)")
+    run.add_argument("--control", metavar="PATH",
+                     help="listen for control requests (pagein vm snapshot) on this socket")
+    run.add_argument("--snapshot-at-ready", metavar="DIR",
+                     help="snapshot into DIR when the guest says READY, then go on")
     run.add_argument("args", nargs="*", metavar="KEY=VALUE",
                      help="workload arguments: function state=256M seed=1; scan "
                           "pattern=seq|random|stride|hotset op=read|write size= touches= "
                           "stride= hot= seed=; hello status=")
     run.set_defaults(handler=run_command)
+
+    _register_snapshot(sub)
+    _register_restore(sub)
 
     build = sub.add_parser("build-guest", help="build and cache the guest workloads with gcc")
     build.add_argument("--cc", default="gcc", help="C compiler (default gcc)")
@@ -61,9 +75,11 @@ def _stdout_sink(data: bytes) -> None:
 
 
 def _pump_stdin(console: Console) -> None:
-    # A daemon thread: reading stdin blocks, and the VM must not wait for it to end.
-    for line in sys.stdin.buffer:
-        console.send(line)
+    # A daemon thread: reading stdin blocks, and the VM must not wait for it to end. It
+    # reads the fd directly: a daemon thread blocked inside sys.stdin's buffered reader
+    # holds its lock, and Python aborts at exit when it finds that lock taken.
+    while data := os.read(sys.stdin.fileno(), 65536):
+        console.send(data)
     console.close_input()
 
 
@@ -88,19 +104,145 @@ def run_command(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"pagein: error: {e}", file=sys.stderr)
             return 2
+        machine.pause_on_ready = args.snapshot_at_ready is not None
         machine.start()
-        threading.Thread(target=_pump_stdin, args=(console,), name="pagein-stdin",
-                         daemon=True).start()
+        tag = (workload.name, workload.args)
         try:
-            result = machine.wait(args.timeout)
-        except TimeoutError as e:
-            print(f"pagein: {e}", file=sys.stderr)
-            return 124
-        except KeyboardInterrupt:
+            if args.snapshot_at_ready is not None:
+                _snapshot_at_ready(machine, args.snapshot_at_ready, tag)
+            with contextlib.ExitStack() as stack:
+                if args.control:
+                    stack.enter_context(ControlServer(machine, args.control, workload=tag))
+                return _drive(machine, console, args)
+        except PageinError as e:
             machine.stop()
-            return 130
-        if args.stats:
-            _print_stats(result)
+            print(f"pagein: error: {e}", file=sys.stderr)
+            return 1
+
+
+def _snapshot_at_ready(machine: Machine, directory: str,
+                       workload: tuple[str, tuple[int, ...]]) -> None:
+    # No stdin is forwarded before the snapshot: input queued then would be replayed by
+    # every restore of it.
+    while not machine.ready.wait(0.2):
+        if not machine.active_vcpus:
+            raise PageinError("the guest ended before it said READY: no snapshot was taken")
+    machine.pause()
+    snap = save_snapshot(machine, directory, workload=workload)
+    machine.resume()
+    print(f"[pagein] snapshot at READY: {directory} ({snap.memory_bytes >> 20} MiB memory)",
+          file=sys.stderr)
+
+
+def _drive(machine: Machine, console: Console, args: argparse.Namespace) -> int:
+    """Forward stdin, wait for the guest's end, print stats; return the exit status."""
+    threading.Thread(target=_pump_stdin, args=(console,), name="pagein-stdin",
+                     daemon=True).start()
+    try:
+        result = machine.wait(args.timeout)
+    except TimeoutError as e:
+        print(f"pagein: {e}", file=sys.stderr)
+        return 124
+    except KeyboardInterrupt:
+        machine.stop()
+        return 130
+    if args.stats:
+        _print_stats(result)
+    return result.status if result.status < 256 else 255
+
+
+def _register_snapshot(sub: Any) -> None:
+    p = sub.add_parser("snapshot", help="snapshot a running VM through its control socket",
+                       description="Pause the VM listening on --control, write its state "
+                                   "and memory into --out, and let it go on (see "
+                                   "docs/restore.md).")
+    p.add_argument("--control", required=True, metavar="PATH",
+                   help="the VM's control socket (pagein vm run --control PATH)")
+    p.add_argument("--out", required=True, metavar="DIR", help="snapshot directory to write")
+    p.add_argument("--stop", action="store_true",
+                   help="leave the VM paused after the snapshot")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+    p.set_defaults(handler=snapshot_command)
+
+
+def snapshot_command(args: argparse.Namespace) -> int:
+    try:
+        answer = request(args.control, {"op": "snapshot", "dir": os.path.abspath(args.out),
+                                        "resume": not args.stop}, args.timeout)
+    except PageinError as e:
+        print(f"pagein: error: {e}", file=sys.stderr)
+        return 1
+    print(f"snapshot {answer['dir']}: {int(answer['memory_bytes']) >> 20} MiB memory, guest "
+          f"paused {float(answer['pause_ms']):.1f} ms")
+    return 0
+
+
+def _register_restore(sub: Any) -> None:
+    p = sub.add_parser("restore", help="restore a VM snapshot: copy, file mapping or uffd",
+                       description="Restore a snapshot directory and resume the guest; stdin "
+                                   "lines become its requests, its console goes to stdout.")
+    p.add_argument("snapshot", metavar="DIR", help="a directory written by pagein vm snapshot")
+    p.add_argument("--backend", choices=[b.value for b in Backend], default="uffd",
+                   help="copy: read memory first; file: map it MAP_PRIVATE; uffd: fill it "
+                        "lazily through pagein serve (default)")
+    p.add_argument("--strategy", choices=[s.value for s in StrategyName],
+                   default=StrategyName.ON_DEMAND.value, help="uffd restore strategy")
+    p.add_argument("--readahead-size", default=str(DEFAULT_READAHEAD_BYTES), metavar="SIZE",
+                   help="readahead window for --strategy readahead")
+    p.add_argument("--uffd-socket", metavar="PATH",
+                   help="hand the uffd to this running pagein serve --socket (default: "
+                        "spawn one for this VM)")
+    p.add_argument("--shared-memory", action="store_true",
+                   help="guest memory in a memfd another process can map (copy or uffd)")
+    p.add_argument("--verify-memory", action="store_true",
+                   help="check the memory file's SHA-256 before resuming (reads it all)")
+    p.add_argument("--control", metavar="PATH", help="listen for control requests here")
+    p.add_argument("--stats", action="store_true",
+                   help="print resume latency, run time and pages present to stderr")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="stop the guest after this many seconds (exit 124)")
+    p.set_defaults(handler=restore_command)
+
+
+def restore_command(args: argparse.Namespace) -> int:
+    try:
+        opts = RestoreOptions(Backend(args.backend), StrategyName(args.strategy),
+                              parse_size(args.readahead_size), args.uffd_socket,
+                              args.shared_memory, args.verify_memory)
+        console = Console(sink=_stdout_sink)
+        vm = restore(args.snapshot, opts, console=console)
+    except (ValueError, PageinError, OSError) as e:
+        print(f"pagein: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+    with vm:
+        try:
+            with contextlib.ExitStack() as stack:
+                if args.control:
+                    stack.enter_context(ControlServer(vm.machine, args.control,
+                                                      workload=vm.snapshot.workload))
+                status = _drive_restored(vm, console, args)
+        except PageinError as e:
+            print(f"pagein: error: {e}", file=sys.stderr)
+            return 1
+    return status
+
+
+def _drive_restored(vm: RestoredVm, console: Console, args: argparse.Namespace) -> int:
+    threading.Thread(target=_pump_stdin, args=(console,), name="pagein-stdin",
+                     daemon=True).start()
+    try:
+        result = vm.wait(args.timeout)
+    except TimeoutError as e:
+        print(f"pagein: {e}", file=sys.stderr)
+        return 124
+    except KeyboardInterrupt:
+        vm.machine.stop()
+        return 130
+    if args.stats:
+        print(f"[pagein] restored with {vm.options.backend.value} in "
+              f"{vm.resume_seconds * 1e3:.1f} ms, {vm.pages_present()} guest pages present",
+              file=sys.stderr)
+        _print_stats(result)
     return result.status if result.status < 256 else 255
 
 

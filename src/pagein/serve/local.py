@@ -42,7 +42,7 @@ from pagein.snapshot.open import open_source
 from pagein.sys.mapping import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping
 from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
 
-__all__ = ["LazyRestore", "restore_lazily"]
+__all__ = ["LazyRestore", "restore_lazily", "start_handler"]
 
 log = logging.getLogger("pagein.serve")
 
@@ -176,8 +176,15 @@ class LazyRestore:
                 raise
 
 
-def _start_handler(spec: str, workdir: str, strategy: str, readahead_bytes: int,
+def start_handler(spec: str, workdir: str, strategy: str, readahead_bytes: int,
                    timeout: float) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``pagein serve`` for ``spec`` in its own session, listening in ``workdir``.
+
+    Returns the process and its socket path once it is listening (it writes to a
+    ready pipe), so a VMM can connect at once. It serves one VM and exits when that VM
+    has gone (``--exit-after 1``); its log is ``workdir/handler.log``. Raises
+    :class:`HandlerError` with the log's last line when it does not start in ``timeout``.
+    """
     sock_path = os.path.join(workdir, "handler.sock")
     r, w = os.pipe2(os.O_CLOEXEC)
     cmd = [sys.executable, "-m", "pagein", "-v", "serve", "--socket", sock_path,
@@ -233,7 +240,7 @@ def restore_lazily(source: str, *, strategy: str | StrategyName = StrategyName.O
         mapping = Mapping.anonymous(size, hugetlb=hugetlb)
         uffd = Userfaultfd.open(Feature.EVENT_REMOVE)
         uffd.register(mapping.address, size, RegisterMode.MISSING)
-        proc, sock_path = _start_handler(source, workdir, name, readahead_bytes, start_timeout)
+        proc, sock_path = start_handler(source, workdir, name, readahead_bytes, start_timeout)
         sock = connect_and_send(sock_path, [Region(mapping.address, size, 0, page)], uffd)
         restore = LazyRestore(mapping, uffd, sock, proc, workdir, source)
     except BaseException:

@@ -1,0 +1,156 @@
+"""`pagein vm run --snapshot-at-ready`, `vm snapshot --control` and `vm restore`, as run
+by a user."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pagein.vmm.reference import FunctionReference
+
+STATE, SEED = "8M", 9
+REF = FunctionReference(8 << 20, SEED, 2)
+REQUESTS = [f"get {REF.key(100)}", "sum 0 5000", "checksum"]
+ANSWERS = [REF.answer(r) for r in REQUESTS]
+TIMEOUT = 120
+
+
+def _pagein(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pagein", "vm", *args], input=stdin,
+                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
+
+
+@pytest.fixture(scope="module")
+def snapshot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cli") / "snap"
+    res = _pagein("run", "--mem", "48M", "--vcpus", "2", "--snapshot-at-ready", str(d),
+                  f"state={STATE}", f"seed={SEED}", stdin="\n".join(REQUESTS) + "\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ANSWERS
+    assert f"snapshot at READY: {d}" in res.stderr
+    return d
+
+
+@pytest.mark.parametrize("backend", ["copy", "file", "uffd"])
+def test_restore_each_backend_answers_like_the_original(snapshot_dir: Path,
+                                                        backend: str) -> None:
+    res = _pagein("restore", str(snapshot_dir), "--backend", backend, "--stats",
+                  stdin="\n".join(REQUESTS) + "\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ANSWERS
+    assert f"restored with {backend} in" in res.stderr
+
+
+def test_restore_uffd_shared_memory_with_a_strategy(snapshot_dir: Path) -> None:
+    res = _pagein("restore", str(snapshot_dir), "--backend", "uffd", "--shared-memory",
+                  "--strategy", "populate-all", stdin="\n".join(REQUESTS) + "\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ANSWERS
+
+
+def test_restore_hands_the_uffd_to_a_running_pagein_serve(snapshot_dir: Path,
+                                                           tmp_path: Path) -> None:
+    sock = tmp_path / "pf.sock"
+    r, w = os.pipe()
+    serve = subprocess.Popen([sys.executable, "-m", "pagein", "serve", "--socket", str(sock),
+                              "--mem-file", str(snapshot_dir / "memory"), "--exit-after", "1",
+                              "--strategy", "readahead", "--ready-fd", str(w)],
+                             pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(w)
+    try:
+        assert select.select([r], [], [], TIMEOUT)[0] and os.read(r, 16)
+        res = _pagein("restore", str(snapshot_dir), "--uffd-socket", str(sock),
+                      stdin="\n".join(REQUESTS) + "\n")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == ANSWERS
+        assert serve.wait(TIMEOUT) == 0  # it served one VM, which then went away
+    finally:
+        os.close(r)
+        if serve.poll() is None:
+            serve.kill()
+        serve.wait()
+        assert serve.stderr is not None
+        serve.stderr.close()
+
+
+def test_restore_refuses_a_truncated_snapshot(snapshot_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "vmstate").write_bytes((snapshot_dir / "vmstate").read_bytes()[:40])
+    res = _pagein("restore", str(bad))
+    assert res.returncode == 1
+    assert res.stderr.startswith("pagein: error: snapshot state file") and "truncated" in res.stderr
+    res = _pagein("restore", str(snapshot_dir), "--backend", "file", "--shared-memory")
+    assert res.returncode == 2 and "MAP_PRIVATE" in res.stderr
+
+
+def test_snapshot_a_running_vm_through_its_control_socket(tmp_path: Path) -> None:
+    control, out = tmp_path / "control.sock", tmp_path / "live"
+    proc = subprocess.Popen([sys.executable, "-m", "pagein", "vm", "run", "--mem", "48M",
+                             "--vcpus", "2", "--control", str(control), f"state={STATE}",
+                             f"seed={SEED}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        # One answered request proves the guest is up and the control socket bound.
+        proc.stdin.write(f"{REQUESTS[0]}\n".encode())
+        proc.stdin.flush()
+        assert select.select([proc.stdout], [], [], TIMEOUT)[0]
+        assert proc.stdout.readline().decode().strip() == ANSWERS[0]
+        snap = _pagein("snapshot", "--control", str(control), "--out", str(out))
+        assert snap.returncode == 0, snap.stderr
+        assert snap.stdout.startswith(f"snapshot {out}: 48 MiB memory")
+        # The original goes on after the snapshot...
+        proc.stdin.write(f"{REQUESTS[2]}\nquit\n".encode())
+        proc.stdin.flush()
+        assert select.select([proc.stdout], [], [], TIMEOUT)[0]
+        assert proc.stdout.readline().decode().strip() == ANSWERS[2]
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+    # ...and so does the restored copy, from the same point.
+    res = _pagein("restore", str(out), "--backend", "uffd", stdin=f"{REQUESTS[2]}\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [ANSWERS[2]]
+    assert not os.path.exists(control)
+    res = _pagein("snapshot", "--control", str(control), "--out", str(out))
+    assert res.returncode == 1 and "no VM listens on control socket" in res.stderr
+
+
+def test_a_restored_vm_is_snapshotted_again_through_its_control_socket(
+        snapshot_dir: Path, tmp_path: Path) -> None:
+    control, again = tmp_path / "r.sock", tmp_path / "again"
+    proc = subprocess.Popen([sys.executable, "-m", "pagein", "vm", "restore", str(snapshot_dir),
+                             "--backend", "uffd", "--control", str(control)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(f"{REQUESTS[0]}\n".encode())
+        proc.stdin.flush()
+        assert select.select([proc.stdout], [], [], TIMEOUT)[0]
+        assert proc.stdout.readline().decode().strip() == ANSWERS[0]
+        snap = _pagein("snapshot", "--control", str(control), "--out", str(again))
+        assert snap.returncode == 0, snap.stderr
+        proc.stdin.close()
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    res = _pagein("restore", str(again), "--backend", "copy", stdin="\n".join(REQUESTS[1:]) + "\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ANSWERS[1:]

@@ -11,6 +11,8 @@ from pagein.serve.strategies import (
     PopulateAll,
     Readahead,
     Span,
+    SpanKind,
+    Then,
     WorkingSet,
     make_strategy,
 )
@@ -41,14 +43,26 @@ def test_populate_all_plans_every_page_of_every_region() -> None:
 
 def test_working_set_prefetches_recorded_extents_in_order() -> None:
     ws = WorkingSet([(0x3000, 0x2000), ((1 << 20) + HUGE, 10), (0xFF000, 0x2000)],
-                    then=PopulateAll())
+                    then=Then.POPULATE_ALL)
     plan = list(ws.on_connect(REGIONS))
     # Recorded extents first (clipped to regions, rounded out to pages), then the rest.
-    assert plan[:4] == [Span(0, 3, 2), Span(1, 1, 1), Span(0, 255, 1), Span(1, 0, 1)]
+    p = SpanKind.PREFETCH
+    assert plan[:4] == [Span(0, 3, 2, p), Span(1, 1, 1, p), Span(0, 255, 1, p), Span(1, 0, 1, p)]
     assert plan[4:] == [Span(0, 0, 256), Span(1, 0, 2)]
     assert make_strategy("working-set", working_set=[(0, 4096)]).name.value == "working-set"
     with pytest.raises(ValueError, match="working set"):
         make_strategy("working-set")
+
+
+def test_reap_installs_the_recorded_set_before_serving_and_plans_nothing_after() -> None:
+    reap = make_strategy("reap", working_set=[(0x3000, 0x2000)])
+    assert reap.name.value == "reap"
+    assert list(reap.blocking_plan(REGIONS)) == [Span(0, 3, 2, SpanKind.PREFETCH)]
+    assert list(reap.on_connect(REGIONS)) == []
+    assert reap.on_fault(REGIONS, 0, 9) is None  # the rest one page per fault
+    ws = make_strategy("working-set", working_set=[(0x3000, 0x2000)])
+    assert list(ws.blocking_plan(REGIONS)) == []
+    assert ws.on_fault(REGIONS, 0, 9) == Span(0, 0, 64)  # readahead for the rest
 
 
 def test_counters_add_snapshot_and_latency() -> None:

@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import signal
 import threading
-from collections.abc import Sequence
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
 
-from pagein.errors import PageinError, Unavailable
+from pagein.errors import PageinError
+from pagein.serve.record import Recorder
 from pagein.serve.server import BadHandshakePolicy, Server, ServerConfig
 from pagein.serve.session import DEFAULT_CHUNK_BYTES
 from pagein.serve.stats import write_json
-from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, make_strategy
+from pagein.serve.strategies import (
+    DEFAULT_READAHEAD_BYTES,
+    Strategy,
+    StrategyName,
+    Then,
+    make_strategy,
+)
+from pagein.snapshot import workingset
 from pagein.snapshot.open import open_source
+from pagein.snapshot.source import PageSource
 
 log = logging.getLogger("pagein.serve")
 
@@ -52,7 +59,15 @@ def register(sub: Any) -> None:
     p.add_argument("--readahead-size", type=parse_size, default=DEFAULT_READAHEAD_BYTES,
                    metavar="SIZE", help="readahead window (power of two; default 256K)")
     p.add_argument("--working-set", metavar="FILE",
-                   help="recorded working set for --strategy working-set")
+                   help="recorded working set for --strategy working-set or reap")
+    p.add_argument("--then", choices=[t.value for t in Then], default=Then.READAHEAD.value,
+                   help="working-set: how the pages not recorded arrive (default readahead; "
+                        "populate-all also fills the rest in the background)")
+    p.add_argument("--record", metavar="FILE",
+                   help="when the VM goes, write the pages it faulted on as a working-set "
+                        "file (and the trace to FILE.trace.json unless --trace is given)")
+    p.add_argument("--trace", metavar="FILE",
+                   help="when the VM goes, write its fault trace (for pagein report)")
     p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
                    help="largest fill of background work (default 1M)")
     p.add_argument("--on-bad-handshake", choices=[b.value for b in BadHandshakePolicy],
@@ -68,18 +83,6 @@ def register(sub: Any) -> None:
     p.add_argument("--exit-after", type=int, metavar="N",
                    help="exit once N VMs have been served and have gone")
     p.set_defaults(handler=run)
-
-
-def _load_working_set(path: str | None) -> Sequence[tuple[int, int]] | None:
-    if path is None:
-        return None
-    try:
-        module = importlib.import_module("pagein.snapshot.workingset")
-    except ImportError as e:
-        raise Unavailable("this pagein has no working-set file support yet "
-                          "(pagein.snapshot.workingset): use another --strategy") from e
-    extents: Sequence[tuple[int, int]] = module.load_extents(path)
-    return extents
 
 
 class _Metrics(BaseHTTPRequestHandler):
@@ -102,25 +105,44 @@ class _Metrics(BaseHTTPRequestHandler):
         log.debug("metrics: " + format, *args)
 
 
+def _factory(args: argparse.Namespace, extents: list[tuple[int, int]] | None) -> Strategy:
+    strategy = make_strategy(args.strategy, readahead_bytes=args.readahead_size,
+                             working_set=extents, then=Then(args.then))
+    trace = args.trace or (f"{args.record}.trace.json" if args.record else None)
+    if trace or args.record:
+        strategy.recorder = Recorder(trace_path=trace, working_set_path=args.record)
+    return strategy
+
+
 def run(args: argparse.Namespace) -> int:
-    ws = _load_working_set(args.working_set)
-    if args.strategy == StrategyName.WORKING_SET.value and ws is None:
-        raise PageinError("--strategy working-set needs --working-set FILE")
-    # Build one strategy now so a bad --readahead-size fails before listening.
+    needs_ws = args.strategy in (StrategyName.WORKING_SET.value, StrategyName.REAP.value)
+    if needs_ws and args.working_set is None:
+        raise PageinError(f"--strategy {args.strategy} needs --working-set FILE "
+                          "(recorded with pagein serve --record FILE)")
+    if args.working_set is not None and not needs_ws:
+        raise PageinError("--working-set is used by --strategy working-set or reap only")
+    source: PageSource = open_source(args.mem_file or args.source)
     try:
-        make_strategy(args.strategy, readahead_bytes=args.readahead_size, working_set=ws)
-    except ValueError as e:
-        raise PageinError(f"--strategy {args.strategy}: {e}") from e
-    source = open_source(args.mem_file or args.source)
-    try:
+        extents = None
+        if args.working_set is not None:
+            # Checked against this snapshot before listening: a bad file never serves.
+            ws = workingset.load(args.working_set, source)
+            extents = ws.extents()
+            source = workingset.WorkingSetSource(source, ws)
+        # Build one strategy now so a bad --readahead-size fails before listening.
+        try:
+            make_strategy(args.strategy, readahead_bytes=args.readahead_size,
+                          working_set=extents)
+        except ValueError as e:
+            raise PageinError(f"--strategy {args.strategy}: {e}") from e
         config = ServerConfig(args.socket, BadHandshakePolicy(args.on_bad_handshake),
                               args.handshake_timeout, args.chunk_size, args.exit_after)
-        server = Server(config, source, partial(make_strategy, args.strategy,
-                                                readahead_bytes=args.readahead_size,
-                                                working_set=ws))
+        server = Server(config, source, partial(_factory, args, extents))
         return _serve(server, args)
     finally:
         source.close()
+        if isinstance(source, workingset.WorkingSetSource):
+            source.base.close()
 
 
 def _serve(server: Server, args: argparse.Namespace) -> int:

@@ -16,7 +16,13 @@ Ordering rules this loop depends on (see ``ioctl_userfaultfd(2)`` and DESIGN.md)
 - Non-fault events of one read are applied before that read's faults: a fault racing
   a REMOVE of its page gets zeros, which is what the guest asked for.
 - Background work (prefetch plans) runs one bounded chunk per turn of the loop, after
-  the faults that turn read, so a fault never queues behind more than one chunk.
+  the faults that turn read, so a fault never queues behind more than one chunk: a
+  demand fault jumps the queue of a working-set prefetch. A chunk may gather many
+  small spans; it is installed with ``UFFDIO_COPY_MODE_DONTWAKE`` and woken with one
+  ``UFFDIO_WAKE`` over the range it covered (a vCPU woken before its own page is there
+  simply faults again, and that fault is served).
+- A strategy's blocking plan (REAP) is installed before the first fault is served;
+  events read meanwhile are applied, faults deferred until it is done.
 """
 
 from __future__ import annotations
@@ -35,12 +41,14 @@ from enum import Enum
 from pagein.errors import PageinError, SourceError, UffdError
 from pagein.serve.bitmap import Bitmap
 from pagein.serve.firecracker import Region
+from pagein.serve.record import Arrival
 from pagein.serve.stats import Counters
-from pagein.serve.strategies import Span, Strategy
+from pagein.serve.strategies import Span, SpanKind, Strategy
 from pagein.snapshot.source import PageSource
 from pagein.sys.mapping import PAGE_SIZE, Mapping
 from pagein.sys.uffd import (
     AlreadyPresent,
+    CopyMode,
     Filled,
     FillResult,
     Fork,
@@ -50,6 +58,7 @@ from pagein.sys.uffd import (
     Retry,
     Unmap,
     Userfaultfd,
+    ZeropageMode,
 )
 
 __all__ = ["STATS_REQUEST", "Session", "SessionEnd"]
@@ -65,6 +74,14 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 MIN_BULK_HOLE_PAGES = 16
 _HUGE = 2 * 1024 * 1024
 _BATCH = 128  # uffd messages per read()
+
+
+_ARRIVALS = {"readahead": Arrival.READAHEAD, "background": Arrival.BACKGROUND,
+             "prefetch": Arrival.PREFETCH}
+
+
+def _cause(kind: SpanKind) -> str:
+    return "prefetch" if kind is SpanKind.PREFETCH else "background"
 
 
 class SessionEnd(Enum):
@@ -128,6 +145,10 @@ class Session:
         self._span: Span | None = None
         self._uffd_poll = select.poll()
         self._uffd_poll.register(uffd.fileno(), select.POLLIN)
+        self.recorder = strategy.recorder
+        self._fault_at: tuple[int, int] = (-1, -1)  # (region, page) being faulted on
+        self._dontwake = False  # background fills: DONTWAKE, one wake per chunk
+        self._wake_lo = self._wake_hi = 0
 
     # --- the loop ------------------------------------------------------------------
 
@@ -135,6 +156,9 @@ class Session:
         """Serve until the VMM exits, the stop fd becomes readable, or a fatal error."""
         name = f"vm pid={self.peer_pid}"
         try:
+            if self.recorder is not None:
+                self.recorder.start()
+            self._blocking()
             self._plan = iter(self.strategy.on_connect(self.regions))
             self.end = self._loop()
         except _PeerGone:
@@ -145,7 +169,21 @@ class Session:
         log.info("%s: session ended (%s): %d faults, %d pages, %d bytes copied, %d zero pages",
                  name, self.end.value, self.counters.faults, self.counters.pages,
                  self.counters.bytes_copied, self.counters.zero_pages)
+        if self.recorder is not None:
+            try:
+                self.recorder.finish(self.source, self.regions)
+            except (PageinError, OSError) as e:
+                log.error("%s: %s", name, e)
         return self.end
+
+    def _blocking(self) -> None:
+        """Install the strategy's blocking plan (REAP) before serving any fault."""
+        for span in self.strategy.blocking_plan(self.regions):
+            while not self._fill(span.region, span.first_page, span.pages,
+                                 _cause(span.kind)):
+                # EAGAIN: an event is unread. Apply it; keep its faults for the loop.
+                self.counters.retries += 1
+                self._deferred += self._drain(bool(self._uffd_poll.poll(100)))
 
     def _loop(self) -> SessionEnd:
         poller = select.poll()
@@ -223,6 +261,7 @@ class Session:
                       "that vCPU stays blocked", self.peer_pid, fault.address)
             return True
         ri, page, dst, left = loc
+        self._fault_at = (ri, page)
         st = self._states[ri]
         if st.discarded.test(page):
             zero = True
@@ -245,6 +284,9 @@ class Session:
             self.counters.bytes_fault -= extra
             self.counters.bytes_readahead += extra
         self.counters.faults += 1
+        if self.recorder is not None:
+            self.recorder.fault(st.region.offset + page * st.region.page_size,
+                                fault.thread_id, zero)
         if window is not None:
             self._fill(window.region, window.first_page, window.pages, "readahead")
         return True
@@ -383,6 +425,8 @@ class Session:
     def _account(self, st: _RegionState, page: int, k: int, zero: bool, cause: str) -> None:
         if not k:
             return
+        if self.recorder is not None:
+            self._record(st, page, k, zero, cause)
         st.filled.set(page, k)
         c = self.counters
         c.pages += k
@@ -396,10 +440,31 @@ class Session:
         else:
             c.bytes_background += nbytes
 
+    def _record(self, st: _RegionState, page: int, k: int, zero: bool, cause: str) -> None:
+        assert self.recorder is not None
+        ps = st.region.page_size
+        off = st.region.offset + page * ps
+        if zero:
+            self.recorder.filled(off, k, Arrival.ZERO)
+        elif cause == "fault":
+            ri = self._states.index(st)
+            if (ri, page) == self._fault_at:  # the faulting page, then its neighbours
+                self.recorder.filled(off, 1, Arrival.DEMAND)
+                off, k = off + ps, k - 1
+            if k:
+                self.recorder.filled(off, k, Arrival.READAHEAD)
+        else:
+            self.recorder.filled(off, k, _ARRIVALS[cause])
+
     def _one(self, r: Region, dst: int, page: int, n: int, zero: bool) -> FillResult:
         ps = r.page_size
         length = n * ps
+        if self._dontwake:
+            self._wake_lo = min(self._wake_lo, dst)
+            self._wake_hi = max(self._wake_hi, dst + length)
         if zero and ps == 4096:
+            if self._dontwake:
+                return self.uffd.zeropage(dst, length, ZeropageMode.DONTWAKE)
             return self.uffd.zeropage(dst, length)
         if zero:  # hugetlbfs has no zero page: copy from a zero buffer, one page at a time
             return self.uffd.copy(dst, self._zeros.address, ps)
@@ -412,6 +477,8 @@ class Session:
             finally:
                 view.release()
             src = self._scratch.address
+        if self._dontwake:
+            return self.uffd.copy(dst, src, length, CopyMode.DONTWAKE)
         return self.uffd.copy(dst, src, length)
 
     # --- background ----------------------------------------------------------------
@@ -427,21 +494,38 @@ class Session:
         return self._span is not None
 
     def _background_step(self) -> None:
-        """Fill one chunk of the current plan span (skipping populated pages)."""
-        if not self._has_plan() or self._span is None:
-            return
-        s = self._span
-        ps = self.regions[s.region].page_size
-        n = min(s.pages, max(1, self._chunk // ps))
-        if not self._fill(s.region, s.first_page, n, "background"):
-            self.counters.retries += 1
-            return  # retried after the events are drained; filled pages are skipped
-        rest = s.pages - n
-        self._span = Span(s.region, s.first_page + n, rest) if rest > 0 else None
-        if rest > 0:
-            r = self.regions[s.region]
-            nxt = min(rest, max(1, self._chunk // ps))
-            self._prefetch(r, (s.first_page + n) * ps, nxt * ps)
+        """Fill one chunk of the plan: spans in order, up to the chunk size (populated
+        pages skipped), with DONTWAKE and one wake over the range the chunk covered."""
+        budget = self._chunk
+        self._dontwake, self._wake_lo, self._wake_hi = True, 1 << 64, 0
+        try:
+            while budget > 0 and self._has_plan() and self._span is not None:
+                s = self._span
+                ps = self.regions[s.region].page_size
+                n = min(s.pages, max(1, budget // ps))
+                if not self._fill(s.region, s.first_page, n, _cause(s.kind)):
+                    self.counters.retries += 1
+                    return  # retried after the events are drained; filled pages are skipped
+                budget -= n * ps
+                rest = s.pages - n
+                self._span = Span(s.region, s.first_page + n, rest, s.kind) if rest > 0 \
+                    else None
+                if rest > 0 and s.kind is SpanKind.BACKGROUND:
+                    r = self.regions[s.region]
+                    nxt = min(rest, max(1, self._chunk // ps))
+                    self._prefetch(r, (s.first_page + n) * ps, nxt * ps)
+        finally:
+            self._dontwake = False
+            if self._wake_hi > self._wake_lo:
+                self._wake(self._wake_lo, self._wake_hi - self._wake_lo)
+
+    def _wake(self, start: int, length: int) -> None:
+        try:
+            self.uffd.wake(start, length)
+        except UffdError as e:
+            if e.errno == errno.ESRCH:
+                raise _PeerGone from e
+            raise
 
     def _prefetch(self, r: Region, rel: int, length: int) -> None:
         try:

@@ -10,9 +10,15 @@ A :class:`Strategy` answers two questions for a session (one VM):
 The session never fills a page twice: spans are clipped to pages not yet populated
 (or discarded by a balloon) using the per-region bitmaps, so plans may overlap freely.
 
-``working-set`` is the hook for a recorded working set: :class:`WorkingSet` takes the
-recorded ``(file offset, length)`` extents in the order the guest touched them and
-fills them first; recording them is another module's job.
+``working-set`` prefetches a recorded working set (:mod:`pagein.snapshot.workingset`,
+written by :mod:`pagein.serve.record`): :class:`WorkingSet` takes the recorded
+``(file offset, length)`` extents in the order the guest first touched them and fills
+them concurrently with the running guest, then falls back to ``then`` (readahead by
+default, or populate-all). ``reap`` is REAP's blocking variant, for comparison: the whole
+working set is installed before the first fault is served, the rest comes on demand.
+
+A strategy may carry a :class:`~pagein.serve.record.Recorder` (``recorder``): its
+session then logs every fault and fill to it and writes it out when the VM goes.
 """
 
 from __future__ import annotations
@@ -21,13 +27,24 @@ import abc
 import enum
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pagein.serve.firecracker import Region
 
-__all__ = ["OnDemand", "PopulateAll", "Readahead", "Span", "Strategy", "StrategyName",
-           "WorkingSet", "make_strategy"]
+if TYPE_CHECKING:
+    from pagein.serve.record import Recorder
+
+__all__ = ["OnDemand", "PopulateAll", "Readahead", "Span", "SpanKind", "Strategy",
+           "StrategyName", "Then", "WorkingSet", "make_strategy"]
 
 DEFAULT_READAHEAD_BYTES = 256 * 1024
+
+
+class SpanKind(enum.Enum):
+    """Why a span is filled (what a trace calls its pages)."""
+
+    BACKGROUND = "background"  # a plan's bulk population
+    PREFETCH = "prefetch"  # a recorded working set
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +54,7 @@ class Span:
     region: int
     first_page: int
     pages: int
+    kind: SpanKind = SpanKind.BACKGROUND
 
 
 class StrategyName(enum.Enum):
@@ -44,12 +62,26 @@ class StrategyName(enum.Enum):
     READAHEAD = "readahead"
     POPULATE_ALL = "populate-all"
     WORKING_SET = "working-set"
+    REAP = "reap"
+
+
+class Then(enum.Enum):
+    """What a working-set strategy does for the pages it did not record."""
+
+    READAHEAD = "readahead"  # readahead windows around faults
+    ON_DEMAND = "on-demand"  # one page per fault
+    POPULATE_ALL = "populate-all"  # readahead, and fill everything else in the background
 
 
 class Strategy(abc.ABC):
     """Decides what a session fills beyond the faulting page. One instance per VM."""
 
     name: StrategyName
+    recorder: Recorder | None = None
+
+    def blocking_plan(self, regions: Sequence[Region]) -> Iterable[Span]:
+        """Return spans to install before the first fault is served (default: none)."""
+        return ()
 
     def on_connect(self, regions: Sequence[Region]) -> Iterable[Span]:
         """Return the background prefetch plan for these regions (default: none)."""
@@ -100,20 +132,34 @@ class PopulateAll(Strategy):
 
 
 class WorkingSet(Strategy):
-    """Prefetch a recorded working set first, then behave like ``then``.
+    """Prefetch a recorded working set in first-touch order, then behave like ``then``.
 
     ``extents`` are ``(file offset, length)`` pairs in the raw memory file, in the order
-    the guest first touched them when the working set was recorded.
+    the guest first touched them when the working set was recorded. ``blocking``: REAP's
+    variant, everything recorded is installed before the first fault is served.
     """
 
     name = StrategyName.WORKING_SET
 
-    def __init__(self, extents: Sequence[tuple[int, int]], then: Strategy | None = None) -> None:
+    def __init__(self, extents: Sequence[tuple[int, int]], then: Then = Then.READAHEAD, *,
+                 readahead_bytes: int = DEFAULT_READAHEAD_BYTES, blocking: bool = False) -> None:
         self.extents = list(extents)
-        self.then = then or OnDemand()
+        self.then = then
+        self.blocking = blocking
+        if blocking:
+            self.name = StrategyName.REAP
+        self._after: Strategy = (OnDemand() if then is Then.ON_DEMAND
+                                 else Readahead(readahead_bytes))
+
+    def blocking_plan(self, regions: Sequence[Region]) -> Iterable[Span]:
+        return self._recorded(regions) if self.blocking else ()
 
     def on_connect(self, regions: Sequence[Region]) -> Iterable[Span]:
-        return _chain(self._recorded(regions), self.then.on_connect(regions))
+        rest: Iterable[Span] = (PopulateAll().on_connect(regions)
+                                if self.then is Then.POPULATE_ALL else ())
+        if self.blocking:
+            return rest
+        return _chain(self._recorded(regions), rest)
 
     def _recorded(self, regions: Sequence[Region]) -> Iterator[Span]:
         for offset, length in self.extents:
@@ -122,10 +168,10 @@ class WorkingSet(Strategy):
                 if lo < hi:
                     first = (lo - r.offset) // r.page_size
                     last = (hi - r.offset + r.page_size - 1) // r.page_size
-                    yield Span(i, first, last - first)
+                    yield Span(i, first, last - first, SpanKind.PREFETCH)
 
     def on_fault(self, regions: Sequence[Region], region: int, page: int) -> Span | None:
-        return self.then.on_fault(regions, region, page)
+        return self._after.on_fault(regions, region, page)
 
 
 def _chain(*parts: Iterable[Span]) -> Iterator[Span]:
@@ -134,7 +180,8 @@ def _chain(*parts: Iterable[Span]) -> Iterator[Span]:
 
 
 def make_strategy(name: str | StrategyName, *, readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
-                  working_set: Sequence[tuple[int, int]] | None = None) -> Strategy:
+                  working_set: Sequence[tuple[int, int]] | None = None,
+                  then: Then = Then.READAHEAD) -> Strategy:
     """Build a fresh strategy by name (sessions must not share one instance)."""
     kind = StrategyName(name)
     if kind is StrategyName.ON_DEMAND:
@@ -144,6 +191,9 @@ def make_strategy(name: str | StrategyName, *, readahead_bytes: int = DEFAULT_RE
     if kind is StrategyName.POPULATE_ALL:
         return PopulateAll()
     if working_set is None:
-        raise ValueError("the working-set strategy needs a recorded working set "
-                         "(--working-set FILE)")
-    return WorkingSet(working_set)
+        raise ValueError(f"the {kind.value} strategy needs a recorded working set "
+                         "(--working-set FILE, written by pagein serve --record FILE)")
+    if kind is StrategyName.REAP:
+        # REAP serves what it did not record one page per fault.
+        return WorkingSet(working_set, Then.ON_DEMAND, blocking=True)
+    return WorkingSet(working_set, then, readahead_bytes=readahead_bytes)

@@ -1,0 +1,167 @@
+"""Fault traces: what a restore's guest touched, when, from which thread, and how each
+page arrived; and the working-set file written from them when the VM goes.
+
+A :class:`Recorder` is fed by one session (its only writer, from the session thread):
+
+- :meth:`Recorder.fault` for every page-fault message served: the offset in the memory
+  file, the time since the VM connected, the faulting thread (``UFFD_FEATURE_THREAD_ID``;
+  0 when the VMM did not negotiate it) and whether it was served as data or zeros;
+- :meth:`Recorder.filled` for every range installed, with its :class:`Arrival`.
+
+:meth:`Recorder.finish` writes the trace (JSON, below) and, if asked, the working set
+(:mod:`pagein.snapshot.workingset`): the faulted pages in first-touch order, with the
+snapshot's bytes. Only faults count as touches; pages filled ahead of the guest
+(readahead, prefetch, background) were not necessarily used.
+
+Trace file (JSON)::
+
+    {"format": "pagein-trace", "version": 1, "page_size": 4096, "memory_size": N,
+     "regions": [[offset, size_bytes, page_size], ...],
+     "faults": [[t_us, offset, thread_id, served], ...],       # served: demand | zero
+     "fills":  [[t_us, offset, pages, arrival], ...]}          # arrival: see Arrival
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pagein.errors import PageinError, SnapshotFormatError
+from pagein.serve.firecracker import Region
+from pagein.snapshot import workingset
+from pagein.snapshot.source import PageSource
+
+__all__ = ["Arrival", "Fault", "Fill", "Recorder", "Trace", "load_trace"]
+
+log = logging.getLogger("pagein.serve")
+
+TRACE_FORMAT = "pagein-trace"
+TRACE_VERSION = 1
+
+
+class Arrival(enum.Enum):
+    """How a page got into guest memory."""
+
+    DEMAND = "demand"  # the page a vCPU faulted on
+    READAHEAD = "readahead"  # filled with a fault, around the faulting page
+    PREFETCH = "prefetch"  # from the recorded working set
+    BACKGROUND = "background"  # a background plan (populate-all)
+    ZERO = "zero"  # installed as zeros (snapshot hole or ballooned)
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    time_us: int
+    offset: int
+    thread_id: int
+    zero: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    time_us: int
+    offset: int
+    pages: int
+    arrival: Arrival
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """A loaded trace file."""
+
+    page_size: int
+    memory_size: int
+    regions: tuple[tuple[int, int, int], ...]
+    faults: tuple[Fault, ...]
+    fills: tuple[Fill, ...]
+
+
+class Recorder:
+    """Collect one session's faults and fills; write them out when the VM goes."""
+
+    def __init__(self, *, trace_path: str | None = None,
+                 working_set_path: str | None = None) -> None:
+        self.trace_path = trace_path
+        self.working_set_path = working_set_path
+        self._t0 = time.monotonic_ns()
+        self._faults: list[tuple[int, int, int, bool]] = []
+        self._fills: list[tuple[int, int, int, str]] = []
+
+    def start(self) -> None:
+        """Set time zero (the VM connected)."""
+        self._t0 = time.monotonic_ns()
+
+    def _now(self) -> int:
+        return (time.monotonic_ns() - self._t0) // 1000
+
+    def fault(self, offset: int, thread_id: int, zero: bool) -> None:
+        self._faults.append((self._now(), offset, thread_id, zero))
+
+    def filled(self, offset: int, pages: int, arrival: Arrival) -> None:
+        self._fills.append((self._now(), offset, pages, arrival.value))
+
+    @property
+    def fault_count(self) -> int:
+        return len(self._faults)
+
+    def touched(self) -> list[int]:
+        """Page offsets the guest faulted on, in first-touch order (repeats kept)."""
+        return [off for _, off, _, _ in self._faults]
+
+    def finish(self, source: PageSource, regions: Sequence[Region]) -> None:
+        """Write the trace and the working set (each only if a path was given).
+
+        Raises :class:`~pagein.errors.PageinError` naming the file that could not be
+        written; the guest is gone by then, so nothing else depends on it.
+        """
+        if self.trace_path is not None:
+            doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "page_size": 4096,
+                   "memory_size": source.size,
+                   "regions": [[r.offset, r.size_bytes, r.page_size] for r in regions],
+                   "faults": [[t, o, tid, "zero" if z else "demand"]
+                              for t, o, tid, z in self._faults],
+                   "fills": [list(f) for f in self._fills]}
+            tmp = f"{self.trace_path}.tmp-{os.getpid()}"
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(doc, f, separators=(",", ":"))
+                os.replace(tmp, self.trace_path)
+            except OSError as e:
+                raise PageinError(f"cannot write the trace {self.trace_path}: {e}") from e
+        if self.working_set_path is not None:
+            touched = [o for o in self.touched() if o % 4096 == 0]
+            try:
+                n = workingset.write(self.working_set_path, source, touched)
+            except OSError as e:
+                raise PageinError(f"cannot write the working set {self.working_set_path}: "
+                                  f"{e}") from e
+            log.info("working set %s: %d faults, %d data pages", self.working_set_path,
+                     len(touched), n)
+
+
+def load_trace(path: str) -> Trace:
+    """Read a trace file written by :class:`Recorder` (SnapshotFormatError if not one)."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SnapshotFormatError(f"cannot read trace {path}: {e}") from e
+    if not isinstance(doc, dict) or doc.get("format") != TRACE_FORMAT:
+        raise SnapshotFormatError(f"{path} is not a pagein trace (field format): pass the "
+                                  "file written by pagein serve --trace/--record")
+    if doc.get("version") != TRACE_VERSION:
+        raise SnapshotFormatError(f"trace {path} has version {doc.get('version')}, this "
+                                  f"pagein reads version {TRACE_VERSION}")
+    try:
+        faults = tuple(Fault(int(t), int(o), int(tid), s == "zero")
+                       for t, o, tid, s in doc["faults"])
+        fills = tuple(Fill(int(t), int(o), int(n), Arrival(a)) for t, o, n, a in doc["fills"])
+        regions = tuple((int(a), int(b), int(c)) for a, b, c in doc["regions"])
+        return Trace(int(doc["page_size"]), int(doc["memory_size"]), regions, faults, fills)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotFormatError(f"trace {path} has a malformed field: {e}") from e

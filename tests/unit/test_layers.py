@@ -17,7 +17,7 @@ ROOT = Path(pagein.__file__).parent
 # ``guest`` holds the C workloads (and at most a helper to locate them) below the VMM.
 # ``demo`` is the README's main job: it drives serve (and later vmm) like the lab does.
 RANK = {"errors": 0, "_abi": 1, "sys": 2, "snapshot": 3, "serve": 4, "guest": 5, "vmm": 6,
-        "lab": 7, "demo": 7, "cli": 8, "__main__": 9, "__init__": 9}
+        "lab": 7, "demo": 7, "report": 7, "cli": 8, "__main__": 9, "__init__": 9}
 
 
 def _layer(module: str) -> str:

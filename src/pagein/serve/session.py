@@ -379,7 +379,13 @@ class Session:
         st = self._states[ri]
         ps = st.region.page_size
         for addr, p, c in list(self._pieces(ri, page, n, force)):
-            for sp, sc, zero in self._segments(ri, p, c):
+            # A recorded working set's pages are copied as they are (its few zero pages
+            # read as zeros from the file): skipping the hole lookup halves the cost of
+            # the many one-page runs a scattered working set has. Discarded pages are
+            # marked filled, so `_pieces` never yields them.
+            segments = [(p, c, False)] if cause == "prefetch" and not force else \
+                self._segments(ri, p, c)
+            for sp, sc, zero in segments:
                 dst = addr + (sp - p) * ps
                 if not self._install(st, dst, sp, sc, zero, cause):
                     return False

@@ -1,0 +1,301 @@
+"""Working-set benchmark: REAP/FaaSnap-class restores of the real `function` guest.
+
+Run: ``.venv/bin/python benchmarks/working_set.py`` (256 MiB of state) or ``--quick``
+(64 MiB). Needs /dev/kvm. Writes ``--json`` (default ``working_set.json``) for
+``pagein report --compare working_set.json --out bars.png``.
+
+One run boots the `function` guest, snapshots it at READY, and then, side by side:
+
+- ``resident``: the original VM answering (no restore: every page already in memory);
+- ``copy``: eager restore, the memory file's data read in first;
+- ``file warm`` / ``file cold``: the memory file mapped MAP_PRIVATE, with the page cache
+  warm, or dropped for that file first (``posix_fadvise(DONTNEED)``);
+- ``uffd on-demand`` (4 KiB per fault), ``uffd readahead``, ``uffd populate-all``;
+- ``reap``: the recorded working set installed before the first fault is served;
+- ``working-set``: pagein's FaaSnap-style prefetch, concurrent with the guest, in
+  first-touch order, then readahead.
+
+The working set is recorded once, by an on-demand restore answering request mix A,
+before the clock. Every uffd row hands its memory to a ``pagein serve`` started before the
+clock (a fleet's daemon: it opens the memory file and loads/verifies the working-set file
+then). Each restore answers a burst of requests (sent at once); we time the first answer
+and the whole burst from the start of the restore call (resident: from the first
+request). A second table uses mix B (other keys and ranges) with the working set of
+mix A. Every answer is checked against the numpy reference. The process and its
+children are pinned to the same CPUs in every row; each row is repeated and the median
+is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from pagein.cli._format import parse_size, table
+from pagein.serve.strategies import StrategyName
+from pagein.vmm.image import workload_image
+from pagein.vmm.machine import Machine
+from pagein.vmm.reference import FunctionReference
+from pagein.vmm.restore import Backend, RestoreOptions, restore
+from pagein.vmm.snapshot import save_snapshot
+from pagein.vmm.workloads import function_args
+
+MiB = 1 << 20
+TIMEOUT = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    label: str
+    mix: str
+    first_answer_ms: float
+    burst_ms: float
+    faults: int | None
+    runs: int
+
+
+def mix(ref: FunctionReference, seed: int, gets: int, sums: int, span: float) -> list[str]:
+    """A request burst: ``gets`` lookups of random keys, ``sums`` range sums of ``span``
+    of the records each (a function that reads part of its state)."""
+    rng = random.Random(seed)
+    out = [f"get {ref.key(rng.randrange(ref.records))}" for _ in range(gets)]
+    width = max(1, int(ref.records * span))
+    for _ in range(sums):
+        a = rng.randrange(ref.records - width)
+        out.insert(rng.randrange(len(out) + 1), f"sum {a} {a + width}")
+    return out
+
+
+def burst(send: Callable[[str], None], read: Callable[[float], str], requests: list[str],
+          answers: list[str], start: float) -> tuple[float, float]:
+    """Send every request, read every answer; return (first, last) seconds from ``start``."""
+    for r in requests:
+        send(r + "\n")
+    first = 0.0
+    for i, want in enumerate(answers):
+        got = read(TIMEOUT)
+        if i == 0:
+            first = time.perf_counter() - start
+        if got != want:
+            raise SystemExit(f"request {requests[i]!r} answered {got!r}, expected {want!r}")
+    return first, time.perf_counter() - start
+
+
+class Handler:
+    """A `pagein serve` for one VM, started (and listening) before the clock."""
+
+    def __init__(self, memory: str, workdir: str, *args: str) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="h-", dir=workdir)
+        self.sock = os.path.join(self.workdir, "s.sock")
+        self.stats = os.path.join(self.workdir, "stats.json")
+        r, w = os.pipe()
+        self.log = os.path.join(self.workdir, "serve.log")
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pagein", "serve", "--socket", self.sock, "--mem-file",
+                 memory, "--exit-after", "1", "--ready-fd", str(w), "--stats-json",
+                 self.stats, *args], pass_fds=(w,), stdout=log, stderr=log)
+        os.close(w)
+        try:
+            if not (select.select([r], [], [], 60)[0] and os.read(r, 16)):
+                self.proc.kill()
+                with open(self.log) as f:
+                    raise SystemExit(f"pagein serve {' '.join(args)} did not start: {f.read()}")
+        finally:
+            os.close(r)
+
+    def finish(self) -> int:
+        """Wait for the handler to exit; return its fault count."""
+        try:
+            self.proc.wait(60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        with open(self.stats) as f:
+            faults: int = json.load(f)["total"]["faults"]
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return faults
+
+
+def drop_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm_cache(path: str) -> None:
+    with open(path, "rb") as f:
+        while f.read(8 * MiB):
+            pass
+
+
+def one_restore(snap: str, backend: Backend, requests: list[str], answers: list[str],
+                serve: tuple[str, ...] | None, cold: bool) -> tuple[float, float, int | None]:
+    memory = os.path.join(snap, "memory")
+    if cold:
+        drop_cache(memory)
+    else:
+        warm_cache(memory)
+    handler = Handler(memory, snap, *serve) if serve is not None else None
+    opts = RestoreOptions(backend=backend, strategy=StrategyName.ON_DEMAND,
+                          uffd_socket=handler.sock if handler else None)
+    try:
+        start = time.perf_counter()
+        with restore(snap, opts) as vm:
+            first, last = burst(vm.machine.console.send, vm.machine.console.read_line,
+                                requests, answers, start)
+            vm.machine.console.close_input()
+            vm.wait(TIMEOUT)
+    finally:
+        faults = handler.finish() if handler is not None else None
+    return first, last, faults
+
+
+def boot_and_snapshot(snap: str, state: int, mem: int, resident_mixes: dict[str, list[str]],
+                      ref: FunctionReference, repeat: int) -> dict[str, list[tuple[float, float]]]:
+    """Boot, snapshot at READY, then time the original VM answering each mix."""
+    wa = function_args(state, 1)
+    out: dict[str, list[tuple[float, float]]] = {}
+    with Machine.create(mem, 1) as m:
+        m.pause_on_ready = True
+        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
+        m.start()
+        if not m.ready.wait(TIMEOUT):
+            raise SystemExit("the function guest did not become ready")
+        m.pause(timeout=60)
+        save_snapshot(m, snap, workload=("function", wa.args), digest=False)
+        m.resume()
+        for name, reqs in resident_mixes.items():
+            want = [ref.answer(r) for r in reqs]
+            out[name] = [burst(m.console.send, m.console.read_line, reqs, want,
+                               time.perf_counter()) for _ in range(repeat)]
+        m.console.close_input()
+        m.wait(TIMEOUT)
+    return out
+
+
+def median_row(label: str, mixname: str, runs: list[tuple[float, float, int | None]]) -> Row:
+    faults = [f for _, _, f in runs if f is not None]
+    return Row(label, mixname, statistics.median(r[0] for r in runs) * 1e3,
+               statistics.median(r[1] for r in runs) * 1e3,
+               int(statistics.median(faults)) if faults else None, len(runs))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="64 MiB of state, 3 repeats")
+    p.add_argument("--state", help="function state size (default 256M; --quick 64M)")
+    p.add_argument("--repeat", type=int, help="restores per row (default 5; --quick 3)")
+    p.add_argument("--json", default="working_set.json", help="results for pagein report")
+    p.add_argument("--workdir", help="where the snapshot is written (default /tmp)")
+    args = p.parse_args()
+    state = parse_size(args.state or ("64M" if args.quick else "256M"))
+    repeat = args.repeat or (3 if args.quick else 5)
+    mem = state * 3 // 2 + 32 * MiB
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cpus)  # handlers and vCPU threads inherit the same set
+    ref = FunctionReference(state, 1, 1)
+    mixes = {"A": mix(ref, 11, 200, 4, 0.02), "B": mix(ref, 22, 200, 4, 0.02)}
+    answers = {k: [ref.answer(r) for r in v] for k, v in mixes.items()}
+    with tempfile.TemporaryDirectory(prefix="pagein-bench-ws-", dir=args.workdir) as snap:
+        t0 = time.perf_counter()
+        resident = boot_and_snapshot(snap, state, mem, mixes, ref, repeat)
+        print(f"boot + snapshot + resident runs {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr)
+        ws = {k: os.path.join(snap, f"mix{k}.ws") for k in mixes}
+        for k in mixes:  # record each mix once, on demand, before the clock
+            one_restore(snap, Backend.UFFD, mixes[k], answers[k], ("--record", ws[k]), False)
+        plan: list[tuple[str, str, Backend, tuple[str, ...] | None, bool]] = [
+            ("copy (eager)", "A", Backend.COPY, None, False),
+            ("file, warm cache", "A", Backend.FILE, None, False),
+            ("file, cold cache", "A", Backend.FILE, None, True),
+            ("uffd on-demand 4K", "A", Backend.UFFD, (), False),
+            ("uffd readahead", "A", Backend.UFFD, ("--strategy", "readahead"), False),
+            ("uffd populate-all", "A", Backend.UFFD, ("--strategy", "populate-all"), False),
+            ("REAP-style (blocking)", "A", Backend.UFFD,
+             ("--strategy", "reap", "--working-set", ws["A"]), False),
+            ("working-set (pagein)", "A", Backend.UFFD,
+             ("--strategy", "working-set", "--working-set", ws["A"]), False),
+            ("uffd on-demand 4K", "B", Backend.UFFD, (), False),
+            ("working-set, recorded B", "B", Backend.UFFD,
+             ("--strategy", "working-set", "--working-set", ws["B"]), False),
+            ("working-set, recorded A", "B", Backend.UFFD,
+             ("--strategy", "working-set", "--working-set", ws["A"]), False),
+            ("REAP-style, recorded A", "B", Backend.UFFD,
+             ("--strategy", "reap", "--working-set", ws["A"]), False),
+        ]
+        rows = [Row("resident (no restore)", k, statistics.median(r[0] for r in v) * 1e3,
+                    statistics.median(r[1] for r in v) * 1e3, None, len(v))
+                for k, v in resident.items()]
+        runs: dict[int, list[tuple[float, float, int | None]]] = {i: [] for i in range(len(plan))}
+        # Interleave the rows in each repeat so drift on the shared machine hits all alike.
+        for _ in range(repeat):
+            for i, (label, mixname, backend, serve, cold) in enumerate(plan):
+                runs[i].append(one_restore(snap, backend, mixes[mixname], answers[mixname],
+                                           serve, cold))
+                print(f"  {label:<26} mix {mixname}  burst {runs[i][-1][1] * 1e3:8.1f} ms",
+                      file=sys.stderr, flush=True)
+        rows += [median_row(label, mixname, runs[i])
+                 for i, (label, mixname, *_rest) in enumerate(plan)]
+    report(rows, state, cpus, repeat, len(mixes["A"]))
+    with open(args.json, "w") as f:
+        json.dump({"benchmark": "working_set", "state_bytes": state, "mem_bytes": mem,
+                   "cpus": cpus, "repeat": repeat, "requests": len(mixes["A"]),
+                   "rows": [asdict(r) for r in rows]}, f, indent=1)
+    print(f"\nresults: {args.json} (pagein report --compare {args.json} --out bars.png)")
+    return 0
+
+
+def _find(rows: list[Row], label: str, mixname: str) -> Row:
+    return next(r for r in rows if r.label == label and r.mix == mixname)
+
+
+def report(rows: list[Row], state: int, cpus: list[int], repeat: int, nreq: int) -> None:
+    print(f"\nfunction guest, {state >> 20} MiB of state, 1 vCPU, pinned to CPUs {cpus}; "
+          f"a burst of {nreq} requests; median of {repeat}; ms from the start of the restore "
+          "(resident: from the first request)\n")
+    for mixname in ("A", "B"):
+        base = _find(rows, "uffd on-demand 4K", mixname)
+        out = []
+        for r in (r for r in rows if r.mix == mixname):
+            out.append([r.label, f"{r.first_answer_ms:,.1f}", f"{r.burst_ms:,.1f}",
+                        f"{base.burst_ms / r.burst_ms:,.2f}x",
+                        "-" if r.faults is None else str(r.faults)])
+        print(f"mix {mixname}" + (" (working sets recorded with mix A or B)"
+                                  if mixname == "B" else " (the working set's own mix)"))
+        print(table(["restore", "first answer", "burst", "vs on-demand", "faults"], out))
+        print()
+    ws, od = _find(rows, "working-set (pagein)", "A"), _find(rows, "uffd on-demand 4K", "A")
+    res, cold = _find(rows, "resident (no restore)", "A"), _find(rows, "file, cold cache", "A")
+    reap = _find(rows, "REAP-style (blocking)", "A")
+    cross = _find(rows, "working-set, recorded A", "B")
+    od_b = _find(rows, "uffd on-demand 4K", "B")
+    own_b = _find(rows, "working-set, recorded B", "B")
+    print(f"working-set vs 4 KiB on-demand: {od.burst_ms / ws.burst_ms:.2f}x faster "
+          "(target >= 3.7x)")
+    print(f"working-set vs fully resident:  {ws.burst_ms / res.burst_ms:.2f}x the time "
+          "(target <= 1.15x)")
+    print(f"working-set vs file, cold cache: {cold.burst_ms / ws.burst_ms:.2f}x faster "
+          "(target > 1x)")
+    print(f"working-set vs REAP-style:      {reap.burst_ms / ws.burst_ms:.2f}x faster")
+    print(f"mix B with mix A's working set: {od_b.burst_ms / cross.burst_ms:.2f}x faster than "
+          f"on-demand ({od_b.burst_ms / own_b.burst_ms:.2f}x with its own)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -236,9 +236,8 @@ class WorkingSetFile:
         self.close()
 
 
-def _parse(path: str, raw: bytes, file_size: int) -> tuple[int, list[Run], int, int, bytes]:
-    """Check the header and the runs table; return (memory size, runs, data offset,
-    data pages, stored digest)."""
+def _parse_header(path: str, raw: bytes, file_size: int) -> tuple[int, int, int, int, bytes]:
+    """Check the header; return (memory size, runs, data offset, data pages, digest)."""
     if len(raw) < _HEADER.size:
         raise SnapshotFormatError(f"working-set file {path} is truncated: {len(raw)} bytes, "
                                   f"shorter than its {_HEADER.size}-byte header")
@@ -261,6 +260,11 @@ def _parse(path: str, raw: bytes, file_size: int) -> tuple[int, list[Run], int, 
     if file_size != want:
         raise SnapshotFormatError(f"working-set file {path} is truncated or has trailing bytes: "
                                   f"{file_size} bytes, its header says {want}")
+    return mem_size, nruns, data_off, data_pages, digest
+
+
+def _parse_runs(path: str, raw: bytes, nruns: int, mem_size: int, data_pages: int) -> list[Run]:
+    """Check the runs table (after the checksum: a flipped bit is reported as such)."""
     runs: list[Run] = []
     page = 0
     for i in range(nruns):
@@ -276,7 +280,7 @@ def _parse(path: str, raw: bytes, file_size: int) -> tuple[int, list[Run], int, 
     if page != data_pages:
         raise SnapshotFormatError(f"working-set file {path} field data_pages says "
                                   f"{data_pages}, its runs hold {page}")
-    return mem_size, runs, data_off, data_pages, digest
+    return runs
 
 
 def _check_binding(ws: WorkingSetFile, source: PageSource) -> None:
@@ -308,32 +312,33 @@ def load(path: str, source: PageSource | None = None) -> WorkingSetFile:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise SourceError(f"cannot open working-set file {path}: {e.strerror}") from e
+    data: Mapping | None = None
     try:
         size = os.fstat(fd).st_size
         head = os.pread(fd, min(size, PAGE_SIZE), 0)
-        if len(head) >= _HEADER.size:
-            nruns = _HEADER.unpack_from(head)[4]
-            head = os.pread(fd, min(size, _HEADER.size + nruns * _RUN.size), 0)
-        mem_size, runs, data_off, _pages, digest = _parse(path, head, size)
-        data = None
-        if size:
-            try:
-                data = Mapping.of_fd(fd, size, shared=True, prot=Prot.READ)
-            except MappingError as e:
-                raise SourceError(f"cannot map working-set file {path}: {e}") from e
-        ws = WorkingSetFile(path, mem_size, runs, data, data_off)
+        mem_size, nruns, data_off, data_pages, digest = _parse_header(path, head, size)
+        try:
+            data = Mapping.of_fd(fd, size, shared=True, prot=Prot.READ)
+        except MappingError as e:
+            raise SourceError(f"cannot map working-set file {path}: {e}") from e
     finally:
         os.close(fd)
     try:
-        view = data.view() if data is not None else memoryview(b"")
+        view = data.view()
         try:
             got = hashlib.sha256(view[_HEADER.size:]).digest()
+            table = bytes(view[:_HEADER.size + nruns * _RUN.size])
         finally:
-            if isinstance(view, memoryview):
-                view.release()
+            view.release()
         if got != digest:
             raise IntegrityError(f"working-set file {path} is corrupted: the SHA-256 of its "
                                  "runs and data does not match its header: record it again")
+        runs = _parse_runs(path, table, nruns, mem_size, data_pages)
+    except BaseException:
+        data.close()
+        raise
+    ws = WorkingSetFile(path, mem_size, runs, data, data_off)
+    try:
         if source is not None:
             _check_binding(ws, source)
     except BaseException:

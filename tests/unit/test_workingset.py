@@ -1,0 +1,153 @@
+"""The working-set file: run merging, layout, and every refusal naming what is wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pagein.errors import IntegrityError, SnapshotFormatError
+from pagein.serve.record import Recorder, load_trace
+from pagein.snapshot import workingset
+from pagein.snapshot.source import PageSource
+from pagein.snapshot.workingset import MAGIC, RunKind, merge_runs
+
+PAGE = 4096
+
+
+class BytesSource(PageSource):
+    """A snapshot held in memory (pages that are all zeros count as holes)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        buf[:] = self.data[offset:offset + len(buf)]
+
+
+def _snapshot(pages: int, zero: set[int], seed: int = 1) -> bytes:
+    out = bytearray()
+    for i in range(pages):
+        out += bytes(PAGE) if i in zero else bytes([(i * 7 + seed) % 251 + 1]) * PAGE
+    return bytes(out)
+
+
+@given(st.lists(st.integers(0, 40), max_size=200))
+def test_merge_runs_keeps_first_touch_order_and_every_page_once(pages: list[int]) -> None:
+    runs = merge_runs(p * PAGE for p in pages)
+    flat = [o // PAGE + i for o, n in runs for i in range(n)]
+    assert flat == list(dict.fromkeys(pages))  # the oracle: first touches, in order
+    for (o1, n1), (o2, _) in itertools.pairwise(runs):
+        assert o2 != o1 + n1 * PAGE  # adjacent touches were merged
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 31), min_size=1, max_size=60), st.sets(st.integers(0, 31)))
+def test_write_then_load_gives_the_snapshot_bytes_in_touch_order(
+        tmp_path_factory: pytest.TempPathFactory, touched: list[int], zero: set[int]) -> None:
+    src = BytesSource(_snapshot(32, zero))
+    path = str(tmp_path_factory.mktemp("ws") / "ws")
+    workingset.write(path, src, [p * PAGE for p in touched])
+    with workingset.load(path, src) as ws:
+        flat = [r.offset // PAGE + i for r in ws.runs for i in range(r.pages)]
+        assert flat == list(dict.fromkeys(touched))
+        for r in ws.runs:
+            assert (r.kind is RunKind.ZERO) == (r.offset // PAGE in zero)
+            for i in range(r.pages if r.kind is RunKind.DATA else 0):
+                off = r.offset + i * PAGE
+                assert ws.page_bytes(r, i) == src.data[off:off + PAGE]
+        assert ws.data_pages == len({p for p in touched if p not in zero})
+
+
+def _good(tmp_path: Path) -> tuple[str, BytesSource, bytes]:
+    src = BytesSource(_snapshot(16, {3}))
+    path = str(tmp_path / "ws")
+    workingset.write(path, src, [PAGE * p for p in (5, 6, 3, 1, 9)])
+    return path, src, Path(path).read_bytes()
+
+
+def test_header_layout(tmp_path: Path) -> None:
+    path, src, raw = _good(tmp_path)
+    magic, version, page, mem, nruns, flags, data_off, data_pages = struct.unpack_from(
+        "<8sIIQIIQQ", raw)
+    assert (magic, version, page, mem, flags, data_off) == (MAGIC, 1, PAGE, 16 * PAGE, 0, PAGE)
+    assert nruns == 4 and data_pages == 4  # (5,6) 3(zero) 1 9
+    assert struct.unpack_from("<QII", raw, 80) == (5 * PAGE, 2, 0)
+    assert struct.unpack_from("<QII", raw, 96) == (3 * PAGE, 1, 1)
+    assert raw[PAGE:2 * PAGE] == src.data[5 * PAGE:6 * PAGE]  # data starts at the first run
+    assert workingset.load_extents(path) == [(5 * PAGE, 2 * PAGE), (3 * PAGE, PAGE),
+                                             (PAGE, PAGE), (9 * PAGE, PAGE)]
+
+
+@pytest.mark.parametrize(("edit", "error", "text"), [
+    (lambda b: b[:40], SnapshotFormatError, "is truncated: 40 bytes"),
+    (lambda b: b[:-1], SnapshotFormatError, "is truncated or has trailing bytes"),
+    (lambda b: b + b"x", SnapshotFormatError, "is truncated or has trailing bytes"),
+    (lambda b: b"XXXXXXXX" + b[8:], SnapshotFormatError, "bad magic"),
+    (lambda b: b[:8] + struct.pack("<I", 9) + b[12:], SnapshotFormatError, "format version 9"),
+    (lambda b: b[:12] + struct.pack("<I", 8192) + b[16:], SnapshotFormatError,
+     "field page_size/flags"),
+    (lambda b: b[:-1] + bytes([b[-1] ^ 1]), IntegrityError, "is corrupted"),
+    (lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:], IntegrityError, "is corrupted"),
+])
+def test_damaged_files_are_refused_naming_the_problem(
+        tmp_path: Path, edit: object, error: type[Exception], text: str) -> None:
+    path, src, raw = _good(tmp_path)
+    Path(path).write_bytes(edit(raw))  # type: ignore[operator]
+    with pytest.raises(error, match=text):
+        workingset.load(path, src)
+
+
+@pytest.mark.parametrize("run", [(15 * PAGE, 2, 0), (5 * PAGE, 2, 7), (5 * PAGE + 1, 2, 0)])
+def test_a_bad_run_with_a_matching_checksum_is_refused_naming_the_field(
+        tmp_path: Path, run: tuple[int, int, int]) -> None:
+    path, src, raw = _good(tmp_path)
+    body = raw[:80] + struct.pack("<QII", *run) + raw[96:]
+    digest = hashlib.sha256(body[80:]).digest()
+    Path(path).write_bytes(body[:48] + digest + body[80:])
+    with pytest.raises(SnapshotFormatError, match=r"field runs\[0\]"):
+        workingset.load(path, src)
+
+
+def test_a_working_set_of_another_snapshot_is_refused(tmp_path: Path) -> None:
+    path, _, _ = _good(tmp_path)
+    with pytest.raises(IntegrityError, match=r"does not belong to .* offset 0x5000"):
+        workingset.load(path, BytesSource(_snapshot(16, {3}, seed=2)))
+    with pytest.raises(IntegrityError, match="recorded from a 65536-byte memory file"):
+        workingset.load(path, BytesSource(_snapshot(32, {3})))
+
+
+def test_overlay_source_reads_recorded_pages_from_the_working_set(tmp_path: Path) -> None:
+    path, src, _ = _good(tmp_path)
+    with workingset.load(path, src) as ws:
+        overlay = workingset.WorkingSetSource(src, ws)
+        for p in range(16):
+            buf = bytearray(PAGE)
+            overlay.read_into(p * PAGE, memoryview(buf))
+            assert buf == src.data[p * PAGE:(p + 1) * PAGE]
+        assert ws.data_address(5 * PAGE, 2 * PAGE) is not None
+        assert ws.data_address(5 * PAGE, 3 * PAGE) is None  # past the run
+        assert ws.data_address(2 * PAGE, PAGE) is None  # not recorded
+
+
+def test_recorder_writes_a_trace_and_the_working_set(tmp_path: Path) -> None:
+    src = BytesSource(_snapshot(8, {2}))
+    rec = Recorder(trace_path=str(tmp_path / "t.json"), working_set_path=str(tmp_path / "w"))
+    for off in (4 * PAGE, 2 * PAGE, 4 * PAGE, 5 * PAGE):
+        rec.fault(off, 77, off == 2 * PAGE)
+    rec.finish(src, [])
+    t = load_trace(str(tmp_path / "t.json"))
+    assert [(f.offset, f.thread_id, f.zero) for f in t.faults] == [
+        (4 * PAGE, 77, False), (2 * PAGE, 77, True), (4 * PAGE, 77, False),
+        (5 * PAGE, 77, False)]
+    assert workingset.load_extents(str(tmp_path / "w")) == [(4 * PAGE, PAGE), (2 * PAGE, PAGE),
+                                                            (5 * PAGE, PAGE)]

@@ -375,7 +375,8 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts) -> list[Regio
         features |= Feature.MISSING_SHMEM
     if any(r.page_size == HUGE_PAGE_SIZE for r in snap.regions):
         features |= Feature.MISSING_HUGETLBFS
-    parts.uffd = Userfaultfd.open(features)
+    # THREAD_ID when the kernel has it: a handler's fault trace names the vCPU thread.
+    parts.uffd = Userfaultfd.open(features, optional=Feature.THREAD_ID)
     for m in parts.mappings:
         parts.uffd.register(m.address, m.length, RegisterMode.MISSING)
     path = opts.uffd_socket

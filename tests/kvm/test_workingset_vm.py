@@ -107,6 +107,8 @@ def test_record_then_prefetch_the_working_set_on_the_real_guest(snap: Snap,
     rec = _restore(snap, tmp_path / "rec", _mix_a(snap.ref), "--record", ws_path)
     trace = load_trace(ws_path + ".trace.json")
     assert len(trace.faults) == rec["faults"] > 0
+    # The VMM negotiated UFFD_FEATURE_THREAD_ID: each fault names a thread of the VMM.
+    assert {f.thread_id for f in trace.faults} and all(f.thread_id > 0 for f in trace.faults)
     first: list[int] = []
     for f in trace.faults:
         if f.offset not in first:

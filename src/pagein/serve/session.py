@@ -74,6 +74,9 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 MIN_BULK_HOLE_PAGES = 16
 _HUGE = 2 * 1024 * 1024
 _BATCH = 128  # uffd messages per read()
+#: Spans per background chunk: a scattered working set is mostly one-page spans, and a
+#: demand fault should wait behind a few hundred microseconds of them, not milliseconds.
+_MAX_SPANS = 64
 
 
 _ARRIVALS = {"readahead": Arrival.READAHEAD, "background": Arrival.BACKGROUND,
@@ -502,10 +505,11 @@ class Session:
     def _background_step(self) -> None:
         """Fill one chunk of the plan: spans in order, up to the chunk size (populated
         pages skipped), with DONTWAKE and one wake over the range the chunk covered."""
-        budget = self._chunk
+        budget, spans = self._chunk, _MAX_SPANS
         self._dontwake, self._wake_lo, self._wake_hi = True, 1 << 64, 0
         try:
-            while budget > 0 and self._has_plan() and self._span is not None:
+            while budget > 0 and spans and self._has_plan() and self._span is not None:
+                spans -= 1
                 s = self._span
                 ps = self.regions[s.region].page_size
                 n = min(s.pages, max(1, budget // ps))

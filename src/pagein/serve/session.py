@@ -19,8 +19,8 @@ Ordering rules this loop depends on (see ``ioctl_userfaultfd(2)`` and DESIGN.md)
   the faults that turn read, so a fault never queues behind more than one chunk: a
   demand fault jumps the queue of a working-set prefetch. A chunk may gather many
   small spans; it is installed with ``UFFDIO_COPY_MODE_DONTWAKE`` and woken with one
-  ``UFFDIO_WAKE`` over the range it covered (a vCPU woken before its own page is there
-  simply faults again, and that fault is served).
+  ``UFFDIO_WAKE`` per contiguous piece it installed (never over a gap: a vCPU woken
+  before its own page is there faults again, a costly round trip).
 - A strategy's blocking plan (REAP) is installed before the first fault is served;
   events read meanwhile are applied, faults deferred until it is done.
 """
@@ -151,7 +151,7 @@ class Session:
         self.recorder = strategy.recorder
         self._fault_at: tuple[int, int] = (-1, -1)  # (region, page) being faulted on
         self._dontwake = False  # background fills: DONTWAKE, one wake per chunk
-        self._wake_lo = self._wake_hi = 0
+        self._installed: list[tuple[int, int]] = []  # (address, length) filled DONTWAKE
 
     # --- the loop ------------------------------------------------------------------
 
@@ -469,8 +469,7 @@ class Session:
         ps = r.page_size
         length = n * ps
         if self._dontwake:
-            self._wake_lo = min(self._wake_lo, dst)
-            self._wake_hi = max(self._wake_hi, dst + length)
+            self._installed.append((dst, length))
         if zero and ps == 4096:
             if self._dontwake:
                 return self.uffd.zeropage(dst, length, ZeropageMode.DONTWAKE)
@@ -506,7 +505,8 @@ class Session:
         """Fill one chunk of the plan: spans in order, up to the chunk size (populated
         pages skipped), with DONTWAKE and one wake over the range the chunk covered."""
         budget, spans = self._chunk, _MAX_SPANS
-        self._dontwake, self._wake_lo, self._wake_hi = True, 1 << 64, 0
+        self._dontwake = True
+        self._installed = []
         try:
             while budget > 0 and spans and self._has_plan() and self._span is not None:
                 spans -= 1
@@ -526,8 +526,22 @@ class Session:
                     self._prefetch(r, (s.first_page + n) * ps, nxt * ps)
         finally:
             self._dontwake = False
-            if self._wake_hi > self._wake_lo:
-                self._wake(self._wake_lo, self._wake_hi - self._wake_lo)
+            self._wake_installed()
+
+    def _wake_installed(self) -> None:
+        """Wake what the chunk installed: one wake per contiguous piece, never a range
+        with pages still missing (a thread woken there only faults again, and a vCPU
+        chasing a prefetch would pay that round trip on every chunk)."""
+        lo = hi = -1
+        for a, n in sorted(self._installed):
+            if a != hi:
+                if hi > lo:
+                    self._wake(lo, hi - lo)
+                lo = a
+            hi = a + n
+        if hi > lo:
+            self._wake(lo, hi - lo)
+        self._installed = []
 
     def _wake(self, start: int, length: int) -> None:
         try:

@@ -203,6 +203,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, help="restores per row (default 5; --quick 3)")
     p.add_argument("--json", default="working_set.json", help="results for pagein report")
     p.add_argument("--workdir", help="where the snapshot is written (default /tmp)")
+    p.add_argument("--only", help="comma-separated substrings: run only matching rows "
+                   "(the ratio rows must stay in for the summary)")
     args = p.parse_args()
     state = parse_size(args.state or ("64M" if args.quick else "256M"))
     repeat = args.repeat or (3 if args.quick else 5)
@@ -239,6 +241,9 @@ def main() -> int:
             ("REAP-style, recorded A", "B", Backend.UFFD,
              ("--strategy", "reap", "--working-set", ws["A"]), False),
         ]
+        if args.only:
+            keep = args.only.split(",")
+            plan = [p for p in plan if any(k in p[0] for k in keep)]
         rows = [Row("resident (no restore)", k, statistics.median(r[0] for r in v) * 1e3,
                     statistics.median(r[1] for r in v) * 1e3, None, len(v))
                 for k, v in resident.items()]
@@ -252,7 +257,12 @@ def main() -> int:
                       file=sys.stderr, flush=True)
         rows += [median_row(label, mixname, runs[i])
                  for i, (label, mixname, *_rest) in enumerate(plan)]
-    report(rows, state, cpus, repeat, len(mixes["A"]))
+    if not args.only:
+        report(rows, state, cpus, repeat, len(mixes["A"]))
+    else:
+        for r in rows:
+            print(f"{r.label:<28} {r.mix}  first {r.first_answer_ms:7.1f}  burst "
+                  f"{r.burst_ms:7.1f}  faults {r.faults}")
     with open(args.json, "w") as f:
         json.dump({"benchmark": "working_set", "state_bytes": state, "mem_bytes": mem,
                    "cpus": cpus, "repeat": repeat, "requests": len(mixes["A"]),

@@ -17,20 +17,28 @@ from pagein.errors import PageinError
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo", help="snapshot a KVM guest, restore it by copy, file and uffd, compare",
-        description="Boot the built-in `function` guest, snapshot it when it is ready, "
-                    "restore the snapshot by copy, by mapping the file and lazily through "
-                    "pagein's userfaultfd handler, check every restored guest answers as the "
-                    "original did, and print what each restore cost. --memory-only: restore "
-                    "a plain memory snapshot eagerly and lazily instead (no KVM needed).")
-    p.add_argument("--state", type=parse_size, default="128M",
-                   help="the guest's state: records plus hash table (default 128M)")
-    p.add_argument("--mem", type=parse_size, default="256M",
-                   help="guest RAM, a multiple of 2M (default 256M)")
+        description="Boot the built-in `function` guest on /dev/kvm, snapshot it when it is\n"
+                    "ready, restore the snapshot 5 ways (copy, MAP_PRIVATE file mapping, and\n"
+                    "lazily through pagein's userfaultfd handler with 3 strategies), check every\n"
+                    "restored guest answers as the original did, and print what each restore\n"
+                    "cost (about 10 s). --memory-only: restore a plain memory snapshot eagerly\n"
+                    "and lazily instead (no KVM needed). Sizes take a unit: K, M or G.",
+        epilog="examples:\n"
+               "  pagein demo\n"
+               "  pagein demo --state 512M --mem 1G --vcpus 1\n"
+               "  pagein demo --memory-only --size 1G",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state", type=parse_size, default="128M", metavar="SIZE",
+                   help="the guest's records (default 128M); its hash table adds an eighth")
+    p.add_argument("--mem", type=parse_size, default="256M", metavar="SIZE",
+                   help="guest RAM, a multiple of 2M; at least 16M + --state + an eighth of it "
+                        "(160M for 128M of state; default 256M)")
     p.add_argument("--vcpus", type=int, default=2, help="guest vCPUs (default 2)")
     p.add_argument("--memory-only", action="store_true",
                    help="the memory-only demo: no KVM guest, every byte verified")
-    p.add_argument("--size", type=parse_size, default="256M",
-                   help="--memory-only snapshot size, e.g. 64M, 1G (default 256M)")
+    p.add_argument("--size", type=parse_size, default="256M", metavar="SIZE",
+                   help="--memory-only snapshot size, a multiple of 4K, e.g. 64M or 1G "
+                        "(default 256M)")
     p.set_defaults(handler=_run)
 
 

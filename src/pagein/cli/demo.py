@@ -29,10 +29,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                "  pagein demo --memory-only --size 1G",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--state", type=parse_size, default="128M", metavar="SIZE",
-                   help="the guest's records (default 128M); its hash table adds an eighth")
+                   help="the guest's records (default 128M); its hash table adds 1/8 to 1/4")
     p.add_argument("--mem", type=parse_size, default="256M", metavar="SIZE",
-                   help="guest RAM, a multiple of 2M; at least 16M + --state + an eighth of it "
-                        "(160M for 128M of state; default 256M)")
+                   help="guest RAM, a multiple of 2M; at least 16M + --state + its hash table "
+                        "(160M for 128M of state; the error says the exact figure; default "
+                        "256M)")
     p.add_argument("--vcpus", type=int, default=2, help="guest vCPUs (default 2)")
     p.add_argument("--memory-only", action="store_true",
                    help="the memory-only demo: no KVM guest, every byte verified")

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from pagein.cli._format import parse_size, table
-from pagein.demo import run_demo, run_vm_demo
+from pagein.demo import check_demo_size, run_demo, run_vm_demo
 from pagein.errors import PageinError
 
 
@@ -80,6 +80,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_memory(args: argparse.Namespace) -> int:
+    try:
+        check_demo_size(args.size)
+    except ValueError as e:
+        print(f"pagein: error: {e}: pass --size with a unit, e.g. --size 64M", file=sys.stderr)
+        return 2
     print(f"writing a {args.size >> 20} MiB snapshot with known content, then restoring it "
           "4 ways...", flush=True)
     result = run_demo(args.size)

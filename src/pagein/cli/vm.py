@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import Any
 
-from pagein.errors import PageinError
+from pagein.errors import HandlerError, PageinError
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName
 from pagein.vmm.console import Console
 from pagein.vmm.control import ControlServer, request
@@ -257,12 +257,9 @@ def restore_command(args: argparse.Namespace) -> int:
 
 
 def _restore_error(e: Exception, args: argparse.Namespace) -> str:
-    """Word a restore failure; a bare OSError from connecting says neither path nor fix."""
-    if (isinstance(e, (FileNotFoundError, ConnectionRefusedError)) and args.uffd_socket
-            and e.filename is None):
-        return (f"no pagein serve listens on --uffd-socket {args.uffd_socket} ({e.strerror}): "
-                f"start one with `pagein serve --socket {args.uffd_socket} --mem-file "
-                f"{os.path.join(args.snapshot, 'memory')}` or leave out --uffd-socket")
+    """Word a restore failure; name the snapshot's memory file when no handler listens."""
+    if isinstance(e, HandlerError) and args.uffd_socket:
+        return str(e).replace("MEMORY_FILE", os.path.join(args.snapshot, "memory"))
     return str(e)
 
 

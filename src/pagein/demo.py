@@ -153,11 +153,16 @@ def lazy_restore(path: str, size_bytes: int, strategy: StrategyName) -> RestoreR
 DEMO_STRATEGIES = (StrategyName.ON_DEMAND, StrategyName.READAHEAD, StrategyName.POPULATE_ALL)
 
 
+def check_demo_size(size_bytes: int) -> None:
+    """Raise ValueError unless ``size_bytes`` is a positive multiple of the page size."""
+    if size_bytes <= 0 or size_bytes % PAGE_SIZE:
+        raise ValueError(f"demo size {size_bytes} must be a positive multiple of {PAGE_SIZE}")
+
+
 def run_demo(size_bytes: int = 256 << 20, workdir: str | None = None,
              strategies: tuple[StrategyName, ...] = DEMO_STRATEGIES) -> DemoResult:
     """Write a snapshot of ``size_bytes``, restore it eagerly and lazily, verify each."""
-    if size_bytes <= 0 or size_bytes % PAGE_SIZE:
-        raise ValueError(f"demo size {size_bytes} must be a positive multiple of {PAGE_SIZE}")
+    check_demo_size(size_bytes)
     with tempfile.TemporaryDirectory(prefix="pagein-demo-", dir=workdir) as tmp:
         path = os.path.join(tmp, "memory.snap")
         write_snapshot(path, size_bytes)

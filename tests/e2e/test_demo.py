@@ -90,3 +90,13 @@ def test_vm_demo_cli_prints_one_table() -> None:
     out = subprocess.run([sys.executable, "-m", "pagein", "demo", "--state", "64M", "--mem",
                           "32M"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "raise --mem" in out.stderr
+
+
+def test_memory_demo_size_without_unit_is_one_clear_line() -> None:
+    out = subprocess.run([sys.executable, "-m", "pagein", "demo", "--memory-only", "--size",
+                          "64"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "pagein: error: demo size 64 must be a positive multiple of 4096: pass --size with a "
+        "unit, e.g. --size 64M"]
+    assert "writing" not in out.stdout

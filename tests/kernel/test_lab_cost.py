@@ -31,4 +31,6 @@ def test_every_way_of_faulting_is_measured() -> None:
     uffd_rows = [row for row in r.rows if row.step.startswith("uffd")]
     assert all(row.present_pages == PAGES for row in uffd_rows)
     assert all(f"({PAGES} faults, " in row.note for row in uffd_rows)
-    assert 0 < r.uffd_copy_ns_per_fault < r.uffd_same_cpu_ns_per_fault
+    # Measured, never compared: on one CPU the copy's wake can switch to the toucher, so
+    # its time may include the toucher's run (tests assert no timings).
+    assert r.uffd_copy_ns_per_fault > 0

@@ -82,7 +82,10 @@ def test_handler_death_blocks_touches_never_zeros(tmp_path: Path) -> None:
         data = r.mapping.read({SIZE // 2}, {P})
         print("READ", "zeros" if not any(data) else "data", flush=True)
     """)
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    # The child is SIGKILLed, so it cannot remove its handler directory: keep it in tmp_path.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             env=env)
     try:
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "killed"

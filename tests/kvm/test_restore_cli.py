@@ -89,6 +89,17 @@ def test_restore_refuses_a_truncated_snapshot(snapshot_dir: Path, tmp_path: Path
     assert res.returncode == 2 and "MAP_PRIVATE" in res.stderr
 
 
+def test_restore_to_a_socket_nobody_listens_on_says_how_to_start_one(
+        snapshot_dir: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "nobody.sock"
+    res = _pagein("restore", str(snapshot_dir), "--backend", "uffd", "--uffd-socket", str(sock))
+    assert res.returncode == 1
+    memory = snapshot_dir / "memory"
+    assert res.stderr.strip() == (
+        f"pagein: error: no UFFD handler listens on {sock} (No such file or directory): "
+        f"start one with `pagein serve --socket {sock} --mem-file {memory}` first")
+
+
 def test_snapshot_a_running_vm_through_its_control_socket(tmp_path: Path) -> None:
     control, out = tmp_path / "control.sock", tmp_path / "live"
     proc = subprocess.Popen([sys.executable, "-m", "pagein", "vm", "run", "--mem", "48M",

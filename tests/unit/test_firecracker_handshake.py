@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -155,3 +157,12 @@ def test_scanner_fed_in_pieces_finds_the_same_end(regions: list[Region], cuts: l
             break
     assert end == len(payload)
     assert json.loads(stream[:end])[0]["note"] == 'a]\\"}['
+
+
+def test_connect_and_send_names_the_socket_nobody_listens_on(tmp_path: Path) -> None:
+    from pagein.errors import HandlerError
+    from pagein.serve.firecracker import connect_and_send
+
+    path = str(tmp_path / "none.sock")
+    with pytest.raises(HandlerError, match=rf"no UFFD handler listens on {re.escape(path)} "):
+        connect_and_send(path, [Region(0x10000, 4096, 0, 4096)], 0)

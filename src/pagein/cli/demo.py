@@ -10,27 +10,36 @@ import argparse
 import sys
 
 from pagein.cli._format import parse_size, table
-from pagein.demo import run_demo, run_vm_demo
+from pagein.demo import check_demo_size, run_demo, run_vm_demo
 from pagein.errors import PageinError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo", help="snapshot a KVM guest, restore it by copy, file and uffd, compare",
-        description="Boot the built-in `function` guest, snapshot it when it is ready, "
-                    "restore the snapshot by copy, by mapping the file and lazily through "
-                    "pagein's userfaultfd handler, check every restored guest answers as the "
-                    "original did, and print what each restore cost. --memory-only: restore "
-                    "a plain memory snapshot eagerly and lazily instead (no KVM needed).")
-    p.add_argument("--state", type=parse_size, default="128M",
-                   help="the guest's state: records plus hash table (default 128M)")
-    p.add_argument("--mem", type=parse_size, default="256M",
-                   help="guest RAM, a multiple of 2M (default 256M)")
+        description="Boot the built-in `function` guest on /dev/kvm, snapshot it when it is\n"
+                    "ready, restore the snapshot 5 ways (copy, MAP_PRIVATE file mapping, and\n"
+                    "lazily through pagein's userfaultfd handler with 3 strategies), check every\n"
+                    "restored guest answers as the original did, and print what each restore\n"
+                    "cost (about 10 s). --memory-only: restore a plain memory snapshot eagerly\n"
+                    "and lazily instead (no KVM needed). Sizes take a unit: K, M or G.",
+        epilog="examples:\n"
+               "  pagein demo\n"
+               "  pagein demo --state 512M --mem 1G --vcpus 1\n"
+               "  pagein demo --memory-only --size 1G",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state", type=parse_size, default="128M", metavar="SIZE",
+                   help="the guest's records (default 128M); its hash table adds 1/8 to 1/4")
+    p.add_argument("--mem", type=parse_size, default="256M", metavar="SIZE",
+                   help="guest RAM, a multiple of 2M; at least 16M + --state + its hash table "
+                        "(160M for 128M of state; the error says the exact figure; default "
+                        "256M)")
     p.add_argument("--vcpus", type=int, default=2, help="guest vCPUs (default 2)")
     p.add_argument("--memory-only", action="store_true",
                    help="the memory-only demo: no KVM guest, every byte verified")
-    p.add_argument("--size", type=parse_size, default="256M",
-                   help="--memory-only snapshot size, e.g. 64M, 1G (default 256M)")
+    p.add_argument("--size", type=parse_size, default="256M", metavar="SIZE",
+                   help="--memory-only snapshot size, a multiple of 4K, e.g. 64M or 1G "
+                        "(default 256M)")
     p.set_defaults(handler=_run)
 
 
@@ -71,6 +80,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_memory(args: argparse.Namespace) -> int:
+    try:
+        check_demo_size(args.size)
+    except ValueError as e:
+        print(f"pagein: error: {e}: pass --size with a unit, e.g. --size 64M", file=sys.stderr)
+        return 2
     print(f"writing a {args.size >> 20} MiB snapshot with known content, then restoring it "
           "4 ways...", flush=True)
     result = run_demo(args.size)

@@ -31,15 +31,20 @@ def parse_size(text: str) -> int:
 def register(sub: Any) -> None:
     p = sub.add_parser("lab", help="experiments that show the kernel memory model at work",
                        description="Run the lab: each experiment drives a real kernel "
-                                   "mechanism and prints what the kernel did.")
+                                   "mechanism and prints what the kernel did. `pagein lab` "
+                                   "alone lists the experiments (docs/lab.md explains each).",
+                       epilog="example: pagein lab run demand-paging --size 16M")
     p.set_defaults(handler=_list)
     lsub = p.add_subparsers(dest="lab_command", metavar="run")
     r = lsub.add_parser("run", help="run one experiment",
-                        description="Run one experiment and print its measurements.")
+                        description="Run one experiment and print a table of its steps and "
+                                    "the facts it measured.",
+                        epilog="example: pagein lab run uffd-fill --size 16M --json")
     r.add_argument("name", choices=[e.name for e in EXPERIMENTS], metavar="NAME",
                    help="one of: " + ", ".join(e.name for e in EXPERIMENTS))
-    r.add_argument("--size", type=parse_size, default=None,
-                   help="memory the experiment works on (default 64 MiB; 64, 512K, 1G)")
+    r.add_argument("--size", type=parse_size, default=None, metavar="SIZE",
+                   help="memory the experiment works on: 16M, 512K, 1G, or a bare number "
+                        "of MiB (default 64M)")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.set_defaults(handler=_run)
 
@@ -57,7 +62,8 @@ def _run(args: argparse.Namespace) -> int:
     size = args.size or exp.default_size_bytes
     if size < exp.min_size_bytes:
         print(f"pagein lab run {exp.name}: --size must be at least "
-              f"{exp.min_size_bytes // MIB} MiB", file=sys.stderr)
+              f"{exp.min_size_bytes // MIB} MiB: pass --size {exp.min_size_bytes // MIB}M or "
+              "more", file=sys.stderr)
         return 2
     result = exp.run(size)
     if args.json:

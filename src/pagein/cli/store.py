@@ -145,40 +145,75 @@ def _gc(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``pagein store`` and its subcommands."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", help="s3://bucket[/prefix], dir:///path or a path "
-                                        "(default $PAGEIN_STORE)")
-    common.add_argument("--endpoint-url", help="S3 endpoint (default $AWS_ENDPOINT_URL)")
-    common.add_argument("--profile", help="AWS profile for credentials (default $AWS_PROFILE)")
+    common.add_argument("--store", metavar="URL",
+                        help="where the snapshots live: s3://bucket[/prefix], dir:///path or a "
+                             "plain directory path (default $PAGEIN_STORE)")
+    common.add_argument("--endpoint-url", metavar="URL",
+                        help="S3 endpoint, e.g. http://127.0.0.1:8333 for a local SeaweedFS or "
+                             "MinIO (default $AWS_ENDPOINT_URL, else AWS)")
+    common.add_argument("--profile", help="AWS profile for credentials (default $AWS_PROFILE, "
+                                          "else $AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
-    p = subparsers.add_parser("store", help="push, pull, list, remove and gc snapshots in a "
-                                            "chunk store (directory or S3)")
+    p = subparsers.add_parser(
+        "store", help="push, pull, list, remove and gc snapshots in a chunk store (directory "
+                      "or S3)",
+        description="Keep raw memory snapshots as zstd-compressed, content-addressed chunks in\n"
+                    "a directory or S3-compatible object storage: identical chunks of any two\n"
+                    "snapshots are stored once, all-zero chunks not at all. `pagein serve\n"
+                    "--source s3://bucket/NAME` restores straight from the store (docs/store.md).",
+        epilog="examples:\n"
+               "  pagein store push snapshot.mem vm1 --store dir:///srv/pagein\n"
+               "  pagein store ls --store dir:///srv/pagein\n"
+               "  pagein store pull vm1 copy.mem --store dir:///srv/pagein\n"
+               "  AWS_ENDPOINT_URL=http://127.0.0.1:8333 pagein store ls --store s3://snapshots",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="store_command", metavar="ACTION", required=True)
 
-    push = sub.add_parser("push", parents=[common], help="store a memory file as NAME")
-    push.add_argument("file", help="raw memory file (Firecracker layout)")
-    push.add_argument("name", help="snapshot name (A-Z a-z 0-9 . _ -)")
-    push.add_argument("--chunk-size", type=parse_size, default=1 << 20,
-                      help="power of two from 64K to 4M (default 1M)")
+    push = sub.add_parser(
+        "push", parents=[common], help="store a memory file as NAME",
+        description="Split FILE into fixed-size chunks, upload the ones the store lacks, then\n"
+                    "write the manifest NAME; print compression and dedup figures.",
+        epilog="example:\n  pagein store push /snap/a/memory vm1 --store dir:///srv/pagein "
+               "--chunk-size 256K", formatter_class=argparse.RawDescriptionHelpFormatter)
+    push.add_argument("file", help="raw memory file (Firecracker layout, e.g. the `memory` "
+                                   "file of a `pagein vm snapshot` directory)")
+    push.add_argument("name", help="snapshot name: 1-128 of A-Z a-z 0-9 . _ -")
+    push.add_argument("--chunk-size", type=parse_size, default=1 << 20, metavar="SIZE",
+                      help="chunk size, a power of two from 64K to 4M (a bare number is bytes; "
+                           "default 1M)")
     push.add_argument("--workers", type=int, default=4, help="parallel uploads (default 4)")
     push.set_defaults(handler=_push)
 
-    pull = sub.add_parser("pull", parents=[common], help="rebuild NAME as a memory file")
-    pull.add_argument("name")
+    pull = sub.add_parser(
+        "pull", parents=[common], help="rebuild NAME as a memory file",
+        description="Download and verify every chunk of snapshot NAME and write it as a raw "
+                    "memory file (all-zero chunks become holes).",
+        epilog="example: pagein store pull vm1 copy.mem --store dir:///srv/pagein")
+    pull.add_argument("name", help="snapshot name, as `pagein store ls` shows it")
     pull.add_argument("out", help="output file (written sparse, replaced atomically)")
     pull.add_argument("--workers", type=int, default=8, help="parallel downloads (default 8)")
     pull.set_defaults(handler=_pull)
 
-    ls = sub.add_parser("ls", parents=[common], help="list snapshots")
+    ls = sub.add_parser("ls", parents=[common], help="list snapshots",
+                        description="List the snapshots in the store: size, chunk size, "
+                                    "chunk counts and the compressed bytes stored.")
     ls.set_defaults(handler=_ls)
 
-    rm = sub.add_parser("rm", parents=[common], help="remove snapshot NAME (chunks: see gc)")
-    rm.add_argument("name")
+    rm = sub.add_parser("rm", parents=[common], help="remove snapshot NAME (chunks: see gc)",
+                        description="Remove snapshot NAME's manifest. Its chunks stay until "
+                                    "`pagein store gc` finds no snapshot uses them.")
+    rm.add_argument("name", help="snapshot name, as `pagein store ls` shows it")
     rm.set_defaults(handler=_rm)
 
     gc = sub.add_parser("gc", parents=[common],
-                        help="delete chunks no snapshot references (safe during pushes)")
+                        help="delete chunks no snapshot references (safe during pushes)",
+                        description="Delete chunks that no snapshot references and that are "
+                                    "older than --grace; chunks of pushes still running are "
+                                    "kept.",
+                        epilog="example: pagein store gc --store dir:///srv/pagein --dry-run")
     gc.add_argument("--grace", type=float, default=ops.DEFAULT_GRACE_SECONDS,
+                    metavar="SECONDS",
                     help="keep unreferenced chunks younger than this many seconds "
-                         f"(default {ops.DEFAULT_GRACE_SECONDS:.0f})")
+                         f"(default {ops.DEFAULT_GRACE_SECONDS:.0f}, one hour)")
     gc.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     gc.set_defaults(handler=_gc)

@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import Any
 
-from pagein.errors import PageinError
+from pagein.errors import HandlerError, PageinError
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName
 from pagein.vmm.console import Console
 from pagein.vmm.control import ControlServer, request
@@ -22,18 +22,37 @@ from pagein.vmm.workloads import parse_size, parse_workload
 
 
 def register(subparsers: Any) -> None:
-    vm = subparsers.add_parser("vm", help="run guest workloads on a small KVM VMM",
-                               description="A small KVM VMM: guests run at CPL 3 and talk "
-                                           "to the VMM by port I/O (see docs/vmm.md).")
+    vm = subparsers.add_parser(
+        "vm", help="run guest workloads on a small KVM VMM",
+        description="A small KVM VMM (needs /dev/kvm): freestanding C guests run at CPL 3 and\n"
+                    "talk to the VMM by port I/O; snapshot them and restore them by copy, file\n"
+                    "mapping or userfaultfd (docs/vmm.md, docs/restore.md).",
+        epilog="examples:\n"
+               "  printf 'key 5\\nchecksum\\n' | pagein vm run --mem 512M state=256M --stats\n"
+               "  pagein vm run --mem 304M --snapshot-at-ready /tmp/snap state=256M </dev/null\n"
+               "  echo checksum | pagein vm restore /tmp/snap --backend uffd --stats",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND")
     vm.set_defaults(handler=lambda args: (vm.print_help(), 2)[1])
 
-    run = sub.add_parser("run", help="boot a workload and forward its console",
-                         description="Boot a workload; stdin lines become its requests, its "
-                                     "console goes to stdout; exit with the guest's status.")
-    run.add_argument("--mem", default="512M", help="guest RAM, e.g. 512M or 2G (default 512M)")
+    run = sub.add_parser(
+        "run", help="boot a workload and forward its console",
+        description="Boot a workload; stdin lines become its requests, its console goes to\n"
+                    "stdout; exit with the guest's status. The function workload answers\n"
+                    "`key I`, `get K`, `sum A B`, `checksum`, `info` and `quit` (docs/vmm.md).",
+        epilog="examples:\n"
+               "  printf 'key 5\\nchecksum\\nquit\\n' | pagein vm run --mem 512M --vcpus 2 "
+               "state=256M --stats\n"
+               "  pagein vm run --workload scan pattern=random size=64M touches=100000 "
+               "</dev/null\n"
+               "  pagein vm run --mem 64M --workload hello status=3 </dev/null; echo $?",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--mem", default="512M", metavar="SIZE",
+                     help="guest RAM with a unit, a multiple of 2M, e.g. 512M or 2G (default "
+                          "512M); function state=256M needs at least 304M")
     run.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
-    run.add_argument("--workload", default="function", choices=("function", "scan", "hello"))
+    run.add_argument("--workload", default="function", choices=("function", "scan", "hello"),
+                     help="the guest program (default function); its arguments are KEY=VALUE")
     run.add_argument("--backing", default="anonymous", choices=[b.value for b in Backing],
                      help="guest memory: private anonymous, shared memfd, or 2 MiB hugetlb")
     run.add_argument("--stats", action="store_true",
@@ -154,14 +173,19 @@ def _drive(machine: Machine, console: Console, args: argparse.Namespace) -> int:
 def _register_snapshot(sub: Any) -> None:
     p = sub.add_parser("snapshot", help="snapshot a running VM through its control socket",
                        description="Pause the VM listening on --control, write its state "
-                                   "and memory into --out, and let it go on (see "
-                                   "docs/restore.md).")
+                                   "and memory into\n--out, and let it go on (see "
+                                   "docs/restore.md).",
+                       epilog="example:\n"
+                              "  pagein vm run --mem 304M --control /tmp/vm.sock state=256M &\n"
+                              "  pagein vm snapshot --control /tmp/vm.sock --out /tmp/snap",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--control", required=True, metavar="PATH",
                    help="the VM's control socket (pagein vm run --control PATH)")
     p.add_argument("--out", required=True, metavar="DIR", help="snapshot directory to write")
     p.add_argument("--stop", action="store_true",
                    help="leave the VM paused after the snapshot")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="give up waiting for the VM's answer after this long (default 300)")
     p.set_defaults(handler=snapshot_command)
 
 
@@ -180,15 +204,20 @@ def snapshot_command(args: argparse.Namespace) -> int:
 def _register_restore(sub: Any) -> None:
     p = sub.add_parser("restore", help="restore a VM snapshot: copy, file mapping or uffd",
                        description="Restore a snapshot directory and resume the guest; stdin "
-                                   "lines become its requests, its console goes to stdout.")
+                                   "lines become\nits requests, its console goes to stdout.",
+                       epilog="example:\n  echo checksum | pagein vm restore /tmp/snap "
+                              "--backend uffd --strategy readahead --stats",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("snapshot", metavar="DIR", help="a directory written by pagein vm snapshot")
     p.add_argument("--backend", choices=[b.value for b in Backend], default="uffd",
                    help="copy: read memory first; file: map it MAP_PRIVATE; uffd: fill it "
                         "lazily through pagein serve (default)")
     p.add_argument("--strategy", choices=[s.value for s in StrategyName],
-                   default=StrategyName.ON_DEMAND.value, help="uffd restore strategy")
+                   default=StrategyName.ON_DEMAND.value,
+                   help="how --backend uffd fills memory (default on-demand; see docs/serve.md)")
     p.add_argument("--readahead-size", default=str(DEFAULT_READAHEAD_BYTES), metavar="SIZE",
-                   help="readahead window for --strategy readahead")
+                   help="readahead window for --strategy readahead, with a unit, e.g. 1M "
+                        f"(default {DEFAULT_READAHEAD_BYTES >> 10}K)")
     p.add_argument("--uffd-socket", metavar="PATH",
                    help="hand the uffd to this running pagein serve --socket (default: "
                         "spawn one for this VM)")
@@ -212,7 +241,7 @@ def restore_command(args: argparse.Namespace) -> int:
         console = Console(sink=_stdout_sink)
         vm = restore(args.snapshot, opts, console=console)
     except (ValueError, PageinError, OSError) as e:
-        print(f"pagein: error: {e}", file=sys.stderr)
+        print(f"pagein: error: {_restore_error(e, args)}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
     with vm:
         try:
@@ -225,6 +254,13 @@ def restore_command(args: argparse.Namespace) -> int:
             print(f"pagein: error: {e}", file=sys.stderr)
             return 1
     return status
+
+
+def _restore_error(e: Exception, args: argparse.Namespace) -> str:
+    """Word a restore failure; name the snapshot's memory file when no handler listens."""
+    if isinstance(e, HandlerError) and args.uffd_socket:
+        return str(e).replace("MEMORY_FILE", os.path.join(args.snapshot, "memory"))
+    return str(e)
 
 
 def _drive_restored(vm: RestoredVm, console: Console, args: argparse.Namespace) -> int:

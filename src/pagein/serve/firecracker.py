@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pagein.errors import HandshakeError
+from pagein.errors import HandlerError, HandshakeError
 from pagein.sys.fdpass import recv_with_fds, send_with_fds
 from pagein.sys.uffd import Feature, Userfaultfd
 
@@ -112,7 +112,13 @@ def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaul
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(timeout)
-        sock.connect(socket_path)
+        try:
+            sock.connect(socket_path)
+        except (FileNotFoundError, ConnectionRefusedError, TimeoutError) as e:
+            why = e.strerror or "timed out"
+            raise HandlerError(
+                f"no UFFD handler listens on {socket_path} ({why}): start one with "
+                f"`pagein serve --socket {socket_path} --mem-file MEMORY_FILE` first") from e
         payload = encode_regions(regions, generation)
         sent = send_with_fds(sock, payload, [fd])
         if sent < len(payload):  # the fd went with the first part; the rest follows

@@ -61,7 +61,10 @@ class GuestMemory:
                 memfd.close()
                 raise
             return cls([Region(0, mapping)], owned=True, memfd=memfd)
-        mapping = Mapping.anonymous(size, hugetlb=backing is Backing.HUGETLB)
+        # Hugetlb pages are reserved at mmap (no MAP_NORESERVE): too few free pages fail here
+        # with a message naming vm.nr_hugepages, not later as EFAULT inside KVM_RUN.
+        hugetlb = backing is Backing.HUGETLB
+        mapping = Mapping.anonymous(size, hugetlb=hugetlb, noreserve=not hugetlb)
         return cls([Region(0, mapping)], owned=True)
 
     @classmethod

@@ -57,7 +57,8 @@ def plot_trace(trace_path: str, out: str, *, title: str | None = None) -> TraceS
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
     pages: Counter[str] = Counter()
-    for arrival in Arrival:
+    # Demand faults last, so they are drawn on top of the bulk fills around them.
+    for arrival in sorted(Arrival, key=lambda a: a is Arrival.DEMAND):
         xs: list[float] = []
         ys: list[float] = []
         for f in trace.fills:
@@ -70,7 +71,7 @@ def plot_trace(trace_path: str, out: str, *, title: str | None = None) -> TraceS
                 xs.append(f.time_us / 1e3)
                 ys.append((f.offset + i * trace.page_size) / (1 << 20))
         if xs:
-            ax.scatter(xs, ys, s=3 if arrival is not Arrival.DEMAND else 6, marker=".",
+            ax.scatter(xs, ys, s=3 if arrival is not Arrival.DEMAND else 14, marker=".",
                        color=COLOURS[arrival], label=f"{arrival.value} ({pages[arrival.value]})",
                        linewidths=0)
     ax.set_xlabel("time since the VM connected (ms)")

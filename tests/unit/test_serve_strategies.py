@@ -90,3 +90,9 @@ def test_prometheus_text_is_cumulative() -> None:
     assert 'pagein_fault_latency_seconds_bucket{vm="42",le="5e-05"} 3\n' in text
     assert 'pagein_fault_latency_seconds_bucket{vm="42",le="+Inf"} 3\n' in text
     assert 'pagein_fault_latency_seconds_count{vm="42"} 3\n' in text
+
+
+@pytest.mark.parametrize("size", [256, 2048])
+def test_readahead_smaller_than_a_page_is_refused_with_a_unit_hint(size: int) -> None:
+    with pytest.raises(ValueError, match=r"smaller than one 4 KiB page: .*e\.g\. 256K"):
+        Readahead(size)

@@ -38,6 +38,7 @@ __all__ = ["OnDemand", "PopulateAll", "Readahead", "Span", "SpanKind", "Strategy
            "StrategyName", "Then", "WorkingSet", "make_strategy"]
 
 DEFAULT_READAHEAD_BYTES = 256 * 1024
+_MIN_WINDOW = 4096
 
 
 class SpanKind(enum.Enum):
@@ -110,6 +111,10 @@ class Readahead(Strategy):
     def __init__(self, window_bytes: int = DEFAULT_READAHEAD_BYTES) -> None:
         if window_bytes <= 0 or window_bytes & (window_bytes - 1):
             raise ValueError(f"readahead size {window_bytes} must be a power of two in bytes")
+        if window_bytes < _MIN_WINDOW:
+            # A sub-page window would silently behave as on-demand.
+            raise ValueError(f"readahead size {window_bytes} bytes is smaller than one 4 KiB "
+                             "page: give a size with a unit, e.g. 256K")
         self.window_bytes = window_bytes
 
     def on_fault(self, regions: Sequence[Region], region: int, page: int) -> Span | None:

@@ -100,6 +100,20 @@ def test_restore_to_a_socket_nobody_listens_on_says_how_to_start_one(
         f"start one with `pagein serve --socket {sock} --mem-file {memory}` first")
 
 
+def test_record_a_working_set_then_restore_with_it(snapshot_dir: Path, tmp_path: Path) -> None:
+    ws = tmp_path / "working-set"
+    stdin = "\n".join(REQUESTS) + "\n"
+    res = _pagein("restore", str(snapshot_dir), "--record", str(ws), stdin=stdin)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ANSWERS
+    assert ws.stat().st_size > 0
+    for strategy in ("working-set", "reap"):
+        res = _pagein("restore", str(snapshot_dir), "--strategy", strategy, "--working-set",
+                      str(ws), stdin=stdin)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == ANSWERS
+
+
 def test_snapshot_a_running_vm_through_its_control_socket(tmp_path: Path) -> None:
     control, out = tmp_path / "control.sock", tmp_path / "live"
     proc = subprocess.Popen([sys.executable, "-m", "pagein", "vm", "run", "--mem", "48M",

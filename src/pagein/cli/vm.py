@@ -221,6 +221,12 @@ def _register_restore(sub: Any) -> None:
     p.add_argument("--uffd-socket", metavar="PATH",
                    help="hand the uffd to this running pagein serve --socket (default: "
                         "spawn one for this VM)")
+    p.add_argument("--working-set", metavar="FILE",
+                   help="recorded working set for --strategy working-set or reap (default: "
+                        "DIR/working-set when it exists)")
+    p.add_argument("--record", metavar="FILE",
+                   help="--backend uffd: write the pages this VM faults on as a working-set "
+                        "file when it stops (e.g. DIR/working-set)")
     p.add_argument("--shared-memory", action="store_true",
                    help="guest memory in a memfd another process can map (copy or uffd)")
     p.add_argument("--verify-memory", action="store_true",
@@ -233,11 +239,23 @@ def _register_restore(sub: Any) -> None:
     p.set_defaults(handler=restore_command)
 
 
+def _working_set_arg(args: argparse.Namespace) -> str | None:
+    """The working set for working-set/reap: --working-set, else DIR/working-set if present."""
+    if args.working_set is not None:
+        return str(args.working_set)
+    default = os.path.join(args.snapshot, "working-set")
+    needs = args.strategy in (StrategyName.WORKING_SET.value, StrategyName.REAP.value)
+    if needs and os.path.exists(default):
+        return default
+    return None
+
+
 def restore_command(args: argparse.Namespace) -> int:
     try:
         opts = RestoreOptions(Backend(args.backend), StrategyName(args.strategy),
                               parse_size(args.readahead_size), args.uffd_socket,
-                              args.shared_memory, args.verify_memory)
+                              args.shared_memory, args.verify_memory,
+                              working_set=_working_set_arg(args), record=args.record)
         console = Console(sink=_stdout_sink)
         vm = restore(args.snapshot, opts, console=console)
     except (ValueError, PageinError, OSError) as e:

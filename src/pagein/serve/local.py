@@ -177,9 +177,12 @@ class LazyRestore:
 
 
 def start_handler(spec: str, workdir: str, strategy: str, readahead_bytes: int,
-                   timeout: float) -> tuple[subprocess.Popen[bytes], str]:
+                   timeout: float, *, working_set: str | None = None,
+                   record: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``pagein serve`` for ``spec`` in its own session, listening in ``workdir``.
 
+    ``working_set`` is passed as ``--working-set`` (for the working-set and reap
+    strategies); ``record`` as ``--record`` (write the VM's working set when it goes).
     Returns the process and its socket path once it is listening (it writes to a
     ready pipe), so a VMM can connect at once. It serves one VM and exits when that VM
     has gone (``--exit-after 1``); its log is ``workdir/handler.log``. Raises
@@ -191,6 +194,10 @@ def start_handler(spec: str, workdir: str, strategy: str, readahead_bytes: int,
            "--source", spec, "--strategy", strategy, "--readahead-size", str(readahead_bytes),
            "--on-bad-handshake", "close", "--exit-after", "1", "--ready-fd", str(w),
            "--stats-json", os.path.join(workdir, "stats.json")]
+    if working_set is not None:
+        cmd += ["--working-set", working_set]
+    if record is not None:
+        cmd += ["--record", record]
     with open(os.path.join(workdir, "handler.log"), "wb") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 pass_fds=(w,), start_new_session=True)

@@ -82,7 +82,11 @@ class Backend(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class RestoreOptions:
-    """``uffd_socket``: an already running ``pagein serve --socket`` (None: spawn one)."""
+    """``uffd_socket``: an already running ``pagein serve --socket`` (None: spawn one).
+
+    ``working_set`` / ``record``: passed to the spawned handler (``--working-set`` for the
+    working-set and reap strategies, ``--record`` to write this VM's working set).
+    """
 
     backend: Backend = Backend.UFFD
     strategy: StrategyName = StrategyName.ON_DEMAND
@@ -91,6 +95,8 @@ class RestoreOptions:
     shared_memory: bool = False
     verify_memory: bool = False
     handler_timeout: float = 30.0
+    working_set: str | None = None
+    record: str | None = None
 
 
 @dataclass(slots=True)
@@ -383,7 +389,8 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts) -> list[Regio
     if path is None:
         parts.workdir = tempfile.mkdtemp(prefix="pagein-restore-")
         parts.proc, path = start_handler(snap.memory_path, parts.workdir, opts.strategy.value,
-                                         opts.readahead_bytes, opts.handler_timeout)
+                                         opts.readahead_bytes, opts.handler_timeout,
+                                         working_set=opts.working_set, record=opts.record)
     wire = [WireRegion(m.address, r.size, r.offset, r.page_size)
             for m, r in zip(parts.mappings, snap.regions, strict=True)]
     parts.sock = connect_and_send(path, wire, parts.uffd)

@@ -296,14 +296,18 @@ def _drive_restored(vm: RestoredVm, console: Console, args: argparse.Namespace) 
         print(f"[pagein] restored with {vm.options.backend.value} in "
               f"{vm.resume_seconds * 1e3:.1f} ms, {vm.pages_present()} guest pages present",
               file=sys.stderr)
-        _print_stats(result)
+        _print_stats(result, restored=True)
     return result.status if result.status < 256 else 255
 
 
-def _print_stats(result: RunResult) -> None:
+def _print_stats(result: RunResult, *, restored: bool = False) -> None:
     total = sum(result.exits.values())
-    ready = "never" if result.ready_seconds is None else f"{result.ready_seconds:.3f} s"
-    print(f"[pagein] status {result.status}, ran {result.run_seconds:.3f} s, ready after "
-          f"{ready}, {total} VM exits", file=sys.stderr)
+    if result.ready_seconds is not None:
+        ready = f", ready after {result.ready_seconds:.3f} s"
+    else:
+        # A restored guest was snapshotted after READY: it never signals it again.
+        ready = "" if restored else ", never ready"
+    print(f"[pagein] status {result.status}, ran {result.run_seconds:.3f} s{ready}, "
+          f"{total} VM exits", file=sys.stderr)
     for kind, count in sorted(result.exits.items(), key=lambda kv: -kv[1]):
         print(f"[pagein]   {kind:<20} {count}", file=sys.stderr)

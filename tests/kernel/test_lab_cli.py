@@ -42,13 +42,14 @@ def test_run_json_carries_rows_and_facts(capsys: pytest.CaptureFixture[str]) -> 
     assert [r["step"] for r in doc["result"]["rows"]][1] == "read one byte of every page"
 
 
-@pytest.mark.parametrize(("text", "size"), [("64", 64 << 20), ("512K", 512 << 10),
-                                            ("1G", 1 << 30), ("8MiB", 8 << 20)])
+@pytest.mark.parametrize(("text", "size"), [("64M", 64 << 20), ("512K", 512 << 10),
+                                            ("65536", 64 << 10), ("1G", 1 << 30),
+                                            ("8MiB", 8 << 20)])
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "abc", "1000", "0"])
+@pytest.mark.parametrize("text", ["", "abc", "1000", "0", "64"])
 def test_parse_size_rejects(text: str) -> None:
     import argparse
 

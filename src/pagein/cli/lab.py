@@ -5,26 +5,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 from typing import Any
 
+from pagein.cli._format import parse_size as parse_any_size
 from pagein.lab import EXPERIMENTS, Experiment, LabResult, Row, find
 from pagein.sys.mapping import PAGE_SIZE
 
 MIB = 1 << 20
-_UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def parse_size(text: str) -> int:
-    """Parse ``64``, ``64M``, ``512K``, ``1G`` (a bare number is MiB) into bytes."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not like 64, 64M, 512K or 1G")
-    size = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    """Parse ``64M``, ``512K``, ``1G`` into bytes, as every pagein command does (a bare
+    number is bytes), and require a multiple of the page size."""
+    size = parse_any_size(text)
     if size <= 0 or size % PAGE_SIZE:
         raise argparse.ArgumentTypeError(
-            f"size {text!r} must be a positive multiple of the page size ({PAGE_SIZE} bytes)")
+            f"size {text!r} must be a positive multiple of the page size ({PAGE_SIZE} bytes): "
+            "give a unit, e.g. 64M")
     return size
 
 

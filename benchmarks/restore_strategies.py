@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from _pagecache import drop_cache, warm_cache  # benchmarks/ is on sys.path
+
 from pagein.serve.firecracker import Region, connect_and_send
 from pagein.sys.mapping import PAGE_SIZE, Mapping
 from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
@@ -75,22 +77,6 @@ def write_snapshot(path: str, size: int) -> None:
             f.seek(off)
             f.write(chunk)
         os.fsync(f.fileno())
-
-
-def drop_cache(path: str) -> None:
-    """Evict the file's clean, unmapped pages from the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def warm_cache(path: str) -> None:
-    with open(path, "rb", buffering=0) as f:
-        while f.read(16 << 20):
-            pass
 
 
 @dataclass

@@ -42,6 +42,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from _pagecache import drop_cache, warm_cache  # benchmarks/ is on sys.path
+
 from pagein.cli._format import parse_size, table
 from pagein.serve.strategies import StrategyName
 from pagein.vmm.image import workload_image
@@ -127,21 +129,6 @@ class Handler:
             faults: int = json.load(f)["total"]["faults"]
         shutil.rmtree(self.workdir, ignore_errors=True)
         return faults
-
-
-def drop_cache(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def warm_cache(path: str) -> None:
-    with open(path, "rb") as f:
-        while f.read(8 * MiB):
-            pass
 
 
 def one_restore(snap: str, backend: Backend, requests: list[str], answers: list[str],

@@ -14,8 +14,10 @@ import pytest
 from seaweed_server import BUCKET, Weed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pagein.errors import IntegrityError
 from pagein.snapshot import workingset
 from pagein.snapshot.raw import RawFileSource
+from pagein.snapshot.store import open_store_source, ops
 from pagein.snapshot.store.layout import StoreOptions, open_backend, working_set_key
 from serve_harness import PAGE, client, finish, make_snapshot, start_server, touch_args
 
@@ -131,3 +133,36 @@ def test_working_set_strategy_without_a_stored_set_names_the_snapshot(
         server.stop()
     assert f"snapshot {store}/bare has no working set in its store" in str(e.value)
     assert not (tmp_path / "fc.sock").exists()  # refused before listening
+
+
+def test_working_set_path_downloads_once_and_refetches_a_damaged_copy(tmp_path: Path) -> None:
+    mem, ws = str(tmp_path / "mem"), str(tmp_path / "ws")
+    make_snapshot(mem, SIZE)
+    _record(mem, ws)
+    good = Path(ws).read_bytes()
+    store = tmp_path / "store"
+    backend = open_backend(f"dir://{store}", create=True)
+    ops.push(backend, mem, "vm", chunk_size=64 << 10, working_set=ws)
+    ops.push(backend, mem, "bare", chunk_size=64 << 10)
+    backend.close()
+    cache = tmp_path / "cache"
+    with open_store_source("dir", f"{store}/vm", cache_dir=str(cache)) as src:
+        path = src.working_set_path()
+        assert path is not None and Path(path).parent == cache / "working-sets"
+        assert Path(path).read_bytes() == good
+        damaged = bytearray(good)
+        damaged[-1] ^= 1
+        Path(path).write_bytes(bytes(damaged))
+        assert src.working_set_path() == path and Path(path).read_bytes() == good
+        (store / "working-sets" / "vm.ws").write_bytes(bytes(damaged))
+        Path(path).unlink()
+        with pytest.raises(IntegrityError, match="is corrupted"):
+            src.working_set_path()
+        assert not list((cache / "working-sets").iterdir())  # no temp file left behind
+    with open_store_source("dir", f"{store}/bare", cache_dir=None) as src:
+        assert src.working_set_path() is None
+    (store / "working-sets" / "vm.ws").write_bytes(good)
+    with open_store_source("dir", f"{store}/vm", cache_dir=None) as src:
+        path = src.working_set_path()
+        assert path is not None and Path(path).read_bytes() == good
+    assert not os.path.exists(path)  # without a disk cache: a temp dir, gone at close

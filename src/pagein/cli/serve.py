@@ -27,6 +27,7 @@ from pagein.serve.strategies import (
 from pagein.snapshot import workingset
 from pagein.snapshot.open import open_source
 from pagein.snapshot.source import PageSource
+from pagein.snapshot.store.source import ChunkedSource
 
 log = logging.getLogger("pagein.serve")
 
@@ -114,20 +115,40 @@ def _factory(args: argparse.Namespace, extents: list[tuple[int, int]] | None) ->
     return strategy
 
 
-def run(args: argparse.Namespace) -> int:
-    needs_ws = args.strategy in (StrategyName.WORKING_SET.value, StrategyName.REAP.value)
-    if needs_ws and args.working_set is None:
+def _stored_working_set(args: argparse.Namespace, source: PageSource) -> str:
+    """Return the local path of the working set pushed with a store snapshot, or raise."""
+    if not isinstance(source, ChunkedSource):
         raise PageinError(f"--strategy {args.strategy} needs --working-set FILE "
                           "(recorded with pagein serve --record FILE)")
+    path = source.working_set_path()
+    if path is None:
+        raise PageinError(f"--strategy {args.strategy}: snapshot {source.describe()} has no "
+                          "working set in its store: pass --working-set FILE or push one "
+                          "with 'pagein store push-working-set NAME FILE --store URL'")
+    log.info("using the working set stored with %s", source.describe())
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    needs_ws = args.strategy in (StrategyName.WORKING_SET.value, StrategyName.REAP.value)
     if args.working_set is not None and not needs_ws:
         raise PageinError("--working-set is used by --strategy working-set or reap only")
     source: PageSource = open_source(args.mem_file or args.source)
     try:
         extents = None
-        if args.working_set is not None:
+        ws_path = args.working_set
+        if needs_ws and ws_path is None:
+            ws_path = _stored_working_set(args, source)
+        if ws_path is not None:
             # Checked against this snapshot before listening: a bad file never serves.
-            ws = workingset.load(args.working_set, source)
+            ws = workingset.load(ws_path, source)
             extents = ws.extents()
+            if isinstance(source, ChunkedSource):
+                # Warm the chunks behind the recorded pages in touch order: the pages
+                # themselves come from the working-set file, but readahead around
+                # them and the rest of their chunks then hit the host cache.
+                for offset, length in extents:
+                    source.prefetch(offset, length)
             source = workingset.WorkingSetSource(source, ws)
         # Build one strategy now so a bad --readahead-size fails before listening.
         try:

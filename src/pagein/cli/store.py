@@ -65,7 +65,7 @@ def _push(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         s = ops.push(backend, args.file, args.name, chunk_size=args.chunk_size,
-                     workers=args.workers, progress=progress)
+                     workers=args.workers, working_set=args.working_set, progress=progress)
     finally:
         progress.done()
         backend.close()
@@ -84,8 +84,21 @@ def _push(args: argparse.Namespace) -> int:
     ]
     if s.reuploaded:
         rows.append(["restored after gc", str(s.reuploaded)])
+    if args.working_set:
+        rows.append(["working set", f"{args.working_set} (checked against {args.file})"])
     print(f"pushed {s.name} to {backend.url}")
     print(table(["", "value"], rows))
+    return 0
+
+
+def _push_working_set(args: argparse.Namespace) -> int:
+    backend = _backend(args)
+    try:
+        n = ops.push_working_set(backend, args.name, args.working_set)
+    finally:
+        backend.close()
+    print(f"stored working set {args.working_set} ({_mib(n)}) with {args.name} in "
+          f"{backend.url}")
     return 0
 
 
@@ -110,9 +123,10 @@ def _ls(args: argparse.Namespace) -> int:
         rows = ops.list_snapshots(backend)
     finally:
         backend.close()
-    print(table(["name", "size", "chunk", "chunks", "zero", "stored", "created (UTC)"], [
+    print(table(["name", "size", "chunk", "chunks", "zero", "stored", "working set",
+                 "created (UTC)"], [
         [r.name, _mib(r.size_bytes), f"{r.chunk_size // 1024}K", str(r.chunks),
-         str(r.zero_chunks), _mib(r.stored_bytes),
+         str(r.zero_chunks), _mib(r.stored_bytes), "yes" if r.working_set else "-",
          datetime.fromtimestamp(r.created_unix, UTC).strftime("%Y-%m-%d %H:%M:%S")]
         for r in rows]))
     return 0
@@ -124,7 +138,8 @@ def _rm(args: argparse.Namespace) -> int:
         ops.remove(backend, args.name)
     finally:
         backend.close()
-    print(f"removed {args.name} (its chunks go at the next 'pagein store gc')")
+    print(f"removed {args.name} and its working set, if any (its chunks go at the next "
+          "'pagein store gc')")
     return 0
 
 
@@ -182,7 +197,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                       help="chunk size, a power of two from 64K to 4M (a bare number is bytes; "
                            "default 1M)")
     push.add_argument("--workers", type=int, default=4, help="parallel uploads (default 4)")
+    push.add_argument("--working-set", metavar="WS",
+                      help="also store this working set (from `pagein serve --record WS`), "
+                           "checked against FILE first; `pagein serve --source URL/NAME "
+                           "--strategy working-set` then uses it")
     push.set_defaults(handler=_push)
+
+    pws = sub.add_parser(
+        "push-working-set", parents=[common], help="store a working set with snapshot NAME",
+        description="Check working-set file WS against the stored snapshot NAME (memory size,\n"
+                    "sampled pages) and store it next to its manifest, replacing any earlier\n"
+                    "one. Re-pushing NAME without --working-set deletes it.",
+        epilog="example:\n  pagein store push-working-set vm1 vm1.ws --store dir:///srv/pagein",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pws.add_argument("name", help="snapshot name, as `pagein store ls` shows it")
+    pws.add_argument("working_set", metavar="WS",
+                     help="working-set file written by `pagein serve --record WS`")
+    pws.set_defaults(handler=_push_working_set)
 
     pull = sub.add_parser(
         "pull", parents=[common], help="rebuild NAME as a memory file",
@@ -200,8 +231,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ls.set_defaults(handler=_ls)
 
     rm = sub.add_parser("rm", parents=[common], help="remove snapshot NAME (chunks: see gc)",
-                        description="Remove snapshot NAME's manifest. Its chunks stay until "
-                                    "`pagein store gc` finds no snapshot uses them.")
+                        description="Remove snapshot NAME's manifest and working set. Its "
+                                    "chunks stay until `pagein store gc` finds no snapshot "
+                                    "uses them.")
     rm.add_argument("name", help="snapshot name, as `pagein store ls` shows it")
     rm.set_defaults(handler=_rm)
 

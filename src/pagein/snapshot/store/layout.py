@@ -3,6 +3,8 @@
 Key layout (the same in a directory and in a bucket under its prefix)::
 
     manifests/NAME.json          one per snapshot (see manifest.py)
+    working-sets/NAME.ws         the snapshot's recorded working set, if one was pushed
+                                 (a whole working-set file; gc never looks here)
     chunks/ab/abcdef….zst        chunk objects, named by content hash; 'ab' = first
                                  two hex digits, so no directory holds too many files
     pushes/NAME.UUID.json        "a push is under way" markers (deleted when it ends)
@@ -22,12 +24,13 @@ from pagein.snapshot.store.backend import Backend, LocalBackend, RetryPolicy, S3
 from pagein.snapshot.store.manifest import Manifest, check_name
 
 __all__ = ["StoreOptions", "chunk_key", "digest_of_key", "manifest_key", "open_backend",
-           "read_manifest", "split_snapshot_url"]
+           "read_manifest", "split_snapshot_url", "working_set_key"]
 
 MANIFESTS = "manifests/"
 CHUNKS = "chunks/"
 PUSHES = "pushes/"
 GCS = "gc/"
+WORKING_SETS = "working-sets/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,11 @@ def digest_of_key(key: str) -> str | None:
 def manifest_key(name: str) -> str:
     """Return the object key of snapshot ``name``'s manifest."""
     return f"{MANIFESTS}{check_name(name)}.json"
+
+
+def working_set_key(name: str) -> str:
+    """Return the object key of snapshot ``name``'s working-set file."""
+    return f"{WORKING_SETS}{check_name(name)}.ws"
 
 
 def open_backend(url: str, options: StoreOptions = StoreOptions(), *,

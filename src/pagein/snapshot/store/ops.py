@@ -30,23 +30,30 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pagein.errors import IntegrityError, SourceError
+from pagein.snapshot import workingset
+from pagein.snapshot.raw import RawFileSource
+from pagein.snapshot.source import PageSource
 from pagein.snapshot.store.backend import Backend, ObjectInfo
+from pagein.snapshot.store.cache import ChunkCache
 from pagein.snapshot.store.chunker import decode_chunk, digest, encode_chunk, iter_chunks
 from pagein.snapshot.store.layout import (
     CHUNKS,
     GCS,
     PUSHES,
+    WORKING_SETS,
     chunk_key,
     digest_of_key,
     host_tag,
     manifest_key,
     read_manifest,
     snapshot_names,
+    working_set_key,
 )
 from pagein.snapshot.store.manifest import ChunkRef, Manifest, check_chunk_size, check_name
+from pagein.snapshot.store.source import ChunkedSource
 
 __all__ = ["GcStats", "Progress", "PullStats", "PushStats", "SnapshotInfo", "fetch_chunk", "gc",
-           "list_snapshots", "pull", "push", "remove", "verify"]
+           "list_snapshots", "pull", "push", "push_working_set", "remove", "verify"]
 
 #: A push or gc marker not refreshed for this long is from a process that died.
 MARKER_TTL_SECONDS = 600.0
@@ -124,6 +131,7 @@ class SnapshotInfo:
     zero_chunks: int
     stored_bytes: int
     created_unix: float
+    working_set: bool = False   # a working-set file was pushed with it
 
 
 class _Marker:
@@ -177,16 +185,24 @@ def _push_started(backend: Backend, info: ObjectInfo) -> float:
 
 
 def push(backend: Backend, path: str | os.PathLike[str], name: str, *,
-         chunk_size: int = 1 << 20, workers: int = 4,
+         chunk_size: int = 1 << 20, workers: int = 4, working_set: str | None = None,
          progress: ProgressFn = _nothing) -> PushStats:
     """Chunk, compress and upload the memory file at ``path`` as snapshot ``name``.
 
     Chunks already in the store are not uploaded again; the manifest is written only
-    after every chunk it names is stored. Raises SourceError on store failure or an
-    unreadable file.
+    after every chunk it names is stored. ``working_set`` (a file written by ``pagein
+    serve --record``) is checked against ``path`` before anything is uploaded and
+    stored next to the manifest; without it, a working set left by an earlier push
+    of ``name`` is deleted (it belonged to other bytes). Raises SourceError on store
+    failure or an unreadable file, IntegrityError/SnapshotFormatError for a working
+    set that is damaged or was recorded from another snapshot.
     """
     check_name(name)
     check_chunk_size(chunk_size)
+    ws_data = None
+    if working_set is not None:
+        with RawFileSource(os.fspath(path)) as raw_source:
+            ws_data = _checked_working_set(working_set, raw_source)
     try:
         size = os.stat(path).st_size
     except OSError as e:
@@ -203,9 +219,13 @@ def push(backend: Backend, path: str | os.PathLike[str], name: str, *,
         manifest = Manifest(name, size, chunk_size,
                             tuple(None if d is None else ChunkRef(d, sizes[d]) for d in refs),
                             time.time())
+        # Before the new manifest: a server must never pair it with the old working set.
+        backend.delete([working_set_key(name)])
         backend.put(manifest_key(name), manifest.encode())
         progress(Progress("verifying", 0, len(sizes)))
         reuploaded = _settle_with_gc(backend, path, manifest, progress, marker)
+        if ws_data is not None:
+            backend.put(working_set_key(name), ws_data)
     except OSError as e:
         raise SourceError(f"reading memory file {os.fspath(path)} failed: {e}") from e
     finally:
@@ -355,8 +375,37 @@ def pull(backend: Backend, name: str, out: str | os.PathLike[str], *, workers: i
     return PullStats(name, len(manifest.chunks), zero, fetched, manifest.size_bytes)
 
 
+def _checked_working_set(path: str, source: PageSource) -> bytes:
+    """Return the bytes of working-set file ``path`` once :func:`workingset.load` accepts
+    it for ``source`` (format, checksum, memory size, sampled pages equal)."""
+    with workingset.load(path, source):
+        pass
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise SourceError(f"cannot read working-set file {path}: {e.strerror}") from e
+
+
+def push_working_set(backend: Backend, name: str, path: str) -> int:
+    """Store working-set file ``path`` with snapshot ``name``, replacing any earlier one.
+
+    The file is checked against the stored snapshot's bytes first (the sampled pages
+    are fetched from the store). Returns the bytes stored. Raises SourceError (no such
+    snapshot, store failure) or IntegrityError/SnapshotFormatError (damaged file,
+    recorded from another snapshot).
+    """
+    manifest = read_manifest(backend, name)
+    with ChunkedSource(backend, manifest, ChunkCache(None), workers=4,
+                       owns_backend=False) as source:
+        data = _checked_working_set(path, source)
+    backend.put(working_set_key(name), data)
+    return len(data)
+
+
 def list_snapshots(backend: Backend) -> list[SnapshotInfo]:
     """Return one row per snapshot in the store."""
+    with_ws = {o.key for o in backend.list(WORKING_SETS)}
     rows = []
     for name in snapshot_names(backend):
         try:
@@ -365,17 +414,17 @@ def list_snapshots(backend: Backend) -> list[SnapshotInfo]:
             continue
         rows.append(SnapshotInfo(m.name, m.size_bytes, m.chunk_size, len(m.chunks),
                                  sum(1 for c in m.chunks if c is None), m.stored_bytes,
-                                 m.created_unix))
+                                 m.created_unix, working_set_key(m.name) in with_ws))
     return rows
 
 
 def remove(backend: Backend, name: str) -> None:
-    """Delete snapshot ``name``'s manifest; its chunks go at the next gc."""
+    """Delete snapshot ``name``'s manifest and working set; its chunks go at the next gc."""
     key = manifest_key(name)
     if backend.head(key) is None:
         raise SourceError(f"no snapshot {name!r} in store {backend.url}: see "
                           f"'pagein store ls --store {backend.url}'")
-    backend.delete([key])
+    backend.delete([key, working_set_key(name)])
 
 
 def gc(backend: Backend, *, grace_seconds: float = DEFAULT_GRACE_SECONDS,

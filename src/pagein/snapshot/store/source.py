@@ -6,19 +6,31 @@ requests for one chunk share a single fetch (single flight). A read spanning
 several chunks starts all their fetches before waiting on the first. Every chunk
 is verified against its content hash (:func:`~.chunker.decode_chunk`) before any of
 its bytes are copied out, whether it came from the store or the disk cache.
+
+A snapshot's working set, if one was pushed, is downloaded whole on request
+(:meth:`ChunkedSource.working_set_path`) into ``CACHE/working-sets/`` and checked
+there by the working-set file's own SHA-256 before its path is handed out.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
 import threading
+import uuid
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from pathlib import Path
 
-from pagein.errors import IntegrityError, SourceError
+from pagein.errors import IntegrityError, SnapshotFormatError, SourceError
+from pagein.snapshot import workingset
 from pagein.snapshot.source import PageSource
 from pagein.snapshot.store.backend import Backend
 from pagein.snapshot.store.cache import ChunkCache
 from pagein.snapshot.store.chunker import decode_chunk
-from pagein.snapshot.store.layout import chunk_key
+from pagein.snapshot.store.layout import chunk_key, working_set_key
 from pagein.snapshot.store.manifest import Manifest
 
 __all__ = ["ChunkedSource"]
@@ -47,6 +59,7 @@ class ChunkedSource(PageSource):
         self._lock = threading.Lock()
         self._inflight: dict[str, Future[bytes]] = {}
         self._closed = False
+        self._ws_tmpdir: str | None = None   # working-set download dir without a disk cache
         self.fetches = 0            # chunk objects fetched from the store
         self.bytes_fetched = 0      # their stored (compressed) bytes
 
@@ -147,6 +160,58 @@ class ChunkedSource(PageSource):
             with self._lock:
                 self._inflight.pop(digest, None)
 
+    # --- working set ----------------------------------------------------------------
+
+    def working_set_path(self) -> str | None:
+        """Return a local copy of the snapshot's pushed working set, or None if it has none.
+
+        Looks the object up (one HEAD); a copy already in the disk cache under the same
+        store size and time is reused, else it is downloaded to a temp name and renamed
+        into place. Either way the file's own checksum is verified before its path is
+        returned (a damaged cached copy is fetched again). Without a disk cache it goes
+        to a temp directory removed on :meth:`close`. The caller still checks it against
+        this snapshot with :func:`pagein.snapshot.workingset.load`. Raises SourceError
+        (store failure) or IntegrityError/SnapshotFormatError (the stored file is bad).
+        """
+        key = working_set_key(self.manifest.name)
+        info = self._backend.head(key)
+        if info is None:
+            return None
+        tag = hashlib.sha256(f"{self._where}\0{info.size_bytes}\0{info.mtime}".encode())
+        path = self._working_set_dir() / f"{tag.hexdigest()[:32]}.ws"
+        what = f"the working set of {self._where} ({key})"
+        if path.exists():
+            try:
+                _verify_working_set(str(path))
+                return str(path)
+            except (SnapshotFormatError, IntegrityError, SourceError):
+                path.unlink(missing_ok=True)  # a damaged cache copy: fetch it again
+        data = self._backend.get(key)
+        if data is None:
+            raise SourceError(f"{what} vanished from the store while being read: retry")
+        tmp = path.parent / f".tmp.{os.getpid()}.{uuid.uuid4().hex}"
+        try:
+            tmp.write_bytes(data)
+            _verify_working_set(str(tmp))
+            os.replace(tmp, path)
+        except OSError as e:
+            raise SourceError(f"cannot write {what} to {path.parent}: {e.strerror}; set "
+                              "PAGEIN_CACHE_DIR to a writable directory") from e
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return str(path)
+
+    def _working_set_dir(self) -> Path:
+        if self.cache.directory is not None:
+            d = self.cache.directory / "working-sets"
+            d.mkdir(exist_ok=True)
+            return d
+        with self._lock:
+            if self._ws_tmpdir is None:
+                self._ws_tmpdir = tempfile.mkdtemp(prefix="pagein-ws-")
+            return Path(self._ws_tmpdir)
+
     # --- hints ----------------------------------------------------------------------
 
     def prefetch(self, offset: int, length: int) -> None:
@@ -181,5 +246,14 @@ class ChunkedSource(PageSource):
                 return
             self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._ws_tmpdir is not None:
+            # A mapping of the working set outlives the unlink; the bytes go with it.
+            shutil.rmtree(self._ws_tmpdir, ignore_errors=True)
         if self._owns_backend:
             self._backend.close()
+
+
+def _verify_working_set(path: str) -> None:
+    """Check format and SHA-256 of the working-set file at ``path`` (raise if bad)."""
+    with workingset.load(path):
+        pass

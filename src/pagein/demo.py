@@ -24,6 +24,7 @@ import hashlib
 import os
 import random
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -204,19 +205,22 @@ class VmMethod:
 
     backend: Backend
     strategy: StrategyName = StrategyName.ON_DEMAND
+    record: bool = False  # write the guest's working set (DIR/working-set) when it goes
 
     @property
     def label(self) -> str:
         if self.backend is Backend.UFFD:
-            return f"uffd, {self.strategy.value}"
+            return f"uffd, {self.strategy.value}{' + record' if self.record else ''}"
         return {Backend.COPY: "copy (read all first)",
                 Backend.FILE: "file (MAP_PRIVATE)"}[self.backend]
 
 
 VM_METHODS = (VmMethod(Backend.COPY), VmMethod(Backend.FILE),
-              VmMethod(Backend.UFFD, StrategyName.ON_DEMAND),
+              VmMethod(Backend.UFFD, StrategyName.ON_DEMAND, record=True),
               VmMethod(Backend.UFFD, StrategyName.READAHEAD),
-              VmMethod(Backend.UFFD, StrategyName.POPULATE_ALL))
+              VmMethod(Backend.UFFD, StrategyName.POPULATE_ALL),
+              # Prefetches what the recording restore above wrote (it must come after it).
+              VmMethod(Backend.UFFD, StrategyName.WORKING_SET))
 
 
 def snapshot_function_guest(directory: str, state_bytes: int, mem_bytes: int, vcpus: int,
@@ -256,11 +260,15 @@ def measure_restore(directory: str, method: VmMethod, requests: tuple[str, str],
     """
     workdir = tempfile.mkdtemp(prefix="pagein-demo-serve-")
     proc = None
+    ws = os.path.join(directory, "working-set")
     try:
         opts = RestoreOptions(backend=method.backend, strategy=method.strategy)
         if method.backend is Backend.UFFD:
+            uses_ws = method.strategy in (StrategyName.WORKING_SET, StrategyName.REAP)
             proc, sock = start_handler(os.path.join(directory, "memory"), workdir,
-                                       method.strategy.value, DEFAULT_READAHEAD_BYTES, timeout)
+                                       method.strategy.value, DEFAULT_READAHEAD_BYTES, timeout,
+                                       working_set=ws if uses_ws else None,
+                                       record=ws if method.record else None)
             opts = RestoreOptions(backend=method.backend, strategy=method.strategy,
                                   uffd_socket=sock)
         start = time.perf_counter()
@@ -276,9 +284,13 @@ def measure_restore(directory: str, method: VmMethod, requests: tuple[str, str],
             vm.wait(timeout)
     finally:
         if proc is not None:
-            if proc.poll() is None:
+            # The handler serves one VM and exits once it has gone, after writing a
+            # recorded working set: let it finish rather than cut the write short.
+            try:
+                proc.wait(10.0)
+            except subprocess.TimeoutExpired:
                 proc.terminate()
-            proc.wait(timeout)
+                proc.wait(timeout)
         shutil.rmtree(workdir, ignore_errors=True)
     return VmRestoreRun(method.label, resumed, times[0], times[1], present,
                         tuple(got) == answers)

@@ -18,8 +18,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo", help="snapshot a KVM guest, restore it by copy, file and uffd, compare",
         description="Boot the built-in `function` guest on /dev/kvm, snapshot it when it is\n"
-                    "ready, restore the snapshot 5 ways (copy, MAP_PRIVATE file mapping, and\n"
-                    "lazily through pagein's userfaultfd handler with 3 strategies), check every\n"
+                    "ready, restore the snapshot 6 ways (copy, MAP_PRIVATE file mapping, and\n"
+                    "lazily through pagein's userfaultfd handler with 4 strategies: the\n"
+                    "on-demand restore records the working set the last one prefetches),\n"
+                    "check every\n"
                     "restored guest answers as the original did, and print what each restore\n"
                     "cost (about 10 s). --memory-only: restore a plain memory snapshot eagerly\n"
                     "and lazily instead (no KVM needed). Sizes take a unit: K, M or G.",
@@ -51,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.memory_only:
         return _run_memory(args)
     print(f"booting the function guest ({args.state >> 20} MiB of state, {args.mem >> 20} MiB "
-          f"RAM, {args.vcpus} vCPUs), snapshotting it at READY, restoring it 5 ways...",
+          f"RAM, {args.vcpus} vCPUs), snapshotting it at READY, restoring it 6 ways...",
           flush=True)
     try:
         r = run_vm_demo(args.state, args.mem, args.vcpus)
@@ -72,7 +74,9 @@ def _run(args: argparse.Namespace) -> int:
     ok = all(x.answers_match for x in r.runs)
     print("\nTimes are from the start of the restore. uffd restores hand memory to a pagein "
           "serve\nalready listening (a fleet's daemon); its start is not counted. Memory "
-          "present:\nguest pages mapped in the VMM after both answers (/proc/self/pagemap).")
+          "present:\nguest pages mapped in the VMM after both answers (/proc/self/pagemap).\n"
+          "The on-demand restore records the pages the guest touched; working-set "
+          "prefetches\nthem, in the order the guest first touched them, while the guest runs.")
     if not ok:
         print("pagein: error: a restored guest answered differently from the original",
               file=sys.stderr)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagein.errors import IntegrityError, SnapshotFormatError
-from pagein.serve.record import Recorder, load_trace
+from pagein.serve.record import OutputNames, Recorder, load_trace
 from pagein.snapshot import workingset
 from pagein.snapshot.source import PageSource
 from pagein.snapshot.workingset import MAGIC, RunKind, merge_runs
@@ -168,3 +168,19 @@ def test_recorder_writes_a_trace_and_the_working_set(tmp_path: Path) -> None:
     # Page 5 continues the run that page 4 started, so it is stored with it.
     assert workingset.load_extents(str(tmp_path / "w")) == [(4 * PAGE, 2 * PAGE),
                                                             (2 * PAGE, PAGE)]
+
+
+def test_several_vms_recorded_by_one_server_never_overwrite_each_other(tmp_path: Path) -> None:
+    src = BytesSource(_snapshot(8, set()))
+    names = OutputNames()
+    paths = {"trace_path": str(tmp_path / "t.json"), "working_set_path": str(tmp_path / "w")}
+    recs = [Recorder(**paths, names=names) for _ in range(3)]
+    for i, rec in enumerate(recs):
+        rec.fault(i * PAGE, 1, False)
+    for rec in recs:
+        rec.finish(src, [])
+    # The first VM to go writes the paths given; later ones .2, .3.
+    assert workingset.load_extents(str(tmp_path / "w")) == [(0, PAGE)]
+    assert workingset.load_extents(str(tmp_path / "w.2")) == [(PAGE, PAGE)]
+    assert workingset.load_extents(str(tmp_path / "w.3")) == [(2 * PAGE, PAGE)]
+    assert [f.offset for f in load_trace(str(tmp_path / "t.json.3")).faults] == [2 * PAGE]

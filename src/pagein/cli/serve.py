@@ -13,7 +13,7 @@ from types import FrameType
 from typing import Any
 
 from pagein.errors import PageinError
-from pagein.serve.record import Recorder
+from pagein.serve.record import OutputNames, Recorder
 from pagein.serve.server import BadHandshakePolicy, Server, ServerConfig
 from pagein.serve.session import DEFAULT_CHUNK_BYTES
 from pagein.serve.stats import write_json
@@ -66,7 +66,8 @@ def register(sub: Any) -> None:
                         "populate-all also fills the rest in the background)")
     p.add_argument("--record", metavar="FILE",
                    help="when the VM goes, write the pages it faulted on as a working-set "
-                        "file (and the trace to FILE.trace.json unless --trace is given)")
+                        "file (and the trace to FILE.trace.json unless --trace is given); "
+                        "with several VMs the first to go writes FILE, later ones FILE.2, ...")
     p.add_argument("--trace", metavar="FILE",
                    help="when the VM goes, write its fault trace (for pagein report)")
     p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
@@ -106,12 +107,14 @@ class _Metrics(BaseHTTPRequestHandler):
         log.debug("metrics: " + format, *args)
 
 
-def _factory(args: argparse.Namespace, extents: list[tuple[int, int]] | None) -> Strategy:
+def _factory(args: argparse.Namespace, extents: list[tuple[int, int]] | None,
+             names: OutputNames) -> Strategy:
     strategy = make_strategy(args.strategy, readahead_bytes=args.readahead_size,
                              working_set=extents, then=Then(args.then))
     trace = args.trace or (f"{args.record}.trace.json" if args.record else None)
     if trace or args.record:
-        strategy.recorder = Recorder(trace_path=trace, working_set_path=args.record)
+        strategy.recorder = Recorder(trace_path=trace, working_set_path=args.record,
+                                     names=names)
     return strategy
 
 
@@ -158,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
             raise PageinError(f"--strategy {args.strategy}: {e}") from e
         config = ServerConfig(args.socket, BadHandshakePolicy(args.on_bad_handshake),
                               args.handshake_timeout, args.chunk_size, args.exit_after)
-        server = Server(config, source, partial(_factory, args, extents))
+        server = Server(config, source, partial(_factory, args, extents, OutputNames()))
         return _serve(server, args)
     finally:
         source.close()

@@ -27,6 +27,7 @@ import enum
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,13 +82,33 @@ class Trace:
     fills: tuple[Fill, ...]
 
 
+class OutputNames:
+    """Hand out the files of the VMs one ``--record``/``--trace`` server records.
+
+    The first VM to go writes ``path`` itself; later ones write ``path.2``, ``path.3``,
+    ... so one server recording several VMs never overwrites a recording.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._taken: dict[str, int] = {}
+
+    def claim(self, path: str) -> str:
+        with self._lock:
+            n = self._taken.get(path, 0) + 1
+            self._taken[path] = n
+        return path if n == 1 else f"{path}.{n}"
+
+
 class Recorder:
     """Collect one session's faults and fills; write them out when the VM goes."""
 
     def __init__(self, *, trace_path: str | None = None,
-                 working_set_path: str | None = None) -> None:
+                 working_set_path: str | None = None,
+                 names: OutputNames | None = None) -> None:
         self.trace_path = trace_path
         self.working_set_path = working_set_path
+        self._names = names
         self._t0 = time.monotonic_ns()
         self._faults: list[tuple[int, int, int, bool]] = []
         self._fills: list[tuple[int, int, int, str]] = []
@@ -119,6 +140,11 @@ class Recorder:
         Raises :class:`~pagein.errors.PageinError` naming the file that could not be
         written; the guest is gone by then, so nothing else depends on it.
         """
+        if self._names is not None:
+            if self.trace_path is not None:
+                self.trace_path = self._names.claim(self.trace_path)
+            if self.working_set_path is not None:
+                self.working_set_path = self._names.claim(self.working_set_path)
         if self.trace_path is not None:
             doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "page_size": 4096,
                    "memory_size": source.size,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _guest import function_at_ready
 
 from pagein.sys.mapping import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping, hugetlb_free_pages
 from pagein.sys.uffd import AlreadyPresent, Filled, PageFault, RegisterMode, Userfaultfd
@@ -20,7 +21,7 @@ from pagein.vmm.layout import HEAP_START
 from pagein.vmm.machine import Machine
 from pagein.vmm.memory import Backing, GuestMemory, Region
 from pagein.vmm.reference import U64, FunctionReference, mix, scan_line
-from pagein.vmm.workloads import Op, Pattern, function_args, scan_args
+from pagein.vmm.workloads import Op, Pattern, scan_args
 
 MiB = 1 << 20
 
@@ -110,16 +111,8 @@ class _Handler(threading.Thread):
 
 def test_restore_through_userfaultfd_fills_pages_on_guest_access() -> None:
     state, seed, mem = 16 * MiB, 4, 48 * MiB
-    wa = function_args(state, seed)
     ref = FunctionReference(state, seed)
-    with Machine.create(mem, 2) as m:
-        m.pause_on_ready = True
-        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
-        m.start()
-        assert m.ready.wait(60)
-        m.pause(timeout=30)
-        states = m.vcpu_states()
-        image = m.memory.read(0, mem)
+    states, image = function_at_ready(state, seed, mem)
     with Mapping.anonymous(mem) as src, Mapping.anonymous(mem) as dst, \
             Userfaultfd.open() as uffd:
         src.write(0, image)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from _guest import function_at_ready
 
 from pagein.sys.kvm import Regs
 from pagein.sys.mapping import Mapping
@@ -17,7 +18,7 @@ from pagein.vmm.image import workload_image
 from pagein.vmm.machine import Machine
 from pagein.vmm.memory import GuestMemory, Region
 from pagein.vmm.reference import FunctionReference
-from pagein.vmm.workloads import Fault, function_args, hello_args
+from pagein.vmm.workloads import Fault, hello_args
 
 MiB = 1 << 20
 
@@ -61,16 +62,8 @@ def test_pause_kicks_a_spinning_vcpu_and_resume_continues() -> None:
 
 def test_restore_from_copied_memory_and_states_answers_the_same() -> None:
     state, seed, mem = 16 * MiB, 3, 48 * MiB
-    wa = function_args(state, seed)
     ref = FunctionReference(state, seed)
-    with Machine.create(mem, 2) as m:
-        m.pause_on_ready = True
-        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
-        m.start()
-        assert m.ready.wait(60)
-        m.pause(timeout=30)
-        states = m.vcpu_states()
-        image = m.memory.read(0, mem)
+    states, image = function_at_ready(state, seed, mem)
     with Mapping.anonymous(mem) as mapping:
         mapping.write(0, image)
         memory = GuestMemory.from_mappings([Region(0, mapping)])

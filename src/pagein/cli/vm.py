@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pagein.errors import HandlerError, PageinError
@@ -153,18 +154,26 @@ def _snapshot_at_ready(machine: Machine, directory: str,
           file=sys.stderr)
 
 
-def _drive(machine: Machine, console: Console, args: argparse.Namespace) -> int:
-    """Forward stdin, wait for the guest's end, print stats; return the exit status."""
+def _await_guest(console: Console, wait: Callable[[float | None], RunResult],
+                 stop: Callable[[], None], timeout: float | None) -> RunResult | int:
+    """Forward stdin to the guest and wait for its end; an exit code on timeout or ^C."""
     threading.Thread(target=_pump_stdin, args=(console,), name="pagein-stdin",
                      daemon=True).start()
     try:
-        result = machine.wait(args.timeout)
+        return wait(timeout)
     except TimeoutError as e:
         print(f"pagein: {e}", file=sys.stderr)
         return 124
     except KeyboardInterrupt:
-        machine.stop()
+        stop()
         return 130
+
+
+def _drive(machine: Machine, console: Console, args: argparse.Namespace) -> int:
+    """Forward stdin, wait for the guest's end, print stats; return the exit status."""
+    result = _await_guest(console, machine.wait, machine.stop, args.timeout)
+    if isinstance(result, int):
+        return result
     if args.stats:
         _print_stats(result)
     return result.status if result.status < 256 else 255
@@ -282,16 +291,9 @@ def _restore_error(e: Exception, args: argparse.Namespace) -> str:
 
 
 def _drive_restored(vm: RestoredVm, console: Console, args: argparse.Namespace) -> int:
-    threading.Thread(target=_pump_stdin, args=(console,), name="pagein-stdin",
-                     daemon=True).start()
-    try:
-        result = vm.wait(args.timeout)
-    except TimeoutError as e:
-        print(f"pagein: {e}", file=sys.stderr)
-        return 124
-    except KeyboardInterrupt:
-        vm.machine.stop()
-        return 130
+    result = _await_guest(console, vm.wait, vm.machine.stop, args.timeout)
+    if isinstance(result, int):
+        return result
     if args.stats:
         print(f"[pagein] restored with {vm.options.backend.value} in "
               f"{vm.resume_seconds * 1e3:.1f} ms, {vm.pages_present()} guest pages present",

@@ -154,13 +154,15 @@ def _hugepages_free() -> int:
 
 @contextlib.contextmanager
 def hugepages(n: int) -> Iterator[bool]:
-    """Make sure ``n`` free 2 MiB pages exist while the block runs (raising
-    vm.nr_hugepages by the shortfall as root) and restore the setting afterwards.
+    """Make sure ``n`` (plus one spare) free 2 MiB pages exist while the block runs
+    (raising vm.nr_hugepages by the shortfall as root) and restore the setting afterwards.
 
     Yields whether enough pages are free.
     """
     knob = "/proc/sys/vm/nr_hugepages"
-    shortfall = n - _hugepages_free()
+    # One spare page: a hugetlb UFFDIO_COPY can need a transient page besides the one it
+    # installs; with the pool exactly full the last copy fails with ENOMEM.
+    shortfall = n + 1 - _hugepages_free()
     if shortfall <= 0:
         yield True
         return

@@ -150,21 +150,28 @@ def run_one(method: str, path: str, size: int, offs: ctypes.Array[ctypes.c_uint6
     return Timing(t1 - t0, t2 - t0, t3 - t0)
 
 
+def prepare_cache(cache: str, m: str, path: str, handlers: dict[str, Handler],
+                  strategies: list[str], tmp: str, cpu: int) -> None:
+    """Put the page cache (and the handlers) in the state one run of a cell starts from."""
+    if cache == "cold":
+        # A handler that has read the file keeps its pages mapped, and mapped pages
+        # survive FADV_DONTNEED: start a fresh one.
+        for h in handlers.values():
+            h.close()
+        if m in strategies:
+            handlers[m] = Handler(tmp, path, m, cpu)
+        drop_cache(path)
+    else:
+        warm_cache(path)
+
+
 def run_repeated(repeat: int, m: str, path: str, size: int, offs: ctypes.Array[ctypes.c_uint64],
                  touch: Callable[..., int], handlers: dict[str, Handler], cache: str,
                  strategies: list[str], tmp: str, cpu: int) -> Timing:
     """Run one cell ``repeat`` times (fresh memory, same cache state) and keep the median."""
     runs = []
-    for i in range(repeat):
-        if i:
-            if cache == "cold":
-                for h in handlers.values():
-                    h.close()
-                if m in strategies:
-                    handlers[m] = Handler(tmp, path, m, cpu)
-                drop_cache(path)
-            else:
-                warm_cache(path)
+    for _ in range(repeat):
+        prepare_cache(cache, m, path, handlers, strategies, tmp, cpu)
         runs.append(run_one(m, path, size, offs, touch, handlers))
     runs.sort(key=lambda t: t.full)
     return runs[len(runs) // 2]
@@ -202,16 +209,6 @@ def main() -> int:
                 for pattern, offs in (("seq", seq), ("random", rnd)):
                     base: Timing | None = None
                     for m in methods:
-                        if cache == "cold":
-                            # A handler that has read the file keeps its pages mapped, and
-                            # mapped pages survive FADV_DONTNEED: start a fresh one.
-                            for h in handlers.values():
-                                h.close()
-                            if m in strategies:
-                                handlers[m] = Handler(tmp, path, m, handler_cpu)
-                            drop_cache(path)
-                        else:
-                            warm_cache(path)
                         t = run_repeated(args.repeat, m, path, size, offs, touch, handlers,
                                          cache, strategies, tmp, handler_cpu)
                         base = base or t

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from pagein.errors import HandlerError, PageinError
+from pagein.errors import PageinError
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName
 from pagein.vmm.console import Console
 from pagein.vmm.control import ControlServer, request
@@ -268,7 +268,7 @@ def restore_command(args: argparse.Namespace) -> int:
         console = Console(sink=_stdout_sink)
         vm = restore(args.snapshot, opts, console=console)
     except (ValueError, PageinError, OSError) as e:
-        print(f"pagein: error: {_restore_error(e, args)}", file=sys.stderr)
+        print(f"pagein: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
     with vm:
         try:
@@ -281,13 +281,6 @@ def restore_command(args: argparse.Namespace) -> int:
             print(f"pagein: error: {e}", file=sys.stderr)
             return 1
     return status
-
-
-def _restore_error(e: Exception, args: argparse.Namespace) -> str:
-    """Word a restore failure; name the snapshot's memory file when no handler listens."""
-    if isinstance(e, HandlerError) and args.uffd_socket:
-        return str(e).replace("MEMORY_FILE", os.path.join(args.snapshot, "memory"))
-    return str(e)
 
 
 def _drive_restored(vm: RestoredVm, console: Console, args: argparse.Namespace) -> int:

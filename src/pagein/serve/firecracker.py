@@ -101,12 +101,15 @@ def encode_regions(regions: Sequence[Region], generation: Generation = Generatio
 
 def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaultfd | int, *,
                      generation: Generation = Generation.CURRENT,
-                     timeout: float | None = 10.0) -> socket.socket:
+                     timeout: float | None = 10.0,
+                     mem_file: str = "MEMORY_FILE") -> socket.socket:
     """Do what Firecracker's VMM does: connect, send the regions and the uffd in one message.
 
     Returns the connected socket: keep it open for as long as the guest runs (closing it
     tells the handler the VM is gone). The caller keeps its own copy of the uffd, as
     Firecracker does, so the guest freezes rather than reads zeros if the handler dies.
+    Raises :class:`~pagein.errors.HandlerError` when nothing listens on ``socket_path``,
+    with the ``pagein serve`` command to start (``mem_file`` names its memory file).
     """
     fd = uffd if isinstance(uffd, int) else uffd.fileno()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -118,7 +121,7 @@ def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaul
             why = e.strerror or "timed out"
             raise HandlerError(
                 f"no UFFD handler listens on {socket_path} ({why}): start one with "
-                f"`pagein serve --socket {socket_path} --mem-file MEMORY_FILE` first") from e
+                f"`pagein serve --socket {socket_path} --mem-file {mem_file}` first") from e
         payload = encode_regions(regions, generation)
         sent = send_with_fds(sock, payload, [fd])
         if sent < len(payload):  # the fd went with the first part; the rest follows

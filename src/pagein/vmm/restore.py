@@ -393,7 +393,7 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts) -> list[Regio
                                          working_set=opts.working_set, record=opts.record)
     wire = [WireRegion(m.address, r.size, r.offset, r.page_size)
             for m, r in zip(parts.mappings, snap.regions, strict=True)]
-    parts.sock = connect_and_send(path, wire, parts.uffd)
+    parts.sock = connect_and_send(path, wire, parts.uffd, mem_file=snap.memory_path)
     return regions
 
 

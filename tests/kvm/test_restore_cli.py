@@ -25,6 +25,15 @@ def _pagein(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
+def _ask(proc: subprocess.Popen[bytes], request: str, then: str = "") -> str:
+    """Send one request line (and ``then``) to a running guest; return its answer line."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write((request + "\n" + (then + "\n" if then else "")).encode())
+    proc.stdin.flush()
+    assert select.select([proc.stdout], [], [], TIMEOUT)[0], f"no answer to {request!r}"
+    return proc.stdout.readline().decode().strip()
+
+
 @pytest.fixture(scope="module")
 def snapshot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("cli") / "snap"
@@ -123,18 +132,12 @@ def test_snapshot_a_running_vm_through_its_control_socket(tmp_path: Path) -> Non
     assert proc.stdin is not None and proc.stdout is not None
     try:
         # One answered request proves the guest is up and the control socket bound.
-        proc.stdin.write(f"{REQUESTS[0]}\n".encode())
-        proc.stdin.flush()
-        assert select.select([proc.stdout], [], [], TIMEOUT)[0]
-        assert proc.stdout.readline().decode().strip() == ANSWERS[0]
+        assert _ask(proc, REQUESTS[0]) == ANSWERS[0]
         snap = _pagein("snapshot", "--control", str(control), "--out", str(out))
         assert snap.returncode == 0, snap.stderr
         assert snap.stdout.startswith(f"snapshot {out}: 48 MiB memory")
         # The original goes on after the snapshot...
-        proc.stdin.write(f"{REQUESTS[2]}\nquit\n".encode())
-        proc.stdin.flush()
-        assert select.select([proc.stdout], [], [], TIMEOUT)[0]
-        assert proc.stdout.readline().decode().strip() == ANSWERS[2]
+        assert _ask(proc, REQUESTS[2], then="quit") == ANSWERS[2]
         assert proc.wait(TIMEOUT) == 0
     finally:
         if proc.poll() is None:
@@ -161,10 +164,7 @@ def test_a_restored_vm_is_snapshotted_again_through_its_control_socket(
                             stderr=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     try:
-        proc.stdin.write(f"{REQUESTS[0]}\n".encode())
-        proc.stdin.flush()
-        assert select.select([proc.stdout], [], [], TIMEOUT)[0]
-        assert proc.stdout.readline().decode().strip() == ANSWERS[0]
+        assert _ask(proc, REQUESTS[0]) == ANSWERS[0]
         snap = _pagein("snapshot", "--control", str(control), "--out", str(again))
         assert snap.returncode == 0, snap.stderr
         proc.stdin.close()

@@ -41,3 +41,12 @@ def test_table_aligns_columns() -> None:
 def test_open_source_unknown_scheme_names_the_choices() -> None:
     with pytest.raises(SnapshotFormatError, match=r"ftp://x.*s3://bucket/name"):
         open_source("ftp://x")
+
+
+def test_only_the_named_subcommand_module_is_loaded() -> None:
+    from pagein.cli.main import _command_modules
+
+    every = _command_modules([])
+    assert {"demo", "lab", "report", "serve", "store", "vm"} <= set(every)
+    assert _command_modules(["-v", "serve", "--socket", "s", "--mem-file", "vm"]) == ["serve"]
+    assert _command_modules(["bogus"]) == every  # argparse then lists every choice

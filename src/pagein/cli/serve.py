@@ -180,6 +180,7 @@ def _serve(server: Server, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGUSR1, dump)
+    server.wake_on_signals()
     httpd = None
     if args.metrics_port is not None:
         httpd = ThreadingHTTPServer(("127.0.0.1", args.metrics_port), partial(_Metrics, server))

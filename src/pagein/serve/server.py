@@ -90,6 +90,8 @@ class Server:
         self._vms: list[_VmRecord] = []
         self._ended: list[tuple[int, Counters, SessionEnd]] = []
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._sig_r, self._sig_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wakes_on_signals = False
         self._threads: list[threading.Thread] = []
         self.handshake_failures = 0
         self._sessions_ended = 0
@@ -126,9 +128,16 @@ class Server:
                  self.config.socket_path)
         try:
             while True:
-                ready = select.select([self._listener.fileno(), self._stop_r], [], [])[0]
+                ready = select.select([self._listener.fileno(), self._stop_r, self._sig_r],
+                                      [], [])[0]
                 if self._stop_r in ready:
                     break
+                if self._sig_r in ready:
+                    # Back in Python, the signal's handler has run (it may have called
+                    # stop()); drain the wakeup bytes and look again.
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._sig_r, 4096)
+                    continue
                 try:
                     conn, _ = self._listener.accept()
                 except OSError as e:
@@ -141,6 +150,16 @@ class Server:
                 self._threads = [t for t in self._threads if t.is_alive()]
         finally:
             self._shutdown()
+
+    def wake_on_signals(self) -> None:
+        """Make every signal wake :meth:`serve_forever` (``signal.set_wakeup_fd``).
+
+        Python runs a signal's handler only between bytecodes: a SIGTERM that lands just
+        before the wait starts would otherwise sit unhandled until the next VMM connects.
+        Call from the main thread, after installing the handlers.
+        """
+        signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
+        self._wakes_on_signals = True
 
     def stop(self) -> None:
         """Ask :meth:`serve_forever` and every session to end (safe from a signal handler)."""
@@ -160,10 +179,13 @@ class Server:
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.socket_path)
-        rfd, wfd = self._stop_r, self._stop_w
-        self._stop_r = self._stop_w = -1
-        os.close(rfd)
-        os.close(wfd)
+        if self._wakes_on_signals:
+            signal.set_wakeup_fd(-1)
+            self._wakes_on_signals = False
+        fds = (self._stop_r, self._stop_w, self._sig_r, self._sig_w)
+        self._stop_r = self._stop_w = self._sig_r = self._sig_w = -1
+        for fd in fds:
+            os.close(fd)
 
     # --- one connection ------------------------------------------------------------
 

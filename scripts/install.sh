@@ -9,6 +9,10 @@ for cmd in gcc make; do command -v "$cmd" >/dev/null || need_apt+=("$cmd"); done
 [ -e /usr/include/linux/userfaultfd.h ] || need_apt+=(linux-libc-dev)
 [ -e /usr/include/stdio.h ] || need_apt+=(libc6-dev)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# The C fault core (pagein.serve._core) needs the headers of the Python the venv uses;
+# without them pip still installs pagein, with the pure-Python engine only.
+py_include=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+[ -e "$py_include/Python.h" ] || need_apt+=(python3-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== apt-get install ${need_apt[*]}"
   apt-get update -qq
@@ -26,5 +30,10 @@ echo "== pip install -e .[test,plot]"
 if .venv/bin/pagein vm --help >/dev/null 2>&1; then
   echo "== building the guest workloads"
   .venv/bin/pagein vm build-guest
+fi
+if .venv/bin/python -c 'import pagein.serve._core' 2>/dev/null; then
+  echo "== C fault core built"
+else
+  echo "== WARNING: the C fault core did not build; serving uses the Python engine"
 fi
 echo "== installed: $(.venv/bin/pagein --version)"

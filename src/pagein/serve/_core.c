@@ -258,7 +258,11 @@ static int install(Core *s, uint32_t ri, uint64_t dst, uint64_t page, uint64_t c
             if (k > n) k = n;
             if (account(s, ri, page, k, zero, cause) || remember(s, dontwake, dst, k * r->ps))
                 return FAIL;
-            if (err == EAGAIN) return RETRY;  /* an event is unread (R2) */
+            /* R2: EAGAIN with nothing done means an event is unread: retry after it. A
+             * partial copy also ends in EAGAIN, e.g. at a page a racing fill installed:
+             * go on at once; the kernel refuses again (nothing done) if an event is
+             * pending, so this never fills ahead of an unread REMOVE. */
+            if (err == EAGAIN && k == 0) return RETRY;
             dst += k * r->ps, page += k, count -= k;
         } else if (err == EEXIST) {
             /* R3: page+k exists (a racing fill won): skip it and wake its waiters,
@@ -579,7 +583,12 @@ static int take_buffers(Core *s, PyObject *seq, size_t field, int writable, int 
         PyObject *o = PySequence_Fast_GET_ITEM(fast, i);
         Py_buffer *v = (Py_buffer *)((char *)&s->regions[i] + field);
         if (o == Py_None && none_ok) continue;
-        if (PyObject_GetBuffer(o, v, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) goto out;
+        if (PyObject_GetBuffer(o, v, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+            v->buf = NULL;
+            PyErr_Format(PyExc_TypeError, "%s[%zd] must be a %scontiguous buffer, not %.50s",
+                         what, i, writable ? "writable " : "", Py_TYPE(o)->tp_name);
+            goto out;
+        }
         if ((uint64_t)v->len < (s->regions[i].pages + 7) / 8) {
             PyErr_Format(PyExc_ValueError, "%s[%zd] has %zd bytes; region %zd has %llu pages "
                          "and needs %llu", what, i, v->len, i,
@@ -663,7 +672,7 @@ static int core_init(Core *s, PyObject *args, PyObject *kw) {
             goto bad;
         }
         if (r->size % r->ps) {
-            PyErr_Format(PyExc_ValueError, "region %zd: size 0x%llx is not a multiple of its "
+            PyErr_Format(PyExc_ValueError, "region %zd: size %llu is not a multiple of its "
                          "page size", i, (unsigned long long)r->size);
             PyMem_Free(rows);
             goto bad;
@@ -692,7 +701,11 @@ static int core_init(Core *s, PyObject *args, PyObject *kw) {
             PyErr_Format(PyExc_ValueError, "overlay[%zd] is not sorted and disjoint", i);
             goto bad;
         }
-    if (PyObject_GetBuffer(counters, &s->counters_view, PyBUF_WRITABLE) < 0) goto bad;
+    if (PyObject_GetBuffer(counters, &s->counters_view, PyBUF_WRITABLE) < 0) {
+        PyErr_Format(PyExc_TypeError, "counters must be a writable buffer, not %.50s",
+                     Py_TYPE(counters)->tp_name);
+        goto bad;
+    }
     if (s->counters_view.len < N_COUNTERS * 8 || (uintptr_t)s->counters_view.buf % 8) {
         PyErr_Format(PyExc_ValueError, "counters must be a writable, 8-byte aligned buffer "
                      "of at least %d bytes (has %zd)", N_COUNTERS * 8, s->counters_view.len);
@@ -741,9 +754,11 @@ static PyObject *core_set_extents(Core *s, PyObject *arg) {
             : i && w[0] < ex[i - 1].address + ex[i - 1].length ? "is not sorted and disjoint"
             : NULL;
         if (why) {
-            PyErr_Format(PyExc_ValueError, "extent %zd (0x%llx, 0x%llx, %llu, 0x%llx) %s", i,
-                         (unsigned long long)w[0], (unsigned long long)w[1],
-                         (unsigned long long)w[2], (unsigned long long)w[3], why);
+            char m[160];
+            snprintf(m, sizeof m, "extent %zd (0x%llx, 0x%llx, %llu, 0x%llx) %s", i,
+                     (unsigned long long)w[0], (unsigned long long)w[1],
+                     (unsigned long long)w[2], (unsigned long long)w[3], why);
+            PyErr_SetString(PyExc_ValueError, m);
             PyMem_Free(rows);
             PyMem_Free(ex);
             return NULL;

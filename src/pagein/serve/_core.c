@@ -843,6 +843,7 @@ static PyObject *core_wake_installed(Core *s, PyObject *unused) {
     size_t n = s->installed.n;
     int rc = OK;
     s->installed.n = 0;
+    s->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     qsort(v, n, sizeof *v, by_address);
     /* R5: one wake per contiguous piece; a gap starts a new piece. */
@@ -853,6 +854,7 @@ static PyObject *core_wake_installed(Core *s, PyObject *unused) {
         rc = wake(s, lo, hi - lo);
     }
     Py_END_ALLOW_THREADS
+    s->busy = 0;
     return rc == FAIL ? raise_failure(s) : Py_NewRef(Py_None);
 }
 
@@ -860,9 +862,11 @@ static PyObject *core_wake(Core *s, PyObject *args) {
     unsigned long long start, length;
     int rc;
     if (!PyArg_ParseTuple(args, "KK:wake", &start, &length) || !usable(s)) return NULL;
+    s->busy = 1;
     Py_BEGIN_ALLOW_THREADS
     rc = wake(s, start, length);
     Py_END_ALLOW_THREADS
+    s->busy = 0;
     return rc == FAIL ? raise_failure(s) : Py_NewRef(Py_None);
 }
 

@@ -936,22 +936,17 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&CoreType) < 0) return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (!m) return NULL;
+#define K(name) {#name, name}
     static const struct { const char *name; long value; } k[] = {
-        {"REASON_STOP", REASON_STOP}, {"REASON_SOCKET", REASON_SOCKET},
-        {"REASON_EVENTS", REASON_EVENTS}, {"REASON_IDLE", REASON_IDLE},
-        {"REASON_UNSERVED", REASON_UNSERVED}, {"REASON_RECORDS", REASON_RECORDS},
-        {"REASON_PEER_GONE", REASON_PEER_GONE}, {"REASON_POLLERR", REASON_POLLERR},
-        {"CAUSE_DEMAND", CAUSE_DEMAND}, {"CAUSE_READAHEAD", CAUSE_READAHEAD},
-        {"CAUSE_PREFETCH", CAUSE_PREFETCH}, {"CAUSE_BACKGROUND", CAUSE_BACKGROUND},
-        {"CAUSE_ZERO", CAUSE_ZERO}, {"N_COUNTERS", N_COUNTERS}, {"C_FAULTS", C_FAULTS},
-        {"C_PAGES", C_PAGES}, {"C_BYTES_FAULT", C_BYTES_FAULT},
-        {"C_BYTES_READAHEAD", C_BYTES_READAHEAD}, {"C_BYTES_BACKGROUND", C_BYTES_BACKGROUND},
-        {"C_ZERO_PAGES", C_ZERO_PAGES}, {"C_RETRIES", C_RETRIES}, {"C_EEXIST", C_EEXIST},
-        {"C_REMOVES", C_REMOVES}, {"C_REMOVED_BYTES", C_REMOVED_BYTES},
-        {"C_UNMAPS", C_UNMAPS}, {"C_REMAPS", C_REMAPS},
-        {"C_LATENCY_US_SUM", C_LATENCY_US_SUM}, {"C_LATENCY_BUCKETS", C_LATENCY_BUCKETS},
-        {"RECORD_SIZE", (long)sizeof(record_t)},
+        K(REASON_STOP), K(REASON_SOCKET), K(REASON_EVENTS), K(REASON_IDLE),
+        K(REASON_UNSERVED), K(REASON_RECORDS), K(REASON_PEER_GONE), K(REASON_POLLERR),
+        K(CAUSE_DEMAND), K(CAUSE_READAHEAD), K(CAUSE_PREFETCH), K(CAUSE_BACKGROUND),
+        K(CAUSE_ZERO), K(N_COUNTERS), K(C_FAULTS), K(C_PAGES), K(C_BYTES_FAULT),
+        K(C_BYTES_READAHEAD), K(C_BYTES_BACKGROUND), K(C_ZERO_PAGES), K(C_RETRIES),
+        K(C_EEXIST), K(C_REMOVES), K(C_REMOVED_BYTES), K(C_UNMAPS), K(C_REMAPS),
+        K(C_LATENCY_US_SUM), K(C_LATENCY_BUCKETS), {"RECORD_SIZE", (long)sizeof(record_t)},
     };
+#undef K
     for (size_t i = 0; i < sizeof k / sizeof *k; i++)
         if (PyModule_AddIntConstant(m, k[i].name, k[i].value) < 0) goto bad;
     Py_INCREF(&CoreType);

@@ -21,9 +21,10 @@
  * Afterwards every byte of every touched (or, --populated, every) page is compared
  * with the memory file, mapped read-only: a mismatch is an error, never a warning.
  *
- * --sync (for a driver starting several clients together): print "ready" once the
- * handshake is done and the first page arrived, wait for a line on stdin, run, print
- * the result, then hold the VM (socket and uffd open) until stdin reaches EOF.
+ * --sync (for a driver starting several clients together): in touch mode print "ready"
+ * once the handshake is done and the first page arrived and wait for a line on stdin
+ * before the timed phase; in both modes, after the result, hold the VM (socket and
+ * uffd open, so the handler's per-VM state is still alive) until stdin reaches EOF.
  *
  * Output: one JSON line {"ok", "pages", "timed_pages", "wall_ns", "ns_per_page",
  * "first_byte_ns", "t0_ns", "t1_ns" (CLOCK_MONOTONIC), "errors": [...]}; exit 0 iff ok.
@@ -395,10 +396,6 @@ int main(int argc, char **argv) {
         wall = wait_populated(t_send, &first);
         t0 = t_send, t1 = t_send + wall;
         pages = timed = g_total_pages;
-        if (sync) {
-            printf("ready\n");
-            fflush(stdout);
-        }
         verify(0, g_total_pages, file, 1);
     } else {
         touch(page_addr(g_order[0]));

@@ -68,6 +68,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from _pagecache import warm_cache  # benchmarks/ is on sys.path
 
@@ -222,15 +223,15 @@ def _abort(proc: subprocess.Popen[str], line: str, log: Path) -> None:
 class Run:
     """What one case measured against one handler in one run."""
 
-    results: list[dict[str, object]]
+    results: list[dict[str, Any]]  # fc_client's JSON result lines
     cpu_ns: int = 0
 
     def timed(self) -> int:
-        return sum(int(r["timed_pages"]) for r in self.results)  # type: ignore[call-overload]
+        return sum(int(r["timed_pages"]) for r in self.results)
 
     def span_ns(self) -> int:
-        t0 = min(int(r["t0_ns"]) for r in self.results)  # type: ignore[call-overload]
-        t1 = max(int(r["t1_ns"]) for r in self.results)  # type: ignore[call-overload]
+        t0 = min(int(r["t0_ns"]) for r in self.results)
+        t1 = max(int(r["t1_ns"]) for r in self.results)
         return max(t1 - t0, 1)
 
 
@@ -420,7 +421,7 @@ def table(case: Case, handlers: Sequence[Handler], res: Results, size: int) -> l
         else:
             cpu = statistics.median(r.cpu_ns / r.timed() for r in runs)
             first = statistics.median(
-                statistics.median(int(x["first_byte_ns"]) for x in r.results)  # type: ignore[call-overload]
+                statistics.median(int(x["first_byte_ns"]) for x in r.results)
                 for r in runs)
             cpu_s, first_s = f"{cpu / 1000:7.1f} us", f"{first / 1e6:7.2f} ms"
         lines.append(f"   {h.label:8} {_fmt(case.metric, med):>13} {_fmt(case.metric, best):>13} "

@@ -57,6 +57,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import select
 import shutil
 import signal
@@ -121,10 +122,15 @@ def detect_handlers() -> tuple[list[Handler], str]:
     """C first, then each pagein engine ``pagein serve --help`` offers (or its default)."""
     help_text = subprocess.run([str(PAGEIN), "serve", "--help"], capture_output=True,
                                text=True, check=True).stdout
-    engines = [Handler("native", "native"), Handler("python", "python")] \
-        if "--engine" in help_text else [Handler("default")]
-    note = "pagein serve offers --engine" if "--engine" in help_text else \
-        "pagein serve has no --engine flag: its default engine only"
+    if "--engine" in help_text:
+        m = re.search(r"--engine \{([\w,-]+)\}", help_text)
+        names = m.group(1).split(",") if m else ["native", "python"]
+        names.sort(key=lambda n: (n != "native", n != "python", n))
+        engines = [Handler(n, n) for n in names]
+        note = f"pagein serve offers --engine: {', '.join(names)}"
+    else:
+        engines = [Handler("default")]
+        note = "pagein serve has no --engine flag: its default engine only"
     if "--workers" in help_text:
         note += "; --workers left at its default"
     return [Handler("C"), *engines], note
@@ -519,7 +525,7 @@ def main() -> int:
               f"pages touched per VM, {args.repeat} run(s) each, median; every touched byte "
               f"verified ({time.monotonic() - t0:.0f} s)\n{note}\n")
         for c in cases:
-            print("\n".join(table(c, handlers, res, args.size)) + "\n")
+            print("\n".join(table(c, handlers, res, args.size)) + "\n", flush=True)
         if all(k in by_key for k in ("vms1", "vms8", "threads8")):
             print("\n".join(scaling_table(handlers, res, args.size, by_key)))
             plot(args.plot, handlers, res, args.size, by_key)

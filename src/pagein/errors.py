@@ -50,8 +50,8 @@ class UffdError(KernelError):
     def __init__(self, op: str, err: int, start: int, length: int, detail: str = "") -> None:
         self.start = start
         self.length = length
-        rng = f"range 0x{start:x}-0x{start + length:x} ({length} bytes)"
-        super().__init__(op, err, f"{rng}{'; ' + detail if detail else ''}")
+        rng = f"range 0x{start:x}-0x{start + length:x} ({length} bytes)" if length else ""
+        super().__init__(op, err, "; ".join(x for x in (rng, detail) if x))
 
 
 class MappingError(KernelError):

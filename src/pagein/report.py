@@ -20,19 +20,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagein.errors import PageinError, SnapshotFormatError, Unavailable
-from pagein.serve.record import Arrival, load_trace
+from pagein.serve.cause import Cause
+from pagein.serve.record import load_trace
 
 __all__ = ["CompareSummary", "TraceSummary", "plot_compare", "plot_trace"]
 
-COLOURS = {Arrival.DEMAND: "#d62728", Arrival.READAHEAD: "#ff7f0e",
-           Arrival.PREFETCH: "#2ca02c", Arrival.BACKGROUND: "#1f77b4",
-           Arrival.ZERO: "#7f7f7f"}
+COLOURS = {Cause.DEMAND: "#d62728", Cause.READAHEAD: "#ff7f0e",
+           Cause.PREFETCH: "#2ca02c", Cause.BACKGROUND: "#1f77b4",
+           Cause.ZERO: "#7f7f7f"}
 
 
 @dataclass(frozen=True, slots=True)
 class TraceSummary:
     faults: int
-    pages: dict[str, int]  # pages installed per arrival
+    pages: dict[str, int]  # pages installed per cause
     duration_ms: float
 
 
@@ -58,21 +59,21 @@ def plot_trace(trace_path: str, out: str, *, title: str | None = None) -> TraceS
     fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
     pages: Counter[str] = Counter()
     # Demand faults last, so they are drawn on top of the bulk fills around them.
-    for arrival in sorted(Arrival, key=lambda a: a is Arrival.DEMAND):
+    for cause in sorted(Cause, key=lambda a: a is Cause.DEMAND):
         xs: list[float] = []
         ys: list[float] = []
         for f in trace.fills:
-            if f.arrival is not arrival:
+            if f.cause is not cause:
                 continue
-            pages[arrival.value] += f.pages
+            pages[cause.label] += f.pages
             # One point per page, capped per fill so a 1 GiB populate stays drawable.
             step = max(1, f.pages // 64)
             for i in range(0, f.pages, step):
                 xs.append(f.time_us / 1e3)
                 ys.append((f.offset + i * trace.page_size) / (1 << 20))
         if xs:
-            ax.scatter(xs, ys, s=3 if arrival is not Arrival.DEMAND else 14, marker=".",
-                       color=COLOURS[arrival], label=f"{arrival.value} ({pages[arrival.value]})",
+            ax.scatter(xs, ys, s=3 if cause is not Cause.DEMAND else 14, marker=".",
+                       color=COLOURS[cause], label=f"{cause.label} ({pages[cause.label]})",
                        linewidths=0)
     ax.set_xlabel("time since the VM connected (ms)")
     ax.set_ylabel("offset in the memory file (MiB)")

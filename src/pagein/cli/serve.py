@@ -12,22 +12,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
 
-from pagein.errors import PageinError
-from pagein.serve.record import OutputNames, Recorder
-from pagein.serve.server import BadHandshakePolicy, Server, ServerConfig
-from pagein.serve.session import DEFAULT_CHUNK_BYTES
+from pagein.serve.engine import EngineName
+from pagein.serve.options import DEFAULT_CHUNK_BYTES, BadHandshakePolicy, ServeOptions
+from pagein.serve.served import open_served
+from pagein.serve.server import Server
 from pagein.serve.stats import write_json
-from pagein.serve.strategies import (
-    DEFAULT_READAHEAD_BYTES,
-    Strategy,
-    StrategyName,
-    Then,
-    make_strategy,
-)
-from pagein.snapshot import workingset
-from pagein.snapshot.open import open_source
-from pagein.snapshot.source import PageSource
-from pagein.snapshot.store.source import ChunkedSource
+from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
 
 log = logging.getLogger("pagein.serve")
 
@@ -81,6 +71,14 @@ def register(sub: Any) -> None:
                    help="write counters here on exit and on SIGUSR1")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus text metrics on 127.0.0.1:PORT/metrics")
+    p.add_argument("--engine", choices=[e.value for e in EngineName],
+                   default=EngineName.NATIVE.value,
+                   help="fault engine: native (C, the default) or python (the reference "
+                        "implementation; used automatically when the native one is not "
+                        "built, said once at start)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="serving worker processes (default 0: one per CPU); VMs are spread "
+                        "over them and served in parallel")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--exit-after", type=int, metavar="N",
                    help="exit once N VMs have been served and have gone")
@@ -107,66 +105,14 @@ class _Metrics(BaseHTTPRequestHandler):
         log.debug("metrics: " + format, *args)
 
 
-def _factory(args: argparse.Namespace, extents: list[tuple[int, int]] | None,
-             names: OutputNames) -> Strategy:
-    strategy = make_strategy(args.strategy, readahead_bytes=args.readahead_size,
-                             working_set=extents, then=Then(args.then))
-    trace = args.trace or (f"{args.record}.trace.json" if args.record else None)
-    if trace or args.record:
-        strategy.recorder = Recorder(trace_path=trace, working_set_path=args.record,
-                                     names=names)
-    return strategy
-
-
-def _stored_working_set(args: argparse.Namespace, source: PageSource) -> str:
-    """Return the local path of the working set pushed with a store snapshot, or raise."""
-    if not isinstance(source, ChunkedSource):
-        raise PageinError(f"--strategy {args.strategy} needs --working-set FILE "
-                          "(recorded with pagein serve --record FILE)")
-    path = source.working_set_path()
-    if path is None:
-        raise PageinError(f"--strategy {args.strategy}: snapshot {source.describe()} has no "
-                          "working set in its store: pass --working-set FILE or push one "
-                          "with 'pagein store push-working-set NAME FILE --store URL'")
-    log.info("using the working set stored with %s", source.describe())
-    return path
-
-
 def run(args: argparse.Namespace) -> int:
-    needs_ws = args.strategy in (StrategyName.WORKING_SET.value, StrategyName.REAP.value)
-    if args.working_set is not None and not needs_ws:
-        raise PageinError("--working-set is used by --strategy working-set or reap only")
-    source: PageSource = open_source(args.mem_file or args.source)
+    options = ServeOptions.from_namespace(args)
+    served = open_served(options, warm=True)
     try:
-        extents = None
-        ws_path = args.working_set
-        if needs_ws and ws_path is None:
-            ws_path = _stored_working_set(args, source)
-        if ws_path is not None:
-            # Checked against this snapshot before listening: a bad file never serves.
-            ws = workingset.load(ws_path, source)
-            extents = ws.extents()
-            if isinstance(source, ChunkedSource):
-                # Warm the chunks behind the recorded pages in touch order: the pages
-                # themselves come from the working-set file, but readahead around
-                # them and the rest of their chunks then hit the host cache.
-                for offset, length in extents:
-                    source.prefetch(offset, length)
-            source = workingset.WorkingSetSource(source, ws)
-        # Build one strategy now so a bad --readahead-size fails before listening.
-        try:
-            make_strategy(args.strategy, readahead_bytes=args.readahead_size,
-                          working_set=extents)
-        except ValueError as e:
-            raise PageinError(f"--strategy {args.strategy}: {e}") from e
-        config = ServerConfig(args.socket, BadHandshakePolicy(args.on_bad_handshake),
-                              args.handshake_timeout, args.chunk_size, args.exit_after)
-        server = Server(config, source, partial(_factory, args, extents, OutputNames()))
+        server = Server(served.options, served.source)
         return _serve(server, args)
     finally:
-        source.close()
-        if isinstance(source, workingset.WorkingSetSource):
-            source.base.close()
+        served.close()
 
 
 def _serve(server: Server, args: argparse.Namespace) -> int:

@@ -832,6 +832,26 @@ static PyObject *core_fill(Core *s, PyObject *args) {
     return PyBool_FromLong(rc == OK);
 }
 
+/* drain(timeout_ms): wait for messages, queue the faults (deferred), return the other
+ * events. For a blocking plan (REAP), which must apply events without serving faults. */
+static PyObject *core_drain(Core *s, PyObject *args) {
+    int timeout_ms, ready;
+    Py_ssize_t n = 0;
+    if (!PyArg_ParseTuple(args, "i:drain", &timeout_ms) || !usable(s)) return NULL;
+    s->events.n = 0;
+    s->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    struct pollfd pfd = {.fd = s->uffd, .events = POLLIN};
+    ready = poll(&pfd, 1, timeout_ms);
+    if (ready > 0 && (pfd.revents & POLLIN)) n = drain(s);
+    Py_END_ALLOW_THREADS
+    s->busy = 0;
+    if (n < 0) return raise_failure(s);
+    PyObject *ev = rows_to_list(&s->events, 0);
+    s->events.n = 0;
+    return ev;
+}
+
 static int by_address(const void *a, const void *b) {
     const span_t *x = a, *y = b;
     return x->address < y->address ? -1 : x->address > y->address;
@@ -905,6 +925,8 @@ static PyMethodDef core_methods[] = {
     {"wake_installed", (PyCFunction)core_wake_installed, METH_NOARGS,
      "Wake each contiguous piece installed with dontwake."},
     {"wake", (PyCFunction)core_wake, METH_VARARGS, "UFFDIO_WAKE a range."},
+    {"drain", (PyCFunction)core_drain, METH_VARARGS,
+     "Wait for messages; defer the faults, return the other events."},
     {"take_records", (PyCFunction)core_take_records, METH_NOARGS,
      "Return and clear the (fault, fill) record buffers."},
     {"close", (PyCFunction)core_close, METH_NOARGS, "Release the buffers (idempotent)."},

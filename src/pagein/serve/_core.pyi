@@ -64,6 +64,8 @@ class Core:
         """Wake each contiguous piece installed with ``dontwake`` since the last call."""
     def wake(self, start: int, length: int) -> None:
         """UFFDIO_WAKE ``[start, start+length)``."""
+    def drain(self, timeout_ms: int) -> list[tuple[int, int, int, int]]:
+        """Wait up to ``timeout_ms`` for messages; defer the faults, return the events."""
     def take_records(self) -> tuple[bytes, bytes]:
         """Return and clear ``(fault records, fill records)``, 24-byte native structs."""
     @property

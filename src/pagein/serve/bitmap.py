@@ -1,8 +1,11 @@
 """A fixed-size bitmap of pages, with the range operations the fault server needs.
 
-Bit ``i`` is page ``i`` of a region. Bits live in a ``bytearray``, least significant bit
-first within each byte; searches for the next set or clear bit run in C (``re`` over the
-bytes), so scanning a 1 GiB region (262,144 pages, 32 KiB of bits) costs microseconds.
+Bit ``i`` is page ``i`` of a region. Bits live in a ``bytearray`` or in a writable
+buffer handed in (the shared memory of :mod:`pagein.serve.state`, which the native fault
+core writes too), least significant bit first within each byte: the layout the native
+core reads. Searches for the next set or clear bit run in C (``re`` over the bytes), so
+scanning a 1 GiB region (262,144 pages, 32 KiB of bits) costs microseconds. Nothing is
+cached beside the bits, so another writer of the same memory is always seen.
 """
 
 from __future__ import annotations
@@ -15,20 +18,34 @@ _NOT_FULL = re.compile(b"[^\xff]")
 _NOT_EMPTY = re.compile(b"[^\x00]")
 
 
+def nbytes(size: int) -> int:
+    """Bytes of storage ``size`` bits need."""
+    return (size + 7) // 8
+
+
 class Bitmap:
-    """``size`` bits, all clear at first. Not thread-safe: one owner mutates it."""
+    """``size`` bits, all clear at first (or whatever ``buffer`` holds). Not thread-safe:
+    one owner mutates it at a time."""
 
-    __slots__ = ("_bits", "_count", "size")
+    __slots__ = ("_bits", "size")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, buffer: memoryview | bytearray | None = None) -> None:
         if size < 0:
             raise ValueError(f"bitmap size {size} must not be negative")
         self.size = size
-        self._bits = bytearray((size + 7) // 8)
-        self._count = 0
+        if buffer is None:
+            buffer = bytearray(nbytes(size))
+        elif len(buffer) < nbytes(size):
+            raise ValueError(f"a buffer of {len(buffer)} bytes cannot hold {size} bits")
+        self._bits: bytearray | memoryview = buffer[: nbytes(size)]
 
     def __len__(self) -> int:
         return self.size
+
+    @property
+    def buffer(self) -> memoryview | bytearray:
+        """The bits themselves (what the native fault core reads and writes)."""
+        return self._bits
 
     def __contains__(self, index: int) -> bool:
         return self.test(index)
@@ -40,11 +57,15 @@ class Bitmap:
 
     @property
     def count(self) -> int:
-        """How many bits are set."""
-        return self._count
+        """How many bits are set (counted now: another writer may share the bits)."""
+        return self.count_range(0, self.size)
 
     def full(self) -> bool:
-        return self._count == self.size
+        """Whether every bit is set."""
+        whole = self.size >> 3
+        if whole and _NOT_FULL.search(self._bits, 0, whole) is not None:
+            return False
+        return all(self.test(i) for i in range(whole << 3, self.size))
 
     def _check(self, start: int, n: int) -> None:
         if start < 0 or n < 0 or start + n > self.size:
@@ -61,7 +82,8 @@ class Bitmap:
             i += 1
         whole_end = end & ~7
         if i < whole_end:
-            total += int.from_bytes(self._bits[i >> 3: whole_end >> 3], "little").bit_count()
+            total += int.from_bytes(self._bits[i >> 3: whole_end >> 3],
+                                    "little").bit_count()
             i = whole_end
         while i < end:
             total += self.test(i)
@@ -71,7 +93,7 @@ class Bitmap:
     def _assign(self, start: int, n: int, value: bool) -> int:
         """Set or clear ``[start, start+n)``; return how many bits changed."""
         self._check(start, n)
-        before = self.count_range(start, n)
+        before = self.count_range(start, n) if n else 0
         end = start + n
         i = start
         bits = self._bits
@@ -91,9 +113,7 @@ class Bitmap:
             else:
                 bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
             i += 1
-        changed = (n - before) if value else before
-        self._count += changed if value else -changed
-        return changed
+        return (n - before) if value else before
 
     def set(self, start: int, n: int = 1) -> int:
         """Set ``[start, start+n)``; return how many bits were clear before."""

@@ -73,6 +73,29 @@ class Region:
     def end_offset(self) -> int:
         return self.offset + self.size_bytes
 
+    @property
+    def pages(self) -> int:
+        """How many pages of :attr:`page_size` the region holds."""
+        return self.size_bytes // self.page_size
+
+    def page_offset(self, page: int) -> int:
+        """The offset of page ``page`` in the raw memory file."""
+        return self.offset + page * self.page_size
+
+    def page_of_offset(self, offset: int) -> int:
+        """The page holding file offset ``offset`` (which must lie in the region)."""
+        return (offset - self.offset) // self.page_size
+
+    def pages_in(self, offset: int, length: int) -> tuple[int, int]:
+        """``(first, count)`` of the pages the file range ``[offset, offset+length)``
+        touches inside this region (count 0 when it misses the region)."""
+        lo, hi = max(offset, self.offset), min(offset + length, self.end_offset)
+        if lo >= hi:
+            return 0, 0
+        first = (lo - self.offset) // self.page_size
+        last = (hi - self.offset + self.page_size - 1) // self.page_size
+        return first, last - first
+
 
 class Generation(enum.Enum):
     """Which page-size fields a VMM's handshake carries."""

@@ -22,12 +22,10 @@ import contextlib
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 from types import TracebackType
@@ -35,6 +33,7 @@ from typing import Self
 
 from pagein.errors import HandlerError, SnapshotFormatError
 from pagein.serve.firecracker import Region, connect_and_send
+from pagein.serve.handler import HandlerProcess
 from pagein.serve.session import STATS_REQUEST
 from pagein.serve.stats import ServeStats
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName
@@ -177,43 +176,20 @@ class LazyRestore:
 
 
 def start_handler(spec: str, workdir: str, strategy: str, readahead_bytes: int,
-                   timeout: float, *, working_set: str | None = None,
-                   record: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``pagein serve`` for ``spec`` in its own session, listening in ``workdir``.
+                  timeout: float, *, working_set: str | None = None,
+                  record: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``pagein serve`` for ``spec`` serving one VM, listening in ``workdir``.
 
     ``working_set`` is passed as ``--working-set`` (for the working-set and reap
     strategies); ``record`` as ``--record`` (write the VM's working set when it goes).
-    Returns the process and its socket path once it is listening (it writes to a
-    ready pipe), so a VMM can connect at once. It serves one VM and exits when that VM
-    has gone (``--exit-after 1``); its log is ``workdir/handler.log``. Raises
-    :class:`HandlerError` with the log's last line when it does not start in ``timeout``.
+    Returns the process and its socket path once it is listening. See
+    :class:`~pagein.serve.handler.HandlerProcess`.
     """
-    sock_path = os.path.join(workdir, "handler.sock")
-    r, w = os.pipe2(os.O_CLOEXEC)
-    cmd = [sys.executable, "-m", "pagein", "-v", "serve", "--socket", sock_path,
-           "--source", spec, "--strategy", strategy, "--readahead-size", str(readahead_bytes),
-           "--on-bad-handshake", "close", "--exit-after", "1", "--ready-fd", str(w),
-           "--stats-json", os.path.join(workdir, "stats.json")]
-    if working_set is not None:
-        cmd += ["--working-set", working_set]
-    if record is not None:
-        cmd += ["--record", record]
-    with open(os.path.join(workdir, "handler.log"), "wb") as logf:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                pass_fds=(w,), start_new_session=True)
-    os.close(w)
-    try:
-        ready = select.select([r], [], [], timeout)[0] and os.read(r, 64)
-    finally:
-        os.close(r)
-    if not ready:
-        proc.kill()
-        proc.wait()
-        with open(os.path.join(workdir, "handler.log"), "rb") as f:
-            lines = f.read().decode(errors="replace").strip().splitlines()
-        raise HandlerError(f"the pagein handler for {spec} did not start within {timeout:g} s"
-                           f"{': ' + lines[-1] if lines else ''}")
-    return proc, sock_path
+    opts = HandlerProcess.options_for_one_vm(
+        spec, workdir, strategy=StrategyName(strategy), readahead_bytes=readahead_bytes,
+        working_set=working_set, record=record)
+    h = HandlerProcess.start(opts, workdir, timeout)
+    return h.proc, h.socket_path
 
 
 def restore_lazily(source: str, *, strategy: str | StrategyName = StrategyName.ON_DEMAND,

@@ -6,7 +6,11 @@ A :class:`Recorder` is fed by one session (its only writer, from the session thr
 - :meth:`Recorder.fault` for every page-fault message served: the offset in the memory
   file, the time since the VM connected, the faulting thread (``UFFD_FEATURE_THREAD_ID``;
   0 when the VMM did not negotiate it) and whether it was served as data or zeros;
-- :meth:`Recorder.filled` for every range installed, with its :class:`Arrival`.
+- :meth:`Recorder.filled` for every range installed, with its
+  :class:`~pagein.serve.cause.Cause`.
+
+The fault engine hands both over in batches with their own monotonic timestamps
+(:meth:`Recorder.fault_at`, :meth:`Recorder.filled_at`).
 
 :meth:`Recorder.finish` writes the trace (JSON, below) and, if asked, the working set
 (:mod:`pagein.snapshot.workingset`): the faulted pages in first-touch order, with the
@@ -18,12 +22,11 @@ Trace file (JSON)::
     {"format": "pagein-trace", "version": 1, "page_size": 4096, "memory_size": N,
      "regions": [[offset, size_bytes, page_size], ...],
      "faults": [[t_us, offset, thread_id, served], ...],       # served: demand | zero
-     "fills":  [[t_us, offset, pages, arrival], ...]}          # arrival: see Arrival
+     "fills":  [[t_us, offset, pages, cause], ...]}            # cause: Cause.label
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import os
@@ -33,26 +36,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pagein.errors import PageinError, SnapshotFormatError
+from pagein.serve.cause import Cause
 from pagein.serve.firecracker import Region
 from pagein.snapshot import workingset
 from pagein.snapshot.source import PageSource
 
-__all__ = ["Arrival", "Fault", "Fill", "Recorder", "Trace", "load_trace"]
+__all__ = ["Fault", "Fill", "Recorder", "Trace", "load_trace"]
 
 log = logging.getLogger("pagein.serve")
 
 TRACE_FORMAT = "pagein-trace"
 TRACE_VERSION = 1
-
-
-class Arrival(enum.Enum):
-    """How a page got into guest memory."""
-
-    DEMAND = "demand"  # the page a vCPU faulted on
-    READAHEAD = "readahead"  # filled with a fault, around the faulting page
-    PREFETCH = "prefetch"  # from the recorded working set
-    BACKGROUND = "background"  # a background plan (populate-all)
-    ZERO = "zero"  # installed as zeros (snapshot hole or ballooned)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +62,7 @@ class Fill:
     time_us: int
     offset: int
     pages: int
-    arrival: Arrival
+    cause: Cause
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +117,16 @@ class Recorder:
     def fault(self, offset: int, thread_id: int, zero: bool) -> None:
         self._faults.append((self._now(), offset, thread_id, zero))
 
-    def filled(self, offset: int, pages: int, arrival: Arrival) -> None:
-        self._fills.append((self._now(), offset, pages, arrival.value))
+    def filled(self, offset: int, pages: int, cause: Cause) -> None:
+        self._fills.append((self._now(), offset, pages, cause.label))
+
+    def fault_at(self, t_ns: int, offset: int, thread_id: int, zero: bool) -> None:
+        """Log a fault served at monotonic time ``t_ns``."""
+        self._faults.append((max(0, t_ns - self._t0) // 1000, offset, thread_id, zero))
+
+    def filled_at(self, t_ns: int, offset: int, pages: int, cause: Cause) -> None:
+        """Log a fill made at monotonic time ``t_ns``."""
+        self._fills.append((max(0, t_ns - self._t0) // 1000, offset, pages, cause.label))
 
     @property
     def fault_count(self) -> int:
@@ -186,7 +188,8 @@ def load_trace(path: str) -> Trace:
     try:
         faults = tuple(Fault(int(t), int(o), int(tid), s == "zero")
                        for t, o, tid, s in doc["faults"])
-        fills = tuple(Fill(int(t), int(o), int(n), Arrival(a)) for t, o, n, a in doc["fills"])
+        fills = tuple(Fill(int(t), int(o), int(n), Cause.from_label(a))
+                      for t, o, n, a in doc["fills"])
         regions = tuple((int(a), int(b), int(c)) for a, b, c in doc["regions"])
         return Trace(int(doc["page_size"]), int(doc["memory_size"]), regions, faults, fills)
     except (KeyError, TypeError, ValueError) as e:

@@ -1,43 +1,55 @@
-"""The fault server: listen on a Unix socket, serve every VMM that connects, concurrently.
+"""The fault server's supervisor: listen, take each VMM's handshake, hand the VM to a
+serving worker, keep what must outlive a worker.
 
-Each connection gets a thread: it receives and validates the handshake (with a
-timeout), then runs a :class:`~pagein.serve.session.Session` until that VMM exits. A bad
-handshake costs one log line naming the field and, by default, the VMM's life: the
-handler kills the peer found through ``SO_PEERCRED`` (as Firecracker advises), because a
-VMM whose memory nobody serves is frozen forever. Nothing one VM does stops the others.
+``pagein serve`` is this small supervisor plus serving workers
+(:mod:`pagein.serve.worker`, child processes, one per CPU by default). For each VMM that
+connects, a short-lived thread reads ``SO_PEERCRED`` and the handshake (with a timeout);
+a bad handshake costs one log line naming the field and, by default, the VMM's life (as
+Firecracker advises: a VMM whose memory nobody serves is frozen forever). A good one
+gets a :class:`~pagein.serve.state.VmState` in shared memory and is sent — uffd, socket
+and state memfd, over SCM_RIGHTS — to the worker serving the fewest VMs.
 
-The handler threads share one :class:`~pagein.snapshot.source.PageSource`. Fills are
-ioctls through ctypes, which release the GIL, so sessions overlap in the kernel.
+The supervisor keeps its own copies of each VM's uffd, socket and state until the
+worker says the VM has gone: if every holder of a uffd closed it, the guest would
+silently read zero pages, so a dying worker can freeze its guests but never corrupt
+them. It reads every VM's counters straight from the shared state for the stats file
+and the metrics endpoint, without asking the workers. Nothing one VM does stops the
+others.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
+import itertools
 import logging
 import os
 import select
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from pagein.errors import HandshakeError, PageinError
-from pagein.serve.firecracker import receive_handshake
-from pagein.serve.session import DEFAULT_CHUNK_BYTES, Session, SessionEnd
+from pagein.serve.control import ControlError, recv_msg, send_msg
+from pagein.serve.engine import EngineName, choose
+from pagein.serve.firecracker import Handshake, Region, receive_handshake
+from pagein.serve.options import BadHandshakePolicy, ServeOptions
+from pagein.serve.record import OutputNames
+from pagein.serve.state import VmState
 from pagein.serve.stats import Counters, prometheus_text
-from pagein.serve.strategies import Strategy
 from pagein.snapshot.source import PageSource
 from pagein.sys.fdpass import PeerCred, peer_credentials
-from pagein.sys.uffd import Userfaultfd
 
-__all__ = ["BadHandshakePolicy", "Server", "ServerConfig"]
+__all__ = ["BadHandshakePolicy", "Server"]
 
 log = logging.getLogger("pagein.serve")
 
 _KEEP_ENDED = 1000  # ended VMs whose counters stay listed in the stats
+_WORKER_START_S = 30.0
 
 
 def _listening(path: str) -> bool:
@@ -52,50 +64,104 @@ def _listening(path: str) -> bool:
     return True
 
 
-class BadHandshakePolicy(enum.Enum):
-    """What to do with a VMM whose handshake is invalid."""
-
-    KILL = "kill"  # SIGKILL the peer (SO_PEERCRED): a frozen VMM helps nobody
-    CLOSE = "close"  # close the connection and leave the peer alone
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    socket_path: str
-    on_bad_handshake: BadHandshakePolicy = BadHandshakePolicy.KILL
-    handshake_timeout: float = 5.0
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    exit_after: int | None = None  # stop once this many VM sessions have ended
-
-
 @dataclass(slots=True)
-class _VmRecord:
+class _Vm:
+    id: int
     peer: PeerCred
-    session: Session
-    thread: threading.Thread
+    name: str
+    regions: tuple[Region, ...]
+    uffd_fd: int
+    conn: socket.socket
+    state: VmState
+    worker: _WorkerProc | None = None
+    engine: str = ""
+    started: float = field(default_factory=time.monotonic)
+
+    def release(self) -> None:
+        os.close(self.uffd_fd)
+        self.conn.close()
+        self.state.close()
+
+
+class _WorkerProc:
+    """One serving worker process and our end of its control channel."""
+
+    def __init__(self, index: int, options: ServeOptions, engine: EngineName) -> None:
+        self.index = index
+        self.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.vms: set[int] = set()
+        self.lock = threading.Lock()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pagein.serve.worker", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        send_msg(self.ctl, {"op": "init", "options": options.to_json(),
+                            "engine": engine.value, "index": index,
+                            "log_level": logging.getLogger("pagein").getEffectiveLevel()})
+
+    def wait_ready(self, timeout: float) -> None:
+        if not select.select([self.ctl], [], [], timeout)[0]:
+            raise PageinError(f"serving worker {self.index} did not start within {timeout:g} s")
+        try:
+            got = recv_msg(self.ctl)
+        except (ControlError, OSError) as e:
+            raise PageinError(f"serving worker {self.index} failed to start: {e}") from e
+        if got is None:
+            code = self.proc.wait()
+            raise PageinError(f"serving worker {self.index} exited with status {code} "
+                              "while starting")
+        doc, _ = got
+        if doc.get("op") != "ready":
+            raise PageinError(f"serving worker {self.index} cannot serve: "
+                              f"{str(doc.get('error'))[:500]}")
+
+    def send(self, doc: dict[str, object], fds: list[int] | None = None) -> None:
+        with self.lock:
+            send_msg(self.ctl, doc, fds or [])
 
 
 class Server:
     """Serve VMs from one page source. Use :meth:`serve_forever` and :meth:`stop`.
 
-    ``strategy_factory`` builds a fresh :class:`Strategy` for each VM.
+    ``source`` is the served source opened by the caller: the supervisor checks each
+    handshake against its size and names it in logs; workers open their own.
     """
 
-    def __init__(self, config: ServerConfig, source: PageSource,
-                 strategy_factory: Callable[[], Strategy]) -> None:
-        self.config = config
+    def __init__(self, options: ServeOptions, source: PageSource) -> None:
+        self.options = options
         self.source = source
-        self._factory = strategy_factory
+        self.engine, why = choose(options.engine)
+        if why is not None:
+            log.warning("engine: python (%s)", why)
         self._lock = threading.Lock()
-        self._vms: list[_VmRecord] = []
-        self._ended: list[tuple[int, Counters, SessionEnd]] = []
+        self._vms: dict[int, _Vm] = {}
+        self._ids = itertools.count(1)
+        self._ended: list[tuple[int, Counters, str, str]] = []
+        self._names = OutputNames()
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._sig_r, self._sig_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._wakes_on_signals = False
         self._threads: list[threading.Thread] = []
         self.handshake_failures = 0
         self._sessions_ended = 0
-        self._listener = self._bind(config.socket_path)
+        self._listener = self._bind(options.socket_path)
+        self._workers: list[_WorkerProc] = []
+        try:
+            self._workers = [_WorkerProc(i, options, self.engine)
+                             for i in range(options.worker_count)]
+            for w in self._workers:
+                w.wait_ready(_WORKER_START_S)
+        except BaseException:
+            self._kill_workers()
+            self._listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(options.socket_path)
+            raise
+        for w in self._workers:
+            threading.Thread(target=self._watch_worker, args=(w,), daemon=True,
+                             name=f"pagein-worker-{w.index}").start()
 
     @staticmethod
     def _bind(path: str) -> socket.socket:
@@ -124,12 +190,15 @@ class Server:
 
     def serve_forever(self) -> None:
         """Accept VMMs until :meth:`stop`; then end every session and return."""
-        log.info("serving %s (%d bytes) on %s", self.source.describe(), self.source.size,
-                 self.config.socket_path)
+        log.info("serving %s (%d bytes) on %s: %s, engine %s, %d worker(s)",
+                 self.source.describe(), self.source.size, self.options.socket_path,
+                 self.options.strategy.value, self.engine.value, len(self._workers))
+        poller = select.poll()
+        for fd in (self._listener.fileno(), self._stop_r, self._sig_r):
+            poller.register(fd, select.POLLIN)
         try:
             while True:
-                ready = select.select([self._listener.fileno(), self._stop_r, self._sig_r],
-                                      [], [])[0]
+                ready = {fd for fd, _ in poller.poll()}
                 if self._stop_r in ready:
                     break
                 if self._sig_r in ready:
@@ -142,12 +211,13 @@ class Server:
                     conn, _ = self._listener.accept()
                 except OSError as e:
                     log.warning("accept failed: %s", e)
+                    time.sleep(0.05)
                     continue
                 t = threading.Thread(target=self._handle, args=(conn,), daemon=True,
-                                     name="pagein-vm")
+                                     name="pagein-handshake")
+                self._threads = [t for t in self._threads if t.is_alive()]
                 self._threads.append(t)
                 t.start()
-                self._threads = [t for t in self._threads if t.is_alive()]
         finally:
             self._shutdown()
 
@@ -170,15 +240,33 @@ class Server:
 
     def _shutdown(self) -> None:
         with self._lock:
-            live = [r for r in self._vms if r.session.end is None and not r.session.complete]
-        for r in live:
-            log.warning("vm pid=%d: server stopping while pages are still missing; its guest "
-                        "will freeze on the next missing page", r.peer.pid)
+            live = [vm for vm in self._vms.values() if not vm.state.complete()]
+        for vm in live:
+            log.warning("%s: server stopping while pages are still missing; its guest "
+                        "will freeze on the next missing page", vm.name)
         for t in list(self._threads):
             t.join(timeout=10)
+        for w in self._workers:
+            with contextlib.suppress(OSError):
+                w.send({"op": "stop"})
+        for w in self._workers:
+            try:
+                w.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log.error("serving worker %d did not stop; killing it", w.index)
+                w.proc.kill()
+                w.proc.wait()
+        self._kill_workers()
+        with self._lock:
+            rest = list(self._vms.values())
+            self._vms.clear()
+        for vm in rest:
+            self._ended.append((vm.peer.pid, vm.state.counters.snapshot(), "server stopping",
+                                vm.engine))
+            vm.release()
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.config.socket_path)
+            os.unlink(self.options.socket_path)
         if self._wakes_on_signals:
             signal.set_wakeup_fd(-1)
             self._wakes_on_signals = False
@@ -186,6 +274,61 @@ class Server:
         self._stop_r = self._stop_w = self._sig_r = self._sig_w = -1
         for fd in fds:
             os.close(fd)
+
+    def _kill_workers(self) -> None:
+        for w in self._workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait()
+            w.ctl.close()
+
+    # --- workers ---------------------------------------------------------------------
+
+    def _watch_worker(self, w: _WorkerProc) -> None:
+        """Read a worker's reports until it exits."""
+        while True:
+            try:
+                got = recv_msg(w.ctl)
+            except (ControlError, OSError, ValueError) as e:
+                log.error("serving worker %d: control channel failed: %s", w.index, e)
+                got = None
+            if got is None:
+                break
+            doc, fds = got
+            for fd in fds:
+                os.close(fd)
+            vm_id = doc.get("vm")
+            if doc.get("op") == "started" and isinstance(vm_id, int):
+                with self._lock:
+                    if vm_id in self._vms:
+                        self._vms[vm_id].engine = str(doc.get("engine", ""))
+            elif doc.get("op") == "ended" and isinstance(vm_id, int):
+                self._vm_ended(vm_id, str(doc.get("end", "failed")))
+        if self._stop_w >= 0 and w.proc.poll() is None:
+            w.proc.wait()
+        with self._lock:
+            orphans = [self._vms[i] for i in w.vms if i in self._vms]
+        code = w.proc.poll()
+        if orphans and self._stop_w >= 0:
+            log.error("serving worker %d (pid %d) exited with status %s while serving %d "
+                      "VM(s): their guests are frozen on missing pages (their uffds are kept "
+                      "open: never zero pages)", w.index, w.proc.pid, code, len(orphans))
+
+    def _vm_ended(self, vm_id: int, end: str) -> None:
+        with self._lock:
+            vm = self._vms.pop(vm_id, None)
+            if vm is None:
+                return
+            if vm.worker is not None:
+                vm.worker.vms.discard(vm_id)
+            self._ended.append((vm.peer.pid, vm.state.counters.snapshot(), end, vm.engine))
+            del self._ended[:-_KEEP_ENDED]
+            self._sessions_ended += 1
+            done = self._sessions_ended
+        vm.release()
+        limit = self.options.exit_after
+        if limit is not None and done >= limit:
+            self.stop()
 
     # --- one connection ------------------------------------------------------------
 
@@ -197,7 +340,7 @@ class Server:
             conn.close()
             return
         try:
-            hs = receive_handshake(conn, self.source.size, self.config.handshake_timeout)
+            hs = receive_handshake(conn, self.source.size, self.options.handshake_timeout)
         except HandshakeError as e:
             self._bad_handshake(conn, peer, e)
             return
@@ -205,40 +348,45 @@ class Server:
             log.warning("vm pid=%d: handshake failed: %s", peer.pid, e)
             conn.close()
             return
-        uffd = Userfaultfd.adopt(hs.uffd_fd, features=hs.features)
         try:
-            session = Session(uffd=uffd, sock=conn, regions=hs.regions, source=self.source,
-                              strategy=self._factory(), peer_pid=peer.pid,
-                              stop_fd=self._stop_r, chunk_bytes=self.config.chunk_bytes,
-                              pending=hs.rest)
+            state = VmState.create(hs.regions)
         except (PageinError, OSError) as e:
             log.error("vm pid=%d: cannot start serving: %s; its guest is frozen", peer.pid, e)
-            uffd.close()
+            os.close(hs.uffd_fd)
             conn.close()
             return
-        record = _VmRecord(peer, session, threading.current_thread())
+        vm_id = next(self._ids)
+        vm = _Vm(vm_id, peer, f"vm {vm_id} pid={peer.pid}", hs.regions, hs.uffd_fd, conn,
+                 state)
+        self._dispatch(vm, hs)
+
+    def _dispatch(self, vm: _Vm, hs: Handshake) -> None:
+        o = self.options
         with self._lock:
-            self._vms.append(record)
-        log.info("vm pid=%d: serving %d regions (%d bytes) with %s", peer.pid,
-                 len(hs.regions), sum(r.size_bytes for r in hs.regions),
-                 session.strategy.name.value)
-        end = SessionEnd.FAILED
+            w = min(self._workers, key=lambda w: (len(w.vms), w.index))
+            vm.worker = w
+            w.vms.add(vm.id)
+            self._vms[vm.id] = vm
+        record = self._names.claim(o.record) if o.record else None
+        trace = self._names.claim(o.trace_path) if o.trace_path else None
+        doc: dict[str, object] = {
+            "op": "serve", "vm": vm.id, "name": vm.name,
+            "regions": [[r.base_address, r.size_bytes, r.offset, r.page_size]
+                        for r in vm.regions],
+            "features": int(hs.features), "pending": hs.rest[:4096].hex(),
+            "record": record, "trace": trace}
+        log.info("%s: serving %d regions (%d bytes) with %s on worker %d", vm.name,
+                 len(vm.regions), sum(r.size_bytes for r in vm.regions), o.strategy.value,
+                 w.index)
         try:
-            end = session.run()
-        finally:
-            session.close()
-            with self._lock:
-                self._vms.remove(record)
-                self._ended.append((peer.pid, session.counters.snapshot(), end))
-                self._sessions_ended += 1
-                done = self._sessions_ended
-                del self._ended[:-_KEEP_ENDED]
-            if self.config.exit_after is not None and done >= self.config.exit_after:
-                self.stop()
+            w.send(doc, [vm.uffd_fd, vm.conn.fileno(), vm.state.fileno()])
+        except OSError as e:
+            log.error("%s: cannot hand it to worker %d: %s; its guest is frozen", vm.name,
+                      w.index, e)
 
     def _bad_handshake(self, conn: socket.socket, peer: PeerCred, e: HandshakeError) -> None:
         self.handshake_failures += 1
-        action = self.config.on_bad_handshake
+        action = self.options.on_bad_handshake
         if action is BadHandshakePolicy.KILL and peer.pid > 1 and peer.pid != os.getpid():
             log.error("vm pid=%d: %s; killing the VMM (--on-bad-handshake close keeps it "
                       "alive)", peer.pid, e)
@@ -250,16 +398,18 @@ class Server:
 
     # --- stats ---------------------------------------------------------------------
 
-    def per_vm(self) -> list[tuple[int, Counters, str]]:
-        """Return ``(peer pid, counters, state)`` for live VMs and the ones that ended."""
+    def per_vm(self) -> list[tuple[int, Counters, str, str]]:
+        """Return ``(peer pid, counters, state, engine)`` for the VMs that ended and the
+        live ones."""
         with self._lock:
-            live = [(r.peer.pid, r.session.counters.snapshot(), "active") for r in self._vms]
-            ended = [(pid, c, end.value) for pid, c, end in self._ended]
+            live = [(vm.peer.pid, vm.state.counters.snapshot(), "active", vm.engine)
+                    for vm in self._vms.values()]
+            ended = list(self._ended)
         return ended + live
 
     def totals(self) -> Counters:
         total = Counters()
-        for _, c, _state in self.per_vm():
+        for _, c, _state, _engine in self.per_vm():
             total.add(c)
         return total
 
@@ -268,13 +418,17 @@ class Server:
         vms = self.per_vm()
         return {
             "source": self.source.describe(),
-            "active_vms": sum(1 for *_, s in vms if s == "active"),
+            "engine": self.engine.value,
+            "workers": [{"index": w.index, "pid": w.proc.pid, "vms": len(w.vms)}
+                        for w in self._workers],
+            "active_vms": sum(1 for _, _, s, _ in vms if s == "active"),
             "handshake_failures": self.handshake_failures,
             "total": self.totals().to_dict(),
-            "vms": [{"peer_pid": pid, "state": state, **c.to_dict()} for pid, c, state in vms],
+            "vms": [{"peer_pid": pid, "state": state, "engine": engine, **c.to_dict()}
+                    for pid, c, state, engine in vms],
         }
 
     def prometheus(self) -> str:
         vms = self.per_vm()
-        return prometheus_text([(str(pid), c) for pid, c, _ in vms],
-                               sum(1 for *_, s in vms if s == "active"))
+        return prometheus_text([(str(pid), c) for pid, c, _, _ in vms],
+                               sum(1 for _, _, s, _ in vms if s == "active"))

@@ -1,8 +1,17 @@
 """Counters and a fault-latency histogram, per VM and in total, as JSON or Prometheus text.
 
-Each session owns one :class:`Counters` and is its only writer; readers (the stats
-file on SIGUSR1, the metrics endpoint) take a :meth:`Counters.snapshot`, which is
-consistent enough for monitoring (each field is read once).
+A session's live counters are a :class:`CounterBlock`: ``N_COUNTERS`` native 64-bit
+words in the VM's shared serving state (:mod:`pagein.serve.state`), written by the fault
+core of the worker serving the VM (native or Python, one writer) and read at any time by
+the supervisor for the stats file and the metrics endpoint. Readers take a
+:meth:`CounterBlock.snapshot`, a plain :class:`Counters` value, which is consistent
+enough for monitoring (each word is read once).
+
+Word order (the native core's ``C_*`` indices)::
+
+    0 faults  1 pages  2 bytes_fault  3 bytes_readahead  4 bytes_background
+    5 zero_pages  6 retries  7 eexist  8 removes  9 removed_bytes  10 unmaps
+    11 remaps  12 latency_us_sum  13..26 latency buckets (LATENCY_BUCKETS_US, +Inf)
 """
 
 from __future__ import annotations
@@ -14,10 +23,17 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 
-__all__ = ["LATENCY_BUCKETS_US", "Counters", "ServeStats", "prometheus_text", "write_json"]
+__all__ = ["COUNTER_WORDS", "LATENCY_BUCKETS_US", "N_COUNTERS", "CounterBlock", "Counters",
+           "ServeStats", "prometheus_text", "write_json"]
 
 #: Upper bounds (microseconds) of the fault-latency histogram; one more bucket is +Inf.
 LATENCY_BUCKETS_US = (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000, 100000)
+#: The scalar counters in shared-memory word order.
+COUNTER_WORDS = ("faults", "pages", "bytes_fault", "bytes_readahead", "bytes_background",
+                 "zero_pages", "retries", "eexist", "removes", "removed_bytes", "unmaps",
+                 "remaps", "latency_us_sum")
+LATENCY_WORD = len(COUNTER_WORDS)  # the first histogram bucket
+N_COUNTERS = LATENCY_WORD + len(LATENCY_BUCKETS_US) + 1
 
 
 @dataclass(slots=True)
@@ -70,6 +86,46 @@ class Counters:
         d["bytes_copied"] = self.bytes_copied
         d["latency_us_le"] = [*LATENCY_BUCKETS_US, "inf"]
         return d
+
+
+class CounterBlock:
+    """Live counters in a buffer of ``N_COUNTERS`` native uint64 words (shared memory).
+
+    ``block.add(name, n)`` is the writer's call; :meth:`snapshot` any reader's.
+    """
+
+    __slots__ = ("words",)
+    _INDEX = {name: i for i, name in enumerate(COUNTER_WORDS)}
+
+    def __init__(self, buffer: memoryview | bytearray | None = None) -> None:
+        if buffer is None:
+            buffer = bytearray(N_COUNTERS * 8)
+        if len(buffer) < N_COUNTERS * 8:
+            raise ValueError(f"a counter block needs {N_COUNTERS * 8} bytes, got {len(buffer)}")
+        self.words = memoryview(buffer)[: N_COUNTERS * 8].cast("B").cast("Q")
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.words[self._INDEX[name]] += n
+
+    def get(self, name: str) -> int:
+        return int(self.words[self._INDEX[name]])
+
+    def observe_latency(self, micros: int) -> None:
+        """Count one fault served ``micros`` after it was read."""
+        self.words[LATENCY_WORD + bisect.bisect_left(LATENCY_BUCKETS_US, micros)] += 1
+        self.words[self._INDEX["latency_us_sum"]] += micros
+
+    def snapshot(self) -> Counters:
+        w = self.words.tolist()
+        c = Counters()
+        for name, value in zip(COUNTER_WORDS, w, strict=False):
+            setattr(c, name, value)
+        c.latency_us_buckets = w[LATENCY_WORD:N_COUNTERS]
+        return c
+
+    def release(self) -> None:
+        """Drop the view (the buffer's owner may then close its mapping)."""
+        self.words.release()
 
 
 @dataclass(frozen=True, slots=True)

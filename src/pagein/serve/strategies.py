@@ -1,11 +1,14 @@
 """Restore strategies: which pages to fill besides the one a vCPU faulted on, and when.
 
-A :class:`Strategy` answers two questions for a session (one VM):
+A strategy is data the serving mechanism reads, not a loop of its own. It answers, for
+a session (one VM):
 
 - :meth:`Strategy.on_connect`: a *prefetch plan*, an ordered iterable of :class:`Span`
   values the session fills in the background, in bounded chunks, only while no fault
   is waiting (a fault never queues behind more than one chunk);
-- :meth:`Strategy.on_fault`: an extra window to fill right after the faulting page.
+- :attr:`Strategy.window_bytes`: the aligned readahead window the fault core fills
+  around each faulting page (0: none), see :meth:`Strategy.window_pages`;
+- :meth:`Strategy.blocking_plan`: spans to install before the first fault is served.
 
 The session never fills a page twice: spans are clipped to pages not yet populated
 (or discarded by a balloon) using the per-region bitmaps, so plans may overlap freely.
@@ -17,8 +20,6 @@ them concurrently with the running guest, then falls back to ``then`` (readahead
 default, or populate-all). ``reap`` is REAP's blocking variant, for comparison: the whole
 working set is installed before the first fault is served, the rest comes on demand.
 
-A strategy may carry a :class:`~pagein.serve.record.Recorder` (``recorder``): its
-session then logs every fault and fill to it and writes it out when the VM goes.
 """
 
 from __future__ import annotations
@@ -27,35 +28,27 @@ import abc
 import enum
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from pagein.serve.cause import Cause
 from pagein.serve.firecracker import Region
 
-if TYPE_CHECKING:
-    from pagein.serve.record import Recorder
-
-__all__ = ["OnDemand", "PopulateAll", "Readahead", "Span", "SpanKind", "Strategy",
+__all__ = ["OnDemand", "PopulateAll", "Readahead", "Span", "Strategy",
            "StrategyName", "Then", "WorkingSet", "make_strategy"]
 
 DEFAULT_READAHEAD_BYTES = 256 * 1024
 _MIN_WINDOW = 4096
 
 
-class SpanKind(enum.Enum):
-    """Why a span is filled (what a trace calls its pages)."""
-
-    BACKGROUND = "background"  # a plan's bulk population
-    PREFETCH = "prefetch"  # a recorded working set
-
-
 @dataclass(frozen=True, slots=True)
 class Span:
-    """Pages ``[first_page, first_page+pages)`` of region ``region`` (in its page size)."""
+    """Pages ``[first_page, first_page+pages)`` of region ``region`` (in its page size),
+    filled for ``cause`` (BACKGROUND: a plan's bulk population; PREFETCH: a recorded
+    working set)."""
 
     region: int
     first_page: int
     pages: int
-    kind: SpanKind = SpanKind.BACKGROUND
+    cause: Cause = Cause.BACKGROUND
 
 
 class StrategyName(enum.Enum):
@@ -78,7 +71,12 @@ class Strategy(abc.ABC):
     """Decides what a session fills beyond the faulting page. One instance per VM."""
 
     name: StrategyName
-    recorder: Recorder | None = None
+    #: The aligned readahead window around each fault, in bytes (0: the faulting page only).
+    window_bytes: int = 0
+
+    def window_pages(self, region: Region) -> int:
+        """The readahead window in pages of ``region`` (1: the faulting page only)."""
+        return max(1, self.window_bytes // region.page_size)
 
     def blocking_plan(self, regions: Sequence[Region]) -> Iterable[Span]:
         """Return spans to install before the first fault is served (default: none)."""
@@ -87,10 +85,6 @@ class Strategy(abc.ABC):
     def on_connect(self, regions: Sequence[Region]) -> Iterable[Span]:
         """Return the background prefetch plan for these regions (default: none)."""
         return ()
-
-    def on_fault(self, regions: Sequence[Region], region: int, page: int) -> Span | None:
-        """Return an extra span to fill after the faulting ``page`` (default: none)."""
-        return None
 
 
 class OnDemand(Strategy):
@@ -116,15 +110,6 @@ class Readahead(Strategy):
             raise ValueError(f"readahead size {window_bytes} bytes is smaller than one 4 KiB "
                              "page: give a size with a unit, e.g. 256K")
         self.window_bytes = window_bytes
-
-    def on_fault(self, regions: Sequence[Region], region: int, page: int) -> Span | None:
-        r = regions[region]
-        per = max(1, self.window_bytes // r.page_size)
-        if per == 1:
-            return None
-        first = page - page % per
-        total = r.size_bytes // r.page_size
-        return Span(region, first, min(per, total - first))
 
 
 class PopulateAll(Strategy):
@@ -153,8 +138,7 @@ class WorkingSet(Strategy):
         self.blocking = blocking
         if blocking:
             self.name = StrategyName.REAP
-        self._after: Strategy = (OnDemand() if then is Then.ON_DEMAND
-                                 else Readahead(readahead_bytes))
+        self.window_bytes = 0 if then is Then.ON_DEMAND else Readahead(readahead_bytes).window_bytes
 
     def blocking_plan(self, regions: Sequence[Region]) -> Iterable[Span]:
         return self._recorded(regions) if self.blocking else ()
@@ -169,14 +153,9 @@ class WorkingSet(Strategy):
     def _recorded(self, regions: Sequence[Region]) -> Iterator[Span]:
         for offset, length in self.extents:
             for i, r in enumerate(regions):
-                lo, hi = max(offset, r.offset), min(offset + length, r.end_offset)
-                if lo < hi:
-                    first = (lo - r.offset) // r.page_size
-                    last = (hi - r.offset + r.page_size - 1) // r.page_size
-                    yield Span(i, first, last - first, SpanKind.PREFETCH)
-
-    def on_fault(self, regions: Sequence[Region], region: int, page: int) -> Span | None:
-        return self._after.on_fault(regions, region, page)
+                first, count = r.pages_in(offset, length)
+                if count:
+                    yield Span(i, first, count, Cause.PREFETCH)
 
 
 def _chain(*parts: Iterable[Span]) -> Iterator[Span]:

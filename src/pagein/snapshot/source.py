@@ -44,6 +44,17 @@ class PageSource(abc.ABC):
         """
         return None
 
+    def address_map(self) -> tuple[int | None, list[tuple[int, int, int]]]:
+        """Where the whole file is readable in place, for a fault core that copies without
+        calling back: ``(base, overlay)``. ``base`` is the address of offset 0 when every
+        byte is mapped (else None); ``overlay`` lists ``(offset, length, address)`` ranges,
+        sorted and disjoint, to prefer for a read lying wholly inside one (bytes already
+        in memory, e.g. a working set's).
+
+        Safety: the addresses are valid until :meth:`close`, and read only.
+        """
+        return (self.address_of(0, self.size) if self.size else None), []
+
     def zero_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Return ``(offset, length)`` pieces of the range known to be all zeros."""
         return []

@@ -212,6 +212,13 @@ class WorkingSetFile:
         return (self._data.address + self._data_offset + r.data_page * PAGE_SIZE
                 + offset - r.offset)
 
+    def data_ranges(self) -> list[tuple[int, int, int]]:
+        """``(offset, length, address)`` of every data run's recorded bytes, by offset."""
+        if self._data is None:
+            return []
+        base = self._data.address + self._data_offset
+        return [(r.offset, r.length, base + r.data_page * PAGE_SIZE) for r in self._by_offset]
+
     def read_recorded(self, offset: int, buf: memoryview) -> bool:
         """Copy the recorded bytes at ``offset`` into ``buf``; False if not recorded."""
         addr = self.data_address(offset, len(buf))
@@ -383,6 +390,10 @@ class WorkingSetSource(PageSource):
     def address_of(self, offset: int, length: int) -> int | None:
         addr = self.ws.data_address(offset, length)
         return addr if addr is not None else self.base.address_of(offset, length)
+
+    def address_map(self) -> tuple[int | None, list[tuple[int, int, int]]]:
+        base, _ = self.base.address_map()
+        return base, self.ws.data_ranges()
 
     def zero_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         return self.base.zero_extents(offset, length)

@@ -1,0 +1,90 @@
+"""A ``pagein serve`` process that a restore spawns for itself: :class:`HandlerProcess`.
+
+:func:`pagein.serve.local.restore_lazily`, the VMM's lazy restore and the demo all start
+their handler this way: from a :class:`~pagein.serve.options.ServeOptions` (the only
+place that turns options into a command line), in its own session, listening in a
+private directory, logging to ``handler.log`` there, and signalling a ready pipe once it
+listens, so the VMM can connect at once.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+
+from pagein.errors import HandlerError
+from pagein.serve.options import BadHandshakePolicy, ServeOptions
+
+__all__ = ["HandlerProcess"]
+
+
+class HandlerProcess:
+    """A running ``pagein serve`` and where it listens; :attr:`proc` is the process."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], options: ServeOptions,
+                 workdir: str) -> None:
+        self.proc = proc
+        self.options = options
+        self.workdir = workdir
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def socket_path(self) -> str:
+        return self.options.socket_path
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.workdir, "handler.log")
+
+    @staticmethod
+    def options_for_one_vm(source: str, workdir: str, **changes: object) -> ServeOptions:
+        """Options for a handler that serves one VM and exits when it has gone: its socket
+        and stats file in ``workdir``, one worker, bad handshakes closed, not killed."""
+        base = ServeOptions(socket_path=os.path.join(workdir, "handler.sock"), source=source,
+                            on_bad_handshake=BadHandshakePolicy.CLOSE, exit_after=1,
+                            stats_json=os.path.join(workdir, "stats.json"), workers=1)
+        return base.with_(**changes)
+
+    @classmethod
+    def start(cls, options: ServeOptions, workdir: str, timeout: float) -> HandlerProcess:
+        """Start ``pagein serve`` with ``options``; return once it listens.
+
+        Raises :class:`HandlerError` with the log's last line when it exits first or
+        does not listen within ``timeout`` seconds.
+        """
+        r, w = os.pipe2(os.O_CLOEXEC)
+        cmd = [sys.executable, "-m", "pagein", "-v", *options.to_argv(), "--ready-fd", str(w)]
+        with open(os.path.join(workdir, "handler.log"), "wb") as logf:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                    pass_fds=(w,), start_new_session=True)
+        os.close(w)
+        try:
+            # EOF on the pipe (the handler exited) wakes this as well as "ready".
+            ready = select.select([r], [], [], timeout)[0] and os.read(r, 64)
+        finally:
+            os.close(r)
+        handler = cls(proc, options, workdir)
+        if not ready:
+            code = proc.poll()
+            proc.kill()
+            proc.wait()
+            why = (f"exited with status {code} while starting" if code is not None
+                   else f"did not start within {timeout:g} s")
+            tail = handler.last_log_line()
+            raise HandlerError(f"the pagein handler for {options.source} {why}"
+                               f"{': ' + tail if tail else ''}")
+        return handler
+
+    def last_log_line(self) -> str:
+        """The handler log's last line ('' when there is none)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                lines = f.read().decode(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1][:500] if lines else ""

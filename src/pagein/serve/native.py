@@ -1,0 +1,101 @@
+"""The native fault engine: :mod:`pagein.serve._core` (C, GIL released) behind the
+:class:`~pagein.serve.engine.Engine` interface.
+
+The core copies straight from the source's mapping, so it serves sources whose every
+byte is readable in place (:meth:`~pagein.snapshot.source.PageSource.address_map`: a raw
+memory file, with a working set's recorded pages preferred); for other sources the
+session uses the Python engine, which reads into a bounce buffer.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+
+from pagein.errors import UffdError
+from pagein.serve import _core
+from pagein.serve.bitmap import Bitmap
+from pagein.serve.engine import EventTuple, Unserved
+from pagein.serve.firecracker import Region
+from pagein.serve.stats import CounterBlock
+from pagein.sys.mapping import HUGE_PAGE_SIZE, Mapping
+
+__all__ = ["NativeEngine"]
+
+
+class NativeEngine:
+    """Serve one VM's faults in C. One thread uses it at a time."""
+
+    def __init__(self, uffd_fd: int, regions: Sequence[Region], filled: Sequence[Bitmap],
+                 discarded: Sequence[Bitmap], holes: Sequence[Bitmap | None],
+                 counters: CounterBlock, base_address: int,
+                 overlay: Sequence[tuple[int, int, int]], readahead_pages: Sequence[int],
+                 chunk_bytes: int, record: bool) -> None:
+        # hugetlbfs has no zero page: zeros are copied from memory never written.
+        self._zeros = Mapping.anonymous(HUGE_PAGE_SIZE)
+        core = None
+        try:
+            core = self._core = _core.Core(
+                uffd_fd, [(r.offset, r.size_bytes, r.page_size) for r in regions],
+                [b.buffer for b in filled], [b.buffer for b in discarded],
+                [None if h is None else h.buffer for h in holes], counters.words,
+                base_address, list(overlay), self._zeros.address, list(readahead_pages),
+                chunk_bytes, record)
+            core.set_extents(sorted((r.base_address, r.size_bytes, i, 0)
+                                    for i, r in enumerate(regions)))
+        except BaseException:
+            if core is not None:
+                core.close()
+            self._zeros.close()
+            raise
+
+    @property
+    def deferred(self) -> int:
+        return self._core.deferred
+
+    def set_extents(self, extents: Sequence[tuple[int, int, int, int]]) -> None:
+        self._core.set_extents(sorted(extents))
+
+    def run(self, stop_fd: int, sock_fd: int,
+            timeout_ms: int) -> tuple[int, list[EventTuple], list[Unserved]]:
+        try:
+            return self._core.run(stop_fd, sock_fd, timeout_ms)
+        except OSError as e:
+            raise _uffd_error(e) from None
+
+    def fill(self, region: int, first_page: int, pages: int, cause: int,
+             dontwake: bool) -> bool:
+        try:
+            return self._core.fill(region, first_page, pages, cause, dontwake)
+        except OSError as e:
+            raise _uffd_error(e) from None
+
+    def drain(self, timeout_ms: int) -> list[EventTuple]:
+        try:
+            return self._core.drain(timeout_ms)
+        except OSError as e:
+            raise _uffd_error(e) from None
+
+    def wake_installed(self) -> None:
+        try:
+            self._core.wake_installed()
+        except OSError as e:
+            raise _uffd_error(e) from None
+
+    def wake(self, start: int, length: int) -> None:
+        try:
+            self._core.wake(start, length)
+        except OSError as e:
+            raise _uffd_error(e) from None
+
+    def take_records(self) -> tuple[bytes, bytes]:
+        return self._core.take_records()
+
+    def close(self) -> None:
+        self._core.close()
+        self._zeros.close()
+
+
+def _uffd_error(e: OSError) -> UffdError:
+    err = e.errno or errno.EIO
+    return UffdError("fault core", err, 0, 0, str(e.strerror or e))

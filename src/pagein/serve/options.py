@@ -1,0 +1,123 @@
+"""Everything ``pagein serve`` can be told, in one value: :class:`ServeOptions`.
+
+The CLI parses flags into it (:meth:`ServeOptions.from_namespace`); a VMM that spawns
+its own handler builds one and turns it back into a command line (:meth:`to_argv`);
+the supervisor hands it to its serving workers as JSON (:meth:`to_json`). This module
+is the one place that knows both the fields and the flags, so no other layer builds a
+``pagein serve`` command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import os
+from dataclasses import asdict, dataclass, fields, replace
+
+from pagein.serve.engine import EngineName
+from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
+
+__all__ = ["BadHandshakePolicy", "ServeOptions", "default_workers"]
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+
+class BadHandshakePolicy(enum.Enum):
+    """What to do with a VMM whose handshake is invalid."""
+
+    KILL = "kill"  # SIGKILL the peer (SO_PEERCRED): a frozen VMM helps nobody
+    CLOSE = "close"  # close the connection and leave the peer alone
+
+
+def default_workers() -> int:
+    """One serving worker per CPU this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except OSError:
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """How to serve: the source, the strategy, the engine, the workers, the limits."""
+
+    socket_path: str
+    source: str  # a path, file://, s3://bucket/name or dir://
+    strategy: StrategyName = StrategyName.ON_DEMAND
+    readahead_bytes: int = DEFAULT_READAHEAD_BYTES
+    working_set: str | None = None
+    then: Then = Then.READAHEAD
+    record: str | None = None
+    trace: str | None = None
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    on_bad_handshake: BadHandshakePolicy = BadHandshakePolicy.KILL
+    handshake_timeout: float = 5.0
+    stats_json: str | None = None
+    metrics_port: int | None = None
+    exit_after: int | None = None  # stop once this many VM sessions have ended
+    engine: EngineName = EngineName.NATIVE
+    workers: int = 0  # serving worker processes; 0: one per CPU
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or default_workers()
+
+    @property
+    def trace_path(self) -> str | None:
+        """Where a VM's trace goes: --trace, or FILE.trace.json next to --record FILE."""
+        return self.trace or (f"{self.record}.trace.json" if self.record else None)
+
+    # --- the command line -----------------------------------------------------------
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> ServeOptions:
+        """Build from ``pagein serve``'s parsed flags."""
+        return cls(
+            socket_path=args.socket, source=args.mem_file or args.source,
+            strategy=StrategyName(args.strategy), readahead_bytes=args.readahead_size,
+            working_set=args.working_set, then=Then(args.then), record=args.record,
+            trace=args.trace, chunk_bytes=args.chunk_size,
+            on_bad_handshake=BadHandshakePolicy(args.on_bad_handshake),
+            handshake_timeout=args.handshake_timeout, stats_json=args.stats_json,
+            metrics_port=args.metrics_port, exit_after=args.exit_after,
+            engine=EngineName(args.engine), workers=args.workers)
+
+    def to_argv(self) -> list[str]:
+        """The ``pagein serve ...`` arguments that parse back into these options."""
+        argv = ["serve", "--socket", self.socket_path, "--source", self.source,
+                "--strategy", self.strategy.value, "--readahead-size", str(self.readahead_bytes),
+                "--then", self.then.value, "--chunk-size", str(self.chunk_bytes),
+                "--on-bad-handshake", self.on_bad_handshake.value,
+                "--handshake-timeout", repr(self.handshake_timeout),
+                "--engine", self.engine.value, "--workers", str(self.workers)]
+        for flag, value in (("--working-set", self.working_set), ("--record", self.record),
+                            ("--trace", self.trace), ("--stats-json", self.stats_json),
+                            ("--metrics-port", self.metrics_port),
+                            ("--exit-after", self.exit_after)):
+            if value is not None:
+                argv += [flag, str(value)]
+        return argv
+
+    # --- the worker channel -------------------------------------------------------------
+
+    def to_json(self) -> dict[str, object]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, enum.Enum):
+                d[k] = v.value
+        return d
+
+    @classmethod
+    def from_json(cls, doc: dict[str, object]) -> ServeOptions:
+        kinds = {"strategy": StrategyName, "then": Then, "engine": EngineName,
+                 "on_bad_handshake": BadHandshakePolicy}
+        kw: dict[str, object] = {}
+        for f in fields(cls):
+            if f.name in doc:
+                v = doc[f.name]
+                kw[f.name] = kinds[f.name](v) if f.name in kinds else v
+        return cls(**kw)  # type: ignore[arg-type]
+
+    def with_(self, **changes: object) -> ServeOptions:
+        """A copy with some fields changed."""
+        return replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,144 @@
+"""One VM's serving state in shared memory: what is filled, what a balloon discarded, and
+the counters — the part of a session that must outlive the process serving it.
+
+The supervisor creates the state in a memfd when a VM connects and keeps it (with the
+VM's uffd and socket) for as long as the VM lives; the serving worker it hands the VM to
+maps the same memfd and its fault core (native or Python) writes it, one writer at a
+time. The supervisor reads the counters for stats and metrics without asking the
+worker, and a worker that replaces a dead one takes the bitmaps over as they are.
+
+Layout (little-endian host words, every part 64-byte aligned)::
+
+    0    magic "PAGEINVM"
+    8    u32 version (1)      u32 regions
+    16   u64 reserved (48 bytes)
+    64   counters: N_COUNTERS u64 words (see pagein.serve.stats)
+    320  region 0: filled bitmap   (ceil(pages/8) bytes, padded to 64)
+         region 0: discarded bitmap (same size)
+         region 1: ...
+
+A set ``filled`` bit means the page is installed or needs no more work (removed,
+unmapped); a set ``discarded`` bit means its snapshot bytes are void (a REMOVE was
+read): a later fault there must read zeros.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+
+from pagein.errors import PageinError
+from pagein.serve.bitmap import Bitmap, nbytes
+from pagein.serve.firecracker import Region
+from pagein.serve.stats import N_COUNTERS, CounterBlock
+from pagein.sys.mapping import Mapping, Memfd
+
+__all__ = ["VmState"]
+
+_MAGIC = b"PAGEINVM"
+_VERSION = 1
+_HEADER = struct.Struct("=8sII")
+_COUNTERS_AT = 64
+_REGIONS_AT = _COUNTERS_AT + -(-N_COUNTERS * 8 // 64) * 64
+
+
+def _pad(n: int) -> int:
+    return -(-n // 64) * 64
+
+
+def _layout(regions: Sequence[Region]) -> tuple[list[tuple[int, int]], int]:
+    """Return each region's (filled, discarded) byte offsets and the total size."""
+    at = _REGIONS_AT
+    out = []
+    for r in regions:
+        size = _pad(nbytes(r.pages))
+        out.append((at, at + size))
+        at += 2 * size
+    return out, -(-at // 4096) * 4096
+
+
+class VmState:
+    """The shared serving state of one VM. Create with :meth:`create`, map another
+    process's with :meth:`attach`; close releases the views and the mapping."""
+
+    def __init__(self, memfd: Memfd, mapping: Mapping, regions: Sequence[Region]) -> None:
+        self.memfd = memfd
+        self.regions = tuple(regions)
+        self._mapping = mapping
+        self._view = mapping.view()
+        offsets, _ = _layout(self.regions)
+        self.counters = CounterBlock(self._view[_COUNTERS_AT:_REGIONS_AT])
+        self.filled = [Bitmap(r.pages, self._view[f:d]) for r, (f, d) in
+                       zip(self.regions, offsets, strict=True)]
+        self.discarded = [Bitmap(r.pages, self._view[d:d + (d - f)]) for r, (f, d) in
+                          zip(self.regions, offsets, strict=True)]
+        self._closed = False
+
+    @classmethod
+    def create(cls, regions: Sequence[Region]) -> VmState:
+        """Make a zeroed state for ``regions`` in a new memfd."""
+        _, size = _layout(regions)
+        memfd = Memfd.create("pagein-vm-state", size)
+        try:
+            mapping = memfd.map(shared=True)
+        except BaseException:
+            memfd.close()
+            raise
+        state = cls(memfd, mapping, regions)
+        state._view[:_HEADER.size] = _HEADER.pack(_MAGIC, _VERSION, len(regions))
+        return state
+
+    @classmethod
+    def attach(cls, fd: int, regions: Sequence[Region]) -> VmState:
+        """Map the state in memfd ``fd`` (now owned by the result) for ``regions``.
+
+        Raises :class:`PageinError` when the memfd is not a state for these regions.
+        """
+        _, size = _layout(regions)
+        memfd = Memfd(fd, size, hugetlb=False)
+        try:
+            actual = os.fstat(memfd.fileno()).st_size
+            if actual != size:
+                raise PageinError(f"serving state memfd {fd} is {actual} bytes, "
+                                  f"expected {size} for {len(regions)} regions")
+            mapping = memfd.map(shared=True)
+        except BaseException:
+            memfd.close()
+            raise
+        state = cls(memfd, mapping, regions)
+        magic, version, n = _HEADER.unpack_from(state._view)
+        if magic != _MAGIC or version != _VERSION or n != len(regions):
+            state.close()
+            raise PageinError(f"serving state memfd {fd} is not a version-{_VERSION} state "
+                              f"of {len(regions)} regions")
+        return state
+
+    def complete(self) -> bool:
+        """Whether every page of every region is installed (or needs nothing)."""
+        return all(b.full() for b in self.filled)
+
+    def fileno(self) -> int:
+        return self.memfd.fileno()
+
+    def close(self) -> None:
+        """Release every view, unmap, close the memfd (idempotent). Nothing may use
+        :attr:`filled`, :attr:`discarded` or :attr:`counters` afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        self.counters.release()
+        self.filled.clear()
+        self.discarded.clear()
+        self._view.release()
+        self._mapping.close()
+        self.memfd.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

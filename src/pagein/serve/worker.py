@@ -1,0 +1,180 @@
+"""A serving worker: a child process of ``pagein serve`` that serves the VMs its
+supervisor hands it, each in a thread running the fault engine.
+
+Why processes: the sessions of one process share its GIL; with the native engine the
+per-fault path runs without it, but everything else a session does (events, plans,
+strategies, the Python engine) would still queue behind other VMs. Workers are
+separate interpreters, one per CPU by default, so VMs are served in parallel on every
+core, and a worker that dies takes no other worker's VMs with it.
+
+The channel (:mod:`pagein.serve.control`), supervisor to worker::
+
+    {"op": "init", "options": {...}, "engine": "native", "log_level": 20, "index": 0}
+    {"op": "serve", "vm": 7, "name": "vm 7 pid=1234", "regions": [[base, size, offset,
+     page_size], ...], "features": N, "pending": "<hex>", "record": PATH|null,
+     "trace": PATH|null}                    + fds [uffd, VMM socket, state memfd]
+    {"op": "stop"}
+
+and back: ``{"op": "ready"}`` (or ``{"op": "failed", "error": ...}``) after init,
+``{"op": "started", "vm": 7, "engine": "native"}`` and ``{"op": "ended", "vm": 7,
+"end": "peer exited"}`` per VM. The supervisor keeps its own copies of every fd, so the
+uffd never closes while the VM lives. If the supervisor goes away (EOF) the worker stops
+serving and exits: its VMs freeze, as they would with one dead handler process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+
+from pagein.errors import PageinError
+from pagein.serve.control import ControlError, recv_msg, send_msg
+from pagein.serve.engine import EngineName
+from pagein.serve.firecracker import Region
+from pagein.serve.options import ServeOptions
+from pagein.serve.record import Recorder
+from pagein.serve.served import Served, open_served
+from pagein.serve.session import Session
+from pagein.serve.state import VmState
+from pagein.sys.uffd import Feature, Userfaultfd
+
+__all__ = ["main"]
+
+log = logging.getLogger("pagein.serve")
+
+
+class _Worker:
+    def __init__(self, ctl: socket.socket, served: Served, engine: EngineName) -> None:
+        self.ctl = ctl
+        self.served = served
+        self.engine = engine
+        self._send_lock = threading.Lock()
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._threads: list[threading.Thread] = []
+        self._connected = True
+
+    def send(self, doc: dict[str, object]) -> None:
+        with self._send_lock:
+            if not self._connected:
+                return
+            try:
+                send_msg(self.ctl, doc)
+            except OSError:
+                self._connected = False
+
+    def serve_forever(self) -> None:
+        while True:
+            try:
+                got = recv_msg(self.ctl)
+            except (ControlError, OSError, ValueError) as e:
+                log.error("worker: control channel failed: %s", e)
+                got = None
+            if got is None:
+                # The supervisor is gone: stop too. Its VMs freeze (their VMMs keep their
+                # own uffd copies: never zero pages), loudly, as one dead handler does.
+                self._connected = False
+                live = sum(t.is_alive() for t in self._threads)
+                if live:
+                    log.error("worker: the supervisor is gone; stopping %d VM session(s)",
+                              live)
+                os.write(self._stop_w, b"x")
+                break
+            doc, fds = got
+            op = doc.get("op")
+            if op == "serve" and len(fds) == 3:
+                t = threading.Thread(target=self._serve_vm, args=(doc, fds), daemon=True,
+                                     name=str(doc.get("name", "vm")))
+                self._threads.append(t)
+                t.start()
+            elif op == "stop":
+                os.write(self._stop_w, b"x")
+                break
+            else:
+                for fd in fds:
+                    os.close(fd)
+                log.error("worker: unexpected control message %r", str(op)[:64])
+        for t in self._threads:
+            t.join()
+
+    def _serve_vm(self, doc: dict[str, object], fds: Sequence[int]) -> None:
+        uffd_fd, conn_fd, state_fd = fds
+        vm = doc["vm"]
+        name = str(doc["name"])
+        raw_regions = doc["regions"]
+        if not isinstance(raw_regions, list):
+            raise ControlError("a serve message without a region list")
+        regions = [Region(int(a), int(b), int(c), int(d)) for a, b, c, d in raw_regions]
+        sock = socket.socket(fileno=conn_fd)
+        uffd = Userfaultfd.adopt(uffd_fd, features=Feature(int(str(doc["features"]))))
+        end = "failed"
+        try:
+            state = VmState.attach(state_fd, regions)
+        except (PageinError, OSError) as e:
+            log.error("%s: cannot map its serving state: %s", name, e)
+            uffd.close()
+            sock.close()
+            self.send({"op": "ended", "vm": vm, "end": end})
+            return
+        try:
+            record, trace = doc.get("record"), doc.get("trace")
+            recorder = None
+            if record is not None or trace is not None:
+                recorder = Recorder(trace_path=None if trace is None else str(trace),
+                                    working_set_path=None if record is None else str(record))
+            session = Session(uffd=uffd, sock=sock, regions=regions,
+                              source=self.served.source, strategy=self.served.strategy(),
+                              state=state, name=name, stop_fd=self._stop_r, engine=self.engine,
+                              recorder=recorder, chunk_bytes=self.served.options.chunk_bytes,
+                              pending=bytes.fromhex(str(doc.get("pending", ""))))
+        except (PageinError, OSError, ValueError) as e:
+            log.error("%s: cannot start serving: %s; its guest is frozen", name, e)
+            uffd.close()
+            sock.close()
+            state.close()
+            self.send({"op": "ended", "vm": vm, "end": end})
+            return
+        self.send({"op": "started", "vm": vm, "engine": session.engine_name.value})
+        try:
+            end = session.run().value
+        finally:
+            session.close()
+            state.close()
+            self.send({"op": "ended", "vm": vm, "end": end})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pagein.serve.worker CONTROL_FD``: run one serving worker."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or not args[0].isdigit():
+        print("usage: python -m pagein.serve.worker CONTROL_FD (started by pagein serve)",
+              file=sys.stderr)
+        return 2
+    ctl = socket.socket(fileno=int(args[0]))
+    got = recv_msg(ctl)
+    if got is None or got[0].get("op") != "init":
+        return 2
+    doc = got[0]
+    logging.basicConfig(level=int(str(doc.get("log_level", logging.WARNING))),
+                        format=f"%(asctime)s %(levelname)s %(name)s[worker "
+                               f"{doc.get('index', 0)}]: %(message)s")
+    try:
+        options = ServeOptions.from_json(doc["options"])  # type: ignore[arg-type]
+        served = open_served(options)
+    except (PageinError, OSError, ValueError, KeyError) as e:
+        send_msg(ctl, {"op": "failed", "error": str(e)})
+        return 1
+    try:
+        worker = _Worker(ctl, served, EngineName(str(doc.get("engine", "native"))))
+        worker.send({"op": "ready", "pid": os.getpid()})
+        worker.serve_forever()
+    finally:
+        served.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,8 +13,9 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from pagein.serve.server import Server, ServerConfig
-from pagein.serve.strategies import make_strategy
+from pagein.serve.options import ServeOptions
+from pagein.serve.served import Served
+from pagein.serve.server import Server
 from pagein.snapshot.raw import RawFileSource
 
 
@@ -22,8 +23,8 @@ def test_a_signal_delivered_to_another_thread_still_stops_the_server(tmp_path: P
     mem = tmp_path / "m.mem"
     mem.write_bytes(b"\1" * 8192)
     with RawFileSource(str(mem)) as src:
-        server = Server(ServerConfig(str(tmp_path / "s.sock")), src,
-                        lambda: make_strategy("on-demand"))
+        opts = ServeOptions(str(tmp_path / "s.sock"), str(mem), workers=0)
+        server = Server(opts, Served.of(src, opts))
 
         def on_signal(_sig: int, _frame: FrameType | None) -> None:
             server.stop()

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from pagein.errors import SnapshotFormatError, SourceError
-from pagein.serve.server import Server, ServerConfig
-from pagein.serve.strategies import make_strategy
+from pagein.serve.options import ServeOptions
+from pagein.serve.served import Served
+from pagein.serve.server import Server
+from pagein.serve.strategies import StrategyName
 from pagein.snapshot.open import open_source
 from pagein.snapshot.raw import RawFileSource
 from pagein.snapshot.source import PageSource
@@ -113,8 +115,9 @@ class BytesSource(PageSource):
 
 def _serve_in_thread(tmp_path: Path, source: PageSource,
                      strategy: str) -> tuple[Server, threading.Thread]:
-    server = Server(ServerConfig(str(tmp_path / "s.sock"), exit_after=1), source,
-                    lambda: make_strategy(strategy))
+    opts = ServeOptions(str(tmp_path / "s.sock"), "test-source", exit_after=1, workers=0,
+                        strategy=StrategyName(strategy))
+    server = Server(opts, Served.of(source, opts))
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     return server, t

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pagein.serve.record import Arrival, load_trace
+from pagein.serve.cause import Cause
+from pagein.serve.record import load_trace
 from pagein.snapshot import workingset
 from pagein.snapshot.raw import RawFileSource
 from serve_harness import PAGE, client, finish, make_snapshot, start_server, touch_args
@@ -60,7 +61,7 @@ def test_recorded_pages_are_the_snapshot_bytes_in_first_touch_order(
     d, mem, data, stats = recorded
     trace = load_trace(str(d / "ws") + ".trace.json")
     assert len(trace.faults) == stats["faults"]
-    assert {f.arrival for f in trace.fills} <= {Arrival.DEMAND, Arrival.ZERO}
+    assert {f.cause for f in trace.fills} <= {Cause.DEMAND, Cause.ZERO}
     first: list[int] = []
     for f in trace.faults:
         if f.offset not in first:
@@ -94,8 +95,8 @@ def test_prefetch_restores_every_byte_with_fewer_faults(
     faults = stats["faults"]
     assert isinstance(faults, int) and isinstance(on_demand["faults"], int)
     assert faults * 4 < on_demand["faults"], (faults, on_demand["faults"])
-    arrivals = {f.arrival for f in load_trace(trace).fills}
-    assert Arrival.PREFETCH in arrivals
+    arrivals = {f.cause for f in load_trace(trace).fills}
+    assert Cause.PREFETCH in arrivals
 
 
 def test_balloon_during_prefetch_still_reads_zeros(

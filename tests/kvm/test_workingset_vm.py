@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pagein.serve.record import Arrival, load_trace
+from pagein.serve.cause import Cause
+from pagein.serve.record import load_trace
 from pagein.serve.strategies import StrategyName
 from pagein.snapshot import workingset
 from pagein.snapshot.raw import RawFileSource
@@ -133,7 +134,7 @@ def test_record_then_prefetch_the_working_set_on_the_real_guest(snap: Snap,
     got = _restore(snap, tmp_path / "ws", _mix_a(snap.ref), "--strategy", "working-set",
                    "--working-set", ws_path, "--then", "on-demand", "--trace", trace_path)
     assert got["faults"] * 2 < rec["faults"], (got["faults"], rec["faults"])
-    assert Arrival.PREFETCH in {f.arrival for f in load_trace(trace_path).fills}
+    assert Cause.PREFETCH in {f.cause for f in load_trace(trace_path).fills}
     reap = _restore(snap, tmp_path / "reap", _mix_a(snap.ref), "--strategy", "reap",
                     "--working-set", ws_path)
     assert reap["faults"] * 2 < rec["faults"], (reap["faults"], rec["faults"])

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import pytest
 
+from pagein.serve.cause import Cause
 from pagein.serve.firecracker import Region
-from pagein.serve.stats import LATENCY_BUCKETS_US, Counters, ServeStats, prometheus_text
+from pagein.serve.stats import (
+    LATENCY_BUCKETS_US,
+    N_COUNTERS,
+    CounterBlock,
+    Counters,
+    ServeStats,
+    prometheus_text,
+)
 from pagein.serve.strategies import (
     OnDemand,
     PopulateAll,
     Readahead,
     Span,
-    SpanKind,
     Then,
     WorkingSet,
     make_strategy,
@@ -24,17 +31,18 @@ REGIONS = [Region(0x10000000, 1 << 20, 0), Region(0x20000000, 2 * HUGE, 1 << 20,
 def test_on_demand_does_nothing_extra() -> None:
     s = OnDemand()
     assert list(s.on_connect(REGIONS)) == []
-    assert s.on_fault(REGIONS, 0, 5) is None
+    assert s.window_pages(REGIONS[0]) == 1
 
 
-def test_readahead_window_is_aligned_and_clipped() -> None:
+def test_readahead_window_in_pages_of_each_region() -> None:
     s = Readahead(64 * 1024)
-    assert s.on_fault(REGIONS, 0, 37) == Span(0, 32, 16)
-    assert s.on_fault(REGIONS, 0, 255) == Span(0, 240, 16)
-    assert s.on_fault(REGIONS, 1, 1) is None  # a hugepage is already bigger than the window
-    assert Readahead(8 << 20).on_fault(REGIONS, 1, 1) == Span(1, 0, 2)
+    assert s.window_pages(REGIONS[0]) == 16
+    assert s.window_pages(REGIONS[1]) == 1  # a hugepage is already bigger than the window
+    assert Readahead(8 << 20).window_pages(REGIONS[1]) == 4
     with pytest.raises(ValueError, match="power of two"):
         Readahead(100_000)
+    with pytest.raises(ValueError, match="smaller than one"):
+        Readahead(2048)
 
 
 def test_populate_all_plans_every_page_of_every_region() -> None:
@@ -46,7 +54,7 @@ def test_working_set_prefetches_recorded_extents_in_order() -> None:
                     then=Then.POPULATE_ALL)
     plan = list(ws.on_connect(REGIONS))
     # Recorded extents first (clipped to regions, rounded out to pages), then the rest.
-    p = SpanKind.PREFETCH
+    p = Cause.PREFETCH
     assert plan[:4] == [Span(0, 3, 2, p), Span(1, 1, 1, p), Span(0, 255, 1, p), Span(1, 0, 1, p)]
     assert plan[4:] == [Span(0, 0, 256), Span(1, 0, 2)]
     assert make_strategy("working-set", working_set=[(0, 4096)]).name.value == "working-set"
@@ -57,12 +65,12 @@ def test_working_set_prefetches_recorded_extents_in_order() -> None:
 def test_reap_installs_the_recorded_set_before_serving_and_plans_nothing_after() -> None:
     reap = make_strategy("reap", working_set=[(0x3000, 0x2000)])
     assert reap.name.value == "reap"
-    assert list(reap.blocking_plan(REGIONS)) == [Span(0, 3, 2, SpanKind.PREFETCH)]
+    assert list(reap.blocking_plan(REGIONS)) == [Span(0, 3, 2, Cause.PREFETCH)]
     assert list(reap.on_connect(REGIONS)) == []
-    assert reap.on_fault(REGIONS, 0, 9) is None  # the rest one page per fault
+    assert reap.window_pages(REGIONS[0]) == 1  # the rest one page per fault
     ws = make_strategy("working-set", working_set=[(0x3000, 0x2000)])
     assert list(ws.blocking_plan(REGIONS)) == []
-    assert ws.on_fault(REGIONS, 0, 9) == Span(0, 0, 64)  # readahead for the rest
+    assert ws.window_pages(REGIONS[0]) == 64  # readahead for the rest
 
 
 def test_counters_add_snapshot_and_latency() -> None:
@@ -96,3 +104,17 @@ def test_prometheus_text_is_cumulative() -> None:
 def test_readahead_smaller_than_a_page_is_refused_with_a_unit_hint(size: int) -> None:
     with pytest.raises(ValueError, match=r"smaller than one 4 KiB page: .*e\.g\. 256K"):
         Readahead(size)
+
+
+def test_counter_block_words_are_the_native_core_indices() -> None:
+    from pagein.serve import _core
+    block = CounterBlock()
+    block.add("faults", 2)
+    block.add("remaps")
+    block.observe_latency(7)
+    assert block.words[_core.C_FAULTS] == 2 and block.words[_core.C_REMAPS] == 1
+    assert block.words[_core.C_LATENCY_BUCKETS + 1] == 1
+    assert block.words[_core.C_LATENCY_US_SUM] == 7
+    assert _core.N_COUNTERS == N_COUNTERS
+    snap = block.snapshot()
+    assert snap.faults == 2 and snap.remaps == 1 and snap.latency_us_buckets[1] == 1

@@ -11,7 +11,8 @@ import pytest
 
 from pagein.errors import SnapshotFormatError
 from pagein.report import plot_compare, plot_trace
-from pagein.serve.record import Arrival, Recorder
+from pagein.serve.cause import Cause
+from pagein.serve.record import Recorder
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -23,10 +24,10 @@ class _Src:
 def _trace(tmp_path: Path) -> str:
     rec = Recorder(trace_path=str(tmp_path / "t.json"))
     rec.fault(0x3000, 11, False)
-    rec.filled(0x3000, 1, Arrival.DEMAND)
-    rec.filled(0x4000, 15, Arrival.READAHEAD)
-    rec.filled(0x10000, 64, Arrival.PREFETCH)
-    rec.filled(0x80000, 2, Arrival.ZERO)
+    rec.filled(0x3000, 1, Cause.DEMAND)
+    rec.filled(0x4000, 15, Cause.READAHEAD)
+    rec.filled(0x10000, 64, Cause.PREFETCH)
+    rec.filled(0x80000, 2, Cause.ZERO)
     rec.finish(_Src(), [])  # type: ignore[arg-type]
     return str(tmp_path / "t.json")
 

@@ -76,9 +76,9 @@ def register(sub: Any) -> None:
                    help="fault engine: native (C, the default) or python (the reference "
                         "implementation; used automatically when the native one is not "
                         "built, said once at start)")
-    p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="serving worker processes (default 0: one per CPU); VMs are spread "
-                        "over them and served in parallel")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="serving worker processes (default: one per CPU); VMs are spread "
+                        "over them and served in parallel; 0 serves in this process")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--exit-after", type=int, metavar="N",
                    help="exit once N VMs have been served and have gone")
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     options = ServeOptions.from_namespace(args)
     served = open_served(options, warm=True)
     try:
-        server = Server(served.options, served.source)
+        server = Server(served.options, served)
         return _serve(server, args)
     finally:
         served.close()

@@ -127,10 +127,10 @@ class PythonEngine:
                 poller.register(fd, select.POLLIN)
         unserved: list[Unserved] = []
         try:
+            # The caller has applied the events that made these wait: retry them at once.
+            # Later retries come only after a poll, which reads any event still pending.
+            self._retry(unserved)
             while True:
-                if self._deferred:
-                    pending, self._deferred = self._deferred, []
-                    self._serve(pending, unserved)
                 wait = timeout_ms
                 if self._deferred:
                     wait = 1 if wait < 0 else min(wait, 1)
@@ -142,10 +142,10 @@ class PythonEngine:
                     return Reason.POLLERR, [], unserved
                 if uffd_ev & select.POLLIN:
                     faults, events = self._drain()
+                    self._deferred += faults
                     if events:
-                        self._deferred += faults
                         return Reason.EVENTS, events, unserved
-                    self._serve(faults, unserved)
+                self._retry(unserved)
                 if unserved:
                     return Reason.UNSERVED, [], unserved
                 if sock_fd in ready:
@@ -226,6 +226,10 @@ class PythonEngine:
             # A short read emptied the queue; a full one may have left more behind.
             ready = len(batch) == _BATCH and bool(self._uffd_poll.poll(0))
         return faults, events
+
+    def _retry(self, unserved: list[Unserved]) -> None:
+        pending, self._deferred = self._deferred, []
+        self._serve(pending, unserved)
 
     def _serve(self, faults: list[tuple[PageFault, int]], unserved: list[Unserved]) -> None:
         for i, (fault, t0) in enumerate(faults):

@@ -56,11 +56,12 @@ class ServeOptions:
     metrics_port: int | None = None
     exit_after: int | None = None  # stop once this many VM sessions have ended
     engine: EngineName = EngineName.NATIVE
-    workers: int = 0  # serving worker processes; 0: one per CPU
+    workers: int | None = None  # worker processes; None: one per CPU; 0: in this process
 
     @property
     def worker_count(self) -> int:
-        return self.workers or default_workers()
+        """Serving worker processes to start (0: serve in this process)."""
+        return default_workers() if self.workers is None else self.workers
 
     @property
     def trace_path(self) -> str | None:
@@ -89,11 +90,11 @@ class ServeOptions:
                 "--then", self.then.value, "--chunk-size", str(self.chunk_bytes),
                 "--on-bad-handshake", self.on_bad_handshake.value,
                 "--handshake-timeout", repr(self.handshake_timeout),
-                "--engine", self.engine.value, "--workers", str(self.workers)]
+                "--engine", self.engine.value]
         for flag, value in (("--working-set", self.working_set), ("--record", self.record),
                             ("--trace", self.trace), ("--stats-json", self.stats_json),
                             ("--metrics-port", self.metrics_port),
-                            ("--exit-after", self.exit_after)):
+                            ("--exit-after", self.exit_after), ("--workers", self.workers)):
             if value is not None:
                 argv += [flag, str(value)]
         return argv

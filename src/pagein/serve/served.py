@@ -32,6 +32,12 @@ class Served:
     extents: list[tuple[int, int]] | None
     options: ServeOptions
 
+    @classmethod
+    def of(cls, source: PageSource, options: ServeOptions) -> Served:
+        """Serve a source object the caller opened (and closes): with ``workers=0``, any
+        :class:`PageSource`, e.g. one a library user wrote."""
+        return cls(source, source, None, options)
+
     def strategy(self) -> Strategy:
         """A fresh strategy for one VM (sessions never share one)."""
         o = self.options

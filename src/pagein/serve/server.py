@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagein.errors import HandshakeError, PageinError
@@ -39,9 +40,10 @@ from pagein.serve.engine import EngineName, choose
 from pagein.serve.firecracker import Handshake, Region, receive_handshake
 from pagein.serve.options import BadHandshakePolicy, ServeOptions
 from pagein.serve.record import OutputNames
+from pagein.serve.served import Served
 from pagein.serve.state import VmState
 from pagein.serve.stats import Counters, prometheus_text
-from pagein.snapshot.source import PageSource
+from pagein.serve.worker import VmServer
 from pagein.sys.fdpass import PeerCred, peer_credentials
 
 __all__ = ["BadHandshakePolicy", "Server"]
@@ -73,7 +75,7 @@ class _Vm:
     uffd_fd: int
     conn: socket.socket
     state: VmState
-    worker: _WorkerProc | None = None
+    worker: _WorkerProc | _InProcess | None = None
     engine: str = ""
     started: float = field(default_factory=time.monotonic)
 
@@ -85,6 +87,10 @@ class _Vm:
 
 class _WorkerProc:
     """One serving worker process and our end of its control channel."""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def __init__(self, index: int, options: ServeOptions, engine: EngineName) -> None:
         self.index = index
@@ -122,16 +128,38 @@ class _WorkerProc:
             send_msg(self.ctl, doc, fds or [])
 
 
+class _InProcess:
+    """Serve VMs in threads of this process (``--workers 0``): the only way to serve a
+    :class:`PageSource` object that no URL names, as a library user may."""
+
+    index = 0
+
+    def __init__(self, served: Served, engine: EngineName,
+                 report: Callable[[dict[str, object]], None]) -> None:
+        self.vms: set[int] = set()
+        self.pid = os.getpid()
+        self._server = VmServer(served, engine, report)
+
+    def send(self, doc: dict[str, object], fds: list[int] | None = None) -> None:
+        if doc.get("op") == "serve":
+            # The session closes what it is given; the supervisor keeps its own copies.
+            self._server.start_vm(doc, [os.dup(fd) for fd in fds or []])
+        elif doc.get("op") == "stop":
+            self._server.stop()
+
+
 class Server:
     """Serve VMs from one page source. Use :meth:`serve_forever` and :meth:`stop`.
 
-    ``source`` is the served source opened by the caller: the supervisor checks each
-    handshake against its size and names it in logs; workers open their own.
+    ``served`` is the source opened by the caller (:func:`~pagein.serve.served.open_served`):
+    the supervisor checks each handshake against its size and names it in logs; worker
+    processes open their own from the options, ``--workers 0`` serves this one.
     """
 
-    def __init__(self, options: ServeOptions, source: PageSource) -> None:
+    def __init__(self, options: ServeOptions, served: Served) -> None:
         self.options = options
-        self.source = source
+        self.served = served
+        self.source = served.source
         self.engine, why = choose(options.engine)
         if why is not None:
             log.warning("engine: python (%s)", why)
@@ -147,11 +175,15 @@ class Server:
         self.handshake_failures = 0
         self._sessions_ended = 0
         self._listener = self._bind(options.socket_path)
-        self._workers: list[_WorkerProc] = []
+        self._procs: list[_WorkerProc] = []
+        self._workers: list[_WorkerProc | _InProcess] = []
+        if options.worker_count == 0:
+            self._workers = [_InProcess(served, self.engine, self._on_report)]
+            return
         try:
-            self._workers = [_WorkerProc(i, options, self.engine)
-                             for i in range(options.worker_count)]
-            for w in self._workers:
+            self._procs = [_WorkerProc(i, options, self.engine)
+                           for i in range(options.worker_count)]
+            for w in self._procs:
                 w.wait_ready(_WORKER_START_S)
         except BaseException:
             self._kill_workers()
@@ -159,7 +191,8 @@ class Server:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(options.socket_path)
             raise
-        for w in self._workers:
+        self._workers = list(self._procs)
+        for w in self._procs:
             threading.Thread(target=self._watch_worker, args=(w,), daemon=True,
                              name=f"pagein-worker-{w.index}").start()
 
@@ -249,7 +282,7 @@ class Server:
         for w in self._workers:
             with contextlib.suppress(OSError):
                 w.send({"op": "stop"})
-        for w in self._workers:
+        for w in self._procs:
             try:
                 w.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -276,7 +309,7 @@ class Server:
             os.close(fd)
 
     def _kill_workers(self) -> None:
-        for w in self._workers:
+        for w in self._procs:
             if w.proc.poll() is None:
                 w.proc.kill()
                 w.proc.wait()
@@ -297,13 +330,7 @@ class Server:
             doc, fds = got
             for fd in fds:
                 os.close(fd)
-            vm_id = doc.get("vm")
-            if doc.get("op") == "started" and isinstance(vm_id, int):
-                with self._lock:
-                    if vm_id in self._vms:
-                        self._vms[vm_id].engine = str(doc.get("engine", ""))
-            elif doc.get("op") == "ended" and isinstance(vm_id, int):
-                self._vm_ended(vm_id, str(doc.get("end", "failed")))
+            self._on_report(doc)
         if self._stop_w >= 0 and w.proc.poll() is None:
             w.proc.wait()
         with self._lock:
@@ -313,6 +340,15 @@ class Server:
             log.error("serving worker %d (pid %d) exited with status %s while serving %d "
                       "VM(s): their guests are frozen on missing pages (their uffds are kept "
                       "open: never zero pages)", w.index, w.proc.pid, code, len(orphans))
+
+    def _on_report(self, doc: dict[str, object]) -> None:
+        vm_id = doc.get("vm")
+        if doc.get("op") == "started" and isinstance(vm_id, int):
+            with self._lock:
+                if vm_id in self._vms:
+                    self._vms[vm_id].engine = str(doc.get("engine", ""))
+        elif doc.get("op") == "ended" and isinstance(vm_id, int):
+            self._vm_ended(vm_id, str(doc.get("end", "failed")))
 
     def _vm_ended(self, vm_id: int, end: str) -> None:
         with self._lock:
@@ -419,7 +455,7 @@ class Server:
         return {
             "source": self.source.describe(),
             "engine": self.engine.value,
-            "workers": [{"index": w.index, "pid": w.proc.pid, "vms": len(w.vms)}
+            "workers": [{"index": w.index, "pid": w.pid, "vms": len(w.vms)}
                         for w in self._workers],
             "active_vms": sum(1 for _, _, s, _ in vms if s == "active"),
             "handshake_failures": self.handshake_failures,

@@ -24,12 +24,13 @@ serving and exits: its VMs freeze, as they would with one dead handler process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pagein.errors import PageinError
 from pagein.serve.control import ControlError, recv_msg, send_msg
@@ -42,63 +43,42 @@ from pagein.serve.session import Session
 from pagein.serve.state import VmState
 from pagein.sys.uffd import Feature, Userfaultfd
 
-__all__ = ["main"]
+__all__ = ["VmServer", "main"]
 
 log = logging.getLogger("pagein.serve")
 
 
-class _Worker:
-    def __init__(self, ctl: socket.socket, served: Served, engine: EngineName) -> None:
-        self.ctl = ctl
+class VmServer:
+    """Serve the VMs handed to :meth:`serve_vm`, each in a thread; report what happens
+    through ``report`` (the control channel in a worker process, a callback in-process)."""
+
+    def __init__(self, served: Served, engine: EngineName,
+                 report: Callable[[dict[str, object]], None]) -> None:
         self.served = served
         self.engine = engine
-        self._send_lock = threading.Lock()
+        self.send = report
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._threads: list[threading.Thread] = []
-        self._connected = True
 
-    def send(self, doc: dict[str, object]) -> None:
-        with self._send_lock:
-            if not self._connected:
-                return
-            try:
-                send_msg(self.ctl, doc)
-            except OSError:
-                self._connected = False
+    def start_vm(self, doc: dict[str, object], fds: Sequence[int]) -> None:
+        """Serve one VM (fds: uffd, VMM socket, state memfd, now owned here) in a thread."""
+        t = threading.Thread(target=self._serve_vm, args=(doc, fds), daemon=True,
+                             name=str(doc.get("name", "vm"))[:64])
+        self._threads = [x for x in self._threads if x.is_alive()]
+        self._threads.append(t)
+        t.start()
 
-    def serve_forever(self) -> None:
-        while True:
-            try:
-                got = recv_msg(self.ctl)
-            except (ControlError, OSError, ValueError) as e:
-                log.error("worker: control channel failed: %s", e)
-                got = None
-            if got is None:
-                # The supervisor is gone: stop too. Its VMs freeze (their VMMs keep their
-                # own uffd copies: never zero pages), loudly, as one dead handler does.
-                self._connected = False
-                live = sum(t.is_alive() for t in self._threads)
-                if live:
-                    log.error("worker: the supervisor is gone; stopping %d VM session(s)",
-                              live)
-                os.write(self._stop_w, b"x")
-                break
-            doc, fds = got
-            op = doc.get("op")
-            if op == "serve" and len(fds) == 3:
-                t = threading.Thread(target=self._serve_vm, args=(doc, fds), daemon=True,
-                                     name=str(doc.get("name", "vm")))
-                self._threads.append(t)
-                t.start()
-            elif op == "stop":
-                os.write(self._stop_w, b"x")
-                break
-            else:
-                for fd in fds:
-                    os.close(fd)
-                log.error("worker: unexpected control message %r", str(op)[:64])
+    def stop(self) -> None:
+        """End every session (STOPPED) and wait for their threads."""
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
         for t in self._threads:
             t.join()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+    def live(self) -> int:
+        return sum(t.is_alive() for t in self._threads)
 
     def _serve_vm(self, doc: dict[str, object], fds: Sequence[int]) -> None:
         uffd_fd, conn_fd, state_fd = fds
@@ -146,6 +126,53 @@ class _Worker:
             self.send({"op": "ended", "vm": vm, "end": end})
 
 
+class _Channel:
+    """The worker process's end of the control channel."""
+
+    def __init__(self, ctl: socket.socket) -> None:
+        self.ctl = ctl
+        self._lock = threading.Lock()
+        self.connected = True
+
+    def report(self, doc: dict[str, object]) -> None:
+        with self._lock:
+            if not self.connected:
+                return
+            try:
+                send_msg(self.ctl, doc)
+            except OSError:
+                self.connected = False
+
+    def serve(self, vms: VmServer) -> None:
+        """Take VMs from the supervisor until it says stop or goes away."""
+        while True:
+            try:
+                got = recv_msg(self.ctl)
+            except (ControlError, OSError, ValueError) as e:
+                log.error("worker: control channel failed: %s", e)
+                got = None
+            if got is None:
+                # The supervisor is gone: stop too. Its VMs freeze (their VMMs keep their
+                # own uffd copies: never zero pages), loudly, as one dead handler does.
+                with self._lock:
+                    self.connected = False
+                if vms.live():
+                    log.error("worker: the supervisor is gone; stopping %d VM session(s)",
+                              vms.live())
+                break
+            doc, fds = got
+            op = doc.get("op")
+            if op == "serve" and len(fds) == 3:
+                vms.start_vm(doc, fds)
+            elif op == "stop":
+                break
+            else:
+                for fd in fds:
+                    os.close(fd)
+                log.error("worker: unexpected control message %r", str(op)[:64])
+        vms.stop()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pagein.serve.worker CONTROL_FD``: run one serving worker."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -168,9 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         send_msg(ctl, {"op": "failed", "error": str(e)})
         return 1
     try:
-        worker = _Worker(ctl, served, EngineName(str(doc.get("engine", "native"))))
-        worker.send({"op": "ready", "pid": os.getpid()})
-        worker.serve_forever()
+        channel = _Channel(ctl)
+        vms = VmServer(served, EngineName(str(doc.get("engine", "native"))), channel.report)
+        channel.report({"op": "ready", "pid": os.getpid()})
+        channel.serve(vms)
     finally:
         served.close()
     return 0

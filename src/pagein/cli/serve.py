@@ -72,10 +72,11 @@ def register(sub: Any) -> None:
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus text metrics on 127.0.0.1:PORT/metrics")
     p.add_argument("--engine", choices=[e.value for e in EngineName],
-                   default=EngineName.NATIVE.value,
+                   default=EngineName.default().value,
                    help="fault engine: native (C, the default) or python (the reference "
                         "implementation; used automatically when the native one is not "
-                        "built, said once at start)")
+                        "built, said once at start; PAGEIN_ENGINE=python changes the "
+                        "default)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="serving worker processes (default: one per CPU); VMs are spread "
                         "over them and served in parallel; 0 serves in this process")

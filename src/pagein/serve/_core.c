@@ -892,9 +892,10 @@ static PyObject *core_wake(Core *s, PyObject *args) {
 
 static PyObject *core_take_records(Core *s, PyObject *unused) {
     if (!usable(s)) return NULL;
-    PyObject *out = Py_BuildValue("(y#y#)", (const char *)s->fault_rec.p,
+    /* y# turns a NULL pointer into None: an empty buffer must still be bytes. */
+    PyObject *out = Py_BuildValue("(y#y#)", s->fault_rec.p ? (const char *)s->fault_rec.p : "",
                                   (Py_ssize_t)(s->fault_rec.n * sizeof(record_t)),
-                                  (const char *)s->fill_rec.p,
+                                  s->fill_rec.p ? (const char *)s->fill_rec.p : "",
                                   (Py_ssize_t)(s->fill_rec.n * sizeof(record_t)));
     if (out) s->fault_rec.n = s->fill_rec.n = 0;
     return out;

@@ -22,6 +22,7 @@ and :func:`choose` says why once.
 from __future__ import annotations
 
 import enum
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,6 +66,13 @@ class CoreEvent(enum.IntEnum):
 class EngineName(enum.Enum):
     NATIVE = "native"
     PYTHON = "python"
+
+    @classmethod
+    def default(cls) -> EngineName:
+        """``native``, unless the environment says ``PAGEIN_ENGINE=python`` (how the test
+        suite runs every serving test again on the Python engine)."""
+        value = os.environ.get("PAGEIN_ENGINE", "").strip().lower()
+        return cls.PYTHON if value == cls.PYTHON.value else cls.NATIVE
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,10 +44,12 @@ class HandlerProcess:
     @staticmethod
     def options_for_one_vm(source: str, workdir: str, **changes: object) -> ServeOptions:
         """Options for a handler that serves one VM and exits when it has gone: its socket
-        and stats file in ``workdir``, one worker, bad handshakes closed, not killed."""
+        and stats file in ``workdir``, served in the handler process itself (no worker
+        processes: one VM needs no parallelism, and killing the handler stops it), bad
+        handshakes closed, not killed."""
         base = ServeOptions(socket_path=os.path.join(workdir, "handler.sock"), source=source,
                             on_bad_handshake=BadHandshakePolicy.CLOSE, exit_after=1,
-                            stats_json=os.path.join(workdir, "stats.json"), workers=1)
+                            stats_json=os.path.join(workdir, "stats.json"), workers=0)
         return base.with_(**changes)
 
     @classmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import enum
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from pagein.serve.engine import EngineName
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
@@ -55,7 +55,7 @@ class ServeOptions:
     stats_json: str | None = None
     metrics_port: int | None = None
     exit_after: int | None = None  # stop once this many VM sessions have ended
-    engine: EngineName = EngineName.NATIVE
+    engine: EngineName = field(default_factory=EngineName.default)
     workers: int | None = None  # worker processes; None: one per CPU; 0: in this process
 
     @property

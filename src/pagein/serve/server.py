@@ -392,7 +392,7 @@ class Server:
             conn.close()
             return
         vm_id = next(self._ids)
-        vm = _Vm(vm_id, peer, f"vm {vm_id} pid={peer.pid}", hs.regions, hs.uffd_fd, conn,
+        vm = _Vm(vm_id, peer, f"vm pid={peer.pid}", hs.regions, hs.uffd_fd, conn,
                  state)
         self._dispatch(vm, hs)
 

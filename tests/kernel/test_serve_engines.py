@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from serve_harness import client, finish, make_snapshot, start_server, touch_args
 
 from pagein.serve.engine import EngineName, native_unavailable
+from serve_harness import client, finish, make_snapshot, start_server, touch_args
 
 pytestmark = pytest.mark.kernel
 

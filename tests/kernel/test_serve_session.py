@@ -90,6 +90,7 @@ def _run(s: Session, timeout: float = 10) -> SessionEnd | None:
         t.join()
         pytest.fail(f"the session did not end; calls so far: {s.uffd.calls}")  # type: ignore[attr-defined]
     s.close()
+    s.uffd.close()
     s._final = s.state.counters.snapshot()  # type: ignore[attr-defined]
     s.state.close()
     s.source.close()

@@ -88,9 +88,14 @@ def holes_of(source: PageSource, regions: Iterable[Region]) -> list[Bitmap | Non
 
 
 class Session:
-    """Serve one VM: its uffd, its regions, its strategy. Run :meth:`run` in a thread."""
+    """Serve one VM: its uffd, its regions, its strategy. Run :meth:`run` in a thread.
 
-    def __init__(self, *, uffd: Userfaultfd, sock: socket.socket, regions: Iterable[Region],
+    The session uses the uffd and the VMM socket (None: there is none, e.g. a VMM serving
+    itself) but does not own them: whoever handed them over closes them.
+    """
+
+    def __init__(self, *, uffd: Userfaultfd, sock: socket.socket | None,
+                 regions: Iterable[Region],
                  source: PageSource, strategy: Strategy, state: VmState, name: str,
                  stop_fd: int, engine: EngineName = EngineName.NATIVE,
                  recorder: Recorder | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -176,7 +181,7 @@ class Session:
                 self._apply(self._engine.drain(100))
 
     def _loop(self, planner: Planner) -> SessionEnd:
-        sfd = self.sock.fileno()
+        sfd = -1 if self.sock is None else self.sock.fileno()
         if self._ctl and not self._on_socket(b""):
             return SessionEnd.PEER_EXITED
         busy = planner.busy()
@@ -264,6 +269,8 @@ class Session:
 
     def _on_socket(self, data: bytes | None) -> bool:
         """Handle bytes from the VMM socket; False on EOF (the VMM exited)."""
+        if self.sock is None:
+            return True
         if data is None:
             try:
                 data = self.sock.recv(4096)
@@ -297,8 +304,6 @@ class Session:
         return d
 
     def close(self) -> None:
-        """Close the engine, the uffd and the socket (idempotent); the state stays."""
+        """Close the engine (idempotent); the uffd, the socket and the state stay open."""
         self._engine.close()
-        self.uffd.close()
-        self.sock.close()
 

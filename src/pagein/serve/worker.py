@@ -122,6 +122,8 @@ class VmServer:
             end = session.run().value
         finally:
             session.close()
+            uffd.close()
+            sock.close()
             state.close()
             self.send({"op": "ended", "vm": vm, "end": end})
 

@@ -51,16 +51,17 @@ from typing import Self
 
 import numpy as np
 
-from pagein._abi.mman import Prot
 from pagein.errors import HandlerError, SnapshotFormatError
 from pagein.serve.firecracker import Region as WireRegion
 from pagein.serve.firecracker import connect_and_send
 from pagein.serve.local import start_handler
-from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName
-from pagein.snapshot.raw import data_extents
+from pagein.serve.session import Session
+from pagein.serve.state import VmState
+from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, OnDemand, StrategyName
+from pagein.snapshot.raw import RawFileSource, data_extents
 from pagein.sys.mapping import HUGE_PAGE_SIZE, Mapping, Memfd
 from pagein.sys.pagemap import Pagemap
-from pagein.sys.uffd import AlreadyPresent, Feature, PageFault, RegisterMode, Userfaultfd
+from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
 from pagein.vmm.console import Console
 from pagein.vmm.machine import Machine, RunResult
 from pagein.vmm.memory import GuestMemory, Region
@@ -276,35 +277,29 @@ class RestoredVm:
             return False
         log.warning("serving the pages blocked vCPUs wait on from %s so they can stop",
                     self.snapshot.memory_path)
-        fd = os.open(self.snapshot.memory_path, os.O_RDONLY | os.O_CLOEXEC)
+        wire = [WireRegion(m.address, r.size, r.offset, r.page_size)
+                for m, r in zip(self._parts.mappings, self.snapshot.regions, strict=True)]
+        for w in wire:
+            uffd.wake(w.base_address, w.size_bytes)
+        stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
+        # The same fault engine pagein serve runs, in a thread of this process: vCPUs
+        # fault inside KVM_RUN without the GIL, so a thread here can serve them.
         try:
-            source = Mapping.of_fd(fd, self.snapshot.memory_bytes, prot=Prot.READ)
+            with RawFileSource(self.snapshot.memory_path) as source, \
+                    VmState.create(wire) as state:
+                session = Session(uffd=uffd, sock=None, regions=wire, source=source,
+                                  strategy=OnDemand(), state=state, stop_fd=stop_r,
+                                  name=f"stopping {self.snapshot.memory_path}")
+                t = threading.Thread(target=session.run, daemon=True, name="pagein-unblock")
+                t.start()
+                self._joined.wait(timeout)
+                os.write(stop_w, b"x")
+                t.join()
+                session.close()
         finally:
-            os.close(fd)
-        with source:
-            spans = [(m.address, m.end, r.offset, r.page_size)
-                     for m, r in zip(self._parts.mappings, self.snapshot.regions, strict=True)]
-            for start, end, _, _ in spans:
-                uffd.wake(start, end - start)
-            deadline = time.monotonic() + timeout
-            while not self._joined.is_set() and time.monotonic() < deadline:
-                if not select.select([uffd.fileno()], [], [], 0.05)[0]:
-                    continue
-                for ev in uffd.read_events():
-                    if isinstance(ev, PageFault):
-                        self._fill_from(uffd, source, spans, ev.address)
+            os.close(stop_r)
+            os.close(stop_w)
         return self._joined.is_set()
-
-    @staticmethod
-    def _fill_from(uffd: Userfaultfd, source: Mapping, spans: list[tuple[int, int, int, int]],
-                   address: int) -> None:
-        for start, end, offset, page_size in spans:
-            if start <= address < end:
-                page = address - (address - start) % page_size
-                result = uffd.copy(page, source.address + offset + page - start, page_size)
-                if isinstance(result, AlreadyPresent):
-                    uffd.wake(page, page_size)
-                return
 
     def __enter__(self) -> Self:
         return self

@@ -31,6 +31,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <time.h>
 #include <unistd.h>
@@ -92,6 +93,11 @@ typedef struct {
     vec_t events, unserved, installed, fault_rec, fill_rec;
     uint32_t fault_region; uint64_t fault_page;  /* the page being faulted on */
     int err; char msg[160];          /* the failure to raise once the GIL is back */
+    /* epoll rather than poll: the registrations persist, so a wait per fault costs one
+     * cheap syscall whatever the number of fds (measured: poll on 3 fds cost ~1 us more
+     * per fault than a C handler's poll on 2 here). sock/stop fds must stay open while
+     * registered (a session keeps them for its whole life). */
+    int ep, ep_sock, ep_stop, ep_made;
 } Core;
 
 static uint64_t now_ns(void) {
@@ -476,32 +482,57 @@ static Py_ssize_t drain(Core *s) {
 #define RUN_EINTR (-2)
 
 /* The loop of run(), GIL released. Returns a reason, FAIL or RUN_EINTR. */
+/* Watch `fd` (or nothing, -1) under `tag` instead of whatever `*cur` was. */
+static int ep_watch(Core *s, int *cur, int fd, uint32_t tag) {
+    if (*cur == fd) return 0;
+    if (*cur >= 0) epoll_ctl(s->ep, EPOLL_CTL_DEL, *cur, NULL);  /* may be closed: fine */
+    *cur = -1;
+    if (fd < 0) return 0;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = tag};
+    if (epoll_ctl(s->ep, EPOLL_CTL_ADD, fd, &ev) < 0) return fail(s, errno, "epoll_ctl", (uint64_t)fd, 0);
+    *cur = fd;
+    return 0;
+}
+
+static int ep_setup(Core *s, int stop_fd, int sock_fd) {
+    if (!s->ep_made) {
+        s->ep = epoll_create1(EPOLL_CLOEXEC);
+        if (s->ep < 0) return fail(s, errno, "epoll_create1", 0, 0);
+        s->ep_made = 1, s->ep_sock = s->ep_stop = -1;
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = 0};
+        if (epoll_ctl(s->ep, EPOLL_CTL_ADD, s->uffd, &ev) < 0)
+            return fail(s, errno, "epoll_ctl(uffd)", (uint64_t)s->uffd, 0);
+    }
+    if (ep_watch(s, &s->ep_sock, sock_fd, 1) == FAIL) return FAIL;
+    return ep_watch(s, &s->ep_stop, stop_fd, 2);
+}
+
 static int run_loop(Core *s, int stop_fd, int sock_fd, int timeout_ms) {
     uint64_t idle_since = now_ns();
     int turns = 0;
+    if (ep_setup(s, stop_fd, sock_fd) == FAIL) return FAIL;
     if (s->dhead < s->deferred.n) {  /* the caller applied the events: retry at once */
         int rc = serve_queue(s);
         if (rc == FAIL) return FAIL;
     }
     for (;; turns++) {
-        struct pollfd fds[3] = {{s->uffd, POLLIN, 0}, {sock_fd, POLLIN, 0},
-                                {stop_fd, POLLIN, 0}};  /* fd -1: ignored by poll */
+        struct epoll_event evs[3];
+        uint32_t rev[3] = {0, 0, 0};  /* uffd, socket, stop */
         int deferred = s->dhead < s->deferred.n, wait = -1;
         if (timeout_ms >= 0) {
             uint64_t gone = (now_ns() - idle_since) / 1000000;
             wait = gone >= (uint64_t)timeout_ms ? 0 : timeout_ms - (int)gone;
         }
         if (deferred && (wait < 0 || wait > 1)) wait = 1;  /* retry soon */
-        int ready = poll(fds, 3, wait);
+        int ready = epoll_wait(s->ep, evs, 3, wait);
         if (ready < 0) {
             if (errno == EINTR) return RUN_EINTR;
-            return fail(s, errno, "poll", 0, 0);
+            return fail(s, errno, "epoll_wait", 0, 0);
         }
-        for (int i = 0; i < 3; i++)
-            if (fds[i].revents & POLLNVAL) return fail(s, EBADF, "poll", (uint64_t)fds[i].fd, 0);
-        if (fds[2].revents) return REASON_STOP;
-        if (fds[0].revents & POLLERR) return REASON_POLLERR;
-        if (fds[0].revents & POLLIN) {
+        for (int i = 0; i < ready; i++) rev[evs[i].data.u32 % 3] |= evs[i].events;
+        if (rev[2]) return REASON_STOP;
+        if (rev[0] & EPOLLERR) return REASON_POLLERR;
+        if (rev[0] & EPOLLIN) {
             Py_ssize_t nevents = drain(s);
             if (nevents < 0) return FAIL;
             /* R1/R4: the caller applies these events before any of the faults is served;
@@ -511,7 +542,7 @@ static int run_loop(Core *s, int stop_fd, int sock_fd, int timeout_ms) {
         if (s->dhead < s->deferred.n && serve_queue(s) == FAIL)
             return s->err == ESRCH ? REASON_PEER_GONE : FAIL;
         if (s->unserved.n) return REASON_UNSERVED;
-        if (fds[1].revents & (POLLIN | POLLHUP | POLLERR)) return REASON_SOCKET;
+        if (rev[1] & (EPOLLIN | EPOLLHUP | EPOLLERR)) return REASON_SOCKET;
         if (ready) idle_since = now_ns();
         if (timeout_ms == 0 ||
             (timeout_ms >= 0 && !ready &&
@@ -622,6 +653,8 @@ static void core_release(Core *s) {
                      &s->fill_rec};
     for (size_t i = 0; i < sizeof vecs / sizeof *vecs; i++) vec_free(vecs[i]);
     s->dhead = 0;
+    if (s->ep_made) close(s->ep);
+    s->ep_made = 0;
     s->closed = 1;
 }
 

@@ -143,9 +143,15 @@ def native_unavailable() -> str | None:
 
 
 def choose(wanted: EngineName) -> tuple[EngineName, str | None]:
-    """Return the engine to use for ``wanted`` and, when it differs, why."""
+    """Return the engine to use for ``wanted`` and, when it differs, why.
+
+    Also imports that engine's module (and the Python engine, every session's fallback)
+    now, so the first VM's first fault does not wait for an import.
+    """
+    import pagein.serve.install
     if wanted is EngineName.NATIVE:
         why = native_unavailable()
         if why is not None:
             return EngineName.PYTHON, why
+        import pagein.serve.native  # noqa: F401
     return wanted, None

@@ -174,22 +174,23 @@ class Server:
         self._threads: list[threading.Thread] = []
         self.handshake_failures = 0
         self._sessions_ended = 0
-        self._listener = self._bind(options.socket_path)
         self._procs: list[_WorkerProc] = []
         self._workers: list[_WorkerProc | _InProcess] = []
+        self._check_path(options.socket_path)
         if options.worker_count == 0:
             self._workers = [_InProcess(served, self.engine, self._on_report)]
+            self._listener = self._bind(options.socket_path)
             return
+        # Listen only once every worker is ready: a VMM connects as soon as the socket
+        # exists, and its first fault would otherwise wait for the workers to start.
         try:
             self._procs = [_WorkerProc(i, options, self.engine)
                            for i in range(options.worker_count)]
             for w in self._procs:
                 w.wait_ready(_WORKER_START_S)
+            self._listener = self._bind(options.socket_path)
         except BaseException:
             self._kill_workers()
-            self._listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(options.socket_path)
             raise
         self._workers = list(self._procs)
         for w in self._procs:
@@ -197,18 +198,23 @@ class Server:
                              name=f"pagein-worker-{w.index}").start()
 
     @staticmethod
-    def _bind(path: str) -> socket.socket:
+    def _check_path(path: str) -> None:
+        """Refuse a path that is not a socket or that a running handler listens on."""
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise PageinError(f"--socket {path} exists and is not a socket: "
-                                  "remove it or choose another path")
-            if _listening(path):
-                raise PageinError(f"--socket {path} is in use by another running handler: "
-                                  "stop it or choose another path")
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise PageinError(f"--socket {path} exists and is not a socket: "
+                              "remove it or choose another path")
+        if _listening(path):
+            raise PageinError(f"--socket {path} is in use by another running handler: "
+                              "stop it or choose another path")
+
+    @classmethod
+    def _bind(cls, path: str) -> socket.socket:
+        cls._check_path(path)
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale socket from an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:

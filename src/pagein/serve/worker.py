@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 
 from pagein.errors import PageinError
 from pagein.serve.control import ControlError, recv_msg, send_msg
-from pagein.serve.engine import EngineName
+from pagein.serve.engine import EngineName, choose
 from pagein.serve.firecracker import Region
 from pagein.serve.options import ServeOptions
 from pagein.serve.record import Recorder
@@ -198,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         channel = _Channel(ctl)
-        vms = VmServer(served, EngineName(str(doc.get("engine", "native"))), channel.report)
+        engine, _ = choose(EngineName(str(doc.get("engine", "native"))))  # imports it now
+        vms = VmServer(served, engine, channel.report)
         channel.report({"op": "ready", "pid": os.getpid()})
         channel.serve(vms)
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 from pathlib import Path
 
@@ -17,7 +18,17 @@ from pagein.serve.session import Session, SessionEnd
 from pagein.serve.state import VmState
 from pagein.serve.strategies import OnDemand
 from pagein.snapshot.raw import RawFileSource
-from pagein.sys.uffd import AlreadyPresent, Event, Filled, FillResult, PageFault, Remove, Retry
+from pagein.sys.uffd import (
+    AlreadyPresent,
+    ApiInfo,
+    Event,
+    Feature,
+    Filled,
+    FillResult,
+    PageFault,
+    Remove,
+    Retry,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -46,6 +57,21 @@ class ScriptedUffd:
 
     def fileno(self) -> int:
         return self.r
+
+    api = ApiInfo(Feature.NONE, frozenset())
+
+    def readinto(self, buf: memoryview) -> int:
+        """The batch as raw uffd_msg records (the session's engine reads into its journal)."""
+        batch = self.read_events()
+        for i, ev in enumerate(batch):
+            if isinstance(ev, PageFault):
+                rec = struct.pack("=B7xQQI4x", 0x12, 0x1 if ev.write else 0, ev.address,
+                                  ev.thread_id)
+            else:
+                assert isinstance(ev, Remove)
+                rec = struct.pack("=B7xQQ8x", 0x15, ev.start, ev.end)
+            buf[i * 32:(i + 1) * 32] = rec
+        return len(batch)
 
     def read_events(self, max_events: int = 64) -> list[Event]:
         os.read(self.r, 1)

@@ -13,7 +13,12 @@ from types import FrameType
 from typing import Any
 
 from pagein.serve.engine import EngineName
-from pagein.serve.options import DEFAULT_CHUNK_BYTES, BadHandshakePolicy, ServeOptions
+from pagein.serve.options import (
+    DEFAULT_CHUNK_BYTES,
+    BadHandshakePolicy,
+    ServeOptions,
+    VmFailurePolicy,
+)
 from pagein.serve.served import open_served
 from pagein.serve.server import Server
 from pagein.serve.stats import write_json
@@ -80,6 +85,13 @@ def register(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="serving worker processes (default: one per CPU); VMs are spread "
                         "over them and served in parallel; 0 serves in this process")
+    p.add_argument("--max-restarts", type=int, default=3, metavar="N",
+                   help="worker crashes a VM survives (a new worker takes it over, the guest "
+                        "notices nothing) before its session fails (default 3)")
+    p.add_argument("--on-vm-failure", choices=[v.value for v in VmFailurePolicy],
+                   default=VmFailurePolicy.KILL.value,
+                   help="when a VM's session fails for good: kill its VMM (default) or "
+                        "leave it frozen")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--exit-after", type=int, metavar="N",
                    help="exit once N VMs have been served and have gone")

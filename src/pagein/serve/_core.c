@@ -88,7 +88,14 @@ typedef struct {
     uint64_t base, zero_address, chunk_bytes;
     overlay_t *overlay; Py_ssize_t noverlay;
     extent_t *extents; Py_ssize_t nextents;
-    struct uffd_msg msgs[BATCH];
+    /* Messages are read into `msgs`: our own buffer, or the VM's journal in shared memory
+     * (the `journal` argument). Reading straight into the journal means a non-fault
+     * event the kernel handed over is on record the moment read() returns: a worker
+     * killed before applying it leaves it there for its successor (R6). */
+    struct uffd_msg msgs_own[BATCH];
+    struct uffd_msg *msgs;
+    Py_buffer journal_view;
+    int journal_dirty;  /* the journal holds events the caller has not applied yet */
     vec_t deferred; size_t dhead;   /* faults waiting for a retry: [dhead, n) */
     vec_t events, unserved, installed, fault_rec, fill_rec;
     uint32_t fault_region; uint64_t fault_page;  /* the page being faulted on */
@@ -443,11 +450,12 @@ static Py_ssize_t drain(Core *s) {
     if (s->dhead && s->dhead == s->deferred.n) s->dhead = s->deferred.n = 0;
     for (;;) {
         /* Only read when poll said so: the VMM may have made the uffd blocking. */
-        ssize_t got = read(s->uffd, s->msgs, sizeof s->msgs);
+        if (s->journal_dirty) break;  /* never overwrite events not yet applied */
+        ssize_t got = read(s->uffd, s->msgs, BATCH * sizeof(struct uffd_msg));
         uint64_t t = now_ns();
         if (got < 0) {
             if (errno == EAGAIN || errno == EINTR) break;
-            fail(s, errno, "read(uffd)", 0, sizeof s->msgs);
+            fail(s, errno, "read(uffd)", 0, BATCH * sizeof(struct uffd_msg));
             return -1;
         }
         size_t n = (size_t)got / sizeof(struct uffd_msg);
@@ -458,8 +466,12 @@ static Py_ssize_t drain(Core *s) {
                 if (!f) { fail(s, ENOMEM, "queueing a fault", 0, 0); return -1; }
                 *f = (fault_t){m->arg.pagefault.address, m->arg.pagefault.flags, t,
                                m->arg.pagefault.feat.ptid};
+                /* A fault needs no record: its thread still waits, and a successor's
+                 * wake of every range makes it fault again. */
+                if (s->msgs != s->msgs_own) memset(m, 0, sizeof *m);
                 continue;
             }
+            if (s->msgs != s->msgs_own) s->journal_dirty = 1;
             event_t *ev = vec_push(&s->events);
             if (!ev) { fail(s, ENOMEM, "queueing an event", 0, 0); return -1; }
             nevents++;
@@ -510,6 +522,8 @@ static int ep_setup(Core *s, int stop_fd, int sock_fd) {
 static int run_loop(Core *s, int stop_fd, int sock_fd, int timeout_ms) {
     uint64_t idle_since = now_ns();
     int turns = 0;
+    if (s->journal_dirty)  /* reading on would overwrite events nobody applied */
+        return fail(s, EBUSY, "run() before applied()", 0, 0);
     if (ep_setup(s, stop_fd, sock_fd) == FAIL) return FAIL;
     if (s->dhead < s->deferred.n) {  /* the caller applied the events: retry at once */
         int rc = serve_queue(s);
@@ -653,6 +667,9 @@ static void core_release(Core *s) {
                      &s->fill_rec};
     for (size_t i = 0; i < sizeof vecs / sizeof *vecs; i++) vec_free(vecs[i]);
     s->dhead = 0;
+    if (s->journal_view.buf) PyBuffer_Release(&s->journal_view);
+    s->journal_view.buf = NULL;
+    s->msgs = s->msgs_own;
     if (s->ep_made) close(s->ep);
     s->ep_made = 0;
     s->closed = 1;
@@ -661,19 +678,32 @@ static void core_release(Core *s) {
 static int core_init(Core *s, PyObject *args, PyObject *kw) {
     static char *names[] = {"uffd_fd", "regions", "filled", "discarded", "holes", "counters",
                             "base_address", "overlay", "zero_address", "readahead_pages",
-                            "chunk_bytes", "record", NULL};
+                            "chunk_bytes", "record", "journal", NULL};
     int fd, record;
     PyObject *regions, *filled, *discarded, *holes, *counters, *base, *overlay, *zero,
-        *readahead;
+        *readahead, *journal = Py_None;
     long long chunk;
     if (s->regions || s->c || s->busy) {
         PyErr_SetString(PyExc_RuntimeError, "Core.__init__ called twice");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOOOOOOOOOLp", names, &fd, &regions,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOOOOOOOOOLp|O", names, &fd, &regions,
                                      &filled, &discarded, &holes, &counters, &base, &overlay,
-                                     &zero, &readahead, &chunk, &record))
+                                     &zero, &readahead, &chunk, &record, &journal))
         return -1;
+    s->msgs = s->msgs_own;
+    if (journal != Py_None) {
+        if (PyObject_GetBuffer(journal, &s->journal_view, PyBUF_WRITABLE) < 0) return -1;
+        if (s->journal_view.len < (Py_ssize_t)(BATCH * sizeof(struct uffd_msg)) ||
+            (uintptr_t)s->journal_view.buf % 8) {
+            PyErr_Format(PyExc_ValueError, "journal must be an 8-byte aligned buffer of at "
+                         "least %zu bytes", BATCH * sizeof(struct uffd_msg));
+            PyBuffer_Release(&s->journal_view);
+            s->journal_view.buf = NULL;
+            return -1;
+        }
+        s->msgs = s->journal_view.buf;
+    }
     vec_t init[] = {{NULL, 0, 0, sizeof(fault_t)}, {NULL, 0, 0, sizeof(event_t)},
                     {NULL, 0, 0, sizeof(fault_t)}, {NULL, 0, 0, sizeof(span_t)},
                     {NULL, 0, 0, sizeof(record_t)}, {NULL, 0, 0, sizeof(record_t)}};
@@ -871,6 +901,10 @@ static PyObject *core_drain(Core *s, PyObject *args) {
     int timeout_ms, ready;
     Py_ssize_t n = 0;
     if (!PyArg_ParseTuple(args, "i:drain", &timeout_ms) || !usable(s)) return NULL;
+    if (s->journal_dirty) {
+        PyErr_SetString(PyExc_RuntimeError, "drain() before applied(): events would be lost");
+        return NULL;
+    }
     s->events.n = 0;
     s->busy = 1;
     Py_BEGIN_ALLOW_THREADS
@@ -883,6 +917,15 @@ static PyObject *core_drain(Core *s, PyObject *args) {
     PyObject *ev = rows_to_list(&s->events, 0);
     s->events.n = 0;
     return ev;
+}
+
+/* applied(): the caller has applied the events run() or drain() returned: clear the
+ * journal so the next read may use it. */
+static PyObject *core_applied(Core *s, PyObject *unused) {
+    if (!usable(s)) return NULL;
+    if (s->msgs != s->msgs_own) memset(s->msgs, 0, BATCH * sizeof(struct uffd_msg));
+    s->journal_dirty = 0;
+    Py_RETURN_NONE;
 }
 
 static int by_address(const void *a, const void *b) {
@@ -959,6 +1002,8 @@ static PyMethodDef core_methods[] = {
     {"wake_installed", (PyCFunction)core_wake_installed, METH_NOARGS,
      "Wake each contiguous piece installed with dontwake."},
     {"wake", (PyCFunction)core_wake, METH_VARARGS, "UFFDIO_WAKE a range."},
+    {"applied", (PyCFunction)core_applied, METH_NOARGS,
+     "The returned events are applied: clear the journal."},
     {"drain", (PyCFunction)core_drain, METH_VARARGS,
      "Wait for messages; defer the faults, return the other events."},
     {"take_records", (PyCFunction)core_take_records, METH_NOARGS,

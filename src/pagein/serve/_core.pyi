@@ -51,7 +51,8 @@ class Core:
                  filled: Sequence[Buffer], discarded: Sequence[Buffer],
                  holes: Sequence[Buffer | None], counters: Buffer, base_address: int,
                  overlay: Sequence[tuple[int, int, int]], zero_address: int,
-                 readahead_pages: Sequence[int], chunk_bytes: int, record: bool) -> None: ...
+                 readahead_pages: Sequence[int], chunk_bytes: int, record: bool,
+                 journal: Buffer | None = None) -> None: ...
     def set_extents(self, extents: Sequence[tuple[int, int, int, int]]) -> None:
         """Replace the live ranges: ``(address, length, region, rel)``, sorted, disjoint."""
     def run(self, stop_fd: int, sock_fd: int, timeout_ms: int
@@ -64,6 +65,8 @@ class Core:
         """Wake each contiguous piece installed with ``dontwake`` since the last call."""
     def wake(self, start: int, length: int) -> None:
         """UFFDIO_WAKE ``[start, start+length)``."""
+    def applied(self) -> None:
+        """The events run()/drain() returned are applied: clear the journal."""
     def drain(self, timeout_ms: int) -> list[tuple[int, int, int, int]]:
         """Wait up to ``timeout_ms`` for messages; defer the faults, return the events."""
     def take_records(self) -> tuple[bytes, bytes]:

@@ -32,6 +32,7 @@ import select
 import time
 from collections.abc import Sequence
 
+from pagein._abi.uffd import UFFD_MSG_SIZE, EventType
 from pagein.errors import UffdError
 from pagein.serve.bitmap import Bitmap
 from pagein.serve.cause import Cause
@@ -43,6 +44,7 @@ from pagein.sys.mapping import Mapping
 from pagein.sys.uffd import (
     AlreadyPresent,
     CopyMode,
+    Event,
     Filled,
     FillResult,
     Fork,
@@ -53,6 +55,7 @@ from pagein.sys.uffd import (
     Unmap,
     Userfaultfd,
     ZeropageMode,
+    decode_events,
 )
 
 __all__ = ["MIN_BULK_HOLE_PAGES", "PythonEngine"]
@@ -81,7 +84,8 @@ class PythonEngine:
     def __init__(self, uffd: Userfaultfd, regions: Sequence[Region], filled: Sequence[Bitmap],
                  discarded: Sequence[Bitmap], holes: Sequence[Bitmap | None],
                  counters: CounterBlock, source: PageSource,
-                 readahead_pages: Sequence[int], chunk_bytes: int, record: bool) -> None:
+                 readahead_pages: Sequence[int], chunk_bytes: int, record: bool,
+                 journal: memoryview | None = None) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk size {chunk_bytes} must be positive")
         self.uffd = uffd
@@ -97,6 +101,10 @@ class PythonEngine:
         self._extents: list[tuple[int, int, int, int]] = []
         self._starts: list[int] = []
         self.set_extents([(r.base_address, r.size_bytes, i, 0) for i, r in enumerate(regions)])
+        # Messages are read into the VM's journal in shared memory when there is one (see
+        # pagein.serve.state): an event stays on record until the session applied it.
+        self._journal = journal
+        self._dirty = False
         self._deferred: list[tuple[PageFault, int]] = []
         self._installed: list[tuple[int, int]] = []
         self._fault_records: list[bytes] = []
@@ -126,6 +134,8 @@ class PythonEngine:
             if fd >= 0:
                 poller.register(fd, select.POLLIN)
         unserved: list[Unserved] = []
+        if self._dirty:
+            raise RuntimeError("run() before applied(): events would be lost")
         try:
             # The caller has applied the events that made these wait: retry them at once.
             # Later retries come only after a poll, which reads any event still pending.
@@ -181,6 +191,8 @@ class PythonEngine:
 
     def drain(self, timeout_ms: int) -> list[EventTuple]:
         """Wait up to ``timeout_ms`` for messages; defer the faults, return the events."""
+        if self._dirty:
+            raise RuntimeError("drain() before applied(): events would be lost")
         if not self._uffd_poll.poll(timeout_ms):
             return []
         faults, events = self._drain()
@@ -204,8 +216,8 @@ class PythonEngine:
         events: list[EventTuple] = []
         ready = True
         # Only read when poll says so: the VMM may have made the uffd blocking.
-        while ready:
-            batch = self.uffd.read_events(_BATCH)
+        while ready and not self._dirty:  # never overwrite events not yet applied
+            batch = self._read()
             now = time.monotonic_ns()
             for ev in batch:
                 match ev:
@@ -230,6 +242,27 @@ class PythonEngine:
     def _retry(self, unserved: list[Unserved]) -> None:
         pending, self._deferred = self._deferred, []
         self._serve(pending, unserved)
+
+    def _read(self) -> list[Event]:
+        """One read() of up to a batch of messages (into the journal when there is one)."""
+        j = self._journal
+        if j is None:
+            return self.uffd.read_events(_BATCH)
+        n = self.uffd.readinto(j[:_BATCH * UFFD_MSG_SIZE])
+        batch = decode_events(j[:n * UFFD_MSG_SIZE], features=self.uffd.api.features)
+        for i in range(n):
+            at = i * UFFD_MSG_SIZE
+            if j[at] == EventType.PAGEFAULT:  # a waiting thread faults again: no record
+                j[at:at + UFFD_MSG_SIZE] = bytes(UFFD_MSG_SIZE)
+            else:
+                self._dirty = True
+        return batch
+
+    def applied(self) -> None:
+        """The events :meth:`run`/:meth:`drain` returned are applied: clear the journal."""
+        if self._journal is not None:
+            self._journal[:] = bytes(len(self._journal))
+        self._dirty = False
 
     def _serve(self, faults: list[tuple[PageFault, int]], unserved: list[Unserved]) -> None:
         for i, (fault, t0) in enumerate(faults):

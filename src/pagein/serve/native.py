@@ -30,7 +30,7 @@ class NativeEngine:
                  discarded: Sequence[Bitmap], holes: Sequence[Bitmap | None],
                  counters: CounterBlock, base_address: int,
                  overlay: Sequence[tuple[int, int, int]], readahead_pages: Sequence[int],
-                 chunk_bytes: int, record: bool) -> None:
+                 chunk_bytes: int, record: bool, journal: memoryview | None = None) -> None:
         # hugetlbfs has no zero page: zeros are copied from memory never written.
         self._zeros = Mapping.anonymous(HUGE_PAGE_SIZE)
         core = None
@@ -40,7 +40,7 @@ class NativeEngine:
                 [b.buffer for b in filled], [b.buffer for b in discarded],
                 [None if h is None else h.buffer for h in holes], counters.words,
                 base_address, list(overlay), self._zeros.address, list(readahead_pages),
-                chunk_bytes, record)
+                chunk_bytes, record, journal)
             core.set_extents(sorted((r.base_address, r.size_bytes, i, 0)
                                     for i, r in enumerate(regions)))
         except BaseException:
@@ -75,6 +75,9 @@ class NativeEngine:
             return self._core.drain(timeout_ms)
         except OSError as e:
             raise _uffd_error(e) from None
+
+    def applied(self) -> None:
+        self._core.applied()
 
     def wake_installed(self) -> None:
         try:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pagein.serve.engine import EngineName
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
 
-__all__ = ["BadHandshakePolicy", "ServeOptions", "default_workers"]
+__all__ = ["BadHandshakePolicy", "ServeOptions", "VmFailurePolicy", "default_workers"]
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 
@@ -27,6 +27,13 @@ class BadHandshakePolicy(enum.Enum):
 
     KILL = "kill"  # SIGKILL the peer (SO_PEERCRED): a frozen VMM helps nobody
     CLOSE = "close"  # close the connection and leave the peer alone
+
+
+class VmFailurePolicy(enum.Enum):
+    """What to do with a VM whose serving failed for good (its workers kept dying)."""
+
+    KILL = "kill"  # SIGKILL the VMM through its pidfd: its guest cannot go on
+    FREEZE = "freeze"  # leave it frozen on its missing pages, for someone to inspect
 
 
 def default_workers() -> int:
@@ -57,6 +64,8 @@ class ServeOptions:
     exit_after: int | None = None  # stop once this many VM sessions have ended
     engine: EngineName = field(default_factory=EngineName.default)
     workers: int | None = None  # worker processes; None: one per CPU; 0: in this process
+    max_restarts: int = 3  # worker crashes a VM survives before its session fails
+    on_vm_failure: VmFailurePolicy = VmFailurePolicy.KILL
 
     @property
     def worker_count(self) -> int:
@@ -81,7 +90,8 @@ class ServeOptions:
             on_bad_handshake=BadHandshakePolicy(args.on_bad_handshake),
             handshake_timeout=args.handshake_timeout, stats_json=args.stats_json,
             metrics_port=args.metrics_port, exit_after=args.exit_after,
-            engine=EngineName(args.engine), workers=args.workers)
+            engine=EngineName(args.engine), workers=args.workers,
+            max_restarts=args.max_restarts, on_vm_failure=VmFailurePolicy(args.on_vm_failure))
 
     def to_argv(self) -> list[str]:
         """The ``pagein serve ...`` arguments that parse back into these options."""
@@ -90,7 +100,8 @@ class ServeOptions:
                 "--then", self.then.value, "--chunk-size", str(self.chunk_bytes),
                 "--on-bad-handshake", self.on_bad_handshake.value,
                 "--handshake-timeout", repr(self.handshake_timeout),
-                "--engine", self.engine.value]
+                "--engine", self.engine.value, "--max-restarts", str(self.max_restarts),
+                "--on-vm-failure", self.on_vm_failure.value]
         for flag, value in (("--working-set", self.working_set), ("--record", self.record),
                             ("--trace", self.trace), ("--stats-json", self.stats_json),
                             ("--metrics-port", self.metrics_port),
@@ -111,7 +122,7 @@ class ServeOptions:
     @classmethod
     def from_json(cls, doc: dict[str, object]) -> ServeOptions:
         kinds = {"strategy": StrategyName, "then": Then, "engine": EngineName,
-                 "on_bad_handshake": BadHandshakePolicy}
+                 "on_bad_handshake": BadHandshakePolicy, "on_vm_failure": VmFailurePolicy}
         kw: dict[str, object] = {}
         for f in fields(cls):
             if f.name in doc:

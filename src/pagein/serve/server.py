@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pagein.errors import HandshakeError, PageinError
 from pagein.serve.control import ControlError, recv_msg, send_msg
 from pagein.serve.engine import EngineName, choose
-from pagein.serve.firecracker import Handshake, Region, receive_handshake
-from pagein.serve.options import BadHandshakePolicy, ServeOptions
+from pagein.serve.firecracker import Region, receive_handshake
+from pagein.serve.options import BadHandshakePolicy, ServeOptions, VmFailurePolicy
 from pagein.serve.record import OutputNames
 from pagein.serve.served import Served
 from pagein.serve.state import VmState
@@ -52,6 +52,7 @@ log = logging.getLogger("pagein.serve")
 
 _KEEP_ENDED = 1000  # ended VMs whose counters stay listed in the stats
 _WORKER_START_S = 30.0
+_SPAWN_TRIES = 100
 
 
 def _listening(path: str) -> bool:
@@ -75,14 +76,53 @@ class _Vm:
     uffd_fd: int
     conn: socket.socket
     state: VmState
+    pidfd: int = -1  # the VMM, for signals (PIDs are reused)
     worker: _WorkerProc | _InProcess | None = None
     engine: str = ""
     started: float = field(default_factory=time.monotonic)
+    restarts: int = 0  # workers that died serving it
+    down_since: float | None = None  # when its worker died (None: one serves it)
+    down_s: float = 0.0  # total time without a worker
+    doc: dict[str, object] = field(default_factory=dict)  # the serve message
 
     def release(self) -> None:
         os.close(self.uffd_fd)
         self.conn.close()
         self.state.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+_SO_PEERPIDFD = 77  # Linux 6.5+: a pidfd of the peer as it connected
+
+
+def _peer_pidfd(conn: socket.socket, pid: int) -> int:
+    """A pidfd of the connecting process (-1 when neither way works): SO_PEERPIDFD names
+    exactly the process that connected; pidfd_open(pid) right after accept otherwise."""
+    try:
+        return int(conn.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD))
+    except OSError:
+        pass
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return -1
+
+
+def _kill(pidfd: int, pid: int) -> None:
+    """SIGKILL the process behind ``pidfd`` (never a later process that reused ``pid``)."""
+    if pidfd < 0:
+        log.error("pid %d: no pidfd to signal it through; not killing it", pid)
+        return
+    with contextlib.suppress(ProcessLookupError, OSError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+def _recovery(vm: _Vm, now: float) -> dict[str, object]:
+    down = vm.down_s + (now - vm.down_since if vm.down_since is not None else 0.0)
+    return {"worker_restarts": vm.restarts, "ms_without_worker": round(down * 1000, 3),
+            "worker_pid": None if vm.worker is None else vm.worker.pid}
 
 
 class _WorkerProc:
@@ -166,13 +206,16 @@ class Server:
         self._lock = threading.Lock()
         self._vms: dict[int, _Vm] = {}
         self._ids = itertools.count(1)
-        self._ended: list[tuple[int, Counters, str, str]] = []
+        self._ended: list[tuple[int, Counters, str, str, dict[str, object]]] = []
         self._names = OutputNames()
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._sig_r, self._sig_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._wakes_on_signals = False
         self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._waiting: list[_Vm] = []  # VMs that connected while no worker was alive
         self.handshake_failures = 0
+        self.worker_restarts = 0
         self._sessions_ended = 0
         self._procs: list[_WorkerProc] = []
         self._workers: list[_WorkerProc | _InProcess] = []
@@ -278,6 +321,7 @@ class Server:
             os.write(self._stop_w, b"x")
 
     def _shutdown(self) -> None:
+        self._stopping = True
         with self._lock:
             live = [vm for vm in self._vms.values() if not vm.state.complete()]
         for vm in live:
@@ -285,7 +329,9 @@ class Server:
                         "will freeze on the next missing page", vm.name)
         for t in list(self._threads):
             t.join(timeout=10)
-        for w in self._workers:
+        with self._lock:
+            workers = list(self._workers)
+        for w in workers:
             with contextlib.suppress(OSError):
                 w.send({"op": "stop"})
         for w in self._procs:
@@ -301,7 +347,7 @@ class Server:
             self._vms.clear()
         for vm in rest:
             self._ended.append((vm.peer.pid, vm.state.counters.snapshot(), "server stopping",
-                                vm.engine))
+                                vm.engine, _recovery(vm, time.monotonic())))
             vm.release()
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
@@ -337,15 +383,82 @@ class Server:
             for fd in fds:
                 os.close(fd)
             self._on_report(doc)
-        if self._stop_w >= 0 and w.proc.poll() is None:
-            w.proc.wait()
+        if self._stopping:
+            return
+        code = w.proc.wait()
+        w.ctl.close()
+        self._replace(w, code)
+
+    # --- a worker died -------------------------------------------------------------------
+
+    def _spawn(self, index: int) -> _WorkerProc | None:
+        """Start a worker, wait until it is ready and watch it; retried (a worker can die
+        while it starts) until the server stops or it failed ``_SPAWN_TRIES`` times."""
+        for attempt in range(_SPAWN_TRIES):
+            if self._stopping:
+                return None
+            try:
+                w = _WorkerProc(index, self.options, self.engine)
+                w.wait_ready(_WORKER_START_S)
+                break
+            except (PageinError, OSError) as e:
+                log.error("cannot start a serving worker (try %d): %s", attempt + 1, e)
+                time.sleep(min(1.0, 0.05 * (attempt + 1)))
+        else:
+            return None
         with self._lock:
-            orphans = [self._vms[i] for i in w.vms if i in self._vms]
-        code = w.proc.poll()
-        if orphans and self._stop_w >= 0:
-            log.error("serving worker %d (pid %d) exited with status %s while serving %d "
-                      "VM(s): their guests are frozen on missing pages (their uffds are kept "
-                      "open: never zero pages)", w.index, w.proc.pid, code, len(orphans))
+            self._procs.append(w)
+            self._workers.append(w)
+            waiting, self._waiting = self._waiting, []
+        threading.Thread(target=self._watch_worker, args=(w,), daemon=True,
+                         name=f"pagein-worker-{w.index}").start()
+        for vm in waiting:  # VMs that connected while no worker was alive
+            self._hand(vm, w, resume=False)
+        return w
+
+    def _replace(self, dead: _WorkerProc, code: int | None) -> None:
+        """Start a worker in place of ``dead`` and hand it the dead one's VMs (see
+        :mod:`pagein.serve.recovery`): they go on; only a VM that keeps being served by
+        dying workers fails, and one caught in a second crash is served alone."""
+        now = time.monotonic()
+        with self._lock:
+            self._procs = [w for w in self._procs if w is not dead]
+            self._workers = [w for w in self._workers if w is not dead]
+            orphans = [self._vms[i] for i in sorted(dead.vms) if i in self._vms]
+            dead.vms.clear()
+            self.worker_restarts += 1
+            next_index = max([w.index for w in self._procs] + [dead.index]) + 1
+        for vm in orphans:
+            vm.restarts += 1
+            vm.down_since = now
+            vm.worker = None
+        log.error("serving worker %d (pid %d) exited with status %s while serving %d VM(s); "
+                  "starting another (their uffds are kept open: their guests wait, never "
+                  "read zero pages)", dead.index, dead.pid, code, len(orphans))
+        limit = self.options.max_restarts
+        for vm in [v for v in orphans if v.restarts > limit]:
+            self._fail_vm(vm, f"{vm.restarts} workers died serving it")
+        rest = [v for v in orphans if v.restarts <= limit]
+        home = self._spawn(dead.index)
+        for vm in rest:
+            target = home
+            if vm.restarts >= 2:  # a suspect: alone on a worker, so a crash names it
+                target = self._spawn(next_index)
+                next_index += 1
+            if target is None:
+                log.error("%s: no worker could be started for it; its guest stays frozen",
+                          vm.name)
+                continue
+            self._hand(vm, target, resume=True)
+
+    def _fail_vm(self, vm: _Vm, why: str) -> None:
+        kill = self.options.on_vm_failure is VmFailurePolicy.KILL
+        log.error("%s: serving failed for good (%s); %s", vm.name, why,
+                  "killing its VMM (--on-vm-failure freeze leaves it)" if kill
+                  else "its guest stays frozen (--on-vm-failure freeze)")
+        if kill:
+            _kill(vm.pidfd, vm.peer.pid)
+        self._vm_ended(vm.id, "failed")
 
     def _on_report(self, doc: dict[str, object]) -> None:
         vm_id = doc.get("vm")
@@ -363,7 +476,8 @@ class Server:
                 return
             if vm.worker is not None:
                 vm.worker.vms.discard(vm_id)
-            self._ended.append((vm.peer.pid, vm.state.counters.snapshot(), end, vm.engine))
+            self._ended.append((vm.peer.pid, vm.state.counters.snapshot(), end, vm.engine,
+                                _recovery(vm, time.monotonic())))
             del self._ended[:-_KEEP_ENDED]
             self._sessions_ended += 1
             done = self._sessions_ended
@@ -381,14 +495,17 @@ class Server:
             log.warning("cannot read SO_PEERCRED of a new connection: %s", e)
             conn.close()
             return
+        pidfd = _peer_pidfd(conn, peer.pid)
         try:
             hs = receive_handshake(conn, self.source.size, self.options.handshake_timeout)
         except HandshakeError as e:
-            self._bad_handshake(conn, peer, e)
+            self._bad_handshake(conn, peer, pidfd, e)
             return
         except OSError as e:
             log.warning("vm pid=%d: handshake failed: %s", peer.pid, e)
             conn.close()
+            if pidfd >= 0:
+                os.close(pidfd)
             return
         try:
             state = VmState.create(hs.regions)
@@ -396,56 +513,75 @@ class Server:
             log.error("vm pid=%d: cannot start serving: %s; its guest is frozen", peer.pid, e)
             os.close(hs.uffd_fd)
             conn.close()
+            if pidfd >= 0:
+                os.close(pidfd)
             return
         vm_id = next(self._ids)
         vm = _Vm(vm_id, peer, f"vm pid={peer.pid}", hs.regions, hs.uffd_fd, conn,
-                 state)
-        self._dispatch(vm, hs)
-
-    def _dispatch(self, vm: _Vm, hs: Handshake) -> None:
+                 state, pidfd)
         o = self.options
+        vm.doc = {"op": "serve", "vm": vm.id, "name": vm.name,
+                  "regions": [[r.base_address, r.size_bytes, r.offset, r.page_size]
+                              for r in vm.regions],
+                  "features": int(hs.features), "pending": hs.rest[:4096].hex(),
+                  "record": self._names.claim(o.record) if o.record else None,
+                  "trace": self._names.claim(o.trace_path) if o.trace_path else None}
         with self._lock:
-            w = min(self._workers, key=lambda w: (len(w.vms), w.index))
-            vm.worker = w
-            w.vms.add(vm.id)
             self._vms[vm.id] = vm
-        record = self._names.claim(o.record) if o.record else None
-        trace = self._names.claim(o.trace_path) if o.trace_path else None
-        doc: dict[str, object] = {
-            "op": "serve", "vm": vm.id, "name": vm.name,
-            "regions": [[r.base_address, r.size_bytes, r.offset, r.page_size]
-                        for r in vm.regions],
-            "features": int(hs.features), "pending": hs.rest[:4096].hex(),
-            "record": record, "trace": trace}
+            if not self._workers:  # between a worker's death and its successor
+                vm.down_since = time.monotonic()
+                self._waiting.append(vm)
+                log.warning("%s: waiting for a serving worker to start", vm.name)
+                return
+            w = min(self._workers, key=lambda w: (len(w.vms), w.index))
         log.info("%s: serving %d regions (%d bytes) with %s on worker %d", vm.name,
                  len(vm.regions), sum(r.size_bytes for r in vm.regions), o.strategy.value,
                  w.index)
+        self._hand(vm, w, resume=False)
+
+    def _hand(self, vm: _Vm, w: _WorkerProc | _InProcess, *, resume: bool) -> None:
+        """Send ``vm`` (its uffd, socket and state) to worker ``w``."""
+        with self._lock:
+            vm.worker = w
+            w.vms.add(vm.id)
+            if vm.down_since is not None:
+                vm.down_s += time.monotonic() - vm.down_since
+                vm.down_since = None
+        if resume:
+            log.warning("%s: handed to worker %d (restart %d)", vm.name, w.index, vm.restarts)
         try:
-            w.send(doc, [vm.uffd_fd, vm.conn.fileno(), vm.state.fileno()])
+            w.send({**vm.doc, "pending": "" if resume else vm.doc["pending"]},
+                   [vm.uffd_fd, vm.conn.fileno(), vm.state.fileno()])
         except OSError as e:
             log.error("%s: cannot hand it to worker %d: %s; its guest is frozen", vm.name,
                       w.index, e)
 
-    def _bad_handshake(self, conn: socket.socket, peer: PeerCred, e: HandshakeError) -> None:
+    def _bad_handshake(self, conn: socket.socket, peer: PeerCred, pidfd: int,
+                       e: HandshakeError) -> None:
         self.handshake_failures += 1
         action = self.options.on_bad_handshake
         if action is BadHandshakePolicy.KILL and peer.pid > 1 and peer.pid != os.getpid():
             log.error("vm pid=%d: %s; killing the VMM (--on-bad-handshake close keeps it "
                       "alive)", peer.pid, e)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(peer.pid, signal.SIGKILL)
+            _kill(pidfd, peer.pid)
         else:
             log.error("vm pid=%d: %s; closing the connection", peer.pid, e)
         conn.close()
+        if pidfd >= 0:
+            os.close(pidfd)
 
     # --- stats ---------------------------------------------------------------------
 
     def per_vm(self) -> list[tuple[int, Counters, str, str]]:
         """Return ``(peer pid, counters, state, engine)`` for the VMs that ended and the
         live ones."""
+        return [(pid, c, state, engine) for pid, c, state, engine, _ in self._rows()]
+
+    def _rows(self) -> list[tuple[int, Counters, str, str, dict[str, object]]]:
+        now = time.monotonic()
         with self._lock:
-            live = [(vm.peer.pid, vm.state.counters.snapshot(), "active", vm.engine)
-                    for vm in self._vms.values()]
+            live = [(vm.peer.pid, vm.state.counters.snapshot(), "active", vm.engine,
+                     _recovery(vm, now)) for vm in self._vms.values()]
             ended = list(self._ended)
         return ended + live
 
@@ -465,12 +601,24 @@ class Server:
                         for w in self._workers],
             "active_vms": sum(1 for _, _, s, _ in vms if s == "active"),
             "handshake_failures": self.handshake_failures,
+            "worker_restarts": self.worker_restarts,
             "total": self.totals().to_dict(),
-            "vms": [{"peer_pid": pid, "state": state, "engine": engine, **c.to_dict()}
-                    for pid, c, state, engine in vms],
+            "vms": [{"peer_pid": pid, "state": state, "engine": engine, **rec, **c.to_dict()}
+                    for pid, c, state, engine, rec in self._rows()],
         }
 
     def prometheus(self) -> str:
-        vms = self.per_vm()
-        return prometheus_text([(str(pid), c) for pid, c, _, _ in vms],
-                               sum(1 for _, _, s, _ in vms if s == "active"))
+        rows = self._rows()
+        text = prometheus_text([(str(pid), c) for pid, c, _, _, _ in rows],
+                               sum(1 for _, _, s, _, _ in rows if s == "active"))
+        name = "pagein_worker_restarts_total"
+        lines = [f"# HELP {name} Serving workers that died while serving the VM.",
+                 f"# TYPE {name} counter"]
+        lines += [f'{name}{{vm="{pid}"}} {rec["worker_restarts"]}'
+                  for pid, _, _, _, rec in rows]
+        name = "pagein_seconds_without_worker_total"
+        lines += [f"# HELP {name} Time the VM spent with no worker serving it.",
+                  f"# TYPE {name} counter"]
+        lines += [f'{name}{{vm="{pid}"}} {float(str(rec["ms_without_worker"])) / 1000:g}'
+                  for pid, _, _, _, rec in rows]
+        return text + "\n".join(lines) + "\n"

@@ -43,6 +43,7 @@ from pagein.serve.firecracker import Region
 from pagein.serve.options import DEFAULT_CHUNK_BYTES
 from pagein.serve.plan import Planner
 from pagein.serve.record import Recorder
+from pagein.serve.recovery import journal_events
 from pagein.serve.space import AddressSpace
 from pagein.serve.state import VmState
 from pagein.serve.strategies import Strategy
@@ -99,7 +100,7 @@ class Session:
                  source: PageSource, strategy: Strategy, state: VmState, name: str,
                  stop_fd: int, engine: EngineName = EngineName.NATIVE,
                  recorder: Recorder | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 pending: bytes = b"") -> None:
+                 pending: bytes = b"", resume: bool = False) -> None:
         self.uffd = uffd
         self.sock = sock
         self.space = AddressSpace(tuple(regions))
@@ -110,12 +111,16 @@ class Session:
         self.counters = state.counters
         self.name = name
         self.recorder = recorder
+        self.resume = resume
         self.end: SessionEnd | None = None
         self._stop_fd = stop_fd
         self._chunk = chunk_bytes
         self._ctl = pending
         self._logged_at = 0.0
         self._done_logged = False
+        saved = state.load_extents()
+        if saved is not None:  # a worker before this one moved them (UNMAP/REMAP)
+            self.space.set_extents(saved)
         self.engine_name, self._engine = self._open_engine(engine)
 
     def _open_engine(self, wanted: EngineName) -> tuple[EngineName, Engine]:
@@ -127,15 +132,18 @@ class Session:
             base, overlay = self.source.address_map()
             if base is not None:
                 from pagein.serve.native import NativeEngine
-                return EngineName.NATIVE, NativeEngine(
+                engine = NativeEngine(
                     self.uffd.fileno(), self.regions, st.filled, st.discarded, holes,
-                    st.counters, base, overlay, windows, self._chunk, record)
+                    st.counters, base, overlay, windows, self._chunk, record, st.journal)
+                engine.set_extents(self.space.extent_tuples())
+                return EngineName.NATIVE, engine
             log.info("%s: %s has no mapping to copy from; serving with the python engine",
                      self.name, self.source.describe())
         from pagein.serve.install import PythonEngine
-        return EngineName.PYTHON, PythonEngine(
-            self.uffd, self.regions, st.filled, st.discarded, holes, st.counters,
-            self.source, windows, self._chunk, record)
+        py = PythonEngine(self.uffd, self.regions, st.filled, st.discarded, holes, st.counters,
+                          self.source, windows, self._chunk, record, st.journal)
+        py.set_extents(self.space.extent_tuples())
+        return EngineName.PYTHON, py
 
     @property
     def complete(self) -> bool:
@@ -149,6 +157,8 @@ class Session:
         try:
             if self.recorder is not None:
                 self.recorder.start()
+            if self.resume:
+                self._take_over()
             self._blocking()
             planner = Planner(self.strategy.on_connect(self.regions), self.regions,
                               self.source, self.counters, self._chunk)
@@ -170,6 +180,25 @@ class Session:
             except (PageinError, OSError) as e:
                 log.error("%s: %s", self.name, e)
         return self.end
+
+    def _take_over(self) -> None:
+        """Go on where a dead worker stopped (see :mod:`pagein.serve.recovery`): apply the
+        events it had read but not applied, then wake every live range once, so each
+        thread blocked on a fault it had read faults again, now to us."""
+        events = journal_events(self.state.journal)
+        if events:
+            log.warning("%s: applying %d event(s) the previous worker had read", self.name,
+                        len(events))
+            self._apply(events)
+        else:
+            self._engine.applied()
+        for e in self.space.extents:
+            try:
+                self._engine.wake(e.address, e.length)
+            except UffdError as err:
+                if err.errno == errno.ESRCH:
+                    raise _PeerGone from err
+                raise
 
     def _blocking(self) -> None:
         """Install the strategy's blocking plan (REAP) before serving any fault."""
@@ -247,7 +276,10 @@ class Session:
                 if a >= 0:
                     os.close(a)
         if moved:
-            self._engine.set_extents(self.space.extent_tuples())
+            extents = self.space.extent_tuples()
+            self.state.save_extents(extents)  # before the journal forgets the event
+            self._engine.set_extents(extents)
+        self._engine.applied()
 
     def _unserved(self, faults: list[Unserved]) -> None:
         now = time.monotonic()

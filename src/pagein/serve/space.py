@@ -67,6 +67,10 @@ class AddressSpace:
         self.extents: tuple[Extent, ...] = tuple(sorted(extents, key=lambda e: e.address))
         self._starts = [e.address for e in self.extents]
 
+    def set_extents(self, extents: list[tuple[int, int, int, int]]) -> None:
+        """Replace the live extents (``(address, length, region, rel)``, as saved)."""
+        self._set([Extent(*e) for e in extents])
+
     def extent_tuples(self) -> list[tuple[int, int, int, int]]:
         """The extents as ``(address, length, region, rel)`` (what the native core takes)."""
         return [(e.address, e.length, e.region, e.rel) for e in self.extents]

@@ -7,15 +7,24 @@ maps the same memfd and its fault core (native or Python) writes it, one writer 
 time. The supervisor reads the counters for stats and metrics without asking the
 worker, and a worker that replaces a dead one takes the bitmaps over as they are.
 
-Layout (little-endian host words, every part 64-byte aligned)::
+Layout (host-endian words, every part 64-byte aligned)::
 
-    0    magic "PAGEINVM"
-    8    u32 version (1)      u32 regions
-    16   u64 reserved (48 bytes)
-    64   counters: N_COUNTERS u64 words (see pagein.serve.stats)
-    320  region 0: filled bitmap   (ceil(pages/8) bytes, padded to 64)
-         region 0: discarded bitmap (same size)
-         region 1: ...
+    0     magic "PAGEINVM"
+    8     u32 version (2)      u32 regions
+    16    u64 attaches (how many workers have served this VM)
+    24    u64 extents in the table below (0: the regions where the handshake put them)
+    32    reserved (32 bytes)
+    64    counters: N_COUNTERS u64 words (see pagein.serve.stats)
+    320   journal: 128 uffd_msg slots of 32 bytes (4096 bytes)
+    4416  extents: MAX_EXTENTS x (address, length, region, rel) u64
+    ...   region 0: filled bitmap   (ceil(pages/8) bytes, padded to 64)
+          region 0: discarded bitmap (same size)
+          region 1: ...
+
+The journal is where the fault engine read()s uffd messages: a non-fault event (REMOVE,
+UNMAP, REMAP) stays there from the moment the kernel hands it over until the session
+has applied it, so a worker killed in between leaves it to its successor. The extents
+are saved after every UNMAP/REMAP, before the journal is cleared.
 
 A set ``filled`` bit means the page is installed or needs no more work (removed,
 unmapped); a set ``discarded`` bit means its snapshot bytes are void (a REMOVE was
@@ -36,13 +45,20 @@ from pagein.serve.firecracker import Region
 from pagein.serve.stats import N_COUNTERS, CounterBlock
 from pagein.sys.mapping import Mapping, Memfd
 
-__all__ = ["VmState"]
+__all__ = ["JOURNAL_BYTES", "MAX_EXTENTS", "VmState"]
 
 _MAGIC = b"PAGEINVM"
-_VERSION = 1
+_VERSION = 2
 _HEADER = struct.Struct("=8sII")
+_ATTACHES = struct.Struct("=Q")
 _COUNTERS_AT = 64
-_REGIONS_AT = _COUNTERS_AT + -(-N_COUNTERS * 8 // 64) * 64
+JOURNAL_BYTES = 128 * 32
+#: UNMAP/REMAP can split a region's range; more live pieces than this end the session.
+MAX_EXTENTS = 1024
+_EXTENT = struct.Struct("=QQQQ")
+_JOURNAL_AT = _COUNTERS_AT + -(-N_COUNTERS * 8 // 64) * 64
+_EXTENTS_AT = _JOURNAL_AT + JOURNAL_BYTES
+_REGIONS_AT = _EXTENTS_AT + MAX_EXTENTS * _EXTENT.size
 
 
 def _pad(n: int) -> int:
@@ -70,7 +86,8 @@ class VmState:
         self._mapping = mapping
         self._view = mapping.view()
         offsets, _ = _layout(self.regions)
-        self.counters = CounterBlock(self._view[_COUNTERS_AT:_REGIONS_AT])
+        self.counters = CounterBlock(self._view[_COUNTERS_AT:_JOURNAL_AT])
+        self.journal = self._view[_JOURNAL_AT:_EXTENTS_AT]
         self.filled = [Bitmap(r.pages, self._view[f:d]) for r, (f, d) in
                        zip(self.regions, offsets, strict=True)]
         self.discarded = [Bitmap(r.pages, self._view[d:d + (d - f)]) for r, (f, d) in
@@ -116,6 +133,36 @@ class VmState:
                               f"of {len(regions)} regions")
         return state
 
+    @property
+    def attaches(self) -> int:
+        """How many workers have attached (1 while the first one serves)."""
+        return int(_ATTACHES.unpack_from(self._view, 16)[0])
+
+    def attach_worker(self) -> int:
+        """Count one more worker serving this VM; return how many have."""
+        n = self.attaches + 1
+        _ATTACHES.pack_into(self._view, 16, n)
+        return n
+
+    def save_extents(self, extents: list[tuple[int, int, int, int]]) -> None:
+        """Record the live extents (after an UNMAP/REMAP). Raises PageinError when there
+        are more than :data:`MAX_EXTENTS`."""
+        if len(extents) > MAX_EXTENTS:
+            raise PageinError(f"the VM's memory is split into {len(extents)} pieces by "
+                              f"munmap/mremap, more than pagein tracks ({MAX_EXTENTS})")
+        for i, e in enumerate(extents):
+            _EXTENT.pack_into(self._view, _EXTENTS_AT + i * _EXTENT.size, *e)
+        _ATTACHES.pack_into(self._view, 24, len(extents))
+
+    def load_extents(self) -> list[tuple[int, int, int, int]] | None:
+        """The extents last saved, or None when no UNMAP/REMAP ever moved them."""
+        n = int(_ATTACHES.unpack_from(self._view, 24)[0])
+        if n == 0:
+            return None
+        n = min(n, MAX_EXTENTS)
+        return [_EXTENT.unpack_from(self._view, _EXTENTS_AT + i * _EXTENT.size)
+                for i in range(n)]
+
     def complete(self) -> bool:
         """Whether every page of every region is installed (or needs nothing)."""
         return all(b.full() for b in self.filled)
@@ -130,6 +177,7 @@ class VmState:
             return
         self._closed = True
         self.counters.release()
+        self.journal.release()
         self.filled.clear()
         self.discarded.clear()
         self._view.release()

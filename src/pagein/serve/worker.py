@@ -109,7 +109,8 @@ class VmServer:
                               source=self.served.source, strategy=self.served.strategy(),
                               state=state, name=name, stop_fd=self._stop_r, engine=self.engine,
                               recorder=recorder, chunk_bytes=self.served.options.chunk_bytes,
-                              pending=bytes.fromhex(str(doc.get("pending", ""))))
+                              pending=bytes.fromhex(str(doc.get("pending", ""))),
+                              resume=state.attach_worker() > 1)
         except (PageinError, OSError, ValueError) as e:
             log.error("%s: cannot start serving: %s; its guest is frozen", name, e)
             uffd.close()

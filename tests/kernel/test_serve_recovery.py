@@ -1,0 +1,201 @@
+"""A serving worker that dies is replaced and its VMs go on (pagein.serve.recovery):
+real worker processes SIGKILLed while a Firecracker-faithful client restores, faults
+with several threads and balloons; every byte is checked, zeros after the balloon."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from pagein.serve.engine import EngineName
+from pagein.serve.firecracker import Region
+from pagein.serve.recovery import journal_events
+from pagein.serve.state import VmState
+from serve_harness import (
+    ServerProc,
+    client,
+    finish,
+    make_snapshot,
+    start_server,
+    touch_args,
+    wait_for,
+)
+
+pytestmark = pytest.mark.kernel
+
+SIZE = 16 << 20
+
+
+def _workers(server: ServerProc) -> set[int]:
+    """The pids of the server's worker processes, from /proc (children of the server)."""
+    out = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == server.proc.pid and b"pagein.serve.worker" in cmd:
+            out.add(int(pid))
+    return out
+
+
+def _stats(server: ServerProc) -> dict[str, object]:
+    os.unlink(server.stats_path) if os.path.exists(server.stats_path) else None
+    server.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: os.path.exists(server.stats_path), 10, "the stats file")
+    with open(server.stats_path) as f:
+        doc: dict[str, object] = json.load(f)
+    return doc
+
+
+def test_worker_killed_again_and_again_during_a_restore_with_a_balloon(tmp_path: Path) -> None:
+    mem = str(tmp_path / "mem.snap")
+    make_snapshot(mem, SIZE)
+    server = start_server(str(tmp_path), mem, "--workers", "1", "--exit-after", "1",
+                          "--max-restarts", "1000")
+    kills = 0
+    done = threading.Event()
+
+    def killer() -> None:  # SIGKILL whichever worker serves, every 0.6 s, to the end
+        # (a worker takes ~0.3 s to start here: killing more often kills it while it
+        # starts, which the supervisor survives too, but then no page is ever served)
+        nonlocal kills
+        while not done.wait(0.6):
+            for pid in _workers(server):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    kills += 1
+                except ProcessLookupError:
+                    pass
+
+    try:
+        c = client(*touch_args(server, mem, [(0, SIZE)], "--threads", "2",
+                               "--balloon-rounds", "6"))
+        t = threading.Thread(target=killer, daemon=True)
+        t.start()
+        rc, res = finish(c, timeout=240)
+        done.set()
+        t.join()
+        assert rc == 0 and res["ok"], res  # every byte = snapshot, zeros after the balloon
+        assert kills >= 2, kills
+        server.proc.wait(60)
+        total = server.stats()
+        assert isinstance(total["worker_restarts"], int) and total["worker_restarts"] >= 2
+        vm = total["vms"][0]  # type: ignore[index]
+        assert vm["worker_restarts"] >= 2 and vm["ms_without_worker"] > 0
+        assert vm["state"] == "peer exited"
+    finally:
+        done.set()
+        server.stop()
+
+
+def _serving(server: ServerProc) -> dict[int, int | None]:
+    """peer pid -> the pid of the worker serving it, for the active VMs."""
+    return {vm["peer_pid"]: vm["worker_pid"]  # type: ignore[index]
+            for vm in _stats(server)["vms"]  # type: ignore[union-attr]
+            if vm["state"] == "active"}  # type: ignore[index]
+
+
+def _kill_and_wait(server: ServerProc, pid: int, peers: list[int]) -> None:
+    """SIGKILL worker ``pid``; wait until every peer is served by a live other worker."""
+    os.kill(pid, signal.SIGKILL)
+
+    def moved() -> bool:
+        now = _serving(server)
+        return all(now.get(p) not in (None, pid) for p in peers)
+
+    wait_for(moved, 30, f"the VMs of worker {pid} to be served again")
+
+
+def test_a_vm_whose_workers_keep_dying_fails_alone(tmp_path: Path) -> None:
+    mem = str(tmp_path / "mem.snap")
+    make_snapshot(mem, SIZE)
+    server = start_server(str(tmp_path), mem, "--workers", "1", "--max-restarts", "3")
+    procs = []
+    try:
+        for _ in range(2):
+            c = client(*touch_args(server, mem, [(0, SIZE)], "--threads", "1", "--hold"),
+                       stdin=subprocess.PIPE)
+            procs.append(c)
+            assert c.stdout is not None
+            assert '"ok": true' in c.stdout.readline()
+        victim, other = procs
+        both = [victim.pid, other.pid]
+        for _ in range(2):  # both VMs share the crashing worker twice ...
+            (w,) = set(_serving(server).values())
+            assert w is not None
+            _kill_and_wait(server, w, both)
+        # ... then each is served by a worker of its own: kill only the victim's.
+        now = _serving(server)
+        assert now[victim.pid] != now[other.pid]
+        pid = now[victim.pid]
+        assert pid is not None
+        _kill_and_wait(server, pid, [victim.pid])
+        pid = _serving(server)[victim.pid]
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # the fourth crash: more than --max-restarts 3
+        assert victim.wait(20) == -signal.SIGKILL  # --on-vm-failure kill (the default)
+        vms = {vm["peer_pid"]: vm for vm in _stats(server)["vms"]}  # type: ignore[union-attr]
+        assert vms[victim.pid]["state"] == "failed" and vms[victim.pid]["worker_restarts"] == 4
+        assert vms[other.pid]["state"] == "active" and vms[other.pid]["worker_restarts"] == 2
+        assert other.poll() is None  # still alive, still served
+        assert other.stdin is not None
+        other.stdin.close()  # --hold: the client exits on EOF
+        assert other.wait(20) == 0
+        assert "serving failed for good (4 workers died serving it)" in server.log()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        server.stop()
+
+
+def test_a_remove_read_by_a_dead_worker_is_applied_by_its_successor(tmp_path: Path) -> None:
+    """Case 4 of pagein.serve.recovery: the journal keeps what the kernel handed over."""
+    region = Region(0x7F0000000000, 64 * 4096, 0)
+    with VmState.create([region]) as state:
+        # What a worker leaves behind if killed right after read() returned a REMOVE of
+        # pages 8..15 and a fault (the fault slot it had already cleared).
+        rec = bytes([0x15]) + bytes(7) + (region.base_address + 8 * 4096).to_bytes(8, "little") \
+            + (region.base_address + 16 * 4096).to_bytes(8, "little") + bytes(8)
+        state.journal[32:64] = rec
+        assert journal_events(state.journal) == [
+            (0x15, region.base_address + 8 * 4096, region.base_address + 16 * 4096, 0)]
+        state.filled[0].set(0, 64)  # everything had been filled before the balloon
+        from test_serve_session import ScriptedUffd  # a scripted uffd: no real VM needed
+
+        from pagein.serve.session import Session
+        from pagein.serve.strategies import OnDemand
+        from pagein.snapshot.raw import RawFileSource
+        path = tmp_path / "mem.snap"
+        path.write_bytes(b"\x5a" * (64 * 4096))
+        stop_r, stop_w = os.pipe()
+        uffd = ScriptedUffd(stop_w)
+        uffd.stop_after = 2
+        from pagein.sys.uffd import PageFault
+        uffd.push([PageFault(region.base_address + 9 * 4096, False, False, False, 0)])
+        with RawFileSource(path) as src:
+            s = Session(uffd=uffd, sock=None, regions=[region],  # type: ignore[arg-type]
+                        source=src, strategy=OnDemand(), state=state, name="vm test",
+                        stop_fd=stop_r, engine=EngineName.PYTHON, resume=True)
+            s.run()
+            s.close()
+        # The successor woke the range, then served the fault on a removed page as zeros.
+        assert uffd.calls[0] == ("wake", region.base_address, 64 * 4096)
+        assert ("zeropage", region.base_address + 9 * 4096, 4096) in uffd.calls
+        assert state.discarded[0].count_range(8, 8) == 8
+        assert not any(state.journal)  # applied, then cleared
+        uffd.close()
+        os.close(stop_r)
+        os.close(stop_w)

@@ -24,15 +24,15 @@ import hashlib
 import os
 import random
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from pagein.errors import GuestError, IntegrityError
-from pagein.serve.local import restore_lazily, start_handler
-from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName
+from pagein.serve.handler import HandlerProcess
+from pagein.serve.local import restore_lazily
+from pagein.serve.strategies import StrategyName
 from pagein.sys.mapping import PAGE_SIZE, Mapping
 from pagein.vmm.image import workload_image
 from pagein.vmm.machine import Machine
@@ -259,18 +259,18 @@ def measure_restore(directory: str, method: VmMethod, requests: tuple[str, str],
     (started before the clock, as a fleet's handler daemon is).
     """
     workdir = tempfile.mkdtemp(prefix="pagein-demo-serve-")
-    proc = None
+    handler = None
     ws = os.path.join(directory, "working-set")
     try:
         opts = RestoreOptions(backend=method.backend, strategy=method.strategy)
         if method.backend is Backend.UFFD:
             uses_ws = method.strategy in (StrategyName.WORKING_SET, StrategyName.REAP)
-            proc, sock = start_handler(os.path.join(directory, "memory"), workdir,
-                                       method.strategy.value, DEFAULT_READAHEAD_BYTES, timeout,
-                                       working_set=ws if uses_ws else None,
-                                       record=ws if method.record else None)
+            serve = HandlerProcess.options_for_one_vm(
+                os.path.join(directory, "memory"), workdir, strategy=method.strategy,
+                working_set=ws if uses_ws else None, record=ws if method.record else None)
+            handler = HandlerProcess.start(serve, workdir, timeout)
             opts = RestoreOptions(backend=method.backend, strategy=method.strategy,
-                                  uffd_socket=sock)
+                                  uffd_socket=handler.socket_path)
         start = time.perf_counter()
         with restore(directory, opts) as vm:
             resumed = time.perf_counter() - start
@@ -283,14 +283,10 @@ def measure_restore(directory: str, method: VmMethod, requests: tuple[str, str],
             vm.machine.console.close_input()
             vm.wait(timeout)
     finally:
-        if proc is not None:
+        if handler is not None:
             # The handler serves one VM and exits once it has gone, after writing a
             # recorded working set: let it finish rather than cut the write short.
-            try:
-                proc.wait(10.0)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                proc.wait(timeout)
+            handler.stop(timeout, grace=10.0)
         shutil.rmtree(workdir, ignore_errors=True)
     return VmRestoreRun(method.label, resumed, times[0], times[1], present,
                         tuple(got) == answers)

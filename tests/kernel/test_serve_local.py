@@ -60,7 +60,7 @@ def test_handler_death_is_loud(tmp_path: Path) -> None:
     r = restore_lazily(path)
     assert r.mapping.read(0, 4) == data[:4]
     os.kill(r.handler_pid, signal.SIGKILL)
-    wait_for(lambda: r._proc.poll() is not None, 10, "the handler to die")
+    wait_for(lambda: r._handler.proc.poll() is not None, 10, "the handler to die")
     with pytest.raises(HandlerError, match="exited with status -9"):
         r.check()
     with pytest.raises(HandlerError, match="exited with status -9"):

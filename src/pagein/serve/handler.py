@@ -9,6 +9,7 @@ listens, so the VMM can connect at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import subprocess
@@ -81,6 +82,20 @@ class HandlerProcess:
             raise HandlerError(f"the pagein handler for {options.source} {why}"
                                f"{': ' + tail if tail else ''}")
         return handler
+
+    def stop(self, timeout: float = 10.0, *, grace: float = 0.0) -> int:
+        """Give the handler ``grace`` seconds to exit by itself (one serving one VM exits
+        when it has gone, after writing a recording), then SIGTERM it, wait ``timeout``
+        seconds and SIGKILL it; return its exit status."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=grace)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
 
     def last_log_line(self) -> str:
         """The handler log's last line ('' when there is none)."""

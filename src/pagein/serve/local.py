@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -41,7 +39,7 @@ from pagein.snapshot.open import open_source
 from pagein.sys.mapping import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping
 from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
 
-__all__ = ["LazyRestore", "restore_lazily", "start_handler"]
+__all__ = ["LazyRestore", "restore_lazily"]
 
 log = logging.getLogger("pagein.serve")
 
@@ -54,13 +52,12 @@ class LazyRestore:
     """
 
     def __init__(self, mapping: Mapping, uffd: Userfaultfd, sock: socket.socket,
-                 proc: subprocess.Popen[bytes], workdir: str, source: str) -> None:
+                 handler: HandlerProcess, source: str) -> None:
         self.mapping = mapping
         self.source = source
         self._uffd = uffd
         self._sock = sock
-        self._proc = proc
-        self._workdir = workdir
+        self._handler = handler
         self._closing = False
         self._closed = False
         self._lock = threading.Lock()
@@ -71,41 +68,33 @@ class LazyRestore:
 
     @property
     def handler_pid(self) -> int:
-        return self._proc.pid
+        return self._handler.proc.pid
 
     @property
     def size_bytes(self) -> int:
         return self.mapping.length
 
     def _watch(self) -> None:
-        code = self._proc.wait()
+        code = self._handler.proc.wait()
         if not self._closing:
             log.error("pagein handler pid %d exited with status %s while serving %s at "
                       "0x%x-0x%x: touching a page not yet filled now blocks forever; "
-                      "see %s", self._proc.pid, code, self.source, self.mapping.address,
-                      self.mapping.end, self._log_path())
-
-    def _log_path(self) -> str:
-        return os.path.join(self._workdir, "handler.log")
+                      "see %s", self._handler.proc.pid, code, self.source, self.mapping.address,
+                      self.mapping.end, self._handler.log_path)
 
     def _died(self) -> HandlerError:
         # The socket can report EOF a moment before the process can be reaped.
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(timeout=5)
-        tail = ""
-        try:
-            with open(self._log_path(), "rb") as f:
-                lines = f.read().decode(errors="replace").strip().splitlines()
-            tail = f": {lines[-1]}" if lines else ""
-        except OSError:
-            pass
+            self._handler.proc.wait(timeout=5)
+        last = self._handler.last_log_line()
+        tail = f": {last}" if last else ""
         return HandlerError(
-            f"the pagein handler (pid {self._proc.pid}) for {self.source} exited with status "
-            f"{self._proc.returncode}{tail}; pages not yet filled cannot be restored")
+            f"the pagein handler (pid {self._handler.pid}) for {self.source} exited with status "
+            f"{self._handler.proc.returncode}{tail}; pages not yet filled cannot be restored")
 
     def check(self) -> None:
         """Raise :class:`HandlerError` if the handler process is gone."""
-        if self._proc.poll() is not None and not self._closing:
+        if self._handler.proc.poll() is not None and not self._closing:
             raise self._died()
 
     def stats(self, timeout: float = 10.0) -> ServeStats:
@@ -126,7 +115,7 @@ class LazyRestore:
                         raise self._died()
                     buf += chunk
             except (TimeoutError, OSError) as e:
-                raise HandlerError(f"the pagein handler (pid {self._proc.pid}) did not answer "
+                raise HandlerError(f"the pagein handler (pid {self._handler.pid}) did not answer "
                                    f"a statistics request within {timeout:g} s: {e}") from e
             finally:
                 self._sock.settimeout(None)
@@ -137,12 +126,12 @@ class LazyRestore:
         """Unmap the memory, then stop the handler; raise if it had died (idempotent)."""
         if self._closed:
             return
-        died = self._proc.poll() is not None
+        died = self._handler.proc.poll() is not None
         if not died:
             try:
                 self.stats()
             except HandlerError:
-                died = self._proc.poll() is not None
+                died = self._handler.proc.poll() is not None
         self._closing = True
         self._closed = True
         # Unmap before releasing the uffd: once the range is gone nothing can fault, so
@@ -150,16 +139,10 @@ class LazyRestore:
         self.mapping.close()
         self._sock.close()
         self._uffd.close()
-        if not died:
-            self._proc.send_signal(signal.SIGTERM)
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        self._handler.stop()
         self._watchdog.join(timeout=1)
         error = self._died() if died else None
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        shutil.rmtree(self._handler.workdir, ignore_errors=True)
         if error is not None:
             raise error
 
@@ -173,23 +156,6 @@ class LazyRestore:
         except HandlerError:
             if exc is None:
                 raise
-
-
-def start_handler(spec: str, workdir: str, strategy: str, readahead_bytes: int,
-                  timeout: float, *, working_set: str | None = None,
-                  record: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``pagein serve`` for ``spec`` serving one VM, listening in ``workdir``.
-
-    ``working_set`` is passed as ``--working-set`` (for the working-set and reap
-    strategies); ``record`` as ``--record`` (write the VM's working set when it goes).
-    Returns the process and its socket path once it is listening. See
-    :class:`~pagein.serve.handler.HandlerProcess`.
-    """
-    opts = HandlerProcess.options_for_one_vm(
-        spec, workdir, strategy=StrategyName(strategy), readahead_bytes=readahead_bytes,
-        working_set=working_set, record=record)
-    h = HandlerProcess.start(opts, workdir, timeout)
-    return h.proc, h.socket_path
 
 
 def restore_lazily(source: str, *, strategy: str | StrategyName = StrategyName.ON_DEMAND,
@@ -218,18 +184,20 @@ def restore_lazily(source: str, *, strategy: str | StrategyName = StrategyName.O
     workdir = tempfile.mkdtemp(prefix="pagein-local-")
     mapping: Mapping | None = None
     uffd: Userfaultfd | None = None
-    proc: subprocess.Popen[bytes] | None = None
+    handler: HandlerProcess | None = None
     try:
         mapping = Mapping.anonymous(size, hugetlb=hugetlb)
         uffd = Userfaultfd.open(Feature.EVENT_REMOVE)
         uffd.register(mapping.address, size, RegisterMode.MISSING)
-        proc, sock_path = start_handler(source, workdir, name, readahead_bytes, start_timeout)
+        opts = HandlerProcess.options_for_one_vm(source, workdir, strategy=StrategyName(name),
+                                                 readahead_bytes=readahead_bytes)
+        handler = HandlerProcess.start(opts, workdir, start_timeout)
+        sock_path = handler.socket_path
         sock = connect_and_send(sock_path, [Region(mapping.address, size, 0, page)], uffd)
-        restore = LazyRestore(mapping, uffd, sock, proc, workdir, source)
+        restore = LazyRestore(mapping, uffd, sock, handler, source)
     except BaseException:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
+        if handler is not None:
+            handler.stop(timeout=0)
         if mapping is not None:
             mapping.close()
         if uffd is not None:

@@ -41,7 +41,6 @@ import os
 import select
 import shutil
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -54,7 +53,7 @@ import numpy as np
 from pagein.errors import HandlerError, SnapshotFormatError
 from pagein.serve.firecracker import Region as WireRegion
 from pagein.serve.firecracker import connect_and_send
-from pagein.serve.local import start_handler
+from pagein.serve.handler import HandlerProcess
 from pagein.serve.session import Session
 from pagein.serve.state import VmState
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, OnDemand, StrategyName
@@ -108,7 +107,7 @@ class _Parts:
     memfd: Memfd | None = None
     uffd: Userfaultfd | None = None
     sock: socket.socket | None = None
-    proc: subprocess.Popen[bytes] | None = None
+    handler: HandlerProcess | None = None
     workdir: str | None = None
 
     def close(self, *, unmap: bool = True) -> None:
@@ -123,14 +122,8 @@ class _Parts:
                 self.memfd.close()
         if self.sock is not None:
             self.sock.close()
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.handler is not None:
+            self.handler.stop()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -174,7 +167,7 @@ class RestoredVm:
     @property
     def handler_pid(self) -> int | None:
         """The spawned handler's pid (None with a copy/file restore or an external one)."""
-        return None if self._parts.proc is None else self._parts.proc.pid
+        return None if self._parts.handler is None else self._parts.handler.pid
 
     def _watch(self) -> None:
         sock = self._parts.sock
@@ -383,9 +376,12 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts) -> list[Regio
     path = opts.uffd_socket
     if path is None:
         parts.workdir = tempfile.mkdtemp(prefix="pagein-restore-")
-        parts.proc, path = start_handler(snap.memory_path, parts.workdir, opts.strategy.value,
-                                         opts.readahead_bytes, opts.handler_timeout,
-                                         working_set=opts.working_set, record=opts.record)
+        serve = HandlerProcess.options_for_one_vm(
+            snap.memory_path, parts.workdir, strategy=opts.strategy,
+            readahead_bytes=opts.readahead_bytes, working_set=opts.working_set,
+            record=opts.record)
+        parts.handler = HandlerProcess.start(serve, parts.workdir, opts.handler_timeout)
+        path = parts.handler.socket_path
     wire = [WireRegion(m.address, r.size, r.offset, r.page_size)
             for m, r in zip(parts.mappings, snap.regions, strict=True)]
     parts.sock = connect_and_send(path, wire, parts.uffd, mem_file=snap.memory_path)

@@ -44,7 +44,7 @@ from pagein.serve.served import Served
 from pagein.serve.state import VmState
 from pagein.serve.stats import Counters, prometheus_text
 from pagein.serve.worker import VmServer
-from pagein.sys.fdpass import PeerCred, peer_credentials
+from pagein.sys.fdpass import PeerCred, kill_through, peer_credentials, peer_pidfd
 
 __all__ = ["BadHandshakePolicy", "Server"]
 
@@ -79,7 +79,6 @@ class _Vm:
     pidfd: int = -1  # the VMM, for signals (PIDs are reused)
     worker: _WorkerProc | _InProcess | None = None
     engine: str = ""
-    started: float = field(default_factory=time.monotonic)
     restarts: int = 0  # workers that died serving it
     down_since: float | None = None  # when its worker died (None: one serves it)
     down_s: float = 0.0  # total time without a worker
@@ -94,43 +93,41 @@ class _Vm:
             self.pidfd = -1
 
 
-_SO_PEERPIDFD = 77  # Linux 6.5+: a pidfd of the peer as it connected
-
-
-def _peer_pidfd(conn: socket.socket, pid: int) -> int:
-    """A pidfd of the connecting process (-1 when neither way works): SO_PEERPIDFD names
-    exactly the process that connected; pidfd_open(pid) right after accept otherwise."""
-    try:
-        return int(conn.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD))
-    except OSError:
-        pass
-    try:
-        return os.pidfd_open(pid)
-    except OSError:
-        return -1
-
-
 def _kill(pidfd: int, pid: int) -> None:
-    """SIGKILL the process behind ``pidfd`` (never a later process that reused ``pid``)."""
+    """SIGKILL the VMM behind ``pidfd`` (never a later process that reused ``pid``)."""
     if pidfd < 0:
         log.error("pid %d: no pidfd to signal it through; not killing it", pid)
-        return
-    with contextlib.suppress(ProcessLookupError, OSError):
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    else:
+        kill_through(pidfd)
 
 
-def _recovery(vm: _Vm, now: float) -> dict[str, object]:
-    down = vm.down_s + (now - vm.down_since if vm.down_since is not None else 0.0)
-    return {"worker_restarts": vm.restarts, "ms_without_worker": round(down * 1000, 3),
-            "worker_pid": None if vm.worker is None else vm.worker.pid}
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """One VM in the stats: its counters and how its serving went."""
+
+    peer_pid: int
+    counters: Counters
+    state: str  # "active", or how the session ended
+    engine: str
+    worker_restarts: int
+    ms_without_worker: float
+    worker_pid: int | None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"peer_pid": self.peer_pid, "state": self.state, "engine": self.engine,
+                "worker_restarts": self.worker_restarts,
+                "ms_without_worker": self.ms_without_worker, "worker_pid": self.worker_pid,
+                **self.counters.to_dict()}
+
+
+def _row(vm: _Vm, state: str) -> _Row:
+    down = vm.down_s + (time.monotonic() - vm.down_since if vm.down_since is not None else 0.0)
+    return _Row(vm.peer.pid, vm.state.counters.snapshot(), state, vm.engine, vm.restarts,
+                round(down * 1000, 3), None if vm.worker is None else vm.worker.pid)
 
 
 class _WorkerProc:
     """One serving worker process and our end of its control channel."""
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
     def __init__(self, index: int, options: ServeOptions, engine: EngineName) -> None:
         self.index = index
@@ -148,7 +145,9 @@ class _WorkerProc:
                             "log_level": logging.getLogger("pagein").getEffectiveLevel()})
 
     def wait_ready(self, timeout: float) -> None:
-        if not select.select([self.ctl], [], [], timeout)[0]:
+        p = select.poll()
+        p.register(self.ctl, select.POLLIN)
+        if not p.poll(timeout * 1000):
             raise PageinError(f"serving worker {self.index} did not start within {timeout:g} s")
         try:
             got = recv_msg(self.ctl)
@@ -163,9 +162,21 @@ class _WorkerProc:
             raise PageinError(f"serving worker {self.index} cannot serve: "
                               f"{str(doc.get('error'))[:500]}")
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def send(self, doc: dict[str, object], fds: list[int] | None = None) -> None:
         with self.lock:
             send_msg(self.ctl, doc, fds or [])
+
+    def kill(self) -> int:
+        """SIGKILL the worker unless it has exited; reap it; close our end; its status."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        code = self.proc.wait()
+        self.ctl.close()
+        return code
 
 
 class _InProcess:
@@ -198,7 +209,6 @@ class Server:
 
     def __init__(self, options: ServeOptions, served: Served) -> None:
         self.options = options
-        self.served = served
         self.source = served.source
         self.engine, why = choose(options.engine)
         if why is not None:
@@ -206,7 +216,7 @@ class Server:
         self._lock = threading.Lock()
         self._vms: dict[int, _Vm] = {}
         self._ids = itertools.count(1)
-        self._ended: list[tuple[int, Counters, str, str, dict[str, object]]] = []
+        self._ended: list[_Row] = []
         self._names = OutputNames()
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._sig_r, self._sig_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -226,19 +236,17 @@ class Server:
             return
         # Listen only once every worker is ready: a VMM connects as soon as the socket
         # exists, and its first fault would otherwise wait for the workers to start.
+        starting = [_WorkerProc(i, options, self.engine) for i in range(options.worker_count)]
         try:
-            self._procs = [_WorkerProc(i, options, self.engine)
-                           for i in range(options.worker_count)]
-            for w in self._procs:
+            for w in starting:  # all start at once; wait for each
                 w.wait_ready(_WORKER_START_S)
             self._listener = self._bind(options.socket_path)
         except BaseException:
-            self._kill_workers()
+            for w in starting:
+                w.kill()
             raise
-        self._workers = list(self._procs)
-        for w in self._procs:
-            threading.Thread(target=self._watch_worker, args=(w,), daemon=True,
-                             name=f"pagein-worker-{w.index}").start()
+        for w in starting:
+            self._adopt(w)
 
     @staticmethod
     def _check_path(path: str) -> None:
@@ -339,16 +347,11 @@ class Server:
                 w.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 log.error("serving worker %d did not stop; killing it", w.index)
-                w.proc.kill()
-                w.proc.wait()
-        self._kill_workers()
+            w.kill()
         with self._lock:
-            rest = list(self._vms.values())
-            self._vms.clear()
-        for vm in rest:
-            self._ended.append((vm.peer.pid, vm.state.counters.snapshot(), "server stopping",
-                                vm.engine, _recovery(vm, time.monotonic())))
-            vm.release()
+            rest = list(self._vms)
+        for vm_id in rest:
+            self._retire(vm_id, "server stopping")
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.options.socket_path)
@@ -359,13 +362,6 @@ class Server:
         self._stop_r = self._stop_w = self._sig_r = self._sig_w = -1
         for fd in fds:
             os.close(fd)
-
-    def _kill_workers(self) -> None:
-        for w in self._procs:
-            if w.proc.poll() is None:
-                w.proc.kill()
-                w.proc.wait()
-            w.ctl.close()
 
     # --- workers ---------------------------------------------------------------------
 
@@ -385,8 +381,7 @@ class Server:
             self._on_report(doc)
         if self._stopping:
             return
-        code = w.proc.wait()
-        w.ctl.close()
+        code = w.kill()
         self._replace(w, code)
 
     # --- a worker died -------------------------------------------------------------------
@@ -397,15 +392,21 @@ class Server:
         for attempt in range(_SPAWN_TRIES):
             if self._stopping:
                 return None
+            w = _WorkerProc(index, self.options, self.engine)
             try:
-                w = _WorkerProc(index, self.options, self.engine)
                 w.wait_ready(_WORKER_START_S)
                 break
             except (PageinError, OSError) as e:
+                w.kill()
                 log.error("cannot start a serving worker (try %d): %s", attempt + 1, e)
                 time.sleep(min(1.0, 0.05 * (attempt + 1)))
         else:
             return None
+        self._adopt(w)
+        return w
+
+    def _adopt(self, w: _WorkerProc) -> None:
+        """Make a ready worker part of the pool: watch it, give it the VMs waiting."""
         with self._lock:
             self._procs.append(w)
             self._workers.append(w)
@@ -414,7 +415,6 @@ class Server:
                          name=f"pagein-worker-{w.index}").start()
         for vm in waiting:  # VMs that connected while no worker was alive
             self._hand(vm, w, resume=False)
-        return w
 
     def _replace(self, dead: _WorkerProc, code: int | None) -> None:
         """Start a worker in place of ``dead`` and hand it the dead one's VMs (see
@@ -470,21 +470,26 @@ class Server:
             self._vm_ended(vm_id, str(doc.get("end", "failed")))
 
     def _vm_ended(self, vm_id: int, end: str) -> None:
+        done = self._retire(vm_id, end)
+        limit = self.options.exit_after
+        if done is not None and limit is not None and done >= limit:
+            self.stop()
+
+    def _retire(self, vm_id: int, end: str) -> int | None:
+        """Keep the final counters of a VM that ended, release its fds and state; return
+        how many VMs have ended (None when it had already been retired)."""
         with self._lock:
             vm = self._vms.pop(vm_id, None)
             if vm is None:
-                return
+                return None
             if vm.worker is not None:
                 vm.worker.vms.discard(vm_id)
-            self._ended.append((vm.peer.pid, vm.state.counters.snapshot(), end, vm.engine,
-                                _recovery(vm, time.monotonic())))
+            self._ended.append(_row(vm, end))
             del self._ended[:-_KEEP_ENDED]
             self._sessions_ended += 1
             done = self._sessions_ended
         vm.release()
-        limit = self.options.exit_after
-        if limit is not None and done >= limit:
-            self.stop()
+        return done
 
     # --- one connection ------------------------------------------------------------
 
@@ -495,7 +500,7 @@ class Server:
             log.warning("cannot read SO_PEERCRED of a new connection: %s", e)
             conn.close()
             return
-        pidfd = _peer_pidfd(conn, peer.pid)
+        pidfd = peer_pidfd(conn, peer.pid)
         try:
             hs = receive_handshake(conn, self.source.size, self.options.handshake_timeout)
         except HandshakeError as e:
@@ -572,53 +577,44 @@ class Server:
 
     # --- stats ---------------------------------------------------------------------
 
-    def per_vm(self) -> list[tuple[int, Counters, str, str]]:
-        """Return ``(peer pid, counters, state, engine)`` for the VMs that ended and the
-        live ones."""
-        return [(pid, c, state, engine) for pid, c, state, engine, _ in self._rows()]
-
-    def _rows(self) -> list[tuple[int, Counters, str, str, dict[str, object]]]:
-        now = time.monotonic()
+    def rows(self) -> list[_Row]:
+        """The VMs that ended (the last 1000) and the live ones."""
         with self._lock:
-            live = [(vm.peer.pid, vm.state.counters.snapshot(), "active", vm.engine,
-                     _recovery(vm, now)) for vm in self._vms.values()]
-            ended = list(self._ended)
-        return ended + live
+            return [*self._ended, *(_row(vm, "active") for vm in self._vms.values())]
 
-    def totals(self) -> Counters:
+    def totals(self, rows: list[_Row] | None = None) -> Counters:
         total = Counters()
-        for _, c, _state, _engine in self.per_vm():
-            total.add(c)
+        for r in self.rows() if rows is None else rows:
+            total.add(r.counters)
         return total
 
     def stats_doc(self) -> dict[str, object]:
         """The ``--stats-json`` document: totals and one entry per VM."""
-        vms = self.per_vm()
+        rows = self.rows()
+        with self._lock:
+            workers = [{"index": w.index, "pid": w.pid, "vms": len(w.vms)}
+                       for w in self._workers]
         return {
             "source": self.source.describe(),
             "engine": self.engine.value,
-            "workers": [{"index": w.index, "pid": w.pid, "vms": len(w.vms)}
-                        for w in self._workers],
-            "active_vms": sum(1 for _, _, s, _ in vms if s == "active"),
+            "workers": workers,
+            "active_vms": sum(1 for r in rows if r.state == "active"),
             "handshake_failures": self.handshake_failures,
             "worker_restarts": self.worker_restarts,
-            "total": self.totals().to_dict(),
-            "vms": [{"peer_pid": pid, "state": state, "engine": engine, **rec, **c.to_dict()}
-                    for pid, c, state, engine, rec in self._rows()],
+            "total": self.totals(rows).to_dict(),
+            "vms": [r.to_dict() for r in rows],
         }
 
     def prometheus(self) -> str:
-        rows = self._rows()
-        text = prometheus_text([(str(pid), c) for pid, c, _, _, _ in rows],
-                               sum(1 for _, _, s, _, _ in rows if s == "active"))
+        rows = self.rows()
+        text = prometheus_text([(str(r.peer_pid), r.counters) for r in rows],
+                               sum(1 for r in rows if r.state == "active"))
         name = "pagein_worker_restarts_total"
         lines = [f"# HELP {name} Serving workers that died while serving the VM.",
                  f"# TYPE {name} counter"]
-        lines += [f'{name}{{vm="{pid}"}} {rec["worker_restarts"]}'
-                  for pid, _, _, _, rec in rows]
+        lines += [f'{name}{{vm="{r.peer_pid}"}} {r.worker_restarts}' for r in rows]
         name = "pagein_seconds_without_worker_total"
         lines += [f"# HELP {name} Time the VM spent with no worker serving it.",
                   f"# TYPE {name} counter"]
-        lines += [f'{name}{{vm="{pid}"}} {float(str(rec["ms_without_worker"])) / 1000:g}'
-                  for pid, _, _, _, rec in rows]
+        lines += [f'{name}{{vm="{r.peer_pid}"}} {r.ms_without_worker / 1000:g}' for r in rows]
         return text + "\n".join(lines) + "\n"

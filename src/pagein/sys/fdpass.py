@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 from dataclasses import dataclass
 
-__all__ = ["PeerCred", "Received", "peer_credentials", "recv_with_fds", "send_with_fds"]
+__all__ = ["PeerCred", "Received", "kill_through", "peer_credentials", "peer_pidfd",
+           "recv_with_fds", "send_with_fds"]
+
+_SO_PEERPIDFD = 77  # Linux 6.5+: a pidfd of the peer as it connected
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +28,34 @@ def peer_credentials(sock: socket.socket) -> PeerCred:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return PeerCred(pid, uid, gid)
+
+
+def peer_pidfd(sock: socket.socket, pid: int) -> int:
+    """A pidfd of the process at the other end (close it when done), or -1.
+
+    ``SO_PEERPIDFD`` (Linux 6.5+) names exactly the process that connected;
+    ``pidfd_open(pid)`` right after accept is the fallback (a PID seen at connect time may
+    already name another process by the time it is signalled; a pidfd never does).
+    """
+    try:
+        return int(sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD))
+    except OSError:
+        pass
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return -1
+
+
+def kill_through(pidfd: int) -> bool:
+    """SIGKILL the process behind ``pidfd``; False when there is none (fd -1, or gone)."""
+    if pidfd < 0:
+        return False
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:  # ProcessLookupError included: it already exited
+        return False
+    return True
 
 
 def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> int:

@@ -26,7 +26,6 @@ bounce buffer). Ordering rules both engines keep:
 
 from __future__ import annotations
 
-import bisect
 import errno
 import select
 import time
@@ -38,6 +37,7 @@ from pagein.serve.bitmap import Bitmap
 from pagein.serve.cause import Cause
 from pagein.serve.engine import EventTuple, Reason, Unserved, pack_record
 from pagein.serve.firecracker import Region
+from pagein.serve.space import AddressSpace
 from pagein.serve.stats import CounterBlock
 from pagein.snapshot.source import PageSource
 from pagein.sys.mapping import Mapping
@@ -84,6 +84,7 @@ class PythonEngine:
     def __init__(self, uffd: Userfaultfd, regions: Sequence[Region], filled: Sequence[Bitmap],
                  discarded: Sequence[Bitmap], holes: Sequence[Bitmap | None],
                  counters: CounterBlock, source: PageSource,
+                 extents: Sequence[tuple[int, int, int, int]],
                  readahead_pages: Sequence[int], chunk_bytes: int, record: bool,
                  journal: memoryview | None = None) -> None:
         if chunk_bytes <= 0:
@@ -98,9 +99,8 @@ class PythonEngine:
         self.readahead = list(readahead_pages)
         self.chunk = chunk_bytes
         self.record = record
-        self._extents: list[tuple[int, int, int, int]] = []
-        self._starts: list[int] = []
-        self.set_extents([(r.base_address, r.size_bytes, i, 0) for i, r in enumerate(regions)])
+        self.space = AddressSpace(self.regions)  # where the regions live: page math there
+        self.space.set_extents(list(extents))
         # Messages are read into the VM's journal in shared memory when there is one (see
         # pagein.serve.state): an event stays on record until the session applied it.
         self._journal = journal
@@ -111,6 +111,8 @@ class PythonEngine:
         self._fill_records: list[bytes] = []
         self._uffd_poll = select.poll()
         self._uffd_poll.register(uffd.fileno(), select.POLLIN)
+        self._poller = self._uffd_poll
+        self._poll_fds = (-1, -1)
         # hugetlbfs has no zero page: zeros are copied from memory never written. Also the
         # bounce buffer for sources that have no address to copy from.
         self._zeros = Mapping.anonymous(_HUGE)
@@ -123,16 +125,18 @@ class PythonEngine:
         return len(self._deferred)
 
     def set_extents(self, extents: Sequence[tuple[int, int, int, int]]) -> None:
-        self._extents = sorted(extents)
-        self._starts = [e[0] for e in self._extents]
+        self.space.set_extents(list(extents))
 
     def run(self, stop_fd: int, sock_fd: int,
             timeout_ms: int) -> tuple[int, list[EventTuple], list[Unserved]]:
-        poller = select.poll()
         ufd = self.uffd.fileno()
-        for fd in (ufd, sock_fd, stop_fd):
-            if fd >= 0:
-                poller.register(fd, select.POLLIN)
+        if self._poll_fds != (sock_fd, stop_fd):  # one poll set per session, not per call
+            self._poller = select.poll()
+            for fd in (ufd, sock_fd, stop_fd):
+                if fd >= 0:
+                    self._poller.register(fd, select.POLLIN)
+            self._poll_fds = (sock_fd, stop_fd)
+        poller = self._poller
         unserved: list[Unserved] = []
         if self._dirty:
             raise RuntimeError("run() before applied(): events would be lost")
@@ -275,29 +279,17 @@ class PythonEngine:
 
     # --- a fault -------------------------------------------------------------------------
 
-    def _locate(self, address: int) -> tuple[int, int, int, int] | None:
-        i = bisect.bisect_right(self._starts, address) - 1
-        if i < 0:
-            return None
-        a, length, ri, rel = self._extents[i]
-        if address >= a + length:
-            return None
-        ps = self.regions[ri].page_size
-        page = (rel + address - a) // ps
-        page_address = a + page * ps - rel
-        return ri, page, page_address, (a + length - page_address) // ps
-
     def _is_zero(self, ri: int, page: int) -> bool:
         holes = self.holes[ri]
         return self.discarded[ri].test(page) or (holes is not None and holes.test(page))
 
     def _serve_fault(self, fault: PageFault, t0: int, unserved: list[Unserved]) -> bool:
         """Fill the faulting page (and the forward run of its window); False = retry."""
-        loc = self._locate(fault.address)
+        loc = self.space.locate(fault.address)
         if loc is None:
             unserved.append((fault.address, int(fault.write), fault.thread_id, t0))
             return True
-        ri, page, dst, left = loc
+        ri, page, dst, left = loc.region, loc.page, loc.page_address, loc.pages_left
         r = self.regions[ri]
         zero = self._is_zero(ri, page)
         per = self.readahead[ri]
@@ -341,18 +333,12 @@ class PythonEngine:
 
     def _fill(self, ri: int, first: int, pages: int, cause: Cause, dontwake: bool) -> bool:
         """Fill the unfilled live pages of a range; False on EAGAIN."""
-        r = self.regions[ri]
-        ps = r.page_size
-        lo, hi = first * ps, (first + pages) * ps
-        for a, length, eri, rel in list(self._extents):
-            if eri != ri:
-                continue
-            x, y = max(lo, rel), min(hi, rel + length)
-            if x >= y:
-                continue
-            for p, c in self.filled[ri].clear_runs(x // ps, y // ps):
+        ps = self.regions[ri].page_size
+        for address, p0, n in list(self.space.pieces(ri, first, pages)):
+            for p, c in self.filled[ri].clear_runs(p0, p0 + n):
                 for sp, sc, zero in self._segments(ri, p, c, cause):
-                    if not self._install(ri, a + sp * ps - rel, sp, sc, zero, cause, dontwake):
+                    dst = address + (sp - p0) * ps
+                    if not self._install(ri, dst, sp, sc, zero, cause, dontwake):
                         return False
         return True
 

@@ -9,8 +9,9 @@ session uses the Python engine, which reads into a bounce buffer.
 
 from __future__ import annotations
 
+import contextlib
 import errno
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from pagein.errors import UffdError
 from pagein.serve import _core
@@ -29,7 +30,8 @@ class NativeEngine:
     def __init__(self, uffd_fd: int, regions: Sequence[Region], filled: Sequence[Bitmap],
                  discarded: Sequence[Bitmap], holes: Sequence[Bitmap | None],
                  counters: CounterBlock, base_address: int,
-                 overlay: Sequence[tuple[int, int, int]], readahead_pages: Sequence[int],
+                 overlay: Sequence[tuple[int, int, int]],
+                 extents: Sequence[tuple[int, int, int, int]], readahead_pages: Sequence[int],
                  chunk_bytes: int, record: bool, journal: memoryview | None = None) -> None:
         # hugetlbfs has no zero page: zeros are copied from memory never written.
         self._zeros = Mapping.anonymous(HUGE_PAGE_SIZE)
@@ -41,8 +43,7 @@ class NativeEngine:
                 [None if h is None else h.buffer for h in holes], counters.words,
                 base_address, list(overlay), self._zeros.address, list(readahead_pages),
                 chunk_bytes, record, journal)
-            core.set_extents(sorted((r.base_address, r.size_bytes, i, 0)
-                                    for i, r in enumerate(regions)))
+            core.set_extents(sorted(extents))
         except BaseException:
             if core is not None:
                 core.close()
@@ -58,38 +59,28 @@ class NativeEngine:
 
     def run(self, stop_fd: int, sock_fd: int,
             timeout_ms: int) -> tuple[int, list[EventTuple], list[Unserved]]:
-        try:
+        with _as_uffd_error():
             return self._core.run(stop_fd, sock_fd, timeout_ms)
-        except OSError as e:
-            raise _uffd_error(e) from None
 
     def fill(self, region: int, first_page: int, pages: int, cause: int,
              dontwake: bool) -> bool:
-        try:
+        with _as_uffd_error():
             return self._core.fill(region, first_page, pages, cause, dontwake)
-        except OSError as e:
-            raise _uffd_error(e) from None
 
     def drain(self, timeout_ms: int) -> list[EventTuple]:
-        try:
+        with _as_uffd_error():
             return self._core.drain(timeout_ms)
-        except OSError as e:
-            raise _uffd_error(e) from None
 
     def applied(self) -> None:
         self._core.applied()
 
     def wake_installed(self) -> None:
-        try:
+        with _as_uffd_error():
             self._core.wake_installed()
-        except OSError as e:
-            raise _uffd_error(e) from None
 
     def wake(self, start: int, length: int) -> None:
-        try:
+        with _as_uffd_error():
             self._core.wake(start, length)
-        except OSError as e:
-            raise _uffd_error(e) from None
 
     def take_records(self) -> tuple[bytes, bytes]:
         return self._core.take_records()
@@ -99,6 +90,10 @@ class NativeEngine:
         self._zeros.close()
 
 
-def _uffd_error(e: OSError) -> UffdError:
-    err = e.errno or errno.EIO
-    return UffdError("fault core", err, 0, 0, str(e.strerror or e))
+@contextlib.contextmanager
+def _as_uffd_error() -> Iterator[None]:
+    """The core raises OSError naming the ioctl and range; callers expect UffdError."""
+    try:
+        yield
+    except OSError as e:
+        raise UffdError("fault core", e.errno or errno.EIO, 0, 0, str(e.strerror or e)) from None

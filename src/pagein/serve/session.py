@@ -67,10 +67,6 @@ class SessionEnd(Enum):
     FAILED = "failed"
 
 
-class _PeerGone(Exception):
-    """The VMM's address space is gone (ESRCH): end the session quietly."""
-
-
 def holes_of(source: PageSource, regions: Iterable[Region]) -> list[Bitmap | None]:
     """Per region, the 4 KiB pages that are all zeros in the source (file holes)."""
     out: list[Bitmap | None] = []
@@ -128,22 +124,21 @@ class Session:
         windows = [self.strategy.window_pages(r) for r in self.regions]
         st = self.state
         record = self.recorder is not None
+        extents = self.space.extent_tuples()
         if wanted is EngineName.NATIVE:
             base, overlay = self.source.address_map()
             if base is not None:
                 from pagein.serve.native import NativeEngine
-                engine = NativeEngine(
+                return EngineName.NATIVE, NativeEngine(
                     self.uffd.fileno(), self.regions, st.filled, st.discarded, holes,
-                    st.counters, base, overlay, windows, self._chunk, record, st.journal)
-                engine.set_extents(self.space.extent_tuples())
-                return EngineName.NATIVE, engine
+                    st.counters, base, overlay, extents, windows, self._chunk, record,
+                    st.journal)
             log.info("%s: %s has no mapping to copy from; serving with the python engine",
                      self.name, self.source.describe())
         from pagein.serve.install import PythonEngine
-        py = PythonEngine(self.uffd, self.regions, st.filled, st.discarded, holes, st.counters,
-                          self.source, windows, self._chunk, record, st.journal)
-        py.set_extents(self.space.extent_tuples())
-        return EngineName.PYTHON, py
+        return EngineName.PYTHON, PythonEngine(
+            self.uffd, self.regions, st.filled, st.discarded, holes, st.counters, self.source,
+            extents, windows, self._chunk, record, st.journal)
 
     @property
     def complete(self) -> bool:
@@ -163,12 +158,13 @@ class Session:
             planner = Planner(self.strategy.on_connect(self.regions), self.regions,
                               self.source, self.counters, self._chunk)
             self.end = self._loop(planner)
-        except _PeerGone:
-            self.end = SessionEnd.PEER_EXITED
         except (PageinError, OSError) as e:
-            log.error("%s: serving stopped: %s; its guest is frozen on missing pages",
-                      self.name, e)
-            self.end = SessionEnd.FAILED
+            if isinstance(e, UffdError) and e.errno == errno.ESRCH:
+                self.end = SessionEnd.PEER_EXITED  # the VMM's address space is gone
+            else:
+                log.error("%s: serving stopped: %s; its guest is frozen on missing pages",
+                          self.name, e)
+                self.end = SessionEnd.FAILED
         finally:
             self._records()
         c = self.counters.snapshot()
@@ -189,16 +185,9 @@ class Session:
         if events:
             log.warning("%s: applying %d event(s) the previous worker had read", self.name,
                         len(events))
-            self._apply(events)
-        else:
-            self._engine.applied()
+        self._apply(events)  # and clear the journal (fault slots included)
         for e in self.space.extents:
-            try:
-                self._engine.wake(e.address, e.length)
-            except UffdError as err:
-                if err.errno == errno.ESRCH:
-                    raise _PeerGone from err
-                raise
+            self._engine.wake(e.address, e.length)
 
     def _blocking(self) -> None:
         """Install the strategy's blocking plan (REAP) before serving any fault."""
@@ -234,18 +223,10 @@ class Session:
             # faults all the time, background work would otherwise starve, and it fills
             # a page ~10x cheaper than a fault does. A fault waits behind one chunk at most.
             if busy and not self._engine.deferred:
-                self._step(planner)
+                planner.step(self._engine)
                 busy = planner.busy()
                 if not busy:
                     self._log_complete()
-
-    def _step(self, planner: Planner) -> None:
-        try:
-            planner.step(self._engine)
-        except UffdError as e:
-            if e.errno == errno.ESRCH:
-                raise _PeerGone from e
-            raise
 
     def _log_complete(self) -> None:
         if not self._done_logged and self.complete:

@@ -49,7 +49,7 @@ log = logging.getLogger("pagein.serve")
 
 
 class VmServer:
-    """Serve the VMs handed to :meth:`serve_vm`, each in a thread; report what happens
+    """Serve the VMs handed to :meth:`start_vm`, each in a thread; report what happens
     through ``report`` (the control channel in a worker process, a callback in-process)."""
 
     def __init__(self, served: Served, engine: EngineName,
@@ -82,24 +82,19 @@ class VmServer:
 
     def _serve_vm(self, doc: dict[str, object], fds: Sequence[int]) -> None:
         uffd_fd, conn_fd, state_fd = fds
-        vm = doc["vm"]
-        name = str(doc["name"])
-        raw_regions = doc["regions"]
-        if not isinstance(raw_regions, list):
-            raise ControlError("a serve message without a region list")
-        regions = [Region(int(a), int(b), int(c), int(d)) for a, b, c, d in raw_regions]
+        name = str(doc.get("name", "vm"))
         sock = socket.socket(fileno=conn_fd)
-        uffd = Userfaultfd.adopt(uffd_fd, features=Feature(int(str(doc["features"]))))
+        uffd = Userfaultfd.adopt(uffd_fd, features=Feature(int(str(doc.get("features", 0)))))
+        state: VmState | None = None
+        session: Session | None = None
         end = "failed"
         try:
-            state = VmState.attach(state_fd, regions)
-        except (PageinError, OSError) as e:
-            log.error("%s: cannot map its serving state: %s", name, e)
-            uffd.close()
-            sock.close()
-            self.send({"op": "ended", "vm": vm, "end": end})
-            return
-        try:
+            raw_regions = doc.get("regions")
+            if not isinstance(raw_regions, list):
+                raise ControlError("a serve message without a region list")
+            regions = [Region(int(a), int(b), int(c), int(d)) for a, b, c, d in raw_regions]
+            fd, state_fd = state_fd, -1
+            state = VmState.attach(fd, regions)  # owns fd from here, even if it raises
             record, trace = doc.get("record"), doc.get("trace")
             recorder = None
             if record is not None or trace is not None:
@@ -111,22 +106,18 @@ class VmServer:
                               recorder=recorder, chunk_bytes=self.served.options.chunk_bytes,
                               pending=bytes.fromhex(str(doc.get("pending", ""))),
                               resume=state.attach_worker() > 1)
+            self.send({"op": "started", "vm": doc["vm"],
+                       "engine": session.engine_name.value})
+            end = session.run().value
         except (PageinError, OSError, ValueError) as e:
             log.error("%s: cannot start serving: %s; its guest is frozen", name, e)
-            uffd.close()
-            sock.close()
-            state.close()
-            self.send({"op": "ended", "vm": vm, "end": end})
-            return
-        self.send({"op": "started", "vm": vm, "engine": session.engine_name.value})
-        try:
-            end = session.run().value
         finally:
-            session.close()
-            uffd.close()
-            sock.close()
-            state.close()
-            self.send({"op": "ended", "vm": vm, "end": end})
+            for part in (session, uffd, sock, state):
+                if part is not None:
+                    part.close()
+            if state_fd >= 0:
+                os.close(state_fd)
+            self.send({"op": "ended", "vm": doc.get("vm"), "end": end})
 
 
 class _Channel:

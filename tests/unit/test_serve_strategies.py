@@ -118,3 +118,14 @@ def test_counter_block_words_are_the_native_core_indices() -> None:
     assert _core.N_COUNTERS == N_COUNTERS
     snap = block.snapshot()
     assert snap.faults == 2 and snap.remaps == 1 and snap.latency_us_buckets[1] == 1
+
+
+def test_engine_vocabularies_are_the_native_core_constants() -> None:
+    from pagein.serve import _core
+    from pagein.serve.engine import CoreEvent, Reason
+    for r in Reason:
+        assert getattr(_core, f"REASON_{r.name}") == r.value, r
+    for c in Cause:
+        assert getattr(_core, f"CAUSE_{c.name}") == c.value, c
+    assert [e.value for e in CoreEvent] == [0x13, 0x14, 0x15, 0x16]  # UFFD_EVENT_*
+    assert _core.RECORD_SIZE == 24

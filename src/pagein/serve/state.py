@@ -50,7 +50,8 @@ __all__ = ["JOURNAL_BYTES", "MAX_EXTENTS", "VmState"]
 _MAGIC = b"PAGEINVM"
 _VERSION = 2
 _HEADER = struct.Struct("=8sII")
-_ATTACHES = struct.Struct("=Q")
+_U64 = struct.Struct("=Q")
+_ATTACHES_AT, _NEXTENTS_AT = 16, 24
 _COUNTERS_AT = 64
 JOURNAL_BYTES = 128 * 32
 #: UNMAP/REMAP can split a region's range; more live pieces than this end the session.
@@ -136,12 +137,12 @@ class VmState:
     @property
     def attaches(self) -> int:
         """How many workers have attached (1 while the first one serves)."""
-        return int(_ATTACHES.unpack_from(self._view, 16)[0])
+        return int(_U64.unpack_from(self._view, _ATTACHES_AT)[0])
 
     def attach_worker(self) -> int:
         """Count one more worker serving this VM; return how many have."""
         n = self.attaches + 1
-        _ATTACHES.pack_into(self._view, 16, n)
+        _U64.pack_into(self._view, _ATTACHES_AT, n)
         return n
 
     def save_extents(self, extents: list[tuple[int, int, int, int]]) -> None:
@@ -152,11 +153,11 @@ class VmState:
                               f"munmap/mremap, more than pagein tracks ({MAX_EXTENTS})")
         for i, e in enumerate(extents):
             _EXTENT.pack_into(self._view, _EXTENTS_AT + i * _EXTENT.size, *e)
-        _ATTACHES.pack_into(self._view, 24, len(extents))
+        _U64.pack_into(self._view, _NEXTENTS_AT, len(extents))
 
     def load_extents(self) -> list[tuple[int, int, int, int]] | None:
         """The extents last saved, or None when no UNMAP/REMAP ever moved them."""
-        n = int(_ATTACHES.unpack_from(self._view, 24)[0])
+        n = int(_U64.unpack_from(self._view, _NEXTENTS_AT)[0])
         if n == 0:
             return None
         n = min(n, MAX_EXTENTS)

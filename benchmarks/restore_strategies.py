@@ -10,12 +10,13 @@ pagein runs as Firecracker runs it: a ``pagein serve`` process started once per
 strategy (like a host's handler daemon) and, per restore, this process maps fresh
 memory, registers it with a new uffd and sends it over the socket. Pages are touched by
 a small C loop called through ctypes (no Python per page). The toucher is pinned to
-CPU 0 and the handler to CPU 1 in every run; the eager and MAP_PRIVATE baselines have no
-handler (``--cpus same`` puts the handler on the toucher's CPU: cross-CPU wakeups are
-expensive in VMs). Ratios are against eager read() with the same cache state and order.
+CPU 0 and the handler (all its processes) to CPU 1 in every run; the eager and MAP_PRIVATE
+baselines have no handler (``--cpus same`` puts the handler on the toucher's CPU:
+cross-CPU wakeups are expensive in VMs; ``--cpus none`` pins neither, as users run it).
+Ratios are against eager read() with the same cache state and order.
 
 Run: ``.venv/bin/python benchmarks/restore_strategies.py [--quick] [--size-mib N] [--repeat 3]
-[--cpus split|same]``
+[--cpus split|same|none]``
 """
 
 from __future__ import annotations
@@ -87,21 +88,26 @@ class Timing:
 
 
 class Handler:
-    """A long-lived ``pagein serve`` process for one strategy, pinned to CPU 1."""
+    """A long-lived ``pagein serve`` process for one strategy, on the CPUs ``cpus``.
 
-    def __init__(self, workdir: str, path: str, strategy: str, cpu: int) -> None:
+    ``taskset`` sets them before ``pagein serve`` starts, so its worker processes (which
+    serve the faults) inherit them: pinning the supervisor's pid afterwards would not.
+    """
+
+    def __init__(self, workdir: str, path: str, strategy: str, cpus: set[int]) -> None:
         self.sock = os.path.join(workdir, f"{strategy}.sock")
         r, w = os.pipe()
+        cpu_list = ",".join(str(c) for c in sorted(cpus))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pagein", "serve", "--socket", self.sock, "--mem-file", path,
-             "--strategy", strategy, "--ready-fd", str(w)], pass_fds=(w,))
+            ["taskset", "-c", cpu_list, sys.executable, "-m", "pagein", "serve",
+             "--socket", self.sock, "--mem-file", path, "--strategy", strategy,
+             "--ready-fd", str(w)], pass_fds=(w,))
         os.close(w)
         ok = select.select([r], [], [], 30)[0] and os.read(r, 8)
         os.close(r)
         if not ok:
             self.proc.kill()
             raise RuntimeError(f"pagein serve --strategy {strategy} did not start")
-        os.sched_setaffinity(self.proc.pid, {cpu})
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -151,7 +157,7 @@ def run_one(method: str, path: str, size: int, offs: ctypes.Array[ctypes.c_uint6
 
 
 def prepare_cache(cache: str, m: str, path: str, handlers: dict[str, Handler],
-                  strategies: list[str], tmp: str, cpu: int) -> None:
+                  strategies: list[str], tmp: str, cpus: set[int]) -> None:
     """Put the page cache (and the handlers) in the state one run of a cell starts from."""
     if cache == "cold":
         # A handler that has read the file keeps its pages mapped, and mapped pages
@@ -159,7 +165,7 @@ def prepare_cache(cache: str, m: str, path: str, handlers: dict[str, Handler],
         for h in handlers.values():
             h.close()
         if m in strategies:
-            handlers[m] = Handler(tmp, path, m, cpu)
+            handlers[m] = Handler(tmp, path, m, cpus)
         drop_cache(path)
     else:
         warm_cache(path)
@@ -183,14 +189,16 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--repeat", type=int, default=3, help="runs per cell; the median is kept")
-    ap.add_argument("--cpus", choices=["split", "same"], default="split",
-                    help="handler on another CPU than the toucher (default) or the same one")
+    ap.add_argument("--cpus", choices=["split", "same", "none"], default="split",
+                    help="handler on another CPU than the toucher (default), the same one, "
+                         "or neither pinned (what users run)")
     args = ap.parse_args()
     size = (args.size_mib or (128 if args.quick else 1024)) << 20
     cpus = sorted(os.sched_getaffinity(0))
-    toucher_cpu = cpus[0]
-    handler_cpu = cpus[0] if args.cpus == "same" else cpus[-1]
-    os.sched_setaffinity(0, {toucher_cpu})
+    handler_cpus = set(cpus) if args.cpus == "none" else \
+        {cpus[0] if args.cpus == "same" else cpus[-1]}
+    if args.cpus != "none":
+        os.sched_setaffinity(0, {cpus[0]})  # the toucher
     strategies = ["on-demand", "readahead", "populate-all"]
     methods = ["eager read()", "MAP_PRIVATE file", *strategies]
     with tempfile.TemporaryDirectory(prefix="pagein-bench-", dir=args.workdir) as tmp:
@@ -202,7 +210,7 @@ def main() -> int:
         order = list(range(pages))
         random.Random(2).shuffle(order)
         rnd = (ctypes.c_uint64 * pages)(*(i * PAGE_SIZE for i in order))
-        handlers = {s: Handler(tmp, path, s, handler_cpu) for s in strategies}
+        handlers = {s: Handler(tmp, path, s, handler_cpus) for s in strategies}
         rows = []
         try:
             for cache in ("warm", "cold"):
@@ -210,7 +218,7 @@ def main() -> int:
                     base: Timing | None = None
                     for m in methods:
                         t = run_repeated(args.repeat, m, path, size, offs, touch, handlers,
-                                         cache, strategies, tmp, handler_cpu)
+                                         cache, strategies, tmp, handler_cpus)
                         base = base or t
                         rows.append((cache, pattern, m, t, base))
                         print(f"{cache:5} {pattern:6} {m:17} first {t.first * 1e3:9.2f} ms  "
@@ -219,8 +227,10 @@ def main() -> int:
         finally:
             for h in handlers.values():
                 h.close()
-    print(f"\nsnapshot {size >> 20} MiB ({pages} pages, 1/8 holes); toucher CPU {toucher_cpu}, "
-          f"handler CPU {handler_cpu}; ratio = time / eager read() (same cache, order)\n")
+    where = "unpinned" if args.cpus == "none" else \
+        f"toucher CPU {cpus[0]}, handler CPU {min(handler_cpus)}"
+    print(f"\nsnapshot {size >> 20} MiB ({pages} pages, 1/8 holes); {where}; "
+          "ratio = time / eager read() (same cache, order)\n")
     print("| cache | order | method | first byte ms | x eager | 10% ms | x eager | "
           "100% ms | x eager |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")

@@ -12,11 +12,16 @@ import threading
 from pathlib import Path
 
 import pytest
+from test_serve_session import ScriptedUffd  # a scripted uffd: no real VM needed
 
 from pagein.serve.engine import EngineName
 from pagein.serve.firecracker import Region
 from pagein.serve.recovery import journal_events
+from pagein.serve.session import Session
 from pagein.serve.state import VmState
+from pagein.serve.strategies import OnDemand
+from pagein.snapshot.raw import RawFileSource
+from pagein.sys.uffd import PageFault
 from serve_harness import (
     ServerProc,
     client,
@@ -182,17 +187,11 @@ def test_a_remove_read_by_a_dead_worker_is_applied_by_its_successor(tmp_path: Pa
         assert journal_events(state.journal) == [
             (0x15, region.base_address + 8 * 4096, region.base_address + 16 * 4096, 0)]
         state.filled[0].set(0, 64)  # everything had been filled before the balloon
-        from test_serve_session import ScriptedUffd  # a scripted uffd: no real VM needed
-
-        from pagein.serve.session import Session
-        from pagein.serve.strategies import OnDemand
-        from pagein.snapshot.raw import RawFileSource
         path = tmp_path / "mem.snap"
         path.write_bytes(b"\x5a" * (64 * 4096))
         stop_r, stop_w = os.pipe()
         uffd = ScriptedUffd(stop_w)
         uffd.stop_after = 2
-        from pagein.sys.uffd import PageFault
         uffd.push([PageFault(region.base_address + 9 * 4096, False, False, False, 0)])
         with RawFileSource(path) as src:
             s = Session(uffd=uffd, sock=None, regions=[region],  # type: ignore[arg-type]

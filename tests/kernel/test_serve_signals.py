@@ -24,7 +24,7 @@ def test_a_signal_delivered_to_another_thread_still_stops_the_server(tmp_path: P
     mem.write_bytes(b"\1" * 8192)
     with RawFileSource(str(mem)) as src:
         opts = ServeOptions(str(tmp_path / "s.sock"), str(mem), workers=0)
-        server = Server(opts, Served.of(src, opts))
+        server = Server(Served.of(src, opts))
 
         def on_signal(_sig: int, _frame: FrameType | None) -> None:
             server.stop()

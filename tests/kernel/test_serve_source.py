@@ -117,7 +117,7 @@ def _serve_in_thread(tmp_path: Path, source: PageSource,
                      strategy: str) -> tuple[Server, threading.Thread]:
     opts = ServeOptions(str(tmp_path / "s.sock"), "test-source", exit_after=1, workers=0,
                         strategy=StrategyName(strategy))
-    server = Server(opts, Served.of(source, opts))
+    server = Server(Served.of(source, opts))
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     return server, t

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     options = ServeOptions.from_namespace(args)
     served = open_served(options, warm=True)
     try:
-        server = Server(served.options, served)
+        server = Server(served)
         return _serve(server, args)
     finally:
         served.close()

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import struct
+from collections.abc import Sequence
 
 from pagein.errors import PageinError
 from pagein.sys.fdpass import recv_with_fds, send_with_fds
@@ -29,7 +30,7 @@ class ControlError(PageinError):
     """The other end of a control channel sent something that is not a message."""
 
 
-def send_msg(sock: socket.socket, doc: dict[str, object], fds: list[int] = ()) -> None:  # type: ignore[assignment]
+def send_msg(sock: socket.socket, doc: dict[str, object], fds: Sequence[int] = ()) -> None:
     """Send one message (the fds stay open here; the receiver gets its own copies)."""
     payload = json.dumps(doc, separators=(",", ":")).encode()
     if len(payload) > MAX_PAYLOAD:

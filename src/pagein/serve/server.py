@@ -207,8 +207,8 @@ class Server:
     processes open their own from the options, ``--workers 0`` serves this one.
     """
 
-    def __init__(self, options: ServeOptions, served: Served) -> None:
-        self.options = options
+    def __init__(self, served: Served) -> None:
+        self.options = options = served.options
         self.source = served.source
         self.engine, why = choose(options.engine)
         if why is not None:

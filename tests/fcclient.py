@@ -72,6 +72,9 @@ def start_guest(args: argparse.Namespace) -> Guest:
     return Guest(regions, mappings, uffd, sock, data)
 
 
+_MARK_AT = 16  # where --write puts its 8-byte marker in a page
+
+
 class Checker:
     """Copy pages out of guest memory with memmove (GIL released) and compare them."""
 
@@ -83,6 +86,8 @@ class Checker:
         self.pause_after = 0
         self.lock = threading.Lock()
         self.zero_ranges: list[tuple[int, int]] = []  # guest addresses that must read zeros
+        self.write = False  # after checking a page, the guest writes a marker into it
+        self.written: dict[int, bytes] = {}  # page address -> marker at _MARK_AT
 
     def expected(self, region: Region, page: int) -> bytes:
         ps = region.page_size
@@ -91,7 +96,11 @@ class Checker:
             if a <= addr < b:
                 return bytes(ps)
         off = region.offset + page * ps
-        return self.guest.file[off: off + ps]
+        want = self.guest.file[off: off + ps]
+        mark = self.written.get(addr)
+        if mark is not None:
+            want = want[:_MARK_AT] + mark + want[_MARK_AT + len(mark):]
+        return want
 
     def check_page(self, region: Region, page: int, buf: ctypes.Array[ctypes.c_char]) -> None:
         ps = region.page_size
@@ -115,6 +124,39 @@ class Checker:
                 sys.stdout.flush()
                 sys.stdin.readline()
 
+    def visit(self, thread: int, threads: int, region: Region, page: int,
+              buf: ctypes.Array[ctypes.c_char]) -> None:
+        """One access of a toucher thread. With ``write``, every 4th page is written
+        first (a write fault: the fill, then the guest's store) by one owning thread,
+        which then checks it; the other pages are read by every thread (they collide)."""
+        if not self.write or page % 4 != 3:
+            self.check_page(region, page, buf)
+            return
+        if (page // 4) % threads != thread:
+            return  # another thread writes this one: a read could race with its store
+        addr = region.base_address + page * region.page_size
+        if not self.zeroed(addr):
+            mark = b"PGIN" + ((addr // region.page_size) & 0xFFFFFFFF).to_bytes(4, "little")
+            ctypes.memmove(addr + _MARK_AT, mark, len(mark))
+            with self.lock:
+                self.written[addr] = mark
+        self.check_page(region, page, buf)
+
+    def zeroed(self, addr: int) -> bool:
+        return any(a <= addr < b for a, b in self.zero_ranges)
+
+    def recheck_written(self) -> None:
+        """Read every page the guest wrote again: its write is there, the rest is the
+        snapshot (a fill must never land on a page the guest already has)."""
+        by_addr = {r.base_address + p * r.page_size: (r, p) for r in self.guest.regions
+                   for p in range(r.size_bytes // r.page_size)}
+        write, self.write = self.write, False
+        buf = ctypes.create_string_buffer(max(r.page_size for r in self.guest.regions))
+        for addr in sorted(self.written):
+            if addr in by_addr:
+                self.check_page(*by_addr[addr], buf)
+        self.write = write
+
     def run_threads(self, threads: int, seed: int) -> None:
         work = [(r, p) for r in self.guest.regions for p in range(r.size_bytes // r.page_size)]
 
@@ -123,7 +165,7 @@ class Checker:
             order = list(work)
             random.Random(seed + i).shuffle(order)  # threads collide on pages: EEXIST races
             for r, p in order:
-                self.check_page(r, p, buf)
+                self.visit(i, threads, r, p, buf)
 
         ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
         for t in ts:
@@ -169,7 +211,7 @@ def balloon_while_faulting(checker: Checker, rounds: int) -> None:
         order = [(r, p) for r in others for p in range(r.size_bytes // r.page_size)]
         random.Random(i).shuffle(order)
         for r, p in order:
-            checker.check_page(r, p, buf)
+            checker.visit(i, 2, r, p, buf)
 
     ts = [threading.Thread(target=balloon)] + [threading.Thread(target=faulter, args=(i,))
                                                for i in range(2)]
@@ -207,7 +249,15 @@ def remap_then_unmap(checker: Checker) -> None:
 def cmd_touch(args: argparse.Namespace) -> int:
     guest = start_guest(args)
     checker = Checker(guest, args.progress)
+
+    def thread_failed(e: threading.ExceptHookArgs) -> None:  # a dead toucher is a failure
+        with checker.lock:
+            checker.errors.append(f"thread {e.thread.name if e.thread else '?'} failed: "
+                                  f"{e.exc_type.__name__}: {e.exc_value}")
+
+    threading.excepthook = thread_failed
     checker.pause_after = args.pause_after
+    checker.write = args.write
     if args.remap:
         remap_then_unmap(checker)
     elif args.balloon_rounds:
@@ -220,7 +270,9 @@ def cmd_touch(args: argparse.Namespace) -> int:
             base = guest.regions[0].base_address
             checker.zero_ranges.append((base + off, base + off + length))
         checker.run_threads(args.threads, args.seed)
+    checker.recheck_written()
     print(json.dumps({"ok": not checker.errors, "pages": checker.pages,
+                      "written": len(checker.written),
                       "errors": checker.errors[:20]}), flush=True)
     if args.hold:
         sys.stdin.read()  # keep the VM "running" until the test closes our stdin
@@ -267,6 +319,9 @@ def main() -> int:
     t.add_argument("--pre-balloon", help="OFF:LEN in region 0 to drop before touching")
     t.add_argument("--balloon-rounds", type=int, default=0)
     t.add_argument("--hold", action="store_true")
+    t.add_argument("--write", action="store_true",
+                   help="write a marker into every 4th page (a write fault) and check it; "
+                   "recheck every written page at the end")
     t.add_argument("--remap", action="store_true",
                    help="also negotiate EVENT_REMAP/UNMAP; mremap and munmap region 0")
     t.add_argument("--pause-after", type=int, default=0,

@@ -25,7 +25,8 @@ def make_snapshot(path: str, size: int, *, hole_every: int = 8, seed: int = 7) -
     Returns the file's content (holes read as zeros).
     """
     rng = random.Random(seed)
-    data = bytearray(rng.randbytes(size))
+    chunk = 64 << 20  # randbytes takes at most 2**31 bits at once
+    data = bytearray(b"".join(rng.randbytes(min(chunk, size - o)) for o in range(0, size, chunk)))
     with open(path, "wb") as f:
         f.truncate(size)
         for i in range(size // PAGE):

@@ -27,23 +27,22 @@ import select
 import signal
 import socket
 import stat
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagein.errors import HandshakeError, PageinError
-from pagein.serve.control import ControlError, recv_msg, send_msg
+from pagein.serve.control import ControlError, recv_msg
 from pagein.serve.engine import EngineName, choose
 from pagein.serve.firecracker import Region, receive_handshake
-from pagein.serve.options import BadHandshakePolicy, ServeOptions, VmFailurePolicy
+from pagein.serve.options import BadHandshakePolicy, VmFailurePolicy
 from pagein.serve.record import OutputNames
 from pagein.serve.served import Served
 from pagein.serve.state import VmState
 from pagein.serve.stats import Counters, prometheus_text
 from pagein.serve.worker import VmServer
+from pagein.serve.workers import WORKER_START_S, WorkerFactory, WorkerProc
 from pagein.sys.fdpass import PeerCred, kill_through, peer_credentials, peer_pidfd
 
 __all__ = ["BadHandshakePolicy", "Server"]
@@ -51,7 +50,6 @@ __all__ = ["BadHandshakePolicy", "Server"]
 log = logging.getLogger("pagein.serve")
 
 _KEEP_ENDED = 1000  # ended VMs whose counters stay listed in the stats
-_WORKER_START_S = 30.0
 _SPAWN_TRIES = 100
 
 
@@ -77,7 +75,7 @@ class _Vm:
     conn: socket.socket
     state: VmState
     pidfd: int = -1  # the VMM, for signals (PIDs are reused)
-    worker: _WorkerProc | _InProcess | None = None
+    worker: WorkerProc | _InProcess | None = None
     engine: str = ""
     restarts: int = 0  # workers that died serving it
     down_since: float | None = None  # when its worker died (None: one serves it)
@@ -126,64 +124,12 @@ def _row(vm: _Vm, state: str) -> _Row:
                 round(down * 1000, 3), None if vm.worker is None else vm.worker.pid)
 
 
-class _WorkerProc:
-    """One serving worker process and our end of its control channel."""
-
-    def __init__(self, index: int, options: ServeOptions, engine: EngineName) -> None:
-        self.index = index
-        self.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.vms: set[int] = set()
-        self.lock = threading.Lock()
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pagein.serve.worker", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
-        finally:
-            theirs.close()
-        send_msg(self.ctl, {"op": "init", "options": options.to_json(),
-                            "engine": engine.value, "index": index,
-                            "log_level": logging.getLogger("pagein").getEffectiveLevel()})
-
-    def wait_ready(self, timeout: float) -> None:
-        p = select.poll()
-        p.register(self.ctl, select.POLLIN)
-        if not p.poll(timeout * 1000):
-            raise PageinError(f"serving worker {self.index} did not start within {timeout:g} s")
-        try:
-            got = recv_msg(self.ctl)
-        except (ControlError, OSError) as e:
-            raise PageinError(f"serving worker {self.index} failed to start: {e}") from e
-        if got is None:
-            code = self.proc.wait()
-            raise PageinError(f"serving worker {self.index} exited with status {code} "
-                              "while starting")
-        doc, _ = got
-        if doc.get("op") != "ready":
-            raise PageinError(f"serving worker {self.index} cannot serve: "
-                              f"{str(doc.get('error'))[:500]}")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def send(self, doc: dict[str, object], fds: list[int] | None = None) -> None:
-        with self.lock:
-            send_msg(self.ctl, doc, fds or [])
-
-    def kill(self) -> int:
-        """SIGKILL the worker unless it has exited; reap it; close our end; its status."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        code = self.proc.wait()
-        self.ctl.close()
-        return code
-
-
 class _InProcess:
     """Serve VMs in threads of this process (``--workers 0``): the only way to serve a
     :class:`PageSource` object that no URL names, as a library user may."""
 
     index = 0
+    dedicated = False
 
     def __init__(self, served: Served, engine: EngineName,
                  report: Callable[[dict[str, object]], None]) -> None:
@@ -225,28 +171,34 @@ class Server:
         self._stopping = False
         self._waiting: list[_Vm] = []  # VMs that connected while no worker was alive
         self.handshake_failures = 0
-        self.worker_restarts = 0
+        self.worker_restarts = 0  # workers that died while serving (each replaced)
+        self.worker_start_failures = 0  # workers that died or failed while starting
         self._sessions_ended = 0
-        self._procs: list[_WorkerProc] = []
-        self._workers: list[_WorkerProc | _InProcess] = []
+        self._procs: list[WorkerProc] = []
+        self._workers: list[WorkerProc | _InProcess] = []
+        self._factory: WorkerFactory | None = None
         self._check_path(options.socket_path)
         if options.worker_count == 0:
             self._workers = [_InProcess(served, self.engine, self._on_report)]
             self._listener = self._bind(options.socket_path)
             return
+        self._factory = factory = WorkerFactory(options, self.engine)
         # Listen only once every worker is ready: a VMM connects as soon as the socket
         # exists, and its first fault would otherwise wait for the workers to start.
-        starting = [_WorkerProc(i, options, self.engine) for i in range(options.worker_count)]
+        starting: list[WorkerProc] = []
         try:
+            starting = [factory.new(i) for i in range(options.worker_count)]
             for w in starting:  # all start at once; wait for each
-                w.wait_ready(_WORKER_START_S)
+                w.wait_ready(WORKER_START_S)
             self._listener = self._bind(options.socket_path)
         except BaseException:
             for w in starting:
                 w.kill()
+            factory.close()
             raise
         for w in starting:
             self._adopt(w)
+        factory.refill()  # a spare: the VMs of a worker that dies wait milliseconds
 
     @staticmethod
     def _check_path(path: str) -> None:
@@ -343,11 +295,11 @@ class Server:
             with contextlib.suppress(OSError):
                 w.send({"op": "stop"})
         for w in self._procs:
-            try:
-                w.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+            if not w.wait(10):
                 log.error("serving worker %d did not stop; killing it", w.index)
             w.kill()
+        if self._factory is not None:
+            self._factory.close()
         with self._lock:
             rest = list(self._vms)
         for vm_id in rest:
@@ -365,7 +317,7 @@ class Server:
 
     # --- workers ---------------------------------------------------------------------
 
-    def _watch_worker(self, w: _WorkerProc) -> None:
+    def _watch_worker(self, w: WorkerProc) -> None:
         """Read a worker's reports until it exits."""
         while True:
             try:
@@ -381,42 +333,51 @@ class Server:
             self._on_report(doc)
         if self._stopping:
             return
+        if w.retiring:
+            if not w.wait(5):
+                log.error("serving worker %d did not stop; killing it", w.index)
+            w.kill()
+            return
         code = w.kill()
         self._replace(w, code)
 
     # --- a worker died -------------------------------------------------------------------
 
-    def _spawn(self, index: int) -> _WorkerProc | None:
+    def _spawn(self, index: int, *, dedicated: bool = False) -> WorkerProc | None:
         """Start a worker, wait until it is ready and watch it; retried (a worker can die
         while it starts) until the server stops or it failed ``_SPAWN_TRIES`` times."""
         for attempt in range(_SPAWN_TRIES):
             if self._stopping:
                 return None
-            w = _WorkerProc(index, self.options, self.engine)
+            assert self._factory is not None
             try:
-                w.wait_ready(_WORKER_START_S)
+                w = self._factory.ready(index)
                 break
             except (PageinError, OSError) as e:
-                w.kill()
+                with self._lock:
+                    self.worker_start_failures += 1
                 log.error("cannot start a serving worker (try %d): %s", attempt + 1, e)
-                time.sleep(min(1.0, 0.05 * (attempt + 1)))
+                time.sleep(min(1.0, 0.02 * attempt))
         else:
             return None
+        w.dedicated = dedicated
         self._adopt(w)
         return w
 
-    def _adopt(self, w: _WorkerProc) -> None:
+    def _adopt(self, w: WorkerProc) -> None:
         """Make a ready worker part of the pool: watch it, give it the VMs waiting."""
         with self._lock:
             self._procs.append(w)
             self._workers.append(w)
-            waiting, self._waiting = self._waiting, []
+            waiting: list[_Vm] = []
+            if not w.dedicated:
+                waiting, self._waiting = self._waiting, []
         threading.Thread(target=self._watch_worker, args=(w,), daemon=True,
                          name=f"pagein-worker-{w.index}").start()
         for vm in waiting:  # VMs that connected while no worker was alive
             self._hand(vm, w, resume=False)
 
-    def _replace(self, dead: _WorkerProc, code: int | None) -> None:
+    def _replace(self, dead: WorkerProc, code: int | None) -> None:
         """Start a worker in place of ``dead`` and hand it the dead one's VMs (see
         :mod:`pagein.serve.recovery`): they go on; only a VM that keeps being served by
         dying workers fails, and one caught in a second crash is served alone."""
@@ -439,11 +400,17 @@ class Server:
         for vm in [v for v in orphans if v.restarts > limit]:
             self._fail_vm(vm, f"{vm.restarts} workers died serving it")
         rest = [v for v in orphans if v.restarts <= limit]
-        home = self._spawn(dead.index)
+        # A suspect (a VM caught in a second crash) goes to a worker of its own, so that a
+        # third crash there names it alone; a VM alone on the dead worker already is.
+        suspects = [v for v in rest if v.restarts >= 2] if len(rest) > 1 else []
+        others = [v for v in rest if v not in suspects]
+        home = None
+        if not dead.dedicated or others:  # the pool keeps its size; a dedicated one ends
+            home = self._spawn(dead.index, dedicated=dead.dedicated)
         for vm in rest:
             target = home
-            if vm.restarts >= 2:  # a suspect: alone on a worker, so a crash names it
-                target = self._spawn(next_index)
+            if vm in suspects:
+                target = self._spawn(next_index, dedicated=True)
                 next_index += 1
             if target is None:
                 log.error("%s: no worker could be started for it; its guest stays frozen",
@@ -482,8 +449,16 @@ class Server:
             vm = self._vms.pop(vm_id, None)
             if vm is None:
                 return None
-            if vm.worker is not None:
-                vm.worker.vms.discard(vm_id)
+            w = vm.worker
+            if w is not None:
+                w.vms.discard(vm_id)
+            if isinstance(w, WorkerProc) and w.dedicated and not w.vms and not self._stopping:
+                # A worker of its own for a suspect VM: it goes with the VM.
+                w.retiring = True
+                self._procs = [x for x in self._procs if x is not w]
+                self._workers = [x for x in self._workers if x is not w]
+                with contextlib.suppress(OSError):
+                    w.send({"op": "stop"})
             self._ended.append(_row(vm, end))
             del self._ended[:-_KEEP_ENDED]
             self._sessions_ended += 1
@@ -533,18 +508,19 @@ class Server:
                   "trace": self._names.claim(o.trace_path) if o.trace_path else None}
         with self._lock:
             self._vms[vm.id] = vm
-            if not self._workers:  # between a worker's death and its successor
+            pool = [w for w in self._workers if not w.dedicated]
+            if not pool:  # between a worker's death and its successor
                 vm.down_since = time.monotonic()
                 self._waiting.append(vm)
                 log.warning("%s: waiting for a serving worker to start", vm.name)
                 return
-            w = min(self._workers, key=lambda w: (len(w.vms), w.index))
+            w = min(pool, key=lambda w: (len(w.vms), w.index))
         log.info("%s: serving %d regions (%d bytes) with %s on worker %d", vm.name,
                  len(vm.regions), sum(r.size_bytes for r in vm.regions), o.strategy.value,
                  w.index)
         self._hand(vm, w, resume=False)
 
-    def _hand(self, vm: _Vm, w: _WorkerProc | _InProcess, *, resume: bool) -> None:
+    def _hand(self, vm: _Vm, w: WorkerProc | _InProcess, *, resume: bool) -> None:
         """Send ``vm`` (its uffd, socket and state) to worker ``w``."""
         with self._lock:
             vm.worker = w
@@ -601,6 +577,7 @@ class Server:
             "active_vms": sum(1 for r in rows if r.state == "active"),
             "handshake_failures": self.handshake_failures,
             "worker_restarts": self.worker_restarts,
+            "worker_start_failures": self.worker_start_failures,
             "total": self.totals(rows).to_dict(),
             "vms": [r.to_dict() for r in rows],
         }
@@ -617,4 +594,7 @@ class Server:
         lines += [f"# HELP {name} Time the VM spent with no worker serving it.",
                   f"# TYPE {name} counter"]
         lines += [f'{name}{{vm="{r.peer_pid}"}} {r.ms_without_worker / 1000:g}' for r in rows]
+        name = "pagein_worker_start_failures_total"
+        lines += [f"# HELP {name} Serving workers that died or failed while starting.",
+                  f"# TYPE {name} counter", f"{name} {self.worker_start_failures}"]
         return text + "\n".join(lines) + "\n"

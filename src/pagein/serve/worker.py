@@ -13,6 +13,7 @@ The channel (:mod:`pagein.serve.control`), supervisor to worker::
     {"op": "serve", "vm": 7, "name": "vm 7 pid=1234", "regions": [[base, size, offset,
      page_size], ...], "features": N, "pending": "<hex>", "record": PATH|null,
      "trace": PATH|null}                    + fds [uffd, VMM socket, state memfd]
+    {"op": "adopt", "index": 2}            (a spare, started with index -1, put to work)
     {"op": "stop"}
 
 and back: ``{"op": "ready"}`` (or ``{"op": "failed", "error": ...}``) after init,
@@ -30,6 +31,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from pagein.errors import PageinError
@@ -41,6 +43,7 @@ from pagein.serve.record import Recorder
 from pagein.serve.served import Served, open_served
 from pagein.serve.session import Session
 from pagein.serve.state import VmState
+from pagein.sys.process import set_name
 from pagein.sys.uffd import Feature, Userfaultfd
 
 __all__ = ["VmServer", "main"]
@@ -158,6 +161,8 @@ class _Channel:
             op = doc.get("op")
             if op == "serve" and len(fds) == 3:
                 vms.start_vm(doc, fds)
+            elif op == "adopt" and not fds:  # a spare put to work
+                _name_worker(doc, int(str(doc.get("index", 0))))
             elif op == "stop":
                 break
             else:
@@ -167,21 +172,8 @@ class _Channel:
         vms.stop()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pagein.serve.worker CONTROL_FD``: run one serving worker."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m pagein.serve.worker CONTROL_FD (started by pagein serve)",
-              file=sys.stderr)
-        return 2
-    ctl = socket.socket(fileno=int(args[0]))
-    got = recv_msg(ctl)
-    if got is None or got[0].get("op") != "init":
-        return 2
-    doc = got[0]
-    logging.basicConfig(level=int(str(doc.get("log_level", logging.WARNING))),
-                        format=f"%(asctime)s %(levelname)s %(name)s[worker "
-                               f"{doc.get('index', 0)}]: %(message)s")
+def _serve_as_worker(ctl: socket.socket, doc: dict[str, object]) -> int:
+    """Open the source, say ready, serve VMs until told to stop; the exit status."""
     try:
         options = ServeOptions.from_json(doc["options"])  # type: ignore[arg-type]
         served = open_served(options)
@@ -197,6 +189,104 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         served.close()
     return 0
+
+
+def _configure_logging(doc: dict[str, object], what: str) -> None:
+    logging.basicConfig(level=int(str(doc.get("log_level", logging.WARNING))), force=True,
+                        format=f"%(asctime)s %(levelname)s %(name)s[{what}]: %(message)s")
+
+
+def _name_worker(doc: dict[str, object], index: int) -> None:
+    """Name this worker in its log lines and in ``ps`` (``pagein-spare`` until a spare is
+    put to work as worker ``index``)."""
+    _configure_logging(doc, f"worker {index}" if index >= 0 else "spare worker")
+    with contextlib.suppress(OSError):
+        set_name(f"pagein-worker{index}" if index >= 0 else "pagein-spare")
+
+
+def _forked_worker(ctl_fd: int, doc: dict[str, object], intermediate: int) -> int:
+    """The body of a worker forked by the zygote (the grandchild: see :func:`_zygote`)."""
+    # Speak only once reparented to the supervisor (a subreaper): it can then wait for
+    # this pid, and no other process can get the pid before the supervisor reaps it.
+    deadline = time.monotonic() + 5.0
+    while os.getppid() == intermediate and time.monotonic() < deadline:
+        time.sleep(0.0002)
+    _name_worker(doc, int(str(doc.get("index", 0))))
+    return _serve_as_worker(socket.socket(fileno=ctl_fd), doc)
+
+
+def _zygote(ctl: socket.socket, doc: dict[str, object]) -> int:
+    """Fork ready-to-serve workers on request, in milliseconds instead of an interpreter
+    start and pagein's imports (~0.5 s here): what a VM waits when its worker died.
+
+    One thread only (forking a threaded process is unsafe), no source opened (a source
+    may hold threads or connections: each worker opens its own). A ``fork`` request
+    brings the new worker's control socket; the zygote forks twice and the middle child
+    exits at once, so the worker is reparented to the supervisor, which made itself a
+    subreaper: the worker is the supervisor's child (it waits for its exit status and
+    signals it through a pidfd), not the zygote's.
+    """
+    _configure_logging(doc, "zygote")
+    with contextlib.suppress(OSError):
+        set_name("pagein-zygote")
+    choose(EngineName(str(doc.get("engine", "native"))))  # import the engine once, here
+    send_msg(ctl, {"op": "ready", "pid": os.getpid()})
+    while True:
+        got = recv_msg(ctl)
+        if got is None:
+            return 0
+        msg, fds = got
+        if msg.get("op") == "stop":
+            return 0
+        if msg.get("op") != "fork" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            log.error("zygote: unexpected control message %r", str(msg.get("op"))[:64])
+            continue
+        try:
+            middle = os.fork()
+        except OSError as e:
+            os.close(fds[0])
+            send_msg(ctl, {"op": "forked", "error": f"fork: {e}"})
+            continue
+        if middle == 0:
+            code = 0
+            me = os.getpid()
+            try:
+                if os.fork() == 0:
+                    ctl.close()
+                    code = _forked_worker(fds[0], {**doc, "index": msg.get("index", 0)},
+                                          intermediate=me)
+            except BaseException:  # a forked child must never return into the zygote
+                log.exception("forked serving worker failed")
+                code = 1
+            logging.shutdown()
+            os._exit(code)
+        os.close(fds[0])
+        os.waitpid(middle, 0)
+        send_msg(ctl, {"op": "forked"})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pagein.serve.worker [--zygote] CONTROL_FD``: run one serving worker,
+    or the zygote that forks them (both started by ``pagein serve``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    zygote = args[:1] == ["--zygote"]
+    if zygote:
+        args = args[1:]
+    if len(args) != 1 or not args[0].isdigit():
+        print("usage: python -m pagein.serve.worker [--zygote] CONTROL_FD "
+              "(started by pagein serve)", file=sys.stderr)
+        return 2
+    ctl = socket.socket(fileno=int(args[0]))
+    got = recv_msg(ctl)
+    if got is None or got[0].get("op") != "init":
+        return 2
+    doc = got[0]
+    if zygote:
+        return _zygote(ctl, doc)
+    _name_worker(doc, int(str(doc.get("index", 0))))
+    return _serve_as_worker(ctl, doc)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ os.setgid/os.setuid before acting, after importing what it needs as root.
   listen    a fake handler: listen, accept one connection, report the bytes and fds sent
   pidreuse  connect, fork a child that keeps the socket, exit when told; the child sends
             a bad handshake when told, and reports when the server closed it
+  serve     ``pagein serve ARGS...`` as nobody (a handler the restore must be told to trust)
+
+The interpreter lives under /root, which nobody cannot read: everything a command needs
+is imported before the privileges are dropped.
 
 Each prints JSON lines; every wait has a timeout.
 """
@@ -141,7 +145,23 @@ def cmd_pidreuse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(argv: list[str]) -> int:
+    import importlib
+
+    from pagein.cli.main import build_parser, main
+
+    build_parser(["serve"])  # imports the serve command and everything it uses
+    for name in ("pagein.serve.served", "pagein.serve.server", "pagein.serve.worker",
+                 "pagein.serve.native", "pagein.serve.install", "pagein.snapshot.open",
+                 "pagein.snapshot.raw", "http.server", "json.decoder"):
+        importlib.import_module(name)
+    drop_to_nobody()
+    return main(argv)
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["serve"]:
+        return cmd_serve(sys.argv[1:])
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("reader")

@@ -8,10 +8,12 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,6 +73,13 @@ def _read(server: ServerProc, mem: str, *extra: str) -> dict[str, object]:
                          *extra))
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def _serve(shared_dir: Path, mem: str, *extra: str) -> ServerProc:
     # umask 000: what an operator sets so that a jailed VMM's uid can reach the socket
     return start_server(str(shared_dir), mem, "--workers", "0", *extra, umask=0)
@@ -94,7 +103,8 @@ def test_socket_is_0600_under_umask_000_and_nobody_cannot_connect(
 def test_a_peer_outside_the_allow_list_is_refused_unread_and_gets_no_page(
         shared_dir: Path, root_only_snapshot: tuple[str, bytes]) -> None:
     mem, _ = root_only_snapshot
-    server = _serve(shared_dir, mem, "--socket-mode", "0666")
+    port = _free_port()
+    server = _serve(shared_dir, mem, "--socket-mode", "0666", "--metrics-port", str(port))
     try:
         assert stat.S_IMODE(os.stat(server.socket_path).st_mode) == 0o666
         got = _read(server, mem, "--wait", "5", "--repeat", "19")
@@ -103,6 +113,8 @@ def test_a_peer_outside_the_allow_list_is_refused_unread_and_gets_no_page(
         assert got["touched"] is False and got["pages_present"] == 0, got
         assert got["refused_again"] == 19
         assert server.proc.poll() is None  # the server goes on
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            assert "\npagein_refused_peers_total 20\n" in resp.read().decode()
     finally:
         server.stop()
     log = server.log()

@@ -284,6 +284,8 @@ class Server:
         log.info("serving %s (%d bytes) on %s: %s, engine %s, %d worker(s)",
                  self.source.describe(), self.source.size, self.options.socket_path,
                  self.options.strategy.value, self.engine.value, len(self._workers))
+        log.info("socket mode %04o; serving %s", self.options.socket_permissions,
+                 self._access.describe())
         poller = select.poll()
         for fd in (self._listener.fileno(), self._stop_r, self._sig_r):
             poller.register(fd, select.POLLIN)

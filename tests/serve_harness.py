@@ -67,10 +67,12 @@ class ServerProc:
 
 
 def start_server(tmp: str, mem_file: str, *extra: str, timeout: float = 20,
-                 source: str | None = None, env: dict[str, str] | None = None) -> ServerProc:
+                 source: str | None = None, env: dict[str, str] | None = None,
+                 umask: int = -1) -> ServerProc:
     """Start ``python -m pagein serve`` and wait until it listens (``--ready-fd``).
 
-    Serves ``mem_file`` (``--mem-file``), or ``source`` (``--source``) when given.
+    Serves ``mem_file`` (``--mem-file``), or ``source`` (``--source``) when given;
+    ``umask`` is the server's (-1: this process's).
     """
     sock = os.path.join(tmp, "fc.sock")
     log_path = os.path.join(tmp, "server.log")
@@ -80,7 +82,8 @@ def start_server(tmp: str, mem_file: str, *extra: str, timeout: float = 20,
     cmd = [sys.executable, "-m", "pagein", "-v", "serve", "--socket", sock, *what,
            "--stats-json", stats, "--ready-fd", str(w), *extra]
     with open(log_path, "wb") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, pass_fds=(w,), env=env)
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, pass_fds=(w,), env=env,
+                                umask=umask)
     os.close(w)
     try:
         ready = select.select([r], [], [], timeout)[0] and os.read(r, 16)

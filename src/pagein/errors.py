@@ -13,7 +13,9 @@ One root, a small tree beneath it::
     ├── SnapshotFormatError               a snapshot file is malformed or truncated
     │   └── IntegrityError                content does not match its checksum
     ├── SourceError                       a page source (store) failed
-    └── GuestError                        the guest crashed or did something unservable
+    ├── GuestError                        the guest crashed or did something unservable
+    └── HandlerError                      a page-fault handler failed, died or is absent
+        └── UntrustedHandler(path, uid)   the handler socket is served by an untrusted uid
 
 Expected kernel outcomes (EEXIST on a fill, EAGAIN while events are pending) are not
 exceptions: they are the results in :mod:`pagein.sys.uffd`.
@@ -111,3 +113,19 @@ class GuestError(PageinError):
 
 class HandlerError(PageinError):
     """A page-fault handler process failed or died while memory depended on it."""
+
+
+class UntrustedHandler(HandlerError):
+    """The process listening on a handler socket runs as a uid the VMM does not trust.
+
+    Whoever receives a VMM's uffd can read and write its guest's memory, so the uffd is
+    only sent to root, the VMM's own uid, or a uid the caller named.
+    """
+
+    def __init__(self, path: str, uid: int, pid: int) -> None:
+        self.path = path
+        self.uid = uid
+        super().__init__(
+            f"the UFFD handler on {path} (pid {pid}) runs as uid {uid}, which is not "
+            f"trusted with this VM's memory; the uffd was not sent: if that handler is "
+            f"yours, pass --trust-uid {uid} (trust_uids=({uid},) from Python)")

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
 
+from pagein.cli import _ids
 from pagein.serve.engine import EngineName
 from pagein.serve.options import (
     DEFAULT_CHUNK_BYTES,
@@ -92,6 +93,24 @@ def register(sub: Any) -> None:
                    default=VmFailurePolicy.KILL.value,
                    help="when a VM's session fails for good: kill its VMM (default) or "
                         "leave it frozen")
+    access = p.add_argument_group(
+        "who may connect",
+        "The server copies snapshot memory into whatever VMM connects: by default only "
+        "root and this server's own user can connect (socket mode 0600) and be served. "
+        "Both checks must pass; see the Security section of docs/serve.md.")
+    access.add_argument("--socket-mode", type=_ids.octal_mode, metavar="MODE",
+                        help="permissions of the socket file, octal (default 0600, or 0660 "
+                             "with --socket-group); whatever the umask")
+    access.add_argument("--socket-group", type=_ids.gid, metavar="GROUP",
+                        help="group (name or gid) of the socket file, e.g. the gid a jailed "
+                             "Firecracker runs as; peers connecting with that gid are also "
+                             "served")
+    access.add_argument("--allow-uid", type=_ids.uid_list, action="append", metavar="UIDS",
+                        help="also serve peers running as these users (names or uids, comma "
+                             "list, repeatable); root and this server's user always are")
+    access.add_argument("--allow-gid", type=_ids.gid_list, action="append", metavar="GIDS",
+                        help="also serve peers whose (effective) gid is one of these (names "
+                             "or gids, comma list, repeatable)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--exit-after", type=int, metavar="N",
                    help="exit once N VMs have been served and have gone")

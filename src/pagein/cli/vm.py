@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pagein.cli import _ids
 from pagein.errors import PageinError
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName
 from pagein.vmm.console import Console
@@ -230,6 +231,10 @@ def _register_restore(sub: Any) -> None:
     p.add_argument("--uffd-socket", metavar="PATH",
                    help="hand the uffd to this running pagein serve --socket (default: "
                         "spawn one for this VM)")
+    p.add_argument("--trust-uid", type=_ids.uid_list, action="append", metavar="UIDS",
+                   help="--uffd-socket may be served by these users too (names or uids, "
+                        "comma list, repeatable); the handler gets write access to guest "
+                        "memory, so by default only root or your own user may serve it")
     p.add_argument("--working-set", metavar="FILE",
                    help="recorded working set for --strategy working-set or reap (default: "
                         "DIR/working-set when it exists)")
@@ -264,7 +269,8 @@ def restore_command(args: argparse.Namespace) -> int:
         opts = RestoreOptions(Backend(args.backend), StrategyName(args.strategy),
                               parse_size(args.readahead_size), args.uffd_socket,
                               args.shared_memory, args.verify_memory,
-                              working_set=_working_set_arg(args), record=args.record)
+                              working_set=_working_set_arg(args), record=args.record,
+                              trust_uids=tuple(i for ids in args.trust_uid or () for i in ids))
         console = Console(sink=_stdout_sink)
         vm = restore(args.snapshot, opts, console=console)
     except (ValueError, PageinError, OSError) as e:

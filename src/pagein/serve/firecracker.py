@@ -30,8 +30,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pagein.errors import HandlerError, HandshakeError
-from pagein.sys.fdpass import recv_with_fds, send_with_fds
+from pagein.errors import HandlerError, HandshakeError, UntrustedHandler
+from pagein.sys.fdpass import peer_credentials, recv_with_fds, send_with_fds
 from pagein.sys.uffd import Feature, Userfaultfd
 
 __all__ = [
@@ -125,8 +125,16 @@ def encode_regions(regions: Sequence[Region], generation: Generation = Generatio
 def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaultfd | int, *,
                      generation: Generation = Generation.CURRENT,
                      timeout: float | None = 10.0,
-                     mem_file: str = "MEMORY_FILE") -> socket.socket:
+                     mem_file: str = "MEMORY_FILE",
+                     trust_uids: Sequence[int] = ()) -> socket.socket:
     """Do what Firecracker's VMM does: connect, send the regions and the uffd in one message.
+
+    Whoever receives the uffd can read and write the guest's memory, so before sending
+    it the listener's uid (``SO_PEERCRED``: who called ``listen``) must be root, this
+    process's own uid, or one of ``trust_uids``; otherwise
+    :class:`~pagein.errors.UntrustedHandler` is raised naming the uid, and nothing is
+    sent. (Firecracker itself sends to whoever listens: keep its socket directory
+    private.)
 
     Returns the connected socket: keep it open for as long as the guest runs (closing it
     tells the handler the VM is gone). The caller keeps its own copy of the uffd, as
@@ -145,6 +153,7 @@ def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaul
             raise HandlerError(
                 f"no UFFD handler listens on {socket_path} ({why}): start one with "
                 f"`pagein serve --socket {socket_path} --mem-file {mem_file}` first") from e
+        _check_trusted(sock, socket_path, trust_uids)
         payload = encode_regions(regions, generation)
         sent = send_with_fds(sock, payload, [fd])
         if sent < len(payload):  # the fd went with the first part; the rest follows
@@ -154,6 +163,13 @@ def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaul
         sock.close()
         raise
     return sock
+
+
+def _check_trusted(sock: socket.socket, socket_path: str, trust_uids: Sequence[int]) -> None:
+    """Raise :class:`UntrustedHandler` unless the listener runs as a uid we trust."""
+    listener = peer_credentials(sock)
+    if listener.uid not in {0, os.geteuid(), *trust_uids}:
+        raise UntrustedHandler(socket_path, listener.uid, listener.pid)
 
 
 # --- decoding (the handler side) -----------------------------------------------------

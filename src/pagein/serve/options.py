@@ -14,6 +14,7 @@ import enum
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from pagein.serve.access import DEFAULT_SOCKET_MODE, GROUP_SOCKET_MODE, Access
 from pagein.serve.engine import EngineName
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
 
@@ -66,6 +67,28 @@ class ServeOptions:
     workers: int | None = None  # worker processes; None: one per CPU; 0: in this process
     max_restarts: int = 3  # worker crashes a VM survives before its session fails
     on_vm_failure: VmFailurePolicy = VmFailurePolicy.KILL
+    socket_mode: int | None = None  # None: 0600, or 0660 with socket_group
+    socket_group: int | None = None  # gid of the socket file (None: the server's own)
+    allow_uids: tuple[int, ...] = ()  # served besides root and the server's own uid
+    allow_gids: tuple[int, ...] = ()  # served by the gid they connect with
+
+    def __post_init__(self) -> None:
+        if self.socket_mode is not None and not 0 <= self.socket_mode <= 0o777:
+            raise ValueError(f"--socket-mode {self.socket_mode:o} is not a permission mode "
+                             "between 0 and 777 (octal), e.g. 0660")
+
+    @property
+    def socket_permissions(self) -> int:
+        """The socket file's mode: --socket-mode, else 0600 (0660 with --socket-group)."""
+        if self.socket_mode is not None:
+            return self.socket_mode
+        return DEFAULT_SOCKET_MODE if self.socket_group is None else GROUP_SOCKET_MODE
+
+    @property
+    def access(self) -> Access:
+        """Who is served: root, this uid, --allow-uid, --allow-gid and --socket-group."""
+        gids = (*self.allow_gids, *(() if self.socket_group is None else (self.socket_group,)))
+        return Access.of(self.allow_uids, gids)
 
     @property
     def worker_count(self) -> int:
@@ -91,7 +114,10 @@ class ServeOptions:
             handshake_timeout=args.handshake_timeout, stats_json=args.stats_json,
             metrics_port=args.metrics_port, exit_after=args.exit_after,
             engine=EngineName(args.engine), workers=args.workers,
-            max_restarts=args.max_restarts, on_vm_failure=VmFailurePolicy(args.on_vm_failure))
+            max_restarts=args.max_restarts, on_vm_failure=VmFailurePolicy(args.on_vm_failure),
+            socket_mode=args.socket_mode, socket_group=args.socket_group,
+            allow_uids=tuple(dict.fromkeys(i for ids in args.allow_uid or () for i in ids)),
+            allow_gids=tuple(dict.fromkeys(i for ids in args.allow_gid or () for i in ids)))
 
     def to_argv(self) -> list[str]:
         """The ``pagein serve ...`` arguments that parse back into these options."""
@@ -105,9 +131,15 @@ class ServeOptions:
         for flag, value in (("--working-set", self.working_set), ("--record", self.record),
                             ("--trace", self.trace), ("--stats-json", self.stats_json),
                             ("--metrics-port", self.metrics_port),
-                            ("--exit-after", self.exit_after), ("--workers", self.workers)):
+                            ("--exit-after", self.exit_after), ("--workers", self.workers),
+                            ("--socket-group", self.socket_group)):
             if value is not None:
                 argv += [flag, str(value)]
+        if self.socket_mode is not None:
+            argv += ["--socket-mode", f"{self.socket_mode:04o}"]
+        for flag, ids in (("--allow-uid", self.allow_uids), ("--allow-gid", self.allow_gids)):
+            if ids:
+                argv += [flag, ",".join(str(i) for i in ids)]
         return argv
 
     # --- the worker channel -------------------------------------------------------------
@@ -127,7 +159,11 @@ class ServeOptions:
         for f in fields(cls):
             if f.name in doc:
                 v = doc[f.name]
-                kw[f.name] = kinds[f.name](v) if f.name in kinds else v
+                if f.name in kinds:
+                    v = kinds[f.name](v)
+                elif isinstance(v, list):  # JSON has no tuples
+                    v = tuple(v)
+                kw[f.name] = v
         return cls(**kw)  # type: ignore[arg-type]
 
     def with_(self, **changes: object) -> ServeOptions:

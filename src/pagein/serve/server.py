@@ -2,8 +2,10 @@
 serving worker, keep what must outlive a worker.
 
 ``pagein serve`` is this small supervisor plus serving workers
-(:mod:`pagein.serve.worker`, child processes, one per CPU by default). For each VMM that
-connects, a short-lived thread reads ``SO_PEERCRED`` and the handshake (with a timeout);
+(:mod:`pagein.serve.worker`, child processes, one per CPU by default). Each connection's
+``SO_PEERCRED`` is checked at accept against the allow-list (:mod:`pagein.serve.access`;
+a refused peer is closed unread); for each VMM admitted, a short-lived thread reads the
+handshake (with a timeout);
 a bad handshake costs one log line naming the field and, by default, the VMM's life (as
 Firecracker advises: a VMM whose memory nobody serves is frozen forever). A good one
 gets a :class:`~pagein.serve.state.VmState` in shared memory and is sent — uffd, socket
@@ -33,10 +35,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagein.errors import HandshakeError, PageinError
+from pagein.serve.access import RefusalLog, listen_unix
 from pagein.serve.control import ControlError, recv_msg
 from pagein.serve.engine import EngineName, choose
 from pagein.serve.firecracker import Region, receive_handshake
-from pagein.serve.options import BadHandshakePolicy, VmFailurePolicy
+from pagein.serve.options import BadHandshakePolicy, ServeOptions, VmFailurePolicy
 from pagein.serve.record import OutputNames
 from pagein.serve.served import Served
 from pagein.serve.state import VmState
@@ -95,8 +98,9 @@ def _kill(pidfd: int, pid: int) -> None:
     """SIGKILL the VMM behind ``pidfd`` (never a later process that reused ``pid``)."""
     if pidfd < 0:
         log.error("pid %d: no pidfd to signal it through; not killing it", pid)
-    else:
-        kill_through(pidfd)
+    elif not kill_through(pidfd):
+        log.warning("pid %d: the VMM had already exited; nothing killed (a process that "
+                    "reused its PID is left alone)", pid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +175,9 @@ class Server:
         self._stopping = False
         self._waiting: list[_Vm] = []  # VMs that connected while no worker was alive
         self.handshake_failures = 0
+        self.refused_peers = 0  # connections refused by the allow-list
+        self._access = options.access
+        self._refusals = RefusalLog(self._access)
         self.worker_restarts = 0  # workers that died while serving (each replaced)
         self.worker_start_failures = 0  # workers that died or failed while starting
         self._sessions_ended = 0
@@ -180,7 +187,7 @@ class Server:
         self._check_path(options.socket_path)
         if options.worker_count == 0:
             self._workers = [_InProcess(served, self.engine, self._on_report)]
-            self._listener = self._bind(options.socket_path)
+            self._listener = self._bind(options)
             return
         self._factory = factory = WorkerFactory(options, self.engine)
         # Listen only once every worker is ready: a VMM connects as soon as the socket
@@ -190,7 +197,7 @@ class Server:
             starting = [factory.new(i) for i in range(options.worker_count)]
             for w in starting:  # all start at once; wait for each
                 w.wait_ready(WORKER_START_S)
-            self._listener = self._bind(options.socket_path)
+            self._listener = self._bind(options)
         except BaseException:
             for w in starting:
                 w.kill()
@@ -215,18 +222,12 @@ class Server:
                               "stop it or choose another path")
 
     @classmethod
-    def _bind(cls, path: str) -> socket.socket:
-        cls._check_path(path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a stale socket from an earlier run
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(path)
-            sock.listen(128)
-        except OSError as e:
-            sock.close()
-            raise PageinError(f"cannot listen on --socket {path}: {e.strerror}") from e
-        return sock
+    def _bind(cls, options: ServeOptions) -> socket.socket:
+        """Listen with the socket's final permissions from the start; a stale socket of
+        an earlier run is replaced atomically."""
+        cls._check_path(options.socket_path)
+        return listen_unix(options.socket_path, options.socket_permissions,
+                           options.socket_group)
 
     # --- running -------------------------------------------------------------------
 
@@ -235,6 +236,8 @@ class Server:
         log.info("serving %s (%d bytes) on %s: %s, engine %s, %d worker(s)",
                  self.source.describe(), self.source.size, self.options.socket_path,
                  self.options.strategy.value, self.engine.value, len(self._workers))
+        log.info("socket mode %04o; serving %s", self.options.socket_permissions,
+                 self._access.describe())
         poller = select.poll()
         for fd in (self._listener.fileno(), self._stop_r, self._sig_r):
             poller.register(fd, select.POLLIN)
@@ -255,8 +258,14 @@ class Server:
                     log.warning("accept failed: %s", e)
                     time.sleep(0.05)
                     continue
-                t = threading.Thread(target=self._handle, args=(conn,), daemon=True,
-                                     name="pagein-handshake")
+                peer = self._admit(conn)
+                if peer is None:
+                    continue
+                # The pidfd now, at accept: by the time a bad handshake is judged the
+                # peer may be gone and its PID another process's.
+                pidfd = peer_pidfd(conn, peer.pid)
+                t = threading.Thread(target=self._handle, args=(conn, peer, pidfd),
+                                     daemon=True, name="pagein-handshake")
                 self._threads = [t for t in self._threads if t.is_alive()]
                 self._threads.append(t)
                 t.start()
@@ -468,14 +477,26 @@ class Server:
 
     # --- one connection ------------------------------------------------------------
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _admit(self, conn: socket.socket) -> PeerCred | None:
+        """The peer of a new connection if the allow-list serves it; else close it unread.
+
+        Checked in the accept loop (one ``getsockopt``), so a refused peer costs no
+        thread, no handshake read, no signal and no bad-handshake count.
+        """
         try:
             peer = peer_credentials(conn)
         except OSError as e:
             log.warning("cannot read SO_PEERCRED of a new connection: %s", e)
             conn.close()
-            return
-        pidfd = peer_pidfd(conn, peer.pid)
+            return None
+        if self._access.permits(peer):
+            return peer
+        conn.close()
+        self.refused_peers += 1
+        self._refusals.refused(peer)
+        return None
+
+    def _handle(self, conn: socket.socket, peer: PeerCred, pidfd: int) -> None:
         try:
             hs = receive_handshake(conn, self.source.size, self.options.handshake_timeout)
         except HandshakeError as e:
@@ -576,6 +597,7 @@ class Server:
             "workers": workers,
             "active_vms": sum(1 for r in rows if r.state == "active"),
             "handshake_failures": self.handshake_failures,
+            "refused_peers": self.refused_peers,
             "worker_restarts": self.worker_restarts,
             "worker_start_failures": self.worker_start_failures,
             "total": self.totals(rows).to_dict(),
@@ -597,4 +619,7 @@ class Server:
         name = "pagein_worker_start_failures_total"
         lines += [f"# HELP {name} Serving workers that died or failed while starting.",
                   f"# TYPE {name} counter", f"{name} {self.worker_start_failures}"]
+        name = "pagein_refused_peers_total"
+        lines += [f"# HELP {name} Connections refused by the allow-list (--allow-uid/gid).",
+                  f"# TYPE {name} counter", f"{name} {self.refused_peers}"]
         return text + "\n".join(lines) + "\n"

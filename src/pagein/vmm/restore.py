@@ -84,6 +84,10 @@ class Backend(enum.Enum):
 class RestoreOptions:
     """``uffd_socket``: an already running ``pagein serve --socket`` (None: spawn one).
 
+    ``trust_uids``: uids besides root and our own that may serve ``uffd_socket`` (the
+    handler receives write access to the guest's memory; any other listener is refused
+    before the uffd is sent).
+
     ``working_set`` / ``record``: passed to the spawned handler (``--working-set`` for the
     working-set and reap strategies, ``--record`` to write this VM's working set).
     """
@@ -97,6 +101,7 @@ class RestoreOptions:
     handler_timeout: float = 30.0
     working_set: str | None = None
     record: str | None = None
+    trust_uids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -384,7 +389,8 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts) -> list[Regio
         path = parts.handler.socket_path
     wire = [WireRegion(m.address, r.size, r.offset, r.page_size)
             for m, r in zip(parts.mappings, snap.regions, strict=True)]
-    parts.sock = connect_and_send(path, wire, parts.uffd, mem_file=snap.memory_path)
+    parts.sock = connect_and_send(path, wire, parts.uffd, mem_file=snap.memory_path,
+                                  trust_uids=opts.trust_uids)
     return regions
 
 

@@ -34,6 +34,8 @@
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <time.h>
+#include <signal.h>
+#include <stdio.h>
 #include <unistd.h>
 
 enum { REASON_STOP = 1, REASON_SOCKET, REASON_EVENTS, REASON_IDLE, REASON_UNSERVED,
@@ -105,7 +107,18 @@ typedef struct {
      * per fault than a C handler's poll on 2 here). sock/stop fds must stay open while
      * registered (a session keeps them for its whole life). */
     int ep, ep_sock, ep_stop, ep_made;
+    int crash_point; uint64_t crash_left;  /* set_crash(): the recovery tests only */
 } Core;
+
+enum { CRASH_FILL = 1, CRASH_EVENT = 2 };  /* pagein.serve.crash.CrashPoint */
+
+/* Die like a SIGKILLed worker the crash_left-th time `point` is reached (set_crash). */
+static void crash_point(Core *s, int point) {
+    if (s->crash_point != point || !s->crash_left || --s->crash_left) return;
+    dprintf(2, "pagein: crash point %s reached: SIGKILL (PAGEIN_CRASH_AT)\n",
+            point == CRASH_FILL ? "fill" : "event");
+    kill(getpid(), SIGKILL);
+}
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -269,6 +282,7 @@ static int install(Core *s, uint32_t ri, uint64_t dst, uint64_t page, uint64_t c
         uint64_t k = (uint64_t)done / r->ps;
         if (err == 0 || err == EAGAIN) {
             if (k > n) k = n;
+            if (k) crash_point(s, CRASH_FILL);  /* installed, not yet marked filled */
             if (account(s, ri, page, k, zero, cause) || remember(s, dontwake, dst, k * r->ps))
                 return FAIL;
             /* R2: EAGAIN with nothing done means an event is unread: retry after it. A
@@ -459,6 +473,7 @@ static Py_ssize_t drain(Core *s) {
             return -1;
         }
         size_t n = (size_t)got / sizeof(struct uffd_msg);
+        Py_ssize_t had = nevents;
         for (size_t i = 0; i < n; i++) {
             struct uffd_msg *m = &s->msgs[i];
             if (m->event == UFFD_EVENT_PAGEFAULT) {
@@ -485,6 +500,7 @@ static Py_ssize_t drain(Core *s) {
             } else if (m->event == UFFD_EVENT_UNMAP) ev->c = 0, s->c[C_UNMAPS] += 1;
             else if (m->event == UFFD_EVENT_REMAP) s->c[C_REMAPS] += 1;
         }
+        if (nevents > had) crash_point(s, CRASH_EVENT);  /* read, not yet applied */
         /* A short read emptied the queue; a full one may have left more behind. */
         if (n < BATCH || poll(&pfd, 1, 0) <= 0) break;
     }
@@ -977,6 +993,14 @@ static PyObject *core_take_records(Core *s, PyObject *unused) {
     return out;
 }
 
+static PyObject *core_set_crash(Core *s, PyObject *args) {
+    int point;
+    unsigned long long left;
+    if (!PyArg_ParseTuple(args, "iK", &point, &left)) return NULL;
+    s->crash_point = point, s->crash_left = left;
+    Py_RETURN_NONE;
+}
+
 static PyObject *core_close(Core *s, PyObject *unused) {
     if (s->busy) {
         PyErr_SetString(PyExc_RuntimeError, "the Core is in use by another thread");
@@ -1009,6 +1033,8 @@ static PyMethodDef core_methods[] = {
     {"take_records", (PyCFunction)core_take_records, METH_NOARGS,
      "Return and clear the (fault, fill) record buffers."},
     {"close", (PyCFunction)core_close, METH_NOARGS, "Release the buffers (idempotent)."},
+    {"set_crash", (PyCFunction)core_set_crash, METH_VARARGS,
+     "SIGKILL this process the n-th time a crash point is reached (tests only)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -76,3 +76,7 @@ class Core:
         """Faults waiting for a retry."""
     def close(self) -> None:
         """Release the buffers (idempotent); the uffd stays open."""
+    def set_crash(self, point: int, n: int) -> None:
+        """SIGKILL this process the ``n``-th time ``point`` is reached (1: a fill ioctl
+        returned, its pages not yet marked; 2: read() returned a non-fault event, not yet
+        applied). For the recovery tests: see :mod:`pagein.serve.crash`."""

@@ -35,6 +35,7 @@ from pagein._abi.uffd import UFFD_MSG_SIZE, EventType
 from pagein.errors import UffdError
 from pagein.serve.bitmap import Bitmap
 from pagein.serve.cause import Cause
+from pagein.serve.crash import CrashPoint, claim, countdown
 from pagein.serve.engine import EventTuple, Reason, Unserved, pack_record
 from pagein.serve.firecracker import Region
 from pagein.serve.space import AddressSpace
@@ -105,6 +106,8 @@ class PythonEngine:
         # pagein.serve.state): an event stays on record until the session applied it.
         self._journal = journal
         self._dirty = False
+        self._crash_fill = claim(CrashPoint.FILL)  # 0 unless a recovery test asks
+        self._crash_event = claim(CrashPoint.EVENT)
         self._deferred: list[tuple[PageFault, int]] = []
         self._installed: list[tuple[int, int]] = []
         self._fault_records: list[bytes] = []
@@ -260,6 +263,9 @@ class PythonEngine:
                 j[at:at + UFFD_MSG_SIZE] = bytes(UFFD_MSG_SIZE)
             else:
                 self._dirty = True
+        if self._crash_event and any(j[i * UFFD_MSG_SIZE] != EventType.PAGEFAULT
+                                     for i in range(n)):
+            self._crash_event = countdown(self._crash_event, CrashPoint.EVENT)
         return batch
 
     def applied(self) -> None:
@@ -401,6 +407,8 @@ class PythonEngine:
             match res:
                 case Filled(done):
                     k = done // ps
+                    if self._crash_fill and k:  # installed, not yet marked filled
+                        self._crash_fill = countdown(self._crash_fill, CrashPoint.FILL)
                 case AlreadyPresent(done):
                     # The page at `done` exists (a racing fill won): skip it, and wake its
                     # waiters, which only a successful fill would have woken.

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pagein.errors import UffdError
 from pagein.serve import _core
 from pagein.serve.bitmap import Bitmap
+from pagein.serve.crash import CrashPoint, claim
 from pagein.serve.engine import EventTuple, Unserved
 from pagein.serve.firecracker import Region
 from pagein.serve.stats import CounterBlock
@@ -44,6 +45,10 @@ class NativeEngine:
                 base_address, list(overlay), self._zeros.address, list(readahead_pages),
                 chunk_bytes, record, journal)
             core.set_extents(sorted(extents))
+            for point in (CrashPoint.FILL, CrashPoint.EVENT):  # 0 unless a test asks
+                left = claim(point)
+                if left:
+                    core.set_crash(int(point), left)
         except BaseException:
             if core is not None:
                 core.close()

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from pagein.errors import SourceError
 from pagein.serve.cause import Cause
+from pagein.serve.crash import CrashPoint, claim, countdown
 from pagein.serve.engine import Engine
 from pagein.serve.firecracker import Region
 from pagein.serve.stats import CounterBlock
@@ -41,6 +42,7 @@ class Planner:
         self.source = source
         self.counters = counters
         self.chunk = chunk_bytes
+        self._crash = claim(CrashPoint.PREFETCH)  # 0 unless a recovery test asks
 
     def busy(self) -> bool:
         """Whether any span is left."""
@@ -62,6 +64,8 @@ class Planner:
                     self.counters.add("retries")
                     return False
                 budget -= n * ps
+                if self._crash:  # filled, not yet woken, more of the chunk to come
+                    self._crash = countdown(self._crash, CrashPoint.PREFETCH)
                 rest = s.pages - n
                 self._span = Span(s.region, s.first_page + n, rest, s.cause) if rest else None
                 if rest and s.cause is Cause.BACKGROUND:

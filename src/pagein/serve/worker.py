@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 
 from pagein.errors import PageinError
 from pagein.serve.control import ControlError, recv_msg, send_msg
+from pagein.serve.crash import CrashPoint, claim, crash
 from pagein.serve.engine import EngineName, choose
 from pagein.serve.firecracker import Region
 from pagein.serve.options import ServeOptions
@@ -96,6 +97,8 @@ class VmServer:
             if not isinstance(raw_regions, list):
                 raise ControlError("a serve message without a region list")
             regions = [Region(int(a), int(b), int(c), int(d)) for a, b, c, d in raw_regions]
+            if claim(CrashPoint.SERVE):  # a recovery test: die holding the VM, unserved
+                crash(CrashPoint.SERVE)
             fd, state_fd = state_fd, -1
             state = VmState.attach(fd, regions)  # owns fd from here, even if it raises
             record, trace = doc.get("record"), doc.get("trace")

@@ -183,3 +183,27 @@ def hugepages(n: int) -> Iterator[bool]:
     finally:
         with open(knob, "w") as f:
             f.write(str(before))
+
+
+def serving_workers(server_pid: int) -> set[int]:
+    """The pids of a ``pagein serve``'s serving workers: its children (``/proc/PID/task/*/
+    children``) named ``pagein-worker<N>``, not zombies (the zygote that forks them is
+    ``pagein-zygote``, a spare waiting to be put to work ``pagein-spare``)."""
+    base = f"/proc/{server_pid}/task"
+    kids: set[int] = set()
+    for tid in os.listdir(base):
+        try:
+            with open(f"{base}/{tid}/children") as f:
+                kids.update(int(x) for x in f.read().split())
+        except OSError:
+            continue
+    out = set()
+    for pid in kids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                comm, rest = f.read().rsplit(")", 1)
+        except OSError:
+            continue
+        if "pagein-worker" in comm and rest.split()[0] != "Z":
+            out.add(pid)
+    return out

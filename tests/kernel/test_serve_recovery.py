@@ -28,6 +28,7 @@ from serve_harness import (
     client,
     finish,
     make_snapshot,
+    serving_workers,
     start_server,
     touch_args,
     wait_for,
@@ -39,27 +40,7 @@ SIZE = 16 << 20
 
 
 def _workers(server: ServerProc) -> set[int]:
-    """The pids of the server's serving workers: its children (``/proc/PID/task/*/
-    children``) named ``pagein-worker<N>``, not zombies (the zygote that forks them is
-    ``pagein-zygote``, a spare waiting to be put to work ``pagein-spare``)."""
-    out = set()
-    base = f"/proc/{server.proc.pid}/task"
-    kids: set[int] = set()
-    for tid in os.listdir(base):
-        try:
-            with open(f"{base}/{tid}/children") as f:
-                kids.update(int(x) for x in f.read().split())
-        except OSError:
-            continue
-    for pid in kids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                comm, rest = f.read().rsplit(")", 1)
-        except OSError:
-            continue
-        if "pagein-worker" in comm and rest.split()[0] != "Z":
-            out.add(pid)
-    return out
+    return serving_workers(server.proc.pid)
 
 
 def _stats(server: ServerProc) -> dict[str, object]:

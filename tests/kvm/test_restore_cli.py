@@ -3,15 +3,20 @@ by a user."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import select
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from pagein.vmm.reference import FunctionReference
+from serve_harness import serving_workers
 
 STATE, SEED = "8M", 9
 REF = FunctionReference(8 << 20, SEED, 2)
@@ -83,6 +88,69 @@ def test_restore_hands_the_uffd_to_a_running_pagein_serve(snapshot_dir: Path,
         if serve.poll() is None:
             serve.kill()
         serve.wait()
+        assert serve.stderr is not None
+        serve.stderr.close()
+
+
+def test_restore_through_pagein_serve_whose_worker_is_killed_during_the_answers(
+        snapshot_dir: Path, tmp_path: Path) -> None:
+    """`pagein vm restore --uffd-socket` through `pagein serve`, its serving worker
+    SIGKILLed before every request and every 100 ms while the guest answers: the answers
+    stay exact (the guest's vCPUs wait on the faults the dead worker had read, and fault
+    again to its successor)."""
+    sock, stats = tmp_path / "pf.sock", tmp_path / "stats.json"
+    r, w = os.pipe()
+    serve = subprocess.Popen([sys.executable, "-m", "pagein", "serve", "--socket", str(sock),
+                              "--mem-file", str(snapshot_dir / "memory"), "--exit-after", "1",
+                              "--workers", "1", "--max-restarts", "100000", "--stats-json",
+                              str(stats), "--ready-fd", str(w)],
+                             pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(w)
+    killed: set[int] = set()
+    done = threading.Event()
+
+    def kill_workers() -> None:
+        for pid in serving_workers(serve.pid) - killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+
+    def killer() -> None:
+        while not done.wait(0.1):
+            kill_workers()
+
+    vm = None
+    t = threading.Thread(target=killer, daemon=True)
+    try:
+        assert select.select([r], [], [], TIMEOUT)[0] and os.read(r, 16)
+        vm = subprocess.Popen([sys.executable, "-m", "pagein", "vm", "restore",
+                               str(snapshot_dir), "--uffd-socket", str(sock)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+        t.start()
+        for _ in range(4):
+            for request, answer in zip(REQUESTS, ANSWERS, strict=True):
+                kill_workers()
+                assert _ask(vm, request) == answer
+        assert vm.stdin is not None
+        vm.stdin.close()
+        assert vm.wait(TIMEOUT) == 0
+        done.set()
+        t.join()
+        assert serve.wait(TIMEOUT) == 0
+        doc = json.loads(stats.read_text())
+        assert len(killed) >= 12, killed  # at least one kill before each request
+        assert doc["worker_restarts"] + doc["worker_start_failures"] == len(killed), doc
+        assert doc["vms"][0]["worker_restarts"] >= 3, doc["vms"][0]  # crashes while served
+        assert doc["vms"][0]["state"] == "peer exited"
+    finally:
+        done.set()
+        os.close(r)
+        for p in (vm, serve):
+            if p is not None and p.poll() is None:
+                p.kill()
+            if p is not None:
+                p.wait()
         assert serve.stderr is not None
         serve.stderr.close()
 

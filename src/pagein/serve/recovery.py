@@ -41,11 +41,20 @@ queued in the uffd, installed pages stay installed. Case by case:
    a VM goes back to a worker with the others; a VM caught in a second crash goes to a
    worker of its own, so a third crash there names it alone. A VM past
    ``max_restarts`` fails: logged, in the stats and metrics, and (by default) its VMM is
-   killed through the pidfd taken at accept; the other VMs go on.
+   killed through the pidfd taken at accept; the other VMs go on. A worker of its own
+   ends when its VM does.
+8b. **Recording** (``--record``): the fault records of a dead worker are lost with it;
+   the successor records from the crash on (logged): a working set is best recorded on
+   a restore nobody kills. Serving is not affected.
 9. **The supervisor dying** ends its workers (they see their control channel close):
    the VMs freeze, loudly, never reading zero pages, because each VMM keeps its own copy
    of its uffd (Firecracker does). Nothing here can recover that; a service manager
    that holds the fds (systemd's file-descriptor store) could.
+
+The tests kill real workers at the points of cases 1, 2, 4 and 5 (the
+:mod:`pagein.serve.crash` points ``serve``, ``fill``, ``event``, ``prefetch``), every
+~100 ms through a restore with a balloon and writes (case 3), and again and again on
+one VM (case 8), checking every byte the VM reads. Case 6 has no crash test yet.
 """
 
 from __future__ import annotations

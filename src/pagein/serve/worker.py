@@ -106,12 +106,16 @@ class VmServer:
             if record is not None or trace is not None:
                 recorder = Recorder(trace_path=None if trace is None else str(trace),
                                     working_set_path=None if record is None else str(record))
+            resume = state.attach_worker() > 1
+            if resume and record is not None:
+                log.warning("%s: a serving worker died while recording its working set: "
+                            "%s will hold only the faults served from now on", name, record)
             session = Session(uffd=uffd, sock=sock, regions=regions,
                               source=self.served.source, strategy=self.served.strategy(),
                               state=state, name=name, stop_fd=self._stop_r, engine=self.engine,
                               recorder=recorder, chunk_bytes=self.served.options.chunk_bytes,
                               pending=bytes.fromhex(str(doc.get("pending", ""))),
-                              resume=state.attach_worker() > 1)
+                              resume=resume)
             self.send({"op": "started", "vm": doc["vm"],
                        "engine": session.engine_name.value})
             end = session.run().value

@@ -95,3 +95,21 @@ def test_killed_holding_a_vm_it_has_not_served(tmp_path: Path) -> None:
         _crashed_once(server, token, "serve", stats)
     finally:
         server.stop()
+
+
+def test_killed_between_reading_a_remap_and_applying_it(tmp_path: Path) -> None:
+    # Case 6: the guest mremaps half-touched memory elsewhere, then munmaps a quarter of
+    # it. The worker dies right after reading the REMAP: its successor must move the
+    # extent from the journal, or faults at the new address would find no page to serve.
+    server, mem, token = _serve_with_crash(tmp_path, "event", 1)
+    try:
+        rc, res = finish(client(*touch_args(server, mem, [(0, 1 << 20), (2 << 20, 2 << 20)],
+                                            "--remap")), timeout=180)
+        assert rc == 0 and res["ok"], res
+        server.proc.wait(60)
+        stats = server.stats()
+        _crashed_once(server, token, "event", stats)
+        vm = stats["vms"][0]  # type: ignore[index]
+        assert vm["remaps"] == 1 and vm["unmaps"] >= 1, vm
+    finally:
+        server.stop()

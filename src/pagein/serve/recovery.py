@@ -51,10 +51,10 @@ queued in the uffd, installed pages stay installed. Case by case:
    of its uffd (Firecracker does). Nothing here can recover that; a service manager
    that holds the fds (systemd's file-descriptor store) could.
 
-The tests kill real workers at the points of cases 1, 2, 4 and 5 (the
-:mod:`pagein.serve.crash` points ``serve``, ``fill``, ``event``, ``prefetch``), every
-~100 ms through a restore with a balloon and writes (case 3), and again and again on
-one VM (case 8), checking every byte the VM reads. Case 6 has no crash test yet.
+The tests kill real workers at the points of cases 1, 2, 4, 5 and 6 (the
+:mod:`pagein.serve.crash` points ``serve``, ``fill``, ``event`` after a REMOVE and after
+a REMAP, ``prefetch``), every ~100 ms through a restore with a balloon and writes (case
+3), and again and again on one VM (case 8), checking every byte the VM reads.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Layers (imports go downward only)::
 
     cli -> lab, vmm -> serve -> snapshot -> sys -> _abi
 
-See ``DESIGN.md`` of the project for the kernel and protocol facts the code respects.
+The user documentation is the project's README.md and docs/ (serve.md: the fault server
+and its protocol; restore.md, vmm.md, store.md, lab.md).
 """
 
 __version__ = "0.1.0"

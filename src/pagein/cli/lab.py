@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
                    help="one of: " + ", ".join(e.name for e in EXPERIMENTS))
     r.add_argument("--size", type=parse_size, default=None, metavar="SIZE",
                    help="memory the experiment works on: 16M, 512K, 1G, or a bare number "
-                        "of MiB (default 64M)")
+                        "of bytes, a multiple of 4096 (default 64M)")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.set_defaults(handler=_run)
 

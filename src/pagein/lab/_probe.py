@@ -6,7 +6,7 @@ reads that process's RSS and the pagemap of the range it touched. The result is 
 :class:`Row` per step, which the CLI prints as a table.
 
 Safety: the touch helpers read and write raw memory at the addresses given. Touching a
-uffd-registered range from the process that serves it deadlocks (see DESIGN.md): the
+uffd-registered range from the process that serves it deadlocks (docs/serve.md, "Library use"): the
 experiments serve faults from a forked handler process.
 """
 

@@ -6,7 +6,7 @@ one memfd (optionally hugetlb) that can be mapped shared by several processes.
 
 Safety: :meth:`Mapping.view` returns a memoryview over raw memory. Using it after
 :meth:`Mapping.close` crashes the process; touching a uffd-registered range from a
-Python thread of the process that serves it deadlocks on the GIL (see DESIGN.md).
+Python thread of the process that serves it deadlocks on the GIL (docs/serve.md, "Library use").
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Only memory this object created is unmapped on close.
 Safety: :meth:`read` / :meth:`write` copy with the GIL released (``Mapping.read`` /
 ``Mapping.write``), so a VMM access to a page that is still missing in uffd-registered memory waits
 for the handler without freezing the other Python threads — including a handler thread
-in this same process (see DESIGN.md on the GIL).
+in this same process (docs/serve.md, "Library use": the GIL).
 """
 
 from __future__ import annotations

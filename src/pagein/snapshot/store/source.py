@@ -80,7 +80,7 @@ class ChunkedSource(PageSource):
 
         Safety: writes only into ``buf``. If ``buf`` views memory registered with a
         userfaultfd served by this same process, the copy faults while holding the
-        GIL and deadlocks: pass a buffer the fault server owns (DESIGN.md, GIL).
+        GIL and deadlocks: pass a buffer the fault server owns (docs/serve.md, "Library use").
         """
         view = buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")
         length = len(view)

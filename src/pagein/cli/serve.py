@@ -21,7 +21,6 @@ from pagein.serve.options import (
 )
 from pagein.serve.served import open_served
 from pagein.serve.server import Server
-from pagein.serve.stats import write_json
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
 
 log = logging.getLogger("pagein.serve")
@@ -129,12 +128,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(server: Server, args: argparse.Namespace) -> int:
-    def dump(_sig: int = 0, _frame: FrameType | None = None) -> None:
-        if args.stats_json:
-            write_json(args.stats_json, server.stats_doc())
+    # The handlers only set flags; the serve loop (woken by set_wakeup_fd) does the work,
+    # so nothing raised while writing the stats can unwind it and freeze the VMs.
+    def dump(_sig: int, _frame: FrameType | None) -> None:
+        server.request_stats()
 
     def stop(_sig: int, _frame: FrameType | None) -> None:
-        server.stop()
+        server.request_stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -153,5 +153,5 @@ def _serve(server: Server, args: argparse.Namespace) -> int:
         if httpd is not None:
             httpd.shutdown()
             httpd.server_close()
-        dump()
-    return 0
+        written = server.write_stats()  # a failure is logged; the exit status says it
+    return 0 if written else 1

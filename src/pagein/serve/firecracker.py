@@ -32,6 +32,7 @@ make that true, each checked before the step it protects:
 from __future__ import annotations
 
 import enum
+import errno
 import itertools
 import json
 import os
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 
 from pagein.errors import HandlerError, HandshakeError
 from pagein.sys.fdpass import recv_with_fds, send_with_fds
+from pagein.sys.poll import wait_readable
 from pagein.sys.uffd import Feature, Userfaultfd
 
 __all__ = [
@@ -393,6 +395,15 @@ def _check_overlaps(regions: Sequence[Region], key: str,
                                  f"(0x{other_span[0]:x}-0x{other_span[1]:x})")
 
 
+def _out_of_fds() -> bool:
+    """Whether this process cannot open one more fd now (EMFILE/ENFILE)."""
+    try:
+        os.close(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as e:
+        return e.errno in (errno.EMFILE, errno.ENFILE)
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class Handshake:
     """What a VMM sent: its regions, the uffd (now owned by the receiver) and any bytes after."""
@@ -458,11 +469,17 @@ def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Ha
             remaining = deadline - time.monotonic()
             # poll, not select: select() cannot wait on an fd >= 1024, and a server with
             # a thousand VMs connected has such fds.
-            if remaining <= 0 or not _readable(sock, remaining):
+            if remaining <= 0 or not wait_readable([sock], remaining):
                 raise HandshakeError("handshake", f"{len(buf)} bytes",
                                      f"no complete handshake within {timeout:g} s")
             got = recv_with_fds(sock, _RECV_CHUNK, 8)
             fds.extend(got.fds)
+            if got.truncated and _out_of_fds():
+                # The kernel dropped the uffd for want of a free fd here: the server's
+                # problem, not the VMM's (so not a HandshakeError, which would kill it).
+                raise OSError(errno.EMFILE, "the uffd the VMM sent was dropped: this "
+                              "process has no free file descriptor (raise the open-file "
+                              "limit, ulimit -n)")
             if not got.data:
                 raise HandshakeError("handshake", f"{len(buf)} bytes",
                                      "the peer closed the socket before the handshake ended")
@@ -483,9 +500,3 @@ def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Ha
         raise
     return Handshake(tuple(regions), fds[0], bytes(buf[end:]), features)
 
-
-def _readable(sock: socket.socket, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds for ``sock`` to be readable (or hung up)."""
-    p = select.poll()
-    p.register(sock, select.POLLIN)
-    return bool(p.poll(max(1, int(timeout * 1000))))

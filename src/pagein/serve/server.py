@@ -20,9 +20,11 @@ others.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -39,10 +41,11 @@ from pagein.serve.control import ControlError, recv_msg, send_msg
 from pagein.serve.engine import EngineName, choose
 from pagein.serve.firecracker import Region, receive_handshake
 from pagein.serve.options import BadHandshakePolicy, ServeOptions, VmFailurePolicy
+from pagein.serve.ratelog import RateLimitedLog
 from pagein.serve.record import OutputNames
 from pagein.serve.served import Served
 from pagein.serve.state import VmState
-from pagein.serve.stats import Counters, prometheus_text
+from pagein.serve.stats import Counters, prometheus_text, write_json
 from pagein.serve.worker import VmServer
 from pagein.sys.fdpass import PeerCred, kill_through, peer_credentials, peer_pidfd
 
@@ -53,6 +56,27 @@ log = logging.getLogger("pagein.serve")
 _KEEP_ENDED = 1000  # ended VMs whose counters stay listed in the stats
 _WORKER_START_S = 30.0
 _SPAWN_TRIES = 100
+# accept() failing for lack of fds (or kernel memory): the listener is left alone for a
+# while, doubling up to a second, instead of spinning on a backlog it cannot take.
+_ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_ACCEPT_BACKOFF_S = (0.01, 1.0)
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return ``(before, now)``.
+
+    Each VM costs the supervisor four fds (uffd, socket, state, pidfd) and its worker
+    four more; the usual soft limit of 1024 would cap a server at ~250 VMs although
+    the hard limit allows far more. Workers inherit the raised limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or soft == resource.RLIM_INFINITY:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError):
+        return soft, soft
+    return soft, hard
 
 
 def _listening(path: str) -> bool:
@@ -221,6 +245,8 @@ class Server:
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._sig_r, self._sig_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._wakes_on_signals = False
+        self._stop_wanted = False
+        self._stats_wanted = False
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._waiting: list[_Vm] = []  # VMs that connected while no worker was alive
@@ -230,6 +256,13 @@ class Server:
         self._procs: list[_WorkerProc] = []
         self._workers: list[_WorkerProc | _InProcess] = []
         self._check_path(options.socket_path)
+        before, self.fd_limit = raise_fd_limit()
+        if before != self.fd_limit:
+            log.info("open-file limit raised from %d to the hard limit %d (RLIMIT_NOFILE; "
+                     "about %d VMs at 4 fds each)", before, self.fd_limit, self.fd_limit // 4)
+        # Lines a peer can trigger again and again: at most a few per peer (pid) per 10 s.
+        self._peer_log = RateLimitedLog(log, lines=5, interval_s=10.0, total_lines=100)
+        self._accept_log = RateLimitedLog(log, lines=1, interval_s=1.0, total_lines=1)
         if options.worker_count == 0:
             self._workers = [_InProcess(served, self.engine, self._on_report)]
             self._listener = self._bind(options.socket_path)
@@ -270,7 +303,9 @@ class Server:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(path)
-            sock.listen(128)
+            # Room for a thousand VMMs connecting at once (the kernel caps it at
+            # net.core.somaxconn): a full backlog makes the next VMM's connect() wait.
+            sock.listen(1024)
         except OSError as e:
             sock.close()
             raise PageinError(f"cannot listen on --socket {path}: {e.strerror}") from e
@@ -286,23 +321,51 @@ class Server:
         poller = select.poll()
         for fd in (self._listener.fileno(), self._stop_r, self._sig_r):
             poller.register(fd, select.POLLIN)
+        listening = True
+        resume_at = 0.0  # while accept has no fds: when to try again
+        backoff = _ACCEPT_BACKOFF_S[0]
         try:
-            while True:
-                ready = {fd for fd, _ in poller.poll()}
+            while not self._stop_wanted:
+                if self._stats_wanted:
+                    self._stats_wanted = False
+                    self.write_stats()
+                if not listening and time.monotonic() >= resume_at:
+                    poller.register(self._listener.fileno(), select.POLLIN)
+                    listening = True
+                wait_ms = None if listening else max(1, int((resume_at - time.monotonic())
+                                                            * 1000) + 1)
+                ready = {fd for fd, _ in poller.poll(wait_ms)}
                 if self._stop_r in ready:
                     break
                 if self._sig_r in ready:
-                    # Back in Python, the signal's handler has run (it may have called
-                    # stop()); drain the wakeup bytes and look again.
+                    # Back in Python, the signal's handler has run (it may have set a
+                    # flag, which the top of the loop acts on); drain the wakeup bytes.
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._sig_r, 4096)
+                    continue
+                if not listening or self._listener.fileno() not in ready:
                     continue
                 try:
                     conn, _ = self._listener.accept()
                 except OSError as e:
-                    log.warning("accept failed: %s", e)
-                    time.sleep(0.05)
+                    if e.errno not in _ACCEPT_RESOURCE_ERRORS:
+                        self._accept_log.log(logging.WARNING, "accept", "accept",
+                                             "failed: %s", e)
+                        continue
+                    self._accept_log.log(
+                        logging.ERROR, "accept", "cannot accept a VMM",
+                        "%s (%d VMs connected, open-file limit %d); VMMs wait in the "
+                        "backlog until fds are free: raise the limit (ulimit -n, systemd "
+                        "LimitNOFILE=)", e.strerror, len(self._vms), self.fd_limit)
+                    poller.unregister(self._listener.fileno())
+                    listening = False
+                    resume_at = time.monotonic() + backoff
+                    backoff = min(backoff * 2, _ACCEPT_BACKOFF_S[1])
                     continue
+                if backoff > _ACCEPT_BACKOFF_S[0]:
+                    backoff = _ACCEPT_BACKOFF_S[0]
+                    self._accept_log.flush()
+                    log.warning("accepting VMMs again (%d connected)", len(self._vms))
                 t = threading.Thread(target=self._handle, args=(conn,), daemon=True,
                                      name="pagein-handshake")
                 self._threads = [t for t in self._threads if t.is_alive()]
@@ -310,6 +373,32 @@ class Server:
                 t.start()
         finally:
             self._shutdown()
+
+    # Signal handlers only set these flags: the handler runs between two bytecodes of
+    # the main thread, inside serve_forever, and anything it raised (a stats file that
+    # cannot be written) would unwind serve_forever and freeze every VM.
+
+    def request_stop(self) -> None:
+        """Ask :meth:`serve_forever` to end (all a SIGTERM handler may do: sets a flag)."""
+        self._stop_wanted = True
+
+    def request_stats(self) -> None:
+        """Ask :meth:`serve_forever` to write ``--stats-json`` (for SIGUSR1: sets a flag)."""
+        self._stats_wanted = True
+
+    def write_stats(self) -> bool:
+        """Write the stats document to ``--stats-json`` (if given); False when it failed,
+        which costs one log line and nothing else: serving goes on."""
+        path = self.options.stats_json
+        if path is None:
+            return True
+        try:
+            write_json(path, self.stats_doc())
+        except OSError as e:
+            log.error("cannot write --stats-json %s: %s; serving goes on", path,
+                      e.strerror or e)
+            return False
+        return True
 
     def wake_on_signals(self) -> None:
         """Make every signal wake :meth:`serve_forever` (``signal.set_wakeup_fd``).
@@ -507,7 +596,8 @@ class Server:
             self._bad_handshake(conn, peer, pidfd, e)
             return
         except OSError as e:
-            log.warning("vm pid=%d: handshake failed: %s", peer.pid, e)
+            self._peer_log.log(logging.WARNING, peer.pid, f"vm pid={peer.pid}",
+                               "handshake failed: %s; closing the connection", e)
             conn.close()
             if pidfd >= 0:
                 os.close(pidfd)
@@ -565,12 +655,16 @@ class Server:
                        e: HandshakeError) -> None:
         self.handshake_failures += 1
         action = self.options.on_bad_handshake
+        # A peer may reconnect with bad handshakes forever: its lines are rate-limited
+        # (the values it sent are already cut short by HandshakeError).
+        where = f"vm pid={peer.pid}"
         if action is BadHandshakePolicy.KILL and peer.pid > 1 and peer.pid != os.getpid():
-            log.error("vm pid=%d: %s; killing the VMM (--on-bad-handshake close keeps it "
-                      "alive)", peer.pid, e)
+            self._peer_log.log(logging.ERROR, peer.pid, where, "%s; killing the VMM "
+                               "(--on-bad-handshake close keeps it alive)", e)
             _kill(pidfd, peer.pid)
         else:
-            log.error("vm pid=%d: %s; closing the connection", peer.pid, e)
+            self._peer_log.log(logging.ERROR, peer.pid, where, "%s; closing the connection",
+                               e)
         conn.close()
         if pidfd >= 0:
             os.close(pidfd)

@@ -20,11 +20,9 @@ others.
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import logging
 import os
-import resource
 import select
 import signal
 import socket
@@ -37,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagein.errors import HandshakeError, PageinError
+from pagein.serve.accept import Acceptor, Spare, raise_fd_limit
 from pagein.serve.control import ControlError, recv_msg, send_msg
 from pagein.serve.engine import EngineName, choose
 from pagein.serve.firecracker import Region, receive_handshake
@@ -56,27 +55,6 @@ log = logging.getLogger("pagein.serve")
 _KEEP_ENDED = 1000  # ended VMs whose counters stay listed in the stats
 _WORKER_START_S = 30.0
 _SPAWN_TRIES = 100
-# accept() failing for lack of fds (or kernel memory): the listener is left alone for a
-# while, doubling up to a second, instead of spinning on a backlog it cannot take.
-_ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-_ACCEPT_BACKOFF_S = (0.01, 1.0)
-
-
-def raise_fd_limit() -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; return ``(before, now)``.
-
-    Each VM costs the supervisor four fds (uffd, socket, state, pidfd) and its worker
-    four more; the usual soft limit of 1024 would cap a server at ~250 VMs although
-    the hard limit allows far more. Workers inherit the raised limit.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == hard or soft == resource.RLIM_INFINITY:
-        return soft, soft
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (OSError, ValueError):
-        return soft, soft
-    return soft, hard
 
 
 def _listening(path: str) -> bool:
@@ -262,7 +240,6 @@ class Server:
                      "about %d VMs at 4 fds each)", before, self.fd_limit, self.fd_limit // 4)
         # Lines a peer can trigger again and again: at most a few per peer (pid) per 10 s.
         self._peer_log = RateLimitedLog(log, lines=5, interval_s=10.0, total_lines=100)
-        self._accept_log = RateLimitedLog(log, lines=1, interval_s=1.0, total_lines=1)
         if options.worker_count == 0:
             self._workers = [_InProcess(served, self.engine, self._on_report)]
             self._listener = self._bind(options.socket_path)
@@ -319,22 +296,16 @@ class Server:
                  self.source.describe(), self.source.size, self.options.socket_path,
                  self.options.strategy.value, self.engine.value, len(self._workers))
         poller = select.poll()
-        for fd in (self._listener.fileno(), self._stop_r, self._sig_r):
+        for fd in (self._stop_r, self._sig_r):
             poller.register(fd, select.POLLIN)
-        listening = True
-        resume_at = 0.0  # while accept has no fds: when to try again
-        backoff = _ACCEPT_BACKOFF_S[0]
+        acceptor = Acceptor(self._listener, self.fd_limit, lambda: len(self._vms))
         try:
             while not self._stop_wanted:
                 if self._stats_wanted:
                     self._stats_wanted = False
                     self.write_stats()
-                if not listening and time.monotonic() >= resume_at:
-                    poller.register(self._listener.fileno(), select.POLLIN)
-                    listening = True
-                wait_ms = None if listening else max(1, int((resume_at - time.monotonic())
-                                                            * 1000) + 1)
-                ready = {fd for fd, _ in poller.poll(wait_ms)}
+                acceptor.watch(poller)
+                ready = {fd for fd, _ in poller.poll(acceptor.wait_ms())}
                 if self._stop_r in ready:
                     break
                 if self._sig_r in ready:
@@ -343,30 +314,9 @@ class Server:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._sig_r, 4096)
                     continue
-                if not listening or self._listener.fileno() not in ready:
+                if acceptor.fileno() not in ready or (got := acceptor.accept()) is None:
                     continue
-                try:
-                    conn, _ = self._listener.accept()
-                except OSError as e:
-                    if e.errno not in _ACCEPT_RESOURCE_ERRORS:
-                        self._accept_log.log(logging.WARNING, "accept", "accept",
-                                             "failed: %s", e)
-                        continue
-                    self._accept_log.log(
-                        logging.ERROR, "accept", "cannot accept a VMM",
-                        "%s (%d VMs connected, open-file limit %d); VMMs wait in the "
-                        "backlog until fds are free: raise the limit (ulimit -n, systemd "
-                        "LimitNOFILE=)", e.strerror, len(self._vms), self.fd_limit)
-                    poller.unregister(self._listener.fileno())
-                    listening = False
-                    resume_at = time.monotonic() + backoff
-                    backoff = min(backoff * 2, _ACCEPT_BACKOFF_S[1])
-                    continue
-                if backoff > _ACCEPT_BACKOFF_S[0]:
-                    backoff = _ACCEPT_BACKOFF_S[0]
-                    self._accept_log.flush()
-                    log.warning("accepting VMMs again (%d connected)", len(self._vms))
-                t = threading.Thread(target=self._handle, args=(conn,), daemon=True,
+                t = threading.Thread(target=self._handle, args=got, daemon=True,
                                      name="pagein-handshake")
                 self._threads = [t for t in self._threads if t.is_alive()]
                 self._threads.append(t)
@@ -582,14 +532,27 @@ class Server:
 
     # --- one connection ------------------------------------------------------------
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket, spare: Spare) -> None:
+        try:
+            self._take_vm(conn, spare)
+        finally:
+            spare.close()
+
+    def _take_vm(self, conn: socket.socket, spare: Spare) -> None:
+        """Read one VMM's handshake and hand the VM to a worker (or refuse it).
+
+        ``spare`` holds an fd for each of the three this opens (see
+        :mod:`pagein.serve.accept`); each is freed just before its step.
+        """
         try:
             peer = peer_credentials(conn)
         except OSError as e:
             log.warning("cannot read SO_PEERCRED of a new connection: %s", e)
             conn.close()
             return
+        spare.take()
         pidfd = peer_pidfd(conn, peer.pid)
+        spare.take()
         try:
             hs = receive_handshake(conn, self.source.size, self.options.handshake_timeout)
         except HandshakeError as e:
@@ -602,10 +565,12 @@ class Server:
             if pidfd >= 0:
                 os.close(pidfd)
             return
+        spare.take()
         try:
             state = VmState.create(hs.regions)
         except (PageinError, OSError) as e:
-            log.error("vm pid=%d: cannot start serving: %s; its guest is frozen", peer.pid, e)
+            self._peer_log.log(logging.ERROR, peer.pid, f"vm pid={peer.pid}",
+                               "cannot start serving: %s; closing the connection", e)
             os.close(hs.uffd_fd)
             conn.close()
             if pidfd >= 0:

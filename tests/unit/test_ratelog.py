@@ -68,3 +68,16 @@ def test_peer_text_is_escaped_and_bounded() -> None:
     text = peer_text("a\nb\x1b[2J" + "z" * 10_000, 50)
     assert "\n" not in text and "\x1b" not in text and len(text) == 50
     assert peer_text(10 ** 5000).startswith("<integer of")
+
+
+def test_a_quiet_key_is_reported_when_another_speaks(caplog: pytest.LogCaptureFixture) -> None:
+    clock = _Clock()
+    rl = RateLimitedLog(logging.getLogger("t.ratelog"), lines=1, interval_s=10, clock=clock)
+    with caplog.at_level(logging.WARNING, "t.ratelog"):
+        for _ in range(3):
+            rl.log(logging.WARNING, 1, "vm pid=1", "x")
+        clock.now = 11
+        rl.log(logging.WARNING, 2, "vm pid=2", "y")
+        assert _lines(caplog) == ["vm pid=1: x",
+                                  "vm pid=1: 2 similar line(s) suppressed in the last 10 s",
+                                  "vm pid=2: y"]

@@ -110,6 +110,13 @@ class RateLimitedLog:
         while len(self._windows) > self._max_keys:  # bounded memory: forget the oldest
             old_key, old = self._windows.popitem(last=False)
             due.append(self._said(old_key, old))
+        # Peers that went quiet: say what they had held back now, not never.
+        while self._windows:
+            old_key, old = next(iter(self._windows.items()))
+            if now - old.start < self._interval:
+                break
+            del self._windows[old_key]
+            due.append(self._said(old_key, old))
         return due
 
     def _said(self, key: Hashable | None, w: _Window) -> str:

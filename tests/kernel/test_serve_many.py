@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -107,3 +108,34 @@ def test_out_of_fds_logs_a_line_a_second_and_recovers(tmp_path: Path) -> None:
         if fresh is not None:
             fresh.close()
         server.stop()
+
+
+def test_a_vmm_is_served_while_1100_idle_connections_wait(tmp_path: Path) -> None:
+    """Connections that never send a handshake hold a reader each until their timeout;
+    they must not stop a real VMM behind them (it used to hang: its fd was > 1024)."""
+    raise_fd_limit(2 * VMS + 256)
+    snap = str(tmp_path / "mem.snap")
+    data = make_snapshot(snap, SIZE)
+    server = start_server(str(tmp_path), snap, "--on-bad-handshake", "close",
+                          "--handshake-timeout", "600",
+                          nofile=(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    idle: list[socket.socket] = []
+    peer: Peer | None = None
+    try:
+        for _ in range(VMS):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(server.socket_path)
+            idle.append(s)
+        wait_for(lambda: len(_server_fds(server.proc.pid)) > VMS, 60,
+                 "the server to accept every idle connection")
+        peer = connect(server.socket_path, VM_BYTES, 3 * VM_BYTES)
+        for page in range(16):
+            off = 3 * VM_BYTES + page * PAGE
+            assert peer.read(page) == data[off:off + PAGE], page
+        assert server.proc.poll() is None and "Traceback" not in server.log()
+    finally:
+        for s in idle:
+            s.close()
+        if peer is not None:
+            peer.close()
+        server.stop(timeout=60)

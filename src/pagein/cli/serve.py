@@ -72,7 +72,8 @@ def register(sub: Any) -> None:
     p.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="time a VMM has to complete its handshake (default 5)")
     p.add_argument("--stats-json", metavar="FILE",
-                   help="write counters here on exit and on SIGUSR1")
+                   help="write counters here on exit and on SIGUSR1 (if it cannot be "
+                        "written: one log line, serving goes on; exit status 1 at the end)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus text metrics on 127.0.0.1:PORT/metrics")
     p.add_argument("--engine", choices=[e.value for e in EngineName],

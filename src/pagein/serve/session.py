@@ -173,10 +173,8 @@ class Session:
         log.info("%s: session ended (%s): %d faults, %d pages, %d bytes copied, %d zero pages",
                  self.name, self.end.value, c.faults, c.pages, c.bytes_copied, c.zero_pages)
         if self.recorder is not None:
-            try:
-                self.recorder.finish(self.source, self.regions)
-            except (PageinError, OSError) as e:
-                log.error("%s: %s", self.name, e)
+            for error in self.recorder.finish(self.source, self.regions):
+                log.error("%s: %s", self.name, error)  # one line per file not written
         return self.end
 
     def _take_over(self) -> None:

@@ -163,7 +163,7 @@ def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaul
     try:
         sock.settimeout(timeout)
         try:
-            sock.connect(socket_path)
+            _connect(sock, socket_path, timeout)
         except (FileNotFoundError, ConnectionRefusedError, TimeoutError) as e:
             why = e.strerror or "timed out"
             raise HandlerError(
@@ -178,6 +178,25 @@ def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaul
         sock.close()
         raise
     return sock
+
+
+def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """Connect, waiting while the handler's listen backlog is full.
+
+    With a timeout set, a Unix socket's connect() does not wait for room in a full
+    backlog: it fails at once with EAGAIN (and cannot be polled for completion), which
+    a server taking a thousand VMMs at once can cause. Retry until ``timeout``.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(errno.ETIMEDOUT, "the handler's listen backlog stayed "
+                                   "full") from None
+            time.sleep(0.005)
 
 
 # --- decoding (the handler side) -----------------------------------------------------

@@ -131,3 +131,24 @@ def test_connect_waits_while_the_listen_backlog_is_full(tmp_path: object) -> Non
         uffd.close()
         filler.close()
         listener.close()
+
+
+def test_a_second_fd_is_refused_as_it_arrives() -> None:
+    """Fds sent with an unfinished handshake are refused at once, not kept until the
+    timeout: a peer sending fds with every byte would fill the server's fd table."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        send_with_fds(a, b"[", [r1])
+        send_with_fds(a, b" ", [r2])  # the handshake is nowhere near complete
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(HandshakeError) as e:
+            receive_handshake(b, FILE, timeout=600)
+        assert e.value.field == "uffd" and "exactly one" in str(e.value)
+        assert len(os.listdir("/proc/self/fd")) == before  # both received fds closed
+    finally:
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+        a.close()
+        b.close()

@@ -499,6 +499,11 @@ def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Ha
                 raise OSError(errno.EMFILE, "the uffd the VMM sent was dropped: this "
                               "process has no free file descriptor (raise the open-file "
                               "limit, ulimit -n)")
+            if len(fds) > 1 or (got.truncated and got.fds):
+                # Refused at once: a peer sending fds with every byte would otherwise
+                # fill this process's fd table before its handshake ends.
+                raise HandshakeError("uffd", f"{len(fds)}{'+' if got.truncated else ''} fds",
+                                     "expected exactly one userfaultfd in SCM_RIGHTS")
             if not got.data:
                 raise HandshakeError("handshake", f"{len(buf)} bytes",
                                      "the peer closed the socket before the handshake ended")

@@ -7,13 +7,14 @@ import contextlib
 import json
 import os
 import random
-import select
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+
+from pagein.sys.poll import wait_readable
 
 FCCLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fcclient.py")
 PAGE = 4096
@@ -68,11 +69,12 @@ class ServerProc:
 
 def start_server(tmp: str, mem_file: str, *extra: str, timeout: float = 20,
                  source: str | None = None, env: dict[str, str] | None = None,
-                 umask: int = -1) -> ServerProc:
+                 umask: int = -1, nofile: tuple[int, int] | None = None) -> ServerProc:
     """Start ``python -m pagein serve`` and wait until it listens (``--ready-fd``).
 
     Serves ``mem_file`` (``--mem-file``), or ``source`` (``--source``) when given;
-    ``umask`` is the server's (-1: this process's).
+    ``umask`` is the server's (-1: this process's); ``nofile`` its (soft, hard)
+    RLIMIT_NOFILE, set with prlimit(1).
     """
     sock = os.path.join(tmp, "fc.sock")
     log_path = os.path.join(tmp, "server.log")
@@ -81,12 +83,14 @@ def start_server(tmp: str, mem_file: str, *extra: str, timeout: float = 20,
     what = ["--source", source] if source else ["--mem-file", mem_file]
     cmd = [sys.executable, "-m", "pagein", "-v", "serve", "--socket", sock, *what,
            "--stats-json", stats, "--ready-fd", str(w), *extra]
+    if nofile is not None:
+        cmd = ["prlimit", f"--nofile={nofile[0]}:{nofile[1]}", *cmd]
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, pass_fds=(w,), env=env,
                                 umask=umask)
     os.close(w)
     try:
-        ready = select.select([r], [], [], timeout)[0] and os.read(r, 16)
+        ready = wait_readable([r], timeout) and os.read(r, 16)
     finally:
         os.close(r)
     server = ServerProc(proc, sock, log_path, stats)

@@ -89,10 +89,28 @@ class UnsupportedFeature(Unavailable):
 class HandshakeError(PageinError):
     """A VMM's handshake on the handler socket is malformed."""
 
+    #: How much of a value the message shows: a peer controls it, and one line of a
+    #: log must not carry a 4 MiB string.
+    MAX_SHOWN = 80
+
     def __init__(self, field: str, value: object, reason: str) -> None:
         self.field = field
         self.value = value
-        super().__init__(f"bad handshake field {field}={value!r}: {reason}")
+        super().__init__(f"bad handshake field {field}={shown(value, self.MAX_SHOWN)}: "
+                         f"{reason}")
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (``...`` marks the cut).
+
+    For values a peer controls: the repr escapes control characters and newlines, and
+    the cut bounds the line. A huge int is described, never converted to decimal (that
+    is quadratic, and refused past 4300 digits).
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"<integer of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:max(0, limit - 3)] + "..."
 
 
 class SnapshotFormatError(PageinError):

@@ -96,3 +96,51 @@ def test_server_still_serves_after_bad_handshakes(servers: dict[str, ServerProc]
         rc, res = finish(client(*touch_args(server, snap, [(0, SIZE)], "--threads", "2")))
         assert rc == 0, res
         assert server.proc.poll() is None
+
+
+# The two escapes of issue 13 (finding 4): before the fix json.loads raised RecursionError
+# or ValueError out of the handshake thread, so neither policy ran and the connection
+# stayed open until the peer gave up.
+ESCAPES = [
+    ("nested-1000", "[" * 1000 + "]" * 1000, "depth"),
+    ("int-4301-digits", '[{"base_host_virt_addr": ' + "9" * 4301 + ', "size": 4096, '
+     '"offset": 0}]', "64-bit"),
+]
+
+
+@pytest.fixture(scope="module")
+def patient_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProc]]:
+    """Servers whose handshake timeout is far longer than any test: a peer that is dealt
+    with at all was dealt with by the bad-handshake path, not by the timeout."""
+    out: dict[str, ServerProc] = {}
+    try:
+        for policy in ("kill", "close"):
+            tmp = tmp_path_factory.mktemp(f"patient-{policy}")
+            snap = str(tmp / "mem.snap")
+            make_snapshot(snap, SIZE)
+            out[policy] = start_server(str(tmp), snap, "--on-bad-handshake", policy,
+                                       "--handshake-timeout", "3600")
+        yield out
+    finally:
+        for s in out.values():
+            s.stop()
+
+
+@pytest.mark.parametrize("policy", ["kill", "close"])
+@pytest.mark.parametrize(("case", "payload", "word"), ESCAPES, ids=[c[0] for c in ESCAPES])
+def test_parser_escapes_take_the_bad_handshake_path(patient_servers: dict[str, ServerProc],
+                                                    policy: str, case: str, payload: str,
+                                                    word: str) -> None:
+    server = patient_servers[policy]
+    c = _raw(server, ["--payload", payload])
+    rc, res = finish(c, timeout=30)  # the handshake timeout is an hour
+    if policy == "kill":
+        assert rc == -9, (case, rc, res)
+    else:
+        assert rc == 3 and res == {"closed": True}, (case, rc, res)
+    log = server.log()
+    lines = [ln for ln in log.splitlines() if f"vm pid={c.pid}: bad handshake" in ln]
+    assert len(lines) == 1 and word in lines[0], log[-3000:]
+    assert len(lines[0]) < 600  # the peer's 4301 digits are not copied into the log
+    assert "Traceback" not in log
+    assert server.proc.poll() is None

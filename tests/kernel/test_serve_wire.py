@@ -11,7 +11,7 @@ import pytest
 
 from pagein._abi import libc
 from pagein._abi import uffd as abi
-from pagein.errors import HandshakeError
+from pagein.errors import HandlerError, HandshakeError
 from pagein.serve.firecracker import (
     Generation,
     Region,
@@ -98,3 +98,57 @@ def test_uffd_without_api_is_refused() -> None:
         with pytest.raises(HandshakeError) as e:
             receive_handshake(b, FILE, timeout=5)
         assert e.value.field == "uffd"
+
+
+def test_connect_waits_while_the_listen_backlog_is_full(tmp_path: object) -> None:
+    """A Unix connect() with a timeout fails at once with EAGAIN on a full backlog; the
+    VMM side retries until its timeout instead of failing (or raising BlockingIOError)."""
+    path = os.path.join(str(tmp_path), "fc.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    filler.connect(path)  # the backlog is full now
+    uffd = Userfaultfd.open(Feature.EVENT_REMOVE)
+    try:
+        with pytest.raises(HandlerError) as e:
+            connect_and_send(path, _regions(1), uffd, timeout=0.2)
+        assert "backlog" in str(e.value)
+        got: list[socket.socket] = []
+        t = threading.Thread(target=lambda: got.append(
+            connect_and_send(path, _regions(1), uffd, timeout=30)))
+        t.start()
+        first, _ = listener.accept()  # room again: the waiting connect goes through
+        t.join(30)
+        assert len(got) == 1
+        second, _ = listener.accept()
+        hs = receive_handshake(second, FILE, timeout=10)
+        os.close(hs.uffd_fd)
+        assert hs.regions == tuple(_regions(1))
+        for s in (first, second, *got):
+            s.close()
+    finally:
+        uffd.close()
+        filler.close()
+        listener.close()
+
+
+def test_a_second_fd_is_refused_as_it_arrives() -> None:
+    """Fds sent with an unfinished handshake are refused at once, not kept until the
+    timeout: a peer sending fds with every byte would fill the server's fd table."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        send_with_fds(a, b"[", [r1])
+        send_with_fds(a, b" ", [r2])  # the handshake is nowhere near complete
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(HandshakeError) as e:
+            receive_handshake(b, FILE, timeout=600)
+        assert e.value.field == "uffd" and "exactly one" in str(e.value)
+        assert len(os.listdir("/proc/self/fd")) == before  # both received fds closed
+    finally:
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+        a.close()
+        b.close()

@@ -160,7 +160,7 @@ def test_recorder_writes_a_trace_and_the_working_set(tmp_path: Path) -> None:
     rec = Recorder(trace_path=str(tmp_path / "t.json"), working_set_path=str(tmp_path / "w"))
     for off in (4 * PAGE, 2 * PAGE, 4 * PAGE, 5 * PAGE):
         rec.fault(off, 77, off == 2 * PAGE)
-    rec.finish(src, [])
+    assert rec.finish(src, []) == []
     t = load_trace(str(tmp_path / "t.json"))
     assert [(f.offset, f.thread_id, f.zero) for f in t.faults] == [
         (4 * PAGE, 77, False), (2 * PAGE, 77, True), (4 * PAGE, 77, False),
@@ -178,9 +178,23 @@ def test_several_vms_recorded_by_one_server_never_overwrite_each_other(tmp_path:
     for i, rec in enumerate(recs):
         rec.fault(i * PAGE, 1, False)
     for rec in recs:
-        rec.finish(src, [])
+        assert rec.finish(src, []) == []
     # The first VM to go writes the paths given; later ones .2, .3.
     assert workingset.load_extents(str(tmp_path / "w")) == [(0, PAGE)]
     assert workingset.load_extents(str(tmp_path / "w.2")) == [(PAGE, PAGE)]
     assert workingset.load_extents(str(tmp_path / "w.3")) == [(2 * PAGE, PAGE)]
     assert [f.offset for f in load_trace(str(tmp_path / "t.json.3")).faults] == [2 * PAGE]
+
+
+def test_an_unwritable_trace_costs_only_the_trace(tmp_path: Path) -> None:
+    """Issue 13, finding 8: a trace that could not be written used to raise before the
+    working set was written, and left its temporary file behind."""
+    src = BytesSource(_snapshot(8, set()))
+    (tmp_path / "f").write_text("")
+    rec = Recorder(trace_path=str(tmp_path / "f" / "t.json"), working_set_path=str(tmp_path / "w"))
+    rec.fault(3 * PAGE, 1, False)
+    errors = rec.finish(src, [])
+    assert [str(e) for e in errors] == [f"cannot write the trace {tmp_path}/f/t.json: "
+                                        "Not a directory"]
+    assert workingset.load_extents(str(tmp_path / "w")) == [(3 * PAGE, PAGE)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "w"]

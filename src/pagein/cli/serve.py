@@ -22,7 +22,6 @@ from pagein.serve.options import (
 )
 from pagein.serve.served import open_served
 from pagein.serve.server import Server
-from pagein.serve.stats import write_json
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
 
 log = logging.getLogger("pagein.serve")
@@ -74,7 +73,8 @@ def register(sub: Any) -> None:
     p.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="time a VMM has to complete its handshake (default 5)")
     p.add_argument("--stats-json", metavar="FILE",
-                   help="write counters here on exit and on SIGUSR1")
+                   help="write counters here on exit and on SIGUSR1 (if it cannot be "
+                        "written: one log line, serving goes on; exit status 1 at the end)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve Prometheus text metrics on 127.0.0.1:PORT/metrics")
     p.add_argument("--engine", choices=[e.value for e in EngineName],
@@ -148,12 +148,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(server: Server, args: argparse.Namespace) -> int:
-    def dump(_sig: int = 0, _frame: FrameType | None = None) -> None:
-        if args.stats_json:
-            write_json(args.stats_json, server.stats_doc())
+    # The handlers only set flags; the serve loop (woken by set_wakeup_fd) does the work,
+    # so nothing raised while writing the stats can unwind it and freeze the VMs.
+    def dump(_sig: int, _frame: FrameType | None) -> None:
+        server.request_stats()
 
     def stop(_sig: int, _frame: FrameType | None) -> None:
-        server.stop()
+        server.request_stop()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -172,5 +173,5 @@ def _serve(server: Server, args: argparse.Namespace) -> int:
         if httpd is not None:
             httpd.shutdown()
             httpd.server_close()
-        dump()
-    return 0
+        written = server.write_stats()  # a failure is logged; the exit status says it
+    return 0 if written else 1

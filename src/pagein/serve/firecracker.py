@@ -15,11 +15,24 @@ Three generations of that object are in the field (all sizes in bytes):
 - ``original``: neither page field (Firecracker < 1.7), meaning 4096.
 
 Wire names stay in this module: the rest of pagein sees :class:`Region` values.
+
+The peer is not trusted: whatever bytes it sends, the decoder either returns regions or
+raises :class:`~pagein.errors.HandshakeError` naming what was wrong. The limits that
+make that true, each checked before the step it protects:
+
+- size: at most :data:`MAX_HANDSHAKE_BYTES`, counted as the bytes arrive;
+- nesting: at most :data:`MAX_DEPTH` (an array of flat objects), counted by the
+  :class:`ArrayScanner` as the bytes arrive, so ``json.loads`` never recurses deeper
+  (a 1000-deep array would raise ``RecursionError`` inside it);
+- numbers: at most :data:`MAX_NUMBER_DIGITS` characters (an unsigned 64-bit integer has
+  20 digits; Python refuses to convert more than 4300 and is quadratic below that);
+- regions: at most :data:`MAX_REGIONS`.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import itertools
 import json
 import os
@@ -32,10 +45,14 @@ from dataclasses import dataclass
 
 from pagein.errors import HandlerError, HandshakeError, UntrustedHandler
 from pagein.sys.fdpass import peer_credentials, recv_with_fds, send_with_fds
+from pagein.sys.poll import wait_readable
 from pagein.sys.uffd import Feature, Userfaultfd
 
 __all__ = [
+    "MAX_DEPTH",
     "MAX_HANDSHAKE_BYTES",
+    "MAX_NUMBER_DIGITS",
+    "MAX_REGIONS",
     "PAGE_SIZES",
     "ArrayScanner",
     "Generation",
@@ -53,6 +70,13 @@ __all__ = [
 PAGE_SIZES = (4096, 2 * 1024 * 1024)
 #: A handshake larger than this is refused (thousands of regions fit in it).
 MAX_HANDSHAKE_BYTES = 4 * 1024 * 1024
+#: The nesting a handshake may have: the array (1) of flat region objects (2).
+MAX_DEPTH = 2
+#: Characters a number may have: 20 digits hold any unsigned 64-bit integer; a few more
+#: let a float or an exponent reach the check that names the field.
+MAX_NUMBER_DIGITS = 32
+#: Regions a handshake may describe (a Firecracker VM has a handful).
+MAX_REGIONS = 4096
 _RECV_CHUNK = 256 * 1024
 
 
@@ -147,7 +171,7 @@ def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaul
     try:
         sock.settimeout(timeout)
         try:
-            sock.connect(socket_path)
+            _connect(sock, socket_path, timeout)
         except (FileNotFoundError, ConnectionRefusedError, TimeoutError) as e:
             why = e.strerror or "timed out"
             raise HandlerError(
@@ -172,10 +196,30 @@ def _check_trusted(sock: socket.socket, socket_path: str, trust_uids: Sequence[i
         raise UntrustedHandler(socket_path, listener.uid, listener.pid)
 
 
+def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """Connect, waiting while the handler's listen backlog is full.
+
+    With a timeout set, a Unix socket's connect() does not wait for room in a full
+    backlog: it fails at once with EAGAIN (and cannot be polled for completion), which
+    a server taking a thousand VMMs at once can cause. Retry until ``timeout``.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(errno.ETIMEDOUT, "the handler's listen backlog stayed "
+                                   "full") from None
+            time.sleep(0.005)
+
+
 # --- decoding (the handler side) -----------------------------------------------------
 
 
 _TOKEN = re.compile(rb'[\[\]{}"\\]')
+_NON_SPACE = re.compile(rb"[^ \t\r\n]")
 
 
 class ArrayScanner:
@@ -184,11 +228,16 @@ class ArrayScanner:
     The handshake has no length prefix, so the handler must know when the peer's one
     message is complete without waiting for a close. Only brackets, quotes and
     backslashes matter; a C-level regex skips everything else, and each byte is
-    looked at once however many pieces the array arrives in.
+    looked at once however many pieces the array arrives in (the buffer grows in
+    place: a peer sending one byte at a time costs linear time, not quadratic).
+
+    Nesting deeper than ``max_depth`` raises :class:`HandshakeError` as soon as the
+    byte that opens it arrives (``None``: no limit).
     """
 
-    def __init__(self) -> None:
-        self._buf = b""
+    def __init__(self, max_depth: int | None = MAX_DEPTH) -> None:
+        self._buf = bytearray()
+        self._max_depth = max_depth
         self._pos = 0  # next byte to scan
         self._depth = 0
         self._started = False
@@ -198,19 +247,22 @@ class ArrayScanner:
     def feed(self, data: bytes) -> int | None:
         """Add bytes; return the index just past the array's ``]`` once it has arrived.
 
-        Raises :class:`HandshakeError` when the stream does not start with an array.
+        Raises :class:`HandshakeError` when the stream does not start with an array or
+        nests deeper than allowed.
         """
         self._buf += data
         buf = self._buf
         if not self._started:
-            stripped = buf.lstrip(b" \t\r\n")
-            if not stripped:
+            first = _NON_SPACE.search(buf, self._pos)
+            if first is None:
+                self._pos = len(buf)
                 return None
-            if stripped[:1] != b"[":
-                raise HandshakeError("payload", stripped[:40].decode(errors="replace"),
-                                     "expected a JSON array of regions")
+            start = first.start()
+            if buf[start] != 0x5B:  # [
+                raise HandshakeError("payload", bytes(buf[start:start + 40]).decode(
+                    errors="replace"), "expected a JSON array of regions")
             self._started = True
-            self._pos = len(buf) - len(stripped) + 1
+            self._pos = start + 1
             self._depth = 1
         for m in _TOKEN.finditer(buf, self._pos):
             i = m.start()
@@ -226,6 +278,10 @@ class ArrayScanner:
                 self._in_str = True
             elif ch in b"[{":
                 self._depth += 1
+                if self._max_depth is not None and self._depth > self._max_depth:
+                    raise HandshakeError("payload", f"nesting depth {self._depth} at byte {i}",
+                                         f"a handshake is an array of flat objects (depth "
+                                         f"at most {self._max_depth})")
             elif ch in b"]}":
                 self._depth -= 1
                 if self._depth == 0:
@@ -234,18 +290,43 @@ class ArrayScanner:
         return None
 
 
-def json_end(buf: bytes) -> int | None:
+def json_end(buf: bytes, max_depth: int | None = MAX_DEPTH) -> int | None:
     """Return the index just past the top-level JSON array in ``buf``, or None.
 
-    Raises :class:`HandshakeError` when ``buf`` cannot start an array.
+    Raises :class:`HandshakeError` when ``buf`` cannot start an array or nests deeper
+    than ``max_depth``.
     """
-    return ArrayScanner().feed(buf)
+    return ArrayScanner(max_depth).feed(buf)
+
+
+class _LongNumber:
+    """A number with more characters than :data:`MAX_NUMBER_DIGITS`, never converted."""
+
+    def __init__(self, text: str) -> None:
+        self.length = len(text)
+        self.head = text[:24]
+
+    def __repr__(self) -> str:
+        return f"<number of {self.length} characters: {self.head}...>"
+
+
+def _number(convert: Callable[[str], object]) -> Callable[[str], object]:
+    """A ``json`` number hook: ``convert`` short numbers, keep long ones unconverted."""
+    def hook(text: str) -> object:
+        return convert(text) if len(text) <= MAX_NUMBER_DIGITS else _LongNumber(text)
+    return hook
+
+
+_INT, _FLOAT = _number(int), _number(float)
 
 
 def _opt_int(obj: dict[str, object], key: str, where: str) -> int | None:
     value = obj.get(key)
     if value is None:
         return None
+    if isinstance(value, _LongNumber):
+        raise HandshakeError(f"{where}.{key}", value,
+                             "must be an unsigned 64-bit integer (at most 20 digits)")
     if isinstance(value, bool) or not isinstance(value, int):
         raise HandshakeError(f"{where}.{key}", value, "must be an integer")
     if value < 0 or value >= 1 << 64:
@@ -276,16 +357,36 @@ def _region(obj: object, where: str) -> Region:
 
 
 def parse_regions(payload: bytes) -> list[Region]:
-    """Decode a handshake payload of any generation into regions (no range checks)."""
+    """Decode a handshake payload of any generation into regions (no range checks).
+
+    Whatever ``payload`` holds, the result is a list of regions or a
+    :class:`HandshakeError` naming what was wrong: size, nesting and number length are
+    bounded before ``json.loads`` sees the bytes (see the module docstring).
+    """
+    if len(payload) > MAX_HANDSHAKE_BYTES:
+        raise HandshakeError("payload", f"{len(payload)} bytes",
+                             f"larger than {MAX_HANDSHAKE_BYTES} bytes")
+    end = json_end(payload)  # refuses a non-array and deep nesting before json.loads
+    if end is None:
+        raise HandshakeError("payload", f"{len(payload)} bytes",
+                             "the JSON array is not complete (a closing bracket is missing)")
     try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HandshakeError("payload", payload[:60].decode(errors="replace"),
-                             f"not valid JSON ({e})") from e
+        # Decoded as UTF-8 here, not by json.loads (which would guess UTF-16 or -32 from
+        # NUL bytes): in UTF-8 no byte of a multi-byte character looks like a bracket or
+        # a quote, so the depth the scanner counted is the depth json.loads meets.
+        doc = json.loads(bytes(payload).decode("utf-8"), parse_int=_INT, parse_float=_FLOAT)
+    except (ValueError, RecursionError) as e:
+        # JSONDecodeError and UnicodeDecodeError are ValueErrors; RecursionError cannot
+        # happen after the depth check, kept so that no input can escape as a traceback.
+        raise HandshakeError("payload", bytes(payload[:60]).decode(errors="replace"),
+                             f"not valid JSON ({str(e)[:200]})") from e
     if not isinstance(doc, list):
         raise HandshakeError("payload", type(doc).__name__, "expected a JSON array of regions")
     if not doc:
         raise HandshakeError("payload", "[]", "the VMM sent no regions")
+    if len(doc) > MAX_REGIONS:
+        raise HandshakeError("payload", f"{len(doc)} regions",
+                             f"at most {MAX_REGIONS} regions are accepted")
     return [_region(obj, f"regions[{i}]") for i, obj in enumerate(doc)]
 
 
@@ -327,6 +428,15 @@ def _check_overlaps(regions: Sequence[Region], key: str,
             raise HandshakeError(f"regions[{bad}].{key}", bad_span[0],
                                  f"overlaps regions[{other}] "
                                  f"(0x{other_span[0]:x}-0x{other_span[1]:x})")
+
+
+def _out_of_fds() -> bool:
+    """Whether this process cannot open one more fd now (EMFILE/ENFILE)."""
+    try:
+        os.close(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as e:
+        return e.errno in (errno.EMFILE, errno.ENFILE)
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,18 +495,31 @@ def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Ha
     the bad field; on error every received fd is closed.
     """
     deadline = time.monotonic() + timeout
-    buf = b""
+    buf = bytearray()
     scanner = ArrayScanner()
     fds: list[int] = []
     try:
         end = None
         while end is None:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+            # poll, not select: select() cannot wait on an fd >= 1024, and a server with
+            # a thousand VMs connected has such fds.
+            if remaining <= 0 or not wait_readable([sock], remaining):
                 raise HandshakeError("handshake", f"{len(buf)} bytes",
                                      f"no complete handshake within {timeout:g} s")
             got = recv_with_fds(sock, _RECV_CHUNK, 8)
             fds.extend(got.fds)
+            if got.truncated and _out_of_fds():
+                # The kernel dropped the uffd for want of a free fd here: the server's
+                # problem, not the VMM's (so not a HandshakeError, which would kill it).
+                raise OSError(errno.EMFILE, "the uffd the VMM sent was dropped: this "
+                              "process has no free file descriptor (raise the open-file "
+                              "limit, ulimit -n)")
+            if len(fds) > 1 or (got.truncated and got.fds):
+                # Refused at once: a peer sending fds with every byte would otherwise
+                # fill this process's fd table before its handshake ends.
+                raise HandshakeError("uffd", f"{len(fds)}{'+' if got.truncated else ''} fds",
+                                     "expected exactly one userfaultfd in SCM_RIGHTS")
             if not got.data:
                 raise HandshakeError("handshake", f"{len(buf)} bytes",
                                      "the peer closed the socket before the handshake ended")
@@ -405,7 +528,7 @@ def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Ha
                 raise HandshakeError("payload", f"{len(buf)} bytes",
                                      f"larger than {MAX_HANDSHAKE_BYTES} bytes")
             end = scanner.feed(got.data)
-        regions = parse_regions(buf[:end])
+        regions = parse_regions(bytes(buf[:end]))
         if len(fds) != 1:
             raise HandshakeError("uffd", f"{len(fds)} fds",
                                  "expected exactly one userfaultfd in SCM_RIGHTS")
@@ -415,4 +538,5 @@ def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Ha
         for fd in fds:
             os.close(fd)
         raise
-    return Handshake(tuple(regions), fds[0], buf[end:], features)
+    return Handshake(tuple(regions), fds[0], bytes(buf[end:]), features)
+

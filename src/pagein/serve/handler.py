@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import subprocess
 import sys
 
 from pagein.errors import HandlerError
 from pagein.serve.options import BadHandshakePolicy, ServeOptions
+from pagein.sys.poll import wait_readable
 
 __all__ = ["HandlerProcess"]
 
@@ -68,7 +68,7 @@ class HandlerProcess:
         os.close(w)
         try:
             # EOF on the pipe (the handler exited) wakes this as well as "ready".
-            ready = select.select([r], [], [], timeout)[0] and os.read(r, 64)
+            ready = wait_readable([r], timeout) and os.read(r, 64)
         finally:
             os.close(r)
         handler = cls(proc, options, workdir)

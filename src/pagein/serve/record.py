@@ -27,6 +27,7 @@ Trace file (JSON)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -136,40 +137,63 @@ class Recorder:
         """Page offsets the guest faulted on, in first-touch order (repeats kept)."""
         return [off for _, off, _, _ in self._faults]
 
-    def finish(self, source: PageSource, regions: Sequence[Region]) -> None:
-        """Write the trace and the working set (each only if a path was given).
+    def finish(self, source: PageSource, regions: Sequence[Region]) -> list[PageinError]:
+        """Write the working set and the trace (each only if a path was given); return
+        one error per file that could not be written (empty: all written).
 
-        Raises :class:`~pagein.errors.PageinError` naming the file that could not be
-        written; the guest is gone by then, so nothing else depends on it.
+        Each file is written on its own: the working set (what a later restore
+        prefetches, so the one that matters) first, and a trace that cannot be written
+        never costs it. Each goes to a temporary name renamed into place, removed
+        again if writing fails (a full disk leaves no partial or empty file). The guest
+        is gone by then, so nothing else depends on either.
         """
         if self._names is not None:
             if self.trace_path is not None:
                 self.trace_path = self._names.claim(self.trace_path)
             if self.working_set_path is not None:
                 self.working_set_path = self._names.claim(self.working_set_path)
-        if self.trace_path is not None:
-            doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "page_size": 4096,
-                   "memory_size": source.size,
-                   "regions": [[r.offset, r.size_bytes, r.page_size] for r in regions],
-                   "faults": [[t, o, tid, "zero" if z else "demand"]
-                              for t, o, tid, z in self._faults],
-                   "fills": [list(f) for f in self._fills]}
-            tmp = f"{self.trace_path}.tmp-{os.getpid()}"
-            try:
-                with open(tmp, "w") as f:
-                    json.dump(doc, f, separators=(",", ":"))
-                os.replace(tmp, self.trace_path)
-            except OSError as e:
-                raise PageinError(f"cannot write the trace {self.trace_path}: {e}") from e
+        errors: list[PageinError] = []
         if self.working_set_path is not None:
             touched = [o for o in self.touched() if o % 4096 == 0]
             try:
                 n = workingset.write(self.working_set_path, source, touched)
+            except (OSError, PageinError) as e:
+                errors.append(PageinError(f"cannot write the working set "
+                                          f"{self.working_set_path}: {_why(e)}"))
+            else:
+                log.info("working set %s: %d faults, %d data pages", self.working_set_path,
+                         len(touched), n)
+        if self.trace_path is not None:
+            try:
+                self._write_trace(self.trace_path, source, regions)
             except OSError as e:
-                raise PageinError(f"cannot write the working set {self.working_set_path}: "
-                                  f"{e}") from e
-            log.info("working set %s: %d faults, %d data pages", self.working_set_path,
-                     len(touched), n)
+                errors.append(PageinError(f"cannot write the trace {self.trace_path}: "
+                                          f"{_why(e)}"))
+        return errors
+
+    def _write_trace(self, path: str, source: PageSource, regions: Sequence[Region]) -> None:
+        doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "page_size": 4096,
+               "memory_size": source.size,
+               "regions": [[r.offset, r.size_bytes, r.page_size] for r in regions],
+               "faults": [[t, o, tid, "zero" if z else "demand"]
+                          for t, o, tid, z in self._faults],
+               "fills": [list(f) for f in self._fills]}
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f, separators=(",", ":"))
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def _why(e: BaseException) -> str:
+    """An error's reason without repeating the path the message already names."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
 
 
 def load_trace(path: str) -> Trace:

@@ -35,15 +35,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagein.errors import HandshakeError, PageinError
+from pagein.serve.accept import Acceptor, Spare, raise_fd_limit
 from pagein.serve.access import RefusalLog, listen_unix
 from pagein.serve.control import ControlError, recv_msg
 from pagein.serve.engine import EngineName, choose
 from pagein.serve.firecracker import Region, receive_handshake
 from pagein.serve.options import BadHandshakePolicy, ServeOptions, VmFailurePolicy
+from pagein.serve.ratelog import RateLimitedLog
 from pagein.serve.record import OutputNames
 from pagein.serve.served import Served
 from pagein.serve.state import VmState
-from pagein.serve.stats import Counters, prometheus_text
+from pagein.serve.stats import Counters, prometheus_text, write_json
 from pagein.serve.worker import VmServer
 from pagein.serve.workers import WORKER_START_S, WorkerFactory, WorkerProc
 from pagein.sys.fdpass import PeerCred, kill_through, peer_credentials, peer_pidfd
@@ -171,6 +173,8 @@ class Server:
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._sig_r, self._sig_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._wakes_on_signals = False
+        self._stop_wanted = False
+        self._stats_wanted = False
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._waiting: list[_Vm] = []  # VMs that connected while no worker was alive
@@ -185,6 +189,12 @@ class Server:
         self._workers: list[WorkerProc | _InProcess] = []
         self._factory: WorkerFactory | None = None
         self._check_path(options.socket_path)
+        before, self.fd_limit = raise_fd_limit()
+        if before != self.fd_limit:
+            log.info("open-file limit raised from %d to the hard limit %d (RLIMIT_NOFILE; "
+                     "about %d VMs at 4 fds each)", before, self.fd_limit, self.fd_limit // 4)
+        # Lines a peer can trigger again and again: at most a few per peer (pid) per 10 s.
+        self._peer_log = RateLimitedLog(log, lines=5, interval_s=10.0, total_lines=100)
         if options.worker_count == 0:
             self._workers = [_InProcess(served, self.engine, self._on_report)]
             self._listener = self._bind(options)
@@ -224,10 +234,12 @@ class Server:
     @classmethod
     def _bind(cls, options: ServeOptions) -> socket.socket:
         """Listen with the socket's final permissions from the start; a stale socket of
-        an earlier run is replaced atomically."""
+        an earlier run is replaced atomically. The backlog has room for a thousand VMMs
+        connecting at once (the kernel caps it at net.core.somaxconn): a full backlog
+        makes the next VMM's connect() wait."""
         cls._check_path(options.socket_path)
         return listen_unix(options.socket_path, options.socket_permissions,
-                           options.socket_group)
+                           options.socket_group, backlog=1024)
 
     # --- running -------------------------------------------------------------------
 
@@ -239,38 +251,68 @@ class Server:
         log.info("socket mode %04o; serving %s", self.options.socket_permissions,
                  self._access.describe())
         poller = select.poll()
-        for fd in (self._listener.fileno(), self._stop_r, self._sig_r):
+        for fd in (self._stop_r, self._sig_r):
             poller.register(fd, select.POLLIN)
+        acceptor = Acceptor(self._listener, self.fd_limit, lambda: len(self._vms))
         try:
-            while True:
-                ready = {fd for fd, _ in poller.poll()}
+            while not self._stop_wanted:
+                if self._stats_wanted:
+                    self._stats_wanted = False
+                    self.write_stats()
+                acceptor.watch(poller)
+                ready = {fd for fd, _ in poller.poll(acceptor.wait_ms())}
                 if self._stop_r in ready:
                     break
                 if self._sig_r in ready:
-                    # Back in Python, the signal's handler has run (it may have called
-                    # stop()); drain the wakeup bytes and look again.
+                    # Back in Python, the signal's handler has run (it may have set a
+                    # flag, which the top of the loop acts on); drain the wakeup bytes.
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._sig_r, 4096)
                     continue
-                try:
-                    conn, _ = self._listener.accept()
-                except OSError as e:
-                    log.warning("accept failed: %s", e)
-                    time.sleep(0.05)
+                if acceptor.fileno() not in ready or (got := acceptor.accept()) is None:
                     continue
+                conn, spare = got
                 peer = self._admit(conn)
                 if peer is None:
+                    spare.close()
                     continue
                 # The pidfd now, at accept: by the time a bad handshake is judged the
                 # peer may be gone and its PID another process's.
+                spare.take()
                 pidfd = peer_pidfd(conn, peer.pid)
-                t = threading.Thread(target=self._handle, args=(conn, peer, pidfd),
+                t = threading.Thread(target=self._handle, args=(conn, peer, pidfd, spare),
                                      daemon=True, name="pagein-handshake")
                 self._threads = [t for t in self._threads if t.is_alive()]
                 self._threads.append(t)
                 t.start()
         finally:
             self._shutdown()
+
+    # Signal handlers only set these flags: the handler runs between two bytecodes of
+    # the main thread, inside serve_forever, and anything it raised (a stats file that
+    # cannot be written) would unwind serve_forever and freeze every VM.
+
+    def request_stop(self) -> None:
+        """Ask :meth:`serve_forever` to end (all a SIGTERM handler may do: sets a flag)."""
+        self._stop_wanted = True
+
+    def request_stats(self) -> None:
+        """Ask :meth:`serve_forever` to write ``--stats-json`` (for SIGUSR1: sets a flag)."""
+        self._stats_wanted = True
+
+    def write_stats(self) -> bool:
+        """Write the stats document to ``--stats-json`` (if given); False when it failed,
+        which costs one log line and nothing else: serving goes on."""
+        path = self.options.stats_json
+        if path is None:
+            return True
+        try:
+            write_json(path, self.stats_doc())
+        except OSError as e:
+            log.error("cannot write --stats-json %s: %s; serving goes on", path,
+                      e.strerror or e)
+            return False
+        return True
 
     def wake_on_signals(self) -> None:
         """Make every signal wake :meth:`serve_forever` (``signal.set_wakeup_fd``).
@@ -496,22 +538,37 @@ class Server:
         self._refusals.refused(peer)
         return None
 
-    def _handle(self, conn: socket.socket, peer: PeerCred, pidfd: int) -> None:
+    def _handle(self, conn: socket.socket, peer: PeerCred, pidfd: int, spare: Spare) -> None:
+        try:
+            self._take_vm(conn, peer, pidfd, spare)
+        finally:
+            spare.close()
+
+    def _take_vm(self, conn: socket.socket, peer: PeerCred, pidfd: int, spare: Spare) -> None:
+        """Read one VMM's handshake and hand the VM to a worker (or refuse it).
+
+        ``spare`` holds an fd for each of the fds this opens (see
+        :mod:`pagein.serve.accept`); each is freed just before its step.
+        """
+        spare.take()
         try:
             hs = receive_handshake(conn, self.source.size, self.options.handshake_timeout)
         except HandshakeError as e:
             self._bad_handshake(conn, peer, pidfd, e)
             return
         except OSError as e:
-            log.warning("vm pid=%d: handshake failed: %s", peer.pid, e)
+            self._peer_log.log(logging.WARNING, peer.pid, f"vm pid={peer.pid}",
+                               "handshake failed: %s; closing the connection", e)
             conn.close()
             if pidfd >= 0:
                 os.close(pidfd)
             return
+        spare.take()
         try:
             state = VmState.create(hs.regions)
         except (PageinError, OSError) as e:
-            log.error("vm pid=%d: cannot start serving: %s; its guest is frozen", peer.pid, e)
+            self._peer_log.log(logging.ERROR, peer.pid, f"vm pid={peer.pid}",
+                               "cannot start serving: %s; closing the connection", e)
             os.close(hs.uffd_fd)
             conn.close()
             if pidfd >= 0:
@@ -562,12 +619,16 @@ class Server:
                        e: HandshakeError) -> None:
         self.handshake_failures += 1
         action = self.options.on_bad_handshake
+        # A peer may reconnect with bad handshakes forever: its lines are rate-limited
+        # (the values it sent are already cut short by HandshakeError).
+        where = f"vm pid={peer.pid}"
         if action is BadHandshakePolicy.KILL and peer.pid > 1 and peer.pid != os.getpid():
-            log.error("vm pid=%d: %s; killing the VMM (--on-bad-handshake close keeps it "
-                      "alive)", peer.pid, e)
+            self._peer_log.log(logging.ERROR, peer.pid, where, "%s; killing the VMM "
+                               "(--on-bad-handshake close keeps it alive)", e)
             _kill(pidfd, peer.pid)
         else:
-            log.error("vm pid=%d: %s; closing the connection", peer.pid, e)
+            self._peer_log.log(logging.ERROR, peer.pid, where, "%s; closing the connection",
+                               e)
         conn.close()
         if pidfd >= 0:
             os.close(pidfd)

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import socket
-import time
 from collections.abc import Iterable
 from enum import Enum
 
@@ -42,6 +41,7 @@ from pagein.serve.engine import (
 from pagein.serve.firecracker import Region
 from pagein.serve.options import DEFAULT_CHUNK_BYTES
 from pagein.serve.plan import Planner
+from pagein.serve.ratelog import RateLimitedLog
 from pagein.serve.record import Recorder
 from pagein.serve.recovery import journal_events
 from pagein.serve.space import AddressSpace
@@ -58,7 +58,9 @@ log = logging.getLogger("pagein.serve")
 #: handshake): a client may send this line and gets one JSON line of counters back.
 STATS_REQUEST = b'{"pagein": "stats"}\n'
 _MAX_CTL = 4096  # bytes of an unfinished control line kept
-_LOG_EVERY_S = 1.0  # at most one line per second for a peer's repeated nonsense
+# What a VMM can trigger again and again (garbage on its socket, faults outside its
+# regions) is logged at most 5 times per 10 s per VM, 100 for all VMs of this process.
+_PEER_LOG = RateLimitedLog(log, lines=5, interval_s=10.0, total_lines=100)
 
 
 class SessionEnd(Enum):
@@ -112,7 +114,6 @@ class Session:
         self._stop_fd = stop_fd
         self._chunk = chunk_bytes
         self._ctl = pending
-        self._logged_at = 0.0
         self._done_logged = False
         saved = state.load_extents()
         if saved is not None:  # a worker before this one moved them (UNMAP/REMAP)
@@ -167,14 +168,13 @@ class Session:
                 self.end = SessionEnd.FAILED
         finally:
             self._records()
+        _PEER_LOG.flush(self.name)
         c = self.counters.snapshot()
         log.info("%s: session ended (%s): %d faults, %d pages, %d bytes copied, %d zero pages",
                  self.name, self.end.value, c.faults, c.pages, c.bytes_copied, c.zero_pages)
         if self.recorder is not None:
-            try:
-                self.recorder.finish(self.source, self.regions)
-            except (PageinError, OSError) as e:
-                log.error("%s: %s", self.name, e)
+            for error in self.recorder.finish(self.source, self.regions):
+                log.error("%s: %s", self.name, error)  # one line per file not written
         return self.end
 
     def _take_over(self) -> None:
@@ -263,11 +263,9 @@ class Session:
         self._engine.applied()
 
     def _unserved(self, faults: list[Unserved]) -> None:
-        now = time.monotonic()
-        if now - self._logged_at >= _LOG_EVERY_S:
-            self._logged_at = now
-            log.error("%s: %d fault(s) outside every region it registered (first at 0x%x); "
-                      "those threads stay blocked", self.name, len(faults), faults[0][0])
+        _PEER_LOG.log(logging.ERROR, self.name, self.name, "%d fault(s) outside every region "
+                      "it registered (first at 0x%x); those threads stay blocked",
+                      len(faults), faults[0][0])
 
     def _records(self) -> None:
         if self.recorder is None:
@@ -296,20 +294,29 @@ class Session:
         while b"\n" in self._ctl:
             line, _, self._ctl = self._ctl.partition(b"\n")
             if line.strip() == STATS_REQUEST.strip():
-                reply = json.dumps(self.stats_dict()).encode() + b"\n"
-                self.sock.sendall(reply)
+                self._reply(json.dumps(self.stats_dict()).encode() + b"\n")
             else:
                 ignored += len(line) + 1
         if len(self._ctl) > _MAX_CTL:
             ignored += len(self._ctl)
             self._ctl = b""
-        if ignored:
-            now = time.monotonic()
-            if now - self._logged_at >= _LOG_EVERY_S:  # a peer sending garbage forever
-                self._logged_at = now
-                log.warning("%s: ignoring %d unexpected bytes on the socket", self.name,
-                            ignored)
+        if ignored:  # a peer may send garbage forever: rate-limited, never echoed
+            _PEER_LOG.log(logging.WARNING, self.name, self.name,
+                          "ignoring %d unexpected bytes on the socket", ignored)
         return True
+
+    def _reply(self, data: bytes) -> None:
+        """Answer a stats request without ever blocking: a VMM that asks and never reads
+        must not stop its own faults being served. What does not fit is dropped."""
+        if self.sock is None:
+            return
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+            sent = 0
+        if sent < len(data):
+            _PEER_LOG.log(logging.WARNING, self.name, self.name, "dropped %d bytes of a stats "
+                          "reply: the VMM does not read its socket", len(data) - sent)
 
     def stats_dict(self) -> dict[str, object]:
         d = self.counters.snapshot().to_dict()

@@ -241,6 +241,8 @@ class Memfd(OwnedFd):
         try:
             fd = os.memfd_create(name, int(flags))
         except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise  # out of fds or memory: an ordinary OSError, not a missing feature
             need = ("a kernel with CONFIG_HUGETLBFS and 2 MiB pages" if hugetlb
                     else "a kernel with memfd_create (Linux >= 3.17)")
             raise Unavailable(f"memfd_create({name!r}) failed ({e.strerror}): this needs "

@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import select
 import socket
 import threading
 import time
@@ -29,6 +28,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from pagein.errors import PageinError
+from pagein.sys.poll import wait_readable
 from pagein.vmm.machine import Machine
 from pagein.vmm.snapshot import save_snapshot
 
@@ -69,7 +69,7 @@ class ControlServer:
 
     def _serve(self) -> None:
         while True:
-            ready = select.select([self._sock.fileno(), self._stop_r], [], [])[0]
+            ready = wait_readable([self._sock.fileno(), self._stop_r], None)
             if self._stop_r in ready:
                 return
             conn, _ = self._sock.accept()

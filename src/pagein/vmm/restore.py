@@ -38,7 +38,6 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import select
 import shutil
 import socket
 import tempfile
@@ -60,6 +59,7 @@ from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, OnDemand, StrategyN
 from pagein.snapshot.raw import RawFileSource, data_extents
 from pagein.sys.mapping import HUGE_PAGE_SIZE, Mapping, Memfd
 from pagein.sys.pagemap import Pagemap
+from pagein.sys.poll import wait_readable
 from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
 from pagein.vmm.console import Console
 from pagein.vmm.machine import Machine, RunResult
@@ -178,7 +178,7 @@ class RestoredVm:
         sock = self._parts.sock
         assert sock is not None
         while True:
-            ready = select.select([sock.fileno(), self._stop_r], [], [])[0]
+            ready = wait_readable([sock.fileno(), self._stop_r], None)
             if self._stop_r in ready:
                 return
             try:

@@ -52,6 +52,14 @@ mprotect = libc.mprotect
 mprotect.restype = c_int
 mprotect.argtypes = [c_void_p, c_size_t, c_int]
 
+prctl = libc.prctl
+prctl.restype = c_int
+prctl.argtypes = [c_int, c_ulong, c_ulong, c_ulong, c_ulong]
+PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
+# A NUL-terminated copy of bytes, whose address a foreign call may read.
+string_buffer = ctypes.create_string_buffer
+
 # ioctl(fd, request, pointer-or-integer): ctypes releases the GIL around the call.
 ioctl_ptr = libc.ioctl
 ioctl_ptr.restype = c_int

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
+
+from pagein._abi import libc
 
 __all__ = ["set_child_subreaper", "set_name"]
 
-_PR_SET_NAME = 15
-_PR_SET_CHILD_SUBREAPER = 36
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_prctl = _libc.prctl
-_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                   ctypes.c_ulong]
-_prctl.restype = ctypes.c_int
-
 
 def _call(option: int, arg: int) -> None:
-    if _prctl(option, arg, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
+    if libc.prctl(option, arg, 0, 0, 0) != 0:
+        err = libc.get_errno()
         raise OSError(err, os.strerror(err))
 
 
@@ -29,10 +21,10 @@ def set_child_subreaper() -> None:
     A descendant whose parent exits is reparented here instead of to init: this process
     can then ``waitpid`` it, and a pid it reaps itself cannot be reused before it does.
     """
-    _call(_PR_SET_CHILD_SUBREAPER, 1)
+    _call(libc.PR_SET_CHILD_SUBREAPER, 1)
 
 
 def set_name(name: str) -> None:
     """Set this thread's name as ``ps``/``top`` show it (``/proc/PID/comm``; 15 bytes)."""
-    buf = ctypes.create_string_buffer(name.encode()[:15])
-    _call(_PR_SET_NAME, ctypes.addressof(buf))
+    buf = libc.string_buffer(name.encode()[:15])
+    _call(libc.PR_SET_NAME, libc.addressof(buf))

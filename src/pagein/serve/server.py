@@ -45,6 +45,8 @@ from pagein.serve.state import VmState
 from pagein.serve.stats import Counters, prometheus_text
 from pagein.serve.worker import VmServer
 from pagein.sys.fdpass import PeerCred, kill_through, peer_credentials, peer_pidfd
+from pagein.sys.mapping import PAGE_SIZE, hugetlb_pool, hugetlb_pool_hint
+from pagein.sys.pagemap import open_peer_pagemap
 
 __all__ = ["BadHandshakePolicy", "Server"]
 
@@ -77,6 +79,7 @@ class _Vm:
     conn: socket.socket
     state: VmState
     pidfd: int = -1  # the VMM, for signals (PIDs are reused)
+    pagemap_fd: int = -1  # the VMM's /proc/PID/pagemap, for hugetlb VMs (see install.py)
     worker: _WorkerProc | _InProcess | None = None
     engine: str = ""
     restarts: int = 0  # workers that died serving it
@@ -88,9 +91,10 @@ class _Vm:
         os.close(self.uffd_fd)
         self.conn.close()
         self.state.close()
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
+        for fd in (self.pidfd, self.pagemap_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.pidfd = self.pagemap_fd = -1
 
 
 def _kill(pidfd: int, pid: int) -> None:
@@ -524,6 +528,8 @@ class Server:
         vm_id = next(self._ids)
         vm = _Vm(vm_id, peer, f"vm pid={peer.pid}", hs.regions, hs.uffd_fd, conn,
                  state, pidfd)
+        if any(r.page_size != PAGE_SIZE for r in vm.regions):
+            self._check_hugetlb(vm)
         o = self.options
         vm.doc = {"op": "serve", "vm": vm.id, "name": vm.name,
                   "regions": [[r.base_address, r.size_bytes, r.offset, r.page_size]
@@ -555,11 +561,29 @@ class Server:
         if resume:
             log.warning("%s: handed to worker %d (restart %d)", vm.name, w.index, vm.restarts)
         try:
+            fds = [vm.uffd_fd, vm.conn.fileno(), vm.state.fileno()]
             w.send({**vm.doc, "pending": "" if resume else vm.doc["pending"]},
-                   [vm.uffd_fd, vm.conn.fileno(), vm.state.fileno()])
+                   fds + ([vm.pagemap_fd] if vm.pagemap_fd >= 0 else []))
         except OSError as e:
             log.error("%s: cannot hand it to worker %d: %s; its guest is frozen", vm.name,
                       w.index, e)
+
+    def _check_hugetlb(self, vm: _Vm) -> None:
+        """For a VM with huge-page regions: open its pagemap (the engines check a hugetlb
+        EEXIST in it: an empty pool says EEXIST too) and warn now, with the fix, when the
+        pool cannot hold its pages (a VMM maps them MAP_NORESERVE: nothing is reserved,
+        every fill takes a page from the pool)."""
+        vm.pagemap_fd = open_peer_pagemap(vm.peer.pid, vm.pidfd)
+        if vm.pagemap_fd < 0:
+            log.warning("%s: cannot open /proc/%d/pagemap; an empty hugetlb pool will not "
+                        "be told from a racing fill", vm.name, vm.peer.pid)
+        for size in sorted({r.page_size for r in vm.regions} - {PAGE_SIZE}):
+            need = sum(r.size_bytes for r in vm.regions if r.page_size == size) // size
+            pool = hugetlb_pool(size)
+            if pool is not None and pool[0] + pool[1] < need:
+                log.warning("%s: its %d KiB-page regions need %d pages but the pool can give "
+                            "%d: fills will fail once it is empty; %s", vm.name, size // 1024,
+                            need, pool[0] + pool[1], hugetlb_pool_hint(size))
 
     def _bad_handshake(self, conn: socket.socket, peer: PeerCred, pidfd: int,
                        e: HandshakeError) -> None:

@@ -88,7 +88,9 @@ class Session:
     """Serve one VM: its uffd, its regions, its strategy. Run :meth:`run` in a thread.
 
     The session uses the uffd and the VMM socket (None: there is none, e.g. a VMM serving
-    itself) but does not own them: whoever handed them over closes them.
+    itself) but does not own them: whoever handed them over closes them. Nor does it own
+    ``pagemap_fd``, the VMM's ``/proc/PID/pagemap`` (-1: none), which the engines read
+    to check a hugetlb EEXIST (:mod:`pagein.serve.install`).
     """
 
     def __init__(self, *, uffd: Userfaultfd, sock: socket.socket | None,
@@ -96,7 +98,7 @@ class Session:
                  source: PageSource, strategy: Strategy, state: VmState, name: str,
                  stop_fd: int, engine: EngineName = EngineName.NATIVE,
                  recorder: Recorder | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 pending: bytes = b"", resume: bool = False) -> None:
+                 pending: bytes = b"", resume: bool = False, pagemap_fd: int = -1) -> None:
         self.uffd = uffd
         self.sock = sock
         self.space = AddressSpace(tuple(regions))
@@ -114,6 +116,7 @@ class Session:
         self._ctl = pending
         self._logged_at = 0.0
         self._done_logged = False
+        self._pagemap_fd = pagemap_fd
         saved = state.load_extents()
         if saved is not None:  # a worker before this one moved them (UNMAP/REMAP)
             self.space.set_extents(saved)
@@ -132,13 +135,13 @@ class Session:
                 return EngineName.NATIVE, NativeEngine(
                     self.uffd.fileno(), self.regions, st.filled, st.discarded, holes,
                     st.counters, base, overlay, extents, windows, self._chunk, record,
-                    st.journal)
+                    st.journal, self._pagemap_fd)
             log.info("%s: %s has no mapping to copy from; serving with the python engine",
                      self.name, self.source.describe())
         from pagein.serve.install import PythonEngine
         return EngineName.PYTHON, PythonEngine(
             self.uffd, self.regions, st.filled, st.discarded, holes, st.counters, self.source,
-            extents, windows, self._chunk, record, st.journal)
+            extents, windows, self._chunk, record, st.journal, self._pagemap_fd)
 
     @property
     def complete(self) -> bool:

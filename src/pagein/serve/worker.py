@@ -13,6 +13,7 @@ The channel (:mod:`pagein.serve.control`), supervisor to worker::
     {"op": "serve", "vm": 7, "name": "vm 7 pid=1234", "regions": [[base, size, offset,
      page_size], ...], "features": N, "pending": "<hex>", "record": PATH|null,
      "trace": PATH|null}                    + fds [uffd, VMM socket, state memfd]
+                                              (+ the VMM's pagemap, for hugetlb VMs)
     {"op": "stop"}
 
 and back: ``{"op": "ready"}`` (or ``{"op": "failed", "error": ...}``) after init,
@@ -61,7 +62,8 @@ class VmServer:
         self._threads: list[threading.Thread] = []
 
     def start_vm(self, doc: dict[str, object], fds: Sequence[int]) -> None:
-        """Serve one VM (fds: uffd, VMM socket, state memfd, now owned here) in a thread."""
+        """Serve one VM (fds: uffd, VMM socket, state memfd and, for a VM with hugetlb
+        regions, the VMM's ``/proc/PID/pagemap``; all now owned here) in a thread."""
         t = threading.Thread(target=self._serve_vm, args=(doc, fds), daemon=True,
                              name=str(doc.get("name", "vm"))[:64])
         self._threads = [x for x in self._threads if x.is_alive()]
@@ -81,7 +83,8 @@ class VmServer:
         return sum(t.is_alive() for t in self._threads)
 
     def _serve_vm(self, doc: dict[str, object], fds: Sequence[int]) -> None:
-        uffd_fd, conn_fd, state_fd = fds
+        uffd_fd, conn_fd, state_fd = fds[:3]
+        pagemap_fd = fds[3] if len(fds) > 3 else -1
         name = str(doc.get("name", "vm"))
         sock = socket.socket(fileno=conn_fd)
         uffd = Userfaultfd.adopt(uffd_fd, features=Feature(int(str(doc.get("features", 0)))))
@@ -105,7 +108,7 @@ class VmServer:
                               state=state, name=name, stop_fd=self._stop_r, engine=self.engine,
                               recorder=recorder, chunk_bytes=self.served.options.chunk_bytes,
                               pending=bytes.fromhex(str(doc.get("pending", ""))),
-                              resume=state.attach_worker() > 1)
+                              resume=state.attach_worker() > 1, pagemap_fd=pagemap_fd)
             self.send({"op": "started", "vm": doc["vm"],
                        "engine": session.engine_name.value})
             end = session.run().value
@@ -115,8 +118,9 @@ class VmServer:
             for part in (session, uffd, sock, state):
                 if part is not None:
                     part.close()
-            if state_fd >= 0:
-                os.close(state_fd)
+            for fd in (state_fd, pagemap_fd):
+                if fd >= 0:
+                    os.close(fd)
             self.send({"op": "ended", "vm": doc.get("vm"), "end": end})
 
 
@@ -156,7 +160,7 @@ class _Channel:
                 break
             doc, fds = got
             op = doc.get("op")
-            if op == "serve" and len(fds) == 3:
+            if op == "serve" and len(fds) in (3, 4):
                 vms.start_vm(doc, fds)
             elif op == "stop":
                 break

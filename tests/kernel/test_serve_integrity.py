@@ -5,8 +5,11 @@ Every test runs on both fault engines (PAGEIN_ENGINE=python runs it again)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,3 +104,122 @@ def test_empty_hugetlb_pool_fails_the_vm_loudly_instead_of_spinning(
     assert row["pages"] == 0
     assert isinstance(row["faults"], int) and row["faults"] <= 4  # no livelock
     assert isinstance(row["eexist"], int) and row["eexist"] <= 4
+
+
+# --- the memory file changed while served ----------------------------------------------
+
+SIZE = 4 << 20  # 1024 pages, all data
+PAUSE = 64  # pages the client reads before the test changes the file
+
+
+def _paused_client(server: ServerProc, path: str) -> subprocess.Popen[str]:
+    c = client(*touch_args(server, path, [(0, SIZE)], "--threads", "1", "--pause-after",
+                           str(PAUSE)), stdin=subprocess.PIPE)
+    assert c.stdout is not None
+    for line in c.stdout:
+        if line.strip() == "paused":
+            return c
+        assert not line.startswith("mismatch"), line
+    raise AssertionError(f"the client never paused: {c.communicate()[1][-2000:]}")
+
+
+def _resume_until_frozen(c: subprocess.Popen[str]) -> str:
+    """Let the client go on; once it blocks on a fault nobody serves, kill it and return
+    what it printed after the pause."""
+    assert c.stdin is not None and c.stdout is not None
+    c.stdin.write("\n")
+    c.stdin.flush()
+    try:
+        wait_for(lambda: blocked_in_userfault(c.pid) or c.poll() is not None, 20,
+                 "the client to block on a fault the server refuses")
+        assert c.poll() is None, "the client finished: changed data was served"
+    finally:
+        c.kill()
+    out, _ = c.communicate()
+    return out
+
+
+def _changed(data: bytes) -> bytes:
+    return bytes(b ^ 0xFF for b in data)
+
+
+@pytest.mark.parametrize("workers", ["1", "0"])
+def test_a_memory_file_written_while_served_is_refused_never_served(
+        tmp_path: Path, servers: list[ServerProc], workers: str) -> None:
+    path = str(tmp_path / "mem.snap")
+    data = make_snapshot(path, SIZE, hole_every=0)
+    server = start_server(str(tmp_path), path, "--workers", workers)
+    servers.append(server)
+    c = _paused_client(server, path)
+    written = threading.Event()
+
+    def writer() -> None:
+        # The read lease holds this open() until the server has stopped serving the file.
+        with open(path, "r+b") as f:
+            f.write(_changed(data))
+        written.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    wait_for(lambda: "changed while it was served" in server.log(), 20, "the change logged")
+    t.join(30)
+    assert written.is_set(), "the writer is still held by the lease"
+    out = _resume_until_frozen(c)
+    assert "mismatch" not in out, out  # not one byte that differs from the snapshot
+    server.stop()
+    log = server.log()
+    assert f"snapshot memory file {path} changed while it was served (a process opened it " \
+           "for writing): refusing to serve it" in log, log
+    assert "must not be written while VMs are restored from it" in log
+    assert "no read lease" not in log  # the lease was taken: the write was prevented
+    stopped = [ln for ln in log.splitlines() if "serving stopped" in ln]
+    assert len(stopped) == 1 and "changed while it was served" in stopped[0], log
+    assert _vm_row(server)["state"] == "failed"
+
+
+def test_without_a_lease_a_write_is_noticed_and_refused(
+        tmp_path: Path, servers: list[ServerProc]) -> None:
+    path = str(tmp_path / "mem.snap")
+    data = make_snapshot(path, SIZE, hole_every=0)
+    held = os.open(path, os.O_RDWR)  # open for writing: no read lease can be taken
+    try:
+        server = start_server(str(tmp_path), path, "--workers", "1")
+        servers.append(server)
+        c = _paused_client(server, path)
+        os.pwrite(held, _changed(data[:SIZE // 2]), SIZE // 2)
+        # Without a lease nothing holds the writer: each process notices within its next
+        # check (a second). The worker serving the VM is the one that must have.
+        wait_for(lambda: "[worker 0]: snapshot memory file" in server.log(), 20,
+                 "the worker to notice the change")
+        out = _resume_until_frozen(c)
+    finally:
+        os.close(held)
+    assert "mismatch" not in out, out
+    server.stop()
+    log = server.log()
+    assert f"no read lease on {path}: it is open for writing elsewhere" in log, log
+    assert "(it was written (its modification time changed))" in log, log
+    assert _vm_row(server)["state"] == "failed"
+
+
+def test_a_memory_file_truncated_while_served_is_named_as_truncated(
+        tmp_path: Path, servers: list[ServerProc]) -> None:
+    path = str(tmp_path / "mem.snap")
+    make_snapshot(path, SIZE, hole_every=0)
+    held = os.open(path, os.O_RDWR)  # no lease: the fill may run into the cut mapping
+    try:
+        server = start_server(str(tmp_path), path, "--workers", "1")
+        servers.append(server)
+        c = _paused_client(server, path)
+        os.ftruncate(held, PAUSE * 4096)
+        out = _resume_until_frozen(c)  # at once: the next fill may see EFAULT first
+    finally:
+        os.close(held)
+    assert "mismatch" not in out, out
+    server.stop()
+    log = server.log()
+    stopped = [ln for ln in log.splitlines() if "serving stopped" in ln]
+    assert len(stopped) == 1, log
+    assert f"its size went from 0x{SIZE:x} to 0x{PAUSE * 4096:x} bytes (truncated)" in \
+        stopped[0], log
+    assert "Bad address" not in log and "not mapped in the right process" not in log

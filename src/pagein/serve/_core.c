@@ -27,6 +27,8 @@
  *     pool. Every hugetlb EEXIST is checked, not only a repeated one: two vCPUs
  *     alternating between two pages would defeat "the same page again", and the check
  *     is one 8-byte pread next to a 2 MiB copy, on a path a fill that works never takes.
+ *  R7 No fill ioctl is issued once the tripwire byte is set (pagein/serve/guard.py: the
+ *     memory file changed while served): it is read before every one.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -108,6 +110,8 @@ typedef struct {
     vec_t events, unserved, installed, fault_rec, fill_rec;
     uint32_t fault_region; uint64_t fault_page;  /* the page being faulted on */
     int pagemap_fd;                  /* the VMM's /proc/PID/pagemap (R6), or -1 */
+    Py_buffer trip_view;             /* R7: byte 0 turns 1 when the source changed */
+    const volatile uint8_t *trip;
     int err, custom; char msg[320];  /* the failure to raise once the GIL is back */
     /* epoll rather than poll: the registrations persist, so a wait per fault costs one
      * cheap syscall whatever the number of fds (measured: poll on 3 fds cost ~1 us more
@@ -296,6 +300,13 @@ static int install(Core *s, uint32_t ri, uint64_t dst, uint64_t page, uint64_t c
         uint64_t n = count < chunk ? count : chunk;
         int64_t done;
         const char *op;
+        if (s->trip && __atomic_load_n(s->trip, __ATOMIC_ACQUIRE)) {  /* R7 */
+            s->err = ESTALE, s->custom = 1;
+            snprintf(s->msg, sizeof s->msg, "the memory file changed while it was served: "
+                     "not filling 0x%llx length 0x%llx", (unsigned long long)dst,
+                     (unsigned long long)(n * r->ps));
+            return FAIL;
+        }
         int err = one_ioctl(s, r, dst, page, n, zero, dontwake, &done, &op);
         uint64_t k = (uint64_t)done / r->ps;
         if (err == 0 || err == EAGAIN) {
@@ -702,6 +713,8 @@ static void core_release(Core *s) {
     s->dhead = 0;
     if (s->journal_view.buf) PyBuffer_Release(&s->journal_view);
     s->journal_view.buf = NULL;
+    if (s->trip_view.buf) PyBuffer_Release(&s->trip_view);
+    s->trip_view.buf = NULL, s->trip = NULL;
     s->msgs = s->msgs_own;
     if (s->ep_made) close(s->ep);
     s->ep_made = 0;
@@ -711,20 +724,31 @@ static void core_release(Core *s) {
 static int core_init(Core *s, PyObject *args, PyObject *kw) {
     static char *names[] = {"uffd_fd", "regions", "filled", "discarded", "holes", "counters",
                             "base_address", "overlay", "zero_address", "readahead_pages",
-                            "chunk_bytes", "record", "journal", "pagemap_fd", NULL};
+                            "chunk_bytes", "record", "journal", "pagemap_fd", "tripwire",
+                            NULL};
     int fd, record, pagemap_fd = -1;
     PyObject *regions, *filled, *discarded, *holes, *counters, *base, *overlay, *zero,
-        *readahead, *journal = Py_None;
+        *readahead, *journal = Py_None, *tripwire = Py_None;
     long long chunk;
     if (s->regions || s->c || s->busy) {
         PyErr_SetString(PyExc_RuntimeError, "Core.__init__ called twice");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOOOOOOOOOLp|Oi", names, &fd, &regions,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOOOOOOOOOLp|OiO", names, &fd, &regions,
                                      &filled, &discarded, &holes, &counters, &base, &overlay,
                                      &zero, &readahead, &chunk, &record, &journal,
-                                     &pagemap_fd))
+                                     &pagemap_fd, &tripwire))
         return -1;
+    if (tripwire != Py_None) {
+        if (PyObject_GetBuffer(tripwire, &s->trip_view, PyBUF_SIMPLE) < 0) return -1;
+        if (s->trip_view.len < 1) {
+            PyErr_SetString(PyExc_ValueError, "tripwire must be a buffer of at least 1 byte");
+            PyBuffer_Release(&s->trip_view);
+            s->trip_view.buf = NULL;
+            return -1;
+        }
+        s->trip = s->trip_view.buf;
+    }
     s->msgs = s->msgs_own;
     if (journal != Py_None) {
         if (PyObject_GetBuffer(journal, &s->journal_view, PyBUF_WRITABLE) < 0) return -1;

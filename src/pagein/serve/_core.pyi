@@ -52,7 +52,8 @@ class Core:
                  holes: Sequence[Buffer | None], counters: Buffer, base_address: int,
                  overlay: Sequence[tuple[int, int, int]], zero_address: int,
                  readahead_pages: Sequence[int], chunk_bytes: int, record: bool,
-                 journal: Buffer | None = None, pagemap_fd: int = -1) -> None: ...
+                 journal: Buffer | None = None, pagemap_fd: int = -1,
+                 tripwire: Buffer | None = None) -> None: ...
     def set_extents(self, extents: Sequence[tuple[int, int, int, int]]) -> None:
         """Replace the live ranges: ``(address, length, region, rel)``, sorted, disjoint."""
     def run(self, stop_fd: int, sock_fd: int, timeout_ms: int

@@ -26,6 +26,8 @@ bounce buffer). Ordering rules both engines keep:
   (:func:`pagein.sys.mapping.hugetlb_pool_hint`). Every hugetlb EEXIST is checked: it is
   rare (vCPUs racing on a 2 MiB page), the check is one 8-byte ``pread``, and "only when
   the same page comes back" is defeated by two vCPUs alternating between two pages.
+- No fill is issued once the source's tripwire is set (:mod:`pagein.serve.guard`: the
+  memory file changed): the byte is read before every fill ioctl.
 - Background fills use ``DONTWAKE`` and one ``UFFDIO_WAKE`` per contiguous piece they
   installed (:meth:`wake_installed`), never over a gap: a vCPU woken before its page is
   there faults again.
@@ -94,7 +96,8 @@ class PythonEngine:
                  counters: CounterBlock, source: PageSource,
                  extents: Sequence[tuple[int, int, int, int]],
                  readahead_pages: Sequence[int], chunk_bytes: int, record: bool,
-                 journal: memoryview | None = None, pagemap_fd: int = -1) -> None:
+                 journal: memoryview | None = None, pagemap_fd: int = -1,
+                 tripwire: bytearray | None = None) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk size {chunk_bytes} must be positive")
         self.uffd = uffd
@@ -108,6 +111,7 @@ class PythonEngine:
         self.chunk = chunk_bytes
         self.record = record
         self._pagemap_fd = pagemap_fd  # the VMM's /proc/PID/pagemap, or -1; not ours to close
+        self._tripwire = tripwire  # byte 0 turns 1 when the source changed (serve.guard)
         self.space = AddressSpace(self.regions)  # where the regions live: page math there
         self.space.set_extents(list(extents))
         # Messages are read into the VM's journal in shared memory when there is one (see
@@ -480,6 +484,9 @@ class PythonEngine:
         r = self.regions[ri]
         ps = r.page_size
         length = n * ps
+        if self._tripwire is not None and self._tripwire[0]:
+            raise UffdError("UFFDIO_COPY", errno.ESTALE, dst, length,
+                            "the memory file changed while it was served: not filling")
         if zero and ps == 4096:
             return self.uffd.zeropage(dst, length,
                                       ZeropageMode.DONTWAKE if dontwake else ZeropageMode.NONE)

@@ -33,7 +33,7 @@ class NativeEngine:
                  overlay: Sequence[tuple[int, int, int]],
                  extents: Sequence[tuple[int, int, int, int]], readahead_pages: Sequence[int],
                  chunk_bytes: int, record: bool, journal: memoryview | None = None,
-                 pagemap_fd: int = -1) -> None:
+                 pagemap_fd: int = -1, tripwire: bytearray | None = None) -> None:
         # hugetlbfs has no zero page: zeros are copied from memory never written.
         self._zeros = Mapping.anonymous(HUGE_PAGE_SIZE)
         core = None
@@ -43,7 +43,7 @@ class NativeEngine:
                 [b.buffer for b in filled], [b.buffer for b in discarded],
                 [None if h is None else h.buffer for h in holes], counters.words,
                 base_address, list(overlay), self._zeros.address, list(readahead_pages),
-                chunk_bytes, record, journal, pagemap_fd)
+                chunk_bytes, record, journal, pagemap_fd, tripwire)
             core.set_extents(sorted(extents))
         except BaseException:
             if core is not None:

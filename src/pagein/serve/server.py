@@ -217,6 +217,7 @@ class Server:
         self.engine, why = choose(options.engine)
         if why is not None:
             log.warning("engine: python (%s)", why)
+        served.guard.start()  # --workers 0 serves from it; workers hold their own leases
         self._lock = threading.Lock()
         self._vms: dict[int, _Vm] = {}
         self._ids = itertools.count(1)

@@ -40,6 +40,7 @@ from pagein.serve.engine import (
     decode_records,
 )
 from pagein.serve.firecracker import Region
+from pagein.serve.guard import SourceGuard, changed_message
 from pagein.serve.options import DEFAULT_CHUNK_BYTES
 from pagein.serve.plan import Planner
 from pagein.serve.record import Recorder
@@ -98,7 +99,8 @@ class Session:
                  source: PageSource, strategy: Strategy, state: VmState, name: str,
                  stop_fd: int, engine: EngineName = EngineName.NATIVE,
                  recorder: Recorder | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 pending: bytes = b"", resume: bool = False, pagemap_fd: int = -1) -> None:
+                 pending: bytes = b"", resume: bool = False, pagemap_fd: int = -1,
+                 guard: SourceGuard | None = None) -> None:
         self.uffd = uffd
         self.sock = sock
         self.space = AddressSpace(tuple(regions))
@@ -117,12 +119,15 @@ class Session:
         self._logged_at = 0.0
         self._done_logged = False
         self._pagemap_fd = pagemap_fd
+        self.guard = guard
+        tripwire = None if guard is None else guard.tripwire
         saved = state.load_extents()
         if saved is not None:  # a worker before this one moved them (UNMAP/REMAP)
             self.space.set_extents(saved)
-        self.engine_name, self._engine = self._open_engine(engine)
+        self.engine_name, self._engine = self._open_engine(engine, tripwire)
 
-    def _open_engine(self, wanted: EngineName) -> tuple[EngineName, Engine]:
+    def _open_engine(self, wanted: EngineName,
+                     tripwire: bytearray | None) -> tuple[EngineName, Engine]:
         holes = holes_of(self.source, self.regions)
         windows = [self.strategy.window_pages(r) for r in self.regions]
         st = self.state
@@ -135,13 +140,13 @@ class Session:
                 return EngineName.NATIVE, NativeEngine(
                     self.uffd.fileno(), self.regions, st.filled, st.discarded, holes,
                     st.counters, base, overlay, extents, windows, self._chunk, record,
-                    st.journal, self._pagemap_fd)
+                    st.journal, self._pagemap_fd, tripwire)
             log.info("%s: %s has no mapping to copy from; serving with the python engine",
                      self.name, self.source.describe())
         from pagein.serve.install import PythonEngine
         return EngineName.PYTHON, PythonEngine(
             self.uffd, self.regions, st.filled, st.discarded, holes, st.counters, self.source,
-            extents, windows, self._chunk, record, st.journal, self._pagemap_fd)
+            extents, windows, self._chunk, record, st.journal, self._pagemap_fd, tripwire)
 
     @property
     def complete(self) -> bool:
@@ -155,6 +160,8 @@ class Session:
         try:
             if self.recorder is not None:
                 self.recorder.start()
+            if self.guard is not None and self.guard.check() is not None:
+                raise UffdError("UFFDIO_COPY", errno.ESTALE, 0, 0, "not serving")
             if self.resume:
                 self._take_over()
             self._blocking()
@@ -162,8 +169,15 @@ class Session:
                               self.source, self.counters, self._chunk)
             self.end = self._loop(planner)
         except (PageinError, OSError) as e:
+            changed = None if self.guard is None else self.guard.check()
             if isinstance(e, UffdError) and e.errno == errno.ESRCH:
                 self.end = SessionEnd.PEER_EXITED  # the VMM's address space is gone
+            elif changed is not None:
+                # Whatever the fill said (ESTALE from the tripwire, EFAULT from a truncated
+                # mapping), the cause is the file: say that.
+                log.error("%s: serving stopped: %s; its guest is frozen on missing pages",
+                          self.name, changed_message(self.source.describe(), changed))
+                self.end = SessionEnd.FAILED
             else:
                 log.error("%s: serving stopped: %s; its guest is frozen on missing pages",
                           self.name, e)

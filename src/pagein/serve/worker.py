@@ -108,7 +108,8 @@ class VmServer:
                               state=state, name=name, stop_fd=self._stop_r, engine=self.engine,
                               recorder=recorder, chunk_bytes=self.served.options.chunk_bytes,
                               pending=bytes.fromhex(str(doc.get("pending", ""))),
-                              resume=state.attach_worker() > 1, pagemap_fd=pagemap_fd)
+                              resume=state.attach_worker() > 1, pagemap_fd=pagemap_fd,
+                              guard=self.served.guard)
             self.send({"op": "started", "vm": doc["vm"],
                        "engine": session.engine_name.value})
             end = session.run().value
@@ -193,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         send_msg(ctl, {"op": "failed", "error": str(e)})
         return 1
     try:
+        served.guard.start()  # this worker's own lease on the memory file
         channel = _Channel(ctl)
         engine, _ = choose(EngineName(str(doc.get("engine", "native"))))  # imports it now
         vms = VmServer(served, engine, channel.report)

@@ -230,7 +230,7 @@ def cmd_touch(args: argparse.Namespace) -> int:
 def cmd_raw(args: argparse.Namespace) -> int:
     """Send ``--payload`` (with a uffd unless --no-fd) and report how the server reacted."""
     uffd = Userfaultfd.open(Feature.NONE if args.no_remove else Feature.EVENT_REMOVE,
-                            nonblocking=True)
+                            nonblocking=not args.blocking)
     m = Mapping.anonymous(1 << 20)
     uffd.register(m.address, m.length, RegisterMode.MISSING)
     payload = args.payload.replace("BASE", str(m.address)).encode()
@@ -244,7 +244,8 @@ def cmd_raw(args: argparse.Namespace) -> int:
         r, _w = os.pipe()
         send_with_fds(sock, payload, [r])
     else:
-        send_with_fds(sock, payload, [uffd.fileno()])
+        extra = [os.pipe()[0] for _ in range(args.extra_fds)]
+        send_with_fds(sock, payload, [uffd.fileno(), *extra])
     sys.stdout.write("sent\n")
     sys.stdout.flush()
     data = sock.recv(1)  # blocks until the server closes (or kills us)
@@ -280,6 +281,9 @@ def main() -> int:
     r.add_argument("--pipe-fd", action="store_true", help="send a pipe instead of a uffd")
     r.add_argument("--no-remove", action="store_true",
                    help="a uffd without UFFD_FEATURE_EVENT_REMOVE")
+    r.add_argument("--blocking", action="store_true", help="a uffd without O_NONBLOCK")
+    r.add_argument("--extra-fds", type=int, default=0,
+                   help="send this many pipe fds after the uffd in the same message")
     r.set_defaults(fn=cmd_raw)
     args = p.parse_args()
     rc: int = args.fn(args)

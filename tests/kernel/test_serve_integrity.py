@@ -4,7 +4,6 @@ Every test runs on both fault engines (PAGEIN_ENGINE=python runs it again)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from serve_harness import (
     ServerProc,
     blocked_in_userfault,
     client,
+    empty_hugetlb_pool,
     make_snapshot,
     start_server,
     touch_args,
@@ -29,36 +29,6 @@ from serve_harness import (
 pytestmark = pytest.mark.kernel
 
 HUGE = 2 << 20
-_POOL = "/sys/kernel/mm/hugepages/hugepages-2048kB"
-
-
-def _read(name: str) -> int:
-    with open(f"{_POOL}/{name}") as f:
-        return int(f.read())
-
-
-def _write(name: str, value: int) -> None:
-    with open(f"{_POOL}/{name}", "w") as f:
-        f.write(str(value))
-
-
-@contextlib.contextmanager
-def _empty_hugetlb_pool() -> Iterator[None]:
-    """Leave no free 2 MiB page and no overcommit for the block; restore both after.
-
-    The pool keeps the pages others use (nr_hugepages = total - free), so a test that
-    holds pages elsewhere keeps them."""
-    total, over = _read("nr_hugepages"), _read("nr_overcommit_hugepages")
-    try:
-        _write("nr_overcommit_hugepages", 0)
-        _write("nr_hugepages", total - _read("free_hugepages"))
-        assert _read("free_hugepages") == 0
-        yield
-    finally:
-        _write("nr_hugepages", total)
-        _write("nr_overcommit_hugepages", over)
-
-
 @pytest.fixture
 def servers() -> Iterator[list[ServerProc]]:
     started: list[ServerProc] = []
@@ -82,7 +52,7 @@ def test_empty_hugetlb_pool_fails_the_vm_loudly_instead_of_spinning(
     make_snapshot(path, 4 * HUGE, hole_every=0)
     server = start_server(str(tmp_path), path, "--workers", workers)
     servers.append(server)
-    with _empty_hugetlb_pool():
+    with empty_hugetlb_pool():
         c = client(*touch_args(server, path, [(0, 4 * HUGE)], "--hugetlb", "--threads", "2"))
         try:
             wait_for(lambda: "has no page there" in server.log(), 20, "the pool error in the log")

@@ -38,6 +38,7 @@ from pagein.errors import HandshakeError, PageinError
 from pagein.serve.control import ControlError, recv_msg, send_msg
 from pagein.serve.engine import EngineName, choose
 from pagein.serve.firecracker import Region, receive_handshake
+from pagein.serve.handler import exit_status
 from pagein.serve.options import BadHandshakePolicy, ServeOptions, VmFailurePolicy
 from pagein.serve.record import OutputNames
 from pagein.serve.served import Served
@@ -159,8 +160,8 @@ class _WorkerProc:
             raise PageinError(f"serving worker {self.index} failed to start: {e}") from e
         if got is None:
             code = self.proc.wait()
-            raise PageinError(f"serving worker {self.index} exited with status {code} "
-                              "while starting")
+            raise PageinError(f"serving worker {self.index} exited with "
+                              f"{exit_status(code)} while starting")
         doc, _ = got
         if doc.get("op") != "ready":
             raise PageinError(f"serving worker {self.index} cannot serve: "

@@ -39,7 +39,7 @@ from pagein.serve.engine import (
     Unserved,
     decode_records,
 )
-from pagein.serve.firecracker import Region
+from pagein.serve.firecracker import Region, uffd_pollerr_reason
 from pagein.serve.guard import SourceGuard, changed_message
 from pagein.serve.options import DEFAULT_CHUNK_BYTES
 from pagein.serve.plan import Planner
@@ -235,7 +235,7 @@ class Session:
                 return SessionEnd.PEER_EXITED
             if reason == Reason.POLLERR:
                 raise UffdError("poll(uffd)", errno.EBADF, 0, 0,
-                                "the VMM never completed UFFDIO_API on this uffd")
+                                uffd_pollerr_reason(self.uffd.fileno()))
             # One bounded chunk per turn even when faults were served: with a vCPU that
             # faults all the time, background work would otherwise starve, and it fills
             # a page ~10x cheaper than a fault does. A fault waits behind one chunk at most.

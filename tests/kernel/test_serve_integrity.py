@@ -193,3 +193,33 @@ def test_a_memory_file_truncated_while_served_is_named_as_truncated(
     assert f"its size went from 0x{SIZE:x} to 0x{PAUSE * 4096:x} bytes (truncated)" in \
         stopped[0], log
     assert "Bad address" not in log and "not mapped in the right process" not in log
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+def test_a_worker_started_after_the_file_was_replaced_refuses_the_new_file(
+        tmp_path: Path, servers: list[ServerProc]) -> None:
+    path = str(tmp_path / "mem.snap")
+    data = make_snapshot(path, SIZE, hole_every=0)
+    server = start_server(str(tmp_path), path, "--workers", "1")
+    servers.append(server)
+    c = _paused_client(server, path)
+    other = str(tmp_path / "other.snap")
+    with open(other, "wb") as f:
+        f.write(_changed(data))
+    os.replace(other, path)  # harmless to the running worker: it keeps the file it opened
+    (worker,) = _children(server.proc.pid)
+    os.kill(worker, signal.SIGKILL)  # its successor opens the path: the other file
+    wait_for(lambda: "handed to worker" in server.log(), 30, "the VM handed to a new worker")
+    out = _resume_until_frozen(c)
+    assert "mismatch" not in out, out
+    server.stop()
+    log = server.log()
+    assert "it is another file than the one pagein serve opened (replaced since)" in log, log
+    assert _vm_row(server)["state"] == "failed"

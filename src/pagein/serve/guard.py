@@ -29,6 +29,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from types import FrameType
 
 from pagein.snapshot.raw import RawFileSource
@@ -85,6 +86,17 @@ class SourceGuard:
         self._source = source if isinstance(source, RawFileSource) else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def identity(self) -> list[int] | None:
+        """The watched file's identity at open (None: not a raw memory file)."""
+        return None if self._source is None else list(self._source.identity)
+
+    def expect(self, identity: Sequence[int] | None) -> None:
+        """Hold the file to the identity another process saw (the supervisor's, for a
+        worker that opens the path later): a file replaced in between is refused."""
+        if identity is not None and self._source is not None:
+            self._source.expect(identity)
 
     def start(self) -> None:
         """Take the lease (when the SIGIO handler can be installed) and start watching."""

@@ -134,7 +134,8 @@ def _row(vm: _Vm, state: str) -> _Row:
 class _WorkerProc:
     """One serving worker process and our end of its control channel."""
 
-    def __init__(self, index: int, options: ServeOptions, engine: EngineName) -> None:
+    def __init__(self, index: int, options: ServeOptions, engine: EngineName,
+                 identity: list[int] | None = None) -> None:
         self.index = index
         self.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.vms: set[int] = set()
@@ -146,7 +147,7 @@ class _WorkerProc:
         finally:
             theirs.close()
         send_msg(self.ctl, {"op": "init", "options": options.to_json(),
-                            "engine": engine.value, "index": index,
+                            "engine": engine.value, "index": index, "identity": identity,
                             "log_level": logging.getLogger("pagein").getEffectiveLevel()})
 
     def wait_ready(self, timeout: float) -> None:
@@ -219,6 +220,7 @@ class Server:
         if why is not None:
             log.warning("engine: python (%s)", why)
         served.guard.start()  # --workers 0 serves from it; workers hold their own leases
+        self._guard = served.guard
         self._lock = threading.Lock()
         self._vms: dict[int, _Vm] = {}
         self._ids = itertools.count(1)
@@ -242,7 +244,8 @@ class Server:
             return
         # Listen only once every worker is ready: a VMM connects as soon as the socket
         # exists, and its first fault would otherwise wait for the workers to start.
-        starting = [_WorkerProc(i, options, self.engine) for i in range(options.worker_count)]
+        starting = [_WorkerProc(i, options, self.engine, served.guard.identity)
+                    for i in range(options.worker_count)]
         try:
             for w in starting:  # all start at once; wait for each
                 w.wait_ready(_WORKER_START_S)
@@ -398,7 +401,7 @@ class Server:
         for attempt in range(_SPAWN_TRIES):
             if self._stopping:
                 return None
-            w = _WorkerProc(index, self.options, self.engine)
+            w = _WorkerProc(index, self.options, self.engine, self._guard.identity)
             try:
                 w.wait_ready(_WORKER_START_S)
                 break

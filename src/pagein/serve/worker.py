@@ -194,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         send_msg(ctl, {"op": "failed", "error": str(e)})
         return 1
     try:
+        # The file this worker opened must be the one the supervisor checked handshakes
+        # against (a worker started later could open a file renamed over it).
+        identity = doc.get("identity")
+        served.guard.expect(identity if isinstance(identity, list) else None)
         served.guard.start()  # this worker's own lease on the memory file
         channel = _Channel(ctl)
         engine, _ = choose(EngineName(str(doc.get("engine", "native"))))  # imports it now

@@ -31,6 +31,7 @@ import fcntl
 import os
 import stat
 import threading
+from collections.abc import Sequence
 
 from pagein._abi.mman import Prot
 from pagein.errors import MappingError, SnapshotFormatError, SourceError
@@ -222,6 +223,19 @@ class RawFileSource(PageSource):
     def leased(self) -> bool:
         return self._leased
 
+    @property
+    def identity(self) -> tuple[int, int, int, int, int]:
+        """``(st_dev, st_ino, size, mtime_ns, ctime_ns)`` of the file when it was opened."""
+        return self._identity
+
+    def expect(self, identity: Sequence[int]) -> None:
+        """Compare with ``identity`` (another process's :attr:`identity` of this path)
+        from now on: a file replaced or changed since that process opened it is then
+        reported by :meth:`changed` as well."""
+        dev, ino, size, mtime, ctime = (int(x) for x in identity)
+        with self._lock:
+            self._identity = (dev, ino, size, mtime, ctime)
+
     def changed(self) -> str | None:
         """Say how the file changed since it was opened, or None while it has not.
 
@@ -240,6 +254,8 @@ class RawFileSource(PageSource):
         now = _identity(os.fstat(self._fd))
         if now == self._identity:
             return None
+        if now[:2] != self._identity[:2]:
+            return "it is another file than the one pagein serve opened (replaced since)"
         size, mtime = self._identity[2], self._identity[3]
         if now[2] != size:
             return (f"its size went from 0x{size:x} to 0x{now[2]:x} bytes"

@@ -8,8 +8,11 @@ worker: each opens its own source) runs one guard over its source:
   ``open()`` waits and this process gets ``SIGIO``. The handler only sets a flag; the
   guard's thread, which looks at that flag every 0.1 s, asks the source what happened
   (``F_GETLEASE``), and
-- every second, lease or not, it compares the open file's identity (size, mtime, ctime)
-  with the one at open — the only check where no lease can be had.
+- every second, lease or not, and before each VM is served, it compares the open
+  file's identity (``st_dev, st_ino``, size, mtime, ctime) with the one at open — the
+  only check where no lease can be had. A worker compares with the identity the
+  supervisor saw (:meth:`expect`): a worker started after the file was renamed over
+  would otherwise serve the new file to VMs restored from the old one.
 
 On a change it sets the **tripwire**, one byte both fault engines read before every
 fill ioctl: from then on no fill is issued, so every session on that source fails at its

@@ -29,10 +29,20 @@ from serve_harness import (
 pytestmark = pytest.mark.kernel
 
 HUGE = 2 << 20
+_clients: list[subprocess.Popen[str]] = []
+
+
 @pytest.fixture
 def servers() -> Iterator[list[ServerProc]]:
+    """Servers to stop after the test, and every client it started killed (a failed
+    assertion must not leave one blocked on a fault forever)."""
     started: list[ServerProc] = []
     yield started
+    for c in _clients:
+        if c.poll() is None:
+            c.kill()
+            c.communicate()
+    _clients.clear()
     for s in started:
         s.stop()
 
@@ -54,6 +64,7 @@ def test_empty_hugetlb_pool_fails_the_vm_loudly_instead_of_spinning(
     servers.append(server)
     with empty_hugetlb_pool():
         c = client(*touch_args(server, path, [(0, 4 * HUGE)], "--hugetlb", "--threads", "2"))
+        _clients.append(c)
         try:
             wait_for(lambda: "has no page there" in server.log(), 20, "the pool error in the log")
             # Served no more: the vCPUs sleep on their faults, nobody wakes them to spin.
@@ -85,6 +96,7 @@ PAUSE = 64  # pages the client reads before the test changes the file
 def _paused_client(server: ServerProc, path: str) -> subprocess.Popen[str]:
     c = client(*touch_args(server, path, [(0, SIZE)], "--threads", "1", "--pause-after",
                            str(PAUSE)), stdin=subprocess.PIPE)
+    _clients.append(c)
     assert c.stdout is not None
     for line in c.stdout:
         if line.strip() == "paused":

@@ -587,8 +587,8 @@ class Server:
             pool = hugetlb_pool(size)
             if pool is not None and pool[0] + pool[1] < need:
                 log.warning("%s: its %d KiB-page regions need %d pages but the pool can give "
-                            "%d: fills will fail once it is empty; %s", vm.name, size // 1024,
-                            need, pool[0] + pool[1], hugetlb_pool_hint(size))
+                            "%d now: fills past that fail unless the pool grows; %s", vm.name,
+                            size // 1024, need, pool[0] + pool[1], hugetlb_pool_hint(size))
 
     def _bad_handshake(self, conn: socket.socket, peer: PeerCred, pidfd: int,
                        e: HandshakeError) -> None:

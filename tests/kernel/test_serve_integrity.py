@@ -5,9 +5,11 @@ Every test runs on both fault engines (PAGEIN_ENGINE=python runs it again)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,3 +237,58 @@ def test_a_worker_started_after_the_file_was_replaced_refuses_the_new_file(
     log = server.log()
     assert "it is another file than the one pagein serve opened (replaced since)" in log, log
     assert _vm_row(server)["state"] == "failed"
+
+
+def test_a_read_lease_holds_an_unprivileged_writer_until_it_is_given_back() -> None:
+    """The mechanism under the guard: an unprivileged writer's open() waits while the
+    lease is held, the holder gets SIGIO and sees the break; giving it back lets the
+    writer go on."""
+    from pagein.snapshot.raw import RawFileSource
+
+    d = tempfile.mkdtemp(prefix="pagein-lease-", dir="/tmp")
+    os.chmod(d, 0o755)  # nobody must reach the file
+    path = os.path.join(d, "mem.snap")
+    with open(path, "wb") as f:
+        f.write(b"\x01" * 8192)
+    os.chmod(path, 0o666)
+    signals: list[int] = []
+    old = signal.signal(signal.SIGIO, lambda signum, frame: signals.append(signum))
+    src = RawFileSource(path)
+    r, w = os.pipe()
+    try:
+        assert src.take_lease() is None and src.leased
+        assert src.changed() is None
+        pid = os.fork()
+        if pid == 0:  # the writer: nobody, opening the snapshot to change it
+            try:
+                os.close(r)
+                os.setgid(65534)
+                os.setuid(65534)
+                fd = os.open(path, os.O_WRONLY)
+                os.write(w, b"opened")
+                os.pwrite(fd, b"\x02" * 4096, 0)
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        os.close(w)
+        w = -1
+        wait_for(lambda: src.changed() is not None, 20, "the lease break")
+        assert src.changed() == "a process opened it for writing"
+        assert signals == [signal.SIGIO]
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 16)  # the writer still waits in open(): nothing changed yet
+        with open(path, "rb") as f:
+            assert f.read() == b"\x01" * 8192
+        src.release_lease()
+        os.set_blocking(r, True)
+        assert os.read(r, 16) == b"opened"
+        assert os.waitpid(pid, 0)[1] == 0
+        assert src.changed() == "a process opened it for writing"  # for good
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)
+        src.close()
+        signal.signal(signal.SIGIO, old)
+        shutil.rmtree(d)

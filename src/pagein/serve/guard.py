@@ -116,6 +116,12 @@ class SourceGuard:
                                         name="pagein-source-guard")
         self._thread.start()
 
+    def message(self) -> str | None:
+        """The sentence for a session that stopped because the file changed, or None."""
+        if self.reason is None or self._source is None:
+            return None
+        return changed_message(self._source.path, self.reason)
+
     def check(self) -> str | None:
         """Look now (before a session starts serving); trip and return the reason if the
         source changed."""

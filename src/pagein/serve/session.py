@@ -40,7 +40,7 @@ from pagein.serve.engine import (
     decode_records,
 )
 from pagein.serve.firecracker import Region, uffd_pollerr_reason
-from pagein.serve.guard import SourceGuard, changed_message
+from pagein.serve.guard import SourceGuard
 from pagein.serve.options import DEFAULT_CHUNK_BYTES
 from pagein.serve.plan import Planner
 from pagein.serve.record import Recorder
@@ -169,14 +169,16 @@ class Session:
                               self.source, self.counters, self._chunk)
             self.end = self._loop(planner)
         except (PageinError, OSError) as e:
-            changed = None if self.guard is None else self.guard.check()
+            changed = None
+            if self.guard is not None and self.guard.check() is not None:
+                changed = self.guard.message()
             if isinstance(e, UffdError) and e.errno == errno.ESRCH:
                 self.end = SessionEnd.PEER_EXITED  # the VMM's address space is gone
             elif changed is not None:
                 # Whatever the fill said (ESTALE from the tripwire, EFAULT from a truncated
                 # mapping), the cause is the file: say that.
                 log.error("%s: serving stopped: %s; its guest is frozen on missing pages",
-                          self.name, changed_message(self.source.describe(), changed))
+                          self.name, changed)
                 self.end = SessionEnd.FAILED
             else:
                 log.error("%s: serving stopped: %s; its guest is frozen on missing pages",

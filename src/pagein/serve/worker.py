@@ -9,7 +9,8 @@ core, and a worker that dies takes no other worker's VMs with it.
 
 The channel (:mod:`pagein.serve.control`), supervisor to worker::
 
-    {"op": "init", "options": {...}, "engine": "native", "log_level": 20, "index": 0}
+    {"op": "init", "options": {...}, "engine": "native", "log_level": 20, "index": 0,
+     "identity": [st_dev, st_ino, size, mtime_ns, ctime_ns] | null}   (the memory file's)
     {"op": "serve", "vm": 7, "name": "vm 7 pid=1234", "regions": [[base, size, offset,
      page_size], ...], "features": N, "pending": "<hex>", "record": PATH|null,
      "trace": PATH|null}                    + fds [uffd, VMM socket, state memfd]

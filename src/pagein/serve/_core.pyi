@@ -42,6 +42,12 @@ RECORD_SIZE: int  # bytes per fault or fill record (24)
 class Core:
     """One VM's fault-serving core. One thread uses it at a time.
 
+    ``pagemap_fd`` (the VMM's ``/proc/PID/pagemap``, or -1) is read to check every
+    EEXIST on a 2 MiB page: an empty hugetlb pool says EEXIST too, and a page not
+    present then fails the call with ENOMEM and the pool hint. ``tripwire``: when its
+    first byte is non-zero no fill ioctl is issued (ESTALE: the memory file changed).
+    Both stay the caller's and must outlive the core.
+
     Safety: every address handed in (``base_address``, overlay addresses,
     ``zero_address``) is read by the kernel as the source of fills into the VMM's
     memory; they must stay mapped and readable until :meth:`close`.

@@ -1,8 +1,9 @@
 """Never serve a memory file that changed while it was served: :class:`SourceGuard`.
 
 A raw memory file written while VMs are restored from it would put bytes into their
-guests that no snapshot ever held. Each process that serves (the supervisor, every
-worker: each opens its own source) runs one guard over its source:
+guests that no snapshot ever held. Each process that serves runs one guard over the
+source it opened itself (every worker; the supervisor only with ``--workers 0``, since
+otherwise it serves nothing):
 
 - it takes a read lease on the file (:meth:`RawFileSource.take_lease`), so a writer's
   ``open()`` waits and this process gets ``SIGIO``. The handler only sets a flag; the

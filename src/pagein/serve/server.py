@@ -219,8 +219,12 @@ class Server:
         self.engine, why = choose(options.engine)
         if why is not None:
             log.warning("engine: python (%s)", why)
-        served.guard.start()  # --workers 0 serves from it; workers hold their own leases
         self._guard = served.guard
+        if options.worker_count == 0:
+            # Serving from this process: watch its file. Workers watch their own (and
+            # hold it to this file's identity), so a supervisor that serves nothing
+            # holds no lease and logs nothing twice.
+            served.guard.start()
         self._lock = threading.Lock()
         self._vms: dict[int, _Vm] = {}
         self._ids = itertools.count(1)

@@ -46,7 +46,7 @@ from pagein.serve.state import VmState
 from pagein.serve.stats import Counters, prometheus_text
 from pagein.serve.worker import VmServer
 from pagein.sys.fdpass import PeerCred, kill_through, peer_credentials, peer_pidfd
-from pagein.sys.mapping import PAGE_SIZE, hugetlb_pool, hugetlb_pool_hint
+from pagein.sys.mapping import PAGE_SIZE, hugetlb_pool, hugetlb_raise_hint
 from pagein.sys.pagemap import open_peer_pagemap
 
 __all__ = ["BadHandshakePolicy", "Server"]
@@ -592,7 +592,7 @@ class Server:
             if pool is not None and pool[0] + pool[1] < need:
                 log.warning("%s: its %d KiB-page regions need %d pages but the pool can give "
                             "%d now: fills past that fail unless the pool grows; %s", vm.name,
-                            size // 1024, need, pool[0] + pool[1], hugetlb_pool_hint(size))
+                            size // 1024, need, pool[0] + pool[1], hugetlb_raise_hint(size))
 
     def _bad_handshake(self, conn: socket.socket, peer: PeerCred, pidfd: int,
                        e: HandshakeError) -> None:

@@ -23,7 +23,7 @@ from pagein.errors import MappingError, Unavailable
 from pagein.sys._fd import OwnedFd
 
 __all__ = ["HUGE_PAGE_SIZE", "PAGE_SIZE", "Advice", "Mapping", "Memfd", "hugetlb_free_pages",
-           "hugetlb_pool", "hugetlb_pool_hint"]
+           "hugetlb_pool", "hugetlb_pool_hint", "hugetlb_raise_hint"]
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 HUGE_PAGE_SIZE = 2 * 1024 * 1024
@@ -289,8 +289,14 @@ def hugetlb_pool(page_size: int = HUGE_PAGE_SIZE) -> tuple[int, int] | None:
     return values["free_hugepages"], may_add
 
 
+def hugetlb_raise_hint(page_size: int = HUGE_PAGE_SIZE) -> str:
+    """How to give the hugetlb pool of ``page_size`` more pages."""
+    kib = page_size // 1024
+    return (f"raise vm.nr_hugepages (or /sys/kernel/mm/hugepages/hugepages-{kib}kB/"
+            "nr_hugepages)")
+
+
 def hugetlb_pool_hint(page_size: int = HUGE_PAGE_SIZE) -> str:
     """The advice for a hugetlb fill that found no free page of ``page_size``."""
-    kib = page_size // 1024
-    return (f"the hugetlb pool has no free {kib} KiB page; raise vm.nr_hugepages (or "
-            f"/sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages)")
+    return (f"the hugetlb pool has no free {page_size // 1024} KiB page; "
+            f"{hugetlb_raise_hint(page_size)}")

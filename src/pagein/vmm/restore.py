@@ -59,7 +59,14 @@ from pagein.serve.session import Session
 from pagein.serve.state import VmState
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, OnDemand, StrategyName
 from pagein.snapshot.raw import RawFileSource, data_extents
-from pagein.sys.mapping import HUGE_PAGE_SIZE, Mapping, Memfd, hugetlb_pool, hugetlb_pool_hint
+from pagein.sys.mapping import (
+    HUGE_PAGE_SIZE,
+    Mapping,
+    Memfd,
+    hugetlb_pool,
+    hugetlb_pool_hint,
+    hugetlb_raise_hint,
+)
 from pagein.sys.pagemap import Pagemap
 from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
 from pagein.vmm.console import Console
@@ -334,7 +341,7 @@ def _check_pool(snap: Snapshot) -> None:
     if pool is not None and pool[0] + pool[1] < need:
         raise Unavailable(f"restoring snapshot {snap.directory} by copy needs {need} free "
                           f"2048 KiB pages, the pool can give {pool[0] + pool[1]}: "
-                          f"{hugetlb_pool_hint(HUGE_PAGE_SIZE)}")
+                          f"{hugetlb_raise_hint(HUGE_PAGE_SIZE)}")
 
 
 def _copy_in(snap: Snapshot, regions: list[Region]) -> None:

@@ -206,6 +206,9 @@ def remap_then_unmap(checker: Checker) -> None:
 
 def cmd_touch(args: argparse.Namespace) -> int:
     guest = start_guest(args)
+    if args.blocking_after_handshake:  # the shared open file: the server's copy blocks too
+        sys.stdin.readline()  # once the server has taken the handshake
+        guest.uffd.set_nonblocking(False)
     checker = Checker(guest, args.progress)
     checker.pause_after = args.pause_after
     if args.remap:
@@ -268,6 +271,8 @@ def main() -> int:
     t.add_argument("--pre-balloon", help="OFF:LEN in region 0 to drop before touching")
     t.add_argument("--balloon-rounds", type=int, default=0)
     t.add_argument("--hold", action="store_true")
+    t.add_argument("--blocking-after-handshake", action="store_true",
+                   help="after a line on stdin, clear O_NONBLOCK on the uffd (sent already)")
     t.add_argument("--remap", action="store_true",
                    help="also negotiate EVENT_REMAP/UNMAP; mremap and munmap region 0")
     t.add_argument("--pause-after", type=int, default=0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,16 @@ from pagein.errors import HandlerError
 from pagein.serve.handler import HandlerProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from serve_harness import ServerProc, client, finish, make_snapshot, start_server
+from serve_harness import (
+    ServerProc,
+    blocked_in_userfault,
+    client,
+    finish,
+    make_snapshot,
+    start_server,
+    touch_args,
+    wait_for,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -46,6 +56,28 @@ def test_a_blocking_uffd_is_named_as_blocking(server: ServerProc) -> None:
     line = _refusal(server, "--blocking")
     assert "the userfaultfd is blocking: the VMM must create it with O_NONBLOCK" in line
     assert "never called UFFDIO_API" not in line
+
+
+def test_a_uffd_made_blocking_after_the_handshake_is_named(tmp_path: Path) -> None:
+    snap = str(tmp_path / "mem.snap")
+    make_snapshot(snap, SIZE)
+    s = start_server(str(tmp_path), snap)
+    c = client(*touch_args(s, snap, [(0, SIZE)], "--threads", "1",
+                           "--blocking-after-handshake"), stdin=subprocess.PIPE)
+    assert c.stdin is not None
+    try:
+        wait_for(lambda: f"vm pid={c.pid}: serving 1 regions" in s.log(), 20, "the handshake")
+        c.stdin.write("\n")
+        c.stdin.flush()
+        wait_for(lambda: "serving stopped" in s.log(), 20, "the session to stop")
+        wait_for(lambda: blocked_in_userfault(c.pid), 20, "the client to block")
+    finally:
+        c.kill()
+        c.communicate()
+        s.stop()
+    (line,) = [ln for ln in s.log().splitlines() if "serving stopped" in ln]
+    assert "the userfaultfd is blocking: the VMM must create it with O_NONBLOCK" in line
+    assert "UFFDIO_API" not in line
 
 
 @pytest.mark.parametrize("extra", [8, 39])

@@ -248,6 +248,9 @@ def remap_then_unmap(checker: Checker) -> None:
 
 def cmd_touch(args: argparse.Namespace) -> int:
     guest = start_guest(args)
+    if args.blocking_after_handshake:  # the shared open file: the server's copy blocks too
+        sys.stdin.readline()  # once the server has taken the handshake
+        guest.uffd.set_nonblocking(False)
     checker = Checker(guest, args.progress)
 
     def thread_failed(e: threading.ExceptHookArgs) -> None:  # a dead toucher is a failure
@@ -282,7 +285,7 @@ def cmd_touch(args: argparse.Namespace) -> int:
 def cmd_raw(args: argparse.Namespace) -> int:
     """Send ``--payload`` (with a uffd unless --no-fd) and report how the server reacted."""
     uffd = Userfaultfd.open(Feature.NONE if args.no_remove else Feature.EVENT_REMOVE,
-                            nonblocking=True)
+                            nonblocking=not args.blocking)
     m = Mapping.anonymous(1 << 20)
     uffd.register(m.address, m.length, RegisterMode.MISSING)
     payload = args.payload.replace("BASE", str(m.address)).encode()
@@ -296,7 +299,8 @@ def cmd_raw(args: argparse.Namespace) -> int:
         r, _w = os.pipe()
         send_with_fds(sock, payload, [r])
     else:
-        send_with_fds(sock, payload, [uffd.fileno()])
+        extra = [os.pipe()[0] for _ in range(args.extra_fds)]
+        send_with_fds(sock, payload, [uffd.fileno(), *extra])
     sys.stdout.write("sent\n")
     sys.stdout.flush()
     data = sock.recv(1)  # blocks until the server closes (or kills us)
@@ -322,6 +326,8 @@ def main() -> int:
     t.add_argument("--write", action="store_true",
                    help="write a marker into every 4th page (a write fault) and check it; "
                    "recheck every written page at the end")
+    t.add_argument("--blocking-after-handshake", action="store_true",
+                   help="after a line on stdin, clear O_NONBLOCK on the uffd (sent already)")
     t.add_argument("--remap", action="store_true",
                    help="also negotiate EVENT_REMAP/UNMAP; mremap and munmap region 0")
     t.add_argument("--pause-after", type=int, default=0,
@@ -335,6 +341,9 @@ def main() -> int:
     r.add_argument("--pipe-fd", action="store_true", help="send a pipe instead of a uffd")
     r.add_argument("--no-remove", action="store_true",
                    help="a uffd without UFFD_FEATURE_EVENT_REMOVE")
+    r.add_argument("--blocking", action="store_true", help="a uffd without O_NONBLOCK")
+    r.add_argument("--extra-fds", type=int, default=0,
+                   help="send this many pipe fds after the uffd in the same message")
     r.set_defaults(fn=cmd_raw)
     args = p.parse_args()
     rc: int = args.fn(args)

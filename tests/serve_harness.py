@@ -211,3 +211,33 @@ def serving_workers(server_pid: int) -> set[int]:
         if "pagein-worker" in comm and rest.split()[0] != "Z":
             out.add(pid)
     return out
+
+
+_POOL = "/sys/kernel/mm/hugepages/hugepages-2048kB"
+
+
+def _read(name: str) -> int:
+    with open(f"{_POOL}/{name}") as f:
+        return int(f.read())
+
+
+def _write(name: str, value: int) -> None:
+    with open(f"{_POOL}/{name}", "w") as f:
+        f.write(str(value))
+
+
+@contextlib.contextmanager
+def empty_hugetlb_pool() -> Iterator[None]:
+    """Leave no free 2 MiB page and no overcommit for the block; restore both after.
+
+    The pool keeps the pages others use (nr_hugepages = total - free), so a test that
+    holds pages elsewhere keeps them."""
+    total, over = _read("nr_hugepages"), _read("nr_overcommit_hugepages")
+    try:
+        _write("nr_overcommit_hugepages", 0)
+        _write("nr_hugepages", total - _read("free_hugepages"))
+        assert _read("free_hugepages") == 0
+        yield
+    finally:
+        _write("nr_hugepages", total)
+        _write("nr_overcommit_hugepages", over)

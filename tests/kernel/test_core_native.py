@@ -7,6 +7,7 @@ here; every page the toucher reads back is compared with it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import select
@@ -22,8 +23,9 @@ from _toucher import Toucher, pattern, wait_for_fault_waiters
 from pagein._abi import libc
 from pagein._abi.mman import Advice, Prot
 from pagein.sys.mapping import PAGE_SIZE, Mapping
+from pagein.sys.pagemap import Pagemap
 from pagein.sys.uffd import CopyMode, Feature
-from serve_harness import hugepages
+from serve_harness import empty_hugetlb_pool, hugepages
 
 core = pytest.importorskip("pagein.serve._core", reason="the C fault core was not built")
 
@@ -97,7 +99,8 @@ def make_rig(tmp_path: Path) -> Iterator[object]:
 
     def make(snap: bytes, *, readahead: int = 0, holes: list[tuple[int, int]] | None = None,
              record: bool = False, kind: str = "anon", page_size: int = P,
-             features: Feature = Feature.EVENT_REMOVE) -> Rig:
+             features: Feature = Feature.EVENT_REMOVE, pagemap_fd: int = -1,
+             tripwire: bytearray | None = None) -> Rig:
         path = tmp_path / f"mem{len(rigs)}.snap"
         path.write_bytes(snap)
         with open(path, "rb") as f:
@@ -111,7 +114,8 @@ def make_rig(tmp_path: Path) -> Iterator[object]:
         counters = array("Q", [0] * core.N_COUNTERS)
         c = core.Core(t.uffd.fileno(), [(0, len(snap), page_size)], [filled], [discarded],
                       [hole_bits if holes else None], counters, snap_map.address, [],
-                      zeros.address, [readahead], 1 << 20, record)
+                      zeros.address, [readahead], 1 << 20, record, None, pagemap_fd,
+                      tripwire)
         c.set_extents([(t.address, len(snap), 0, 0)])
         rig = Rig(t, snap, snap_map, zeros, c, filled, discarded, hole_bits, counters)
         rigs.append(rig)
@@ -302,6 +306,52 @@ def test_hugetlb_pages_are_copied_and_discarded_ones_zeroed(make_rig) -> None:
         assert rig.c(core.C_ZERO_PAGES) == 1 and rig.c(core.C_BYTES_FAULT) == HUGE
         rig.core.close()
         rig.t.close()
+
+
+def test_no_fill_is_issued_once_the_tripwire_is_set(make_rig) -> None:
+    tripwire = bytearray(8)
+    rig = make_rig(bytes(pattern(4 * P, seed=21)), tripwire=tripwire)
+    assert rig.core.fill(0, 0, 2, core.CAUSE_BACKGROUND, False) is True
+    tripwire[0] = 1  # the memory file changed (pagein.serve.guard)
+    with pytest.raises(OSError) as info:
+        rig.core.fill(0, 2, 2, core.CAUSE_BACKGROUND, False)
+    assert info.value.errno == errno.ESTALE
+    assert "the memory file changed while it was served" in str(info.value)
+    assert _bits(rig.filled, 0, 4) == [1, 1, 0, 0] and rig.c(core.C_PAGES) == 2
+    with Pagemap(rig.t.pid) as pm:  # nothing of the changed file was installed
+        assert pm.summary(rig.t.address + 2 * P, 2 * P).present == 0
+
+
+@pytest.mark.hugetlb
+def test_hugetlb_eexist_is_believed_only_when_the_page_is_there(make_rig) -> None:
+    snap = bytes(pattern(2 * HUGE, seed=22))
+    with hugepages(4) as enough:  # the region and the toucher's spare
+        if not enough:
+            pytest.skip("cannot raise vm.nr_hugepages to get 4 free 2 MiB pages")
+        rig = make_rig(snap, kind="hugetlb", page_size=HUGE)
+        other = Mapping.anonymous(HUGE)
+        rig.t.uffd.copy(rig.t.address, other.address, HUGE)  # a racing fill won page 0
+        other.close()
+    pagemap = os.open(f"/proc/{rig.t.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        rig.core.close()
+        rig.core = core.Core(
+            rig.t.uffd.fileno(), [(0, len(snap), HUGE)], [rig.filled], [rig.discarded],
+            [None], rig.counters, rig.snap_map.address, [], rig.zeros.address, [0], 1 << 20,
+            False, None, pagemap)
+        rig.core.set_extents([(rig.t.address, len(snap), 0, 0)])
+        assert rig.core.fill(0, 0, 1, core.CAUSE_BACKGROUND, False) is True
+        assert rig.c(core.C_EEXIST) == 1  # present in the pagemap: a real EEXIST
+        # Page 1 cannot be allocated: the kernel says EEXIST, the pagemap says absent.
+        with empty_hugetlb_pool(), pytest.raises(OSError) as info:
+            rig.core.fill(0, 1, 1, core.CAUSE_BACKGROUND, False)
+        assert info.value.errno == errno.ENOMEM
+        assert "said EEXIST but the VMM has no page there" in str(info.value)
+        assert "raise vm.nr_hugepages" in str(info.value)
+        assert _bits(rig.filled, 0, 2) == [1, 0] and rig.c(core.C_EEXIST) == 1
+    finally:
+        rig.core.close()
+        os.close(pagemap)
 
 
 def _args(**over: object) -> list[object]:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagein.errors import IntegrityError, PageinError, SnapshotFormatError
+from pagein.errors import IntegrityError, PageinError, SnapshotFormatError, Unavailable
+from pagein.vmm import layout
 from pagein.vmm import restore as restore_mod
 from pagein.vmm.control import ControlServer, request
 from pagein.vmm.image import workload_image
@@ -32,6 +34,9 @@ from pagein.vmm.snapshot import (
     verify_memory,
 )
 from pagein.vmm.workloads import function_args
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serve_harness import empty_hugetlb_pool
 
 MiB = 1 << 20
 HEADER = 56
@@ -147,6 +152,63 @@ def test_truncated_memory_file_is_refused(snap_dir: Path, backend: Backend) -> N
     assert str(memory) in msg
     memory.unlink()
     assert "is missing" in _restore_error(snap_dir, backend=backend)
+
+
+@pytest.mark.usefixtures("no_guest")
+@pytest.mark.parametrize("backend", list(Backend), ids=[b.value for b in Backend])
+def test_a_directory_as_memory_file_is_named(snap_dir: Path, backend: Backend) -> None:
+    memory = snap_dir / MEMORY_FILE
+    memory.unlink()
+    memory.mkdir()
+    msg = _restore_error(snap_dir, backend=backend)
+    assert f"snapshot memory file {memory} is a directory" in msg, msg
+    assert "truncated" not in msg
+
+
+@pytest.mark.usefixtures("no_guest")
+def test_more_vcpus_than_the_vmm_runs_are_refused_naming_the_limit(snap_dir: Path) -> None:
+    state = snap_dir / STATE_FILE
+    doc = json.loads(state.read_bytes()[HEADER:])
+    doc["vcpus"] = [doc["vcpus"][0]] * 64
+    state.write_bytes(encode_state(doc))
+    msg = _restore_error(snap_dir)
+    assert f"snapshot state file {state} holds 64 vCPUs; pagein's VMM runs at most " \
+           f"{layout.MAX_VCPUS}" in msg, msg
+    assert "--vcpus" not in msg  # restore has no such flag
+
+
+def _huge_page_snapshot(snap_dir: Path) -> None:
+    """Say the snapshot's one 32 MiB region is backed by 2 MiB pages."""
+    state = snap_dir / STATE_FILE
+    doc = json.loads(state.read_bytes()[HEADER:])
+    doc["memory"]["regions"][0]["page_size"] = 2 * MiB
+    state.write_bytes(encode_state(doc))
+
+
+@pytest.mark.hugetlb
+@pytest.mark.usefixtures("no_guest")
+def test_copy_restore_with_an_empty_hugetlb_pool_names_the_pool(snap_dir: Path) -> None:
+    _huge_page_snapshot(snap_dir)
+    with empty_hugetlb_pool(), pytest.raises(Unavailable) as info:
+        restore(str(snap_dir), RestoreOptions(backend=Backend.COPY))
+    msg = str(info.value)
+    assert "needs 16 free 2048 KiB pages, the pool can give 0" in msg, msg
+    assert "raise vm.nr_hugepages" in msg and "Bad address" not in msg
+
+
+@pytest.mark.hugetlb
+@pytest.mark.usefixtures("no_guest")
+def test_efault_copying_into_hugetlb_memory_names_the_pool(
+        snap_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past the up-front check (the pool may empty between it and the copy): the copy's
+    # own EFAULT must still say why.
+    _huge_page_snapshot(snap_dir)
+    monkeypatch.setattr(restore_mod, "_check_pool", lambda snap: None)
+    with empty_hugetlb_pool(), pytest.raises(Unavailable) as info:
+        restore(str(snap_dir), RestoreOptions(backend=Backend.COPY))
+    msg = str(info.value)
+    assert "copying the snapshot into 2048 KiB guest memory failed (EFAULT)" in msg, msg
+    assert "the hugetlb pool has no free 2048 KiB page; raise vm.nr_hugepages" in msg
 
 
 @pytest.mark.usefixtures("no_guest")

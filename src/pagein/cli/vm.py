@@ -16,6 +16,7 @@ from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName
 from pagein.vmm.console import Console
 from pagein.vmm.control import ControlServer, request
 from pagein.vmm.image import build_all, workload_image
+from pagein.vmm.layout import MAX_VCPUS
 from pagein.vmm.machine import Machine, RunResult
 from pagein.vmm.memory import Backing
 from pagein.vmm.restore import Backend, RestoredVm, RestoreOptions, restore
@@ -110,6 +111,10 @@ def run_command(args: argparse.Namespace) -> int:
         workload = parse_workload(args.workload, args.args)
     except ValueError as e:
         print(f"pagein: error: {e}", file=sys.stderr)
+        return 2
+    if not 1 <= args.vcpus <= MAX_VCPUS:
+        print(f"pagein: error: --vcpus {args.vcpus} must be between 1 and {MAX_VCPUS}",
+              file=sys.stderr)
         return 2
     console = Console(sink=_stdout_sink)
     image = workload_image(workload.name)

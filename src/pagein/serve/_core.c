@@ -20,6 +20,15 @@
  *     racing a REMOVE of its page gets zeros, which is what the guest asked for.
  *  R5 DONTWAKE fills are woken with one UFFDIO_WAKE per contiguous piece, never over a
  *     gap: a vCPU woken before its page is there only faults again.
+ *  R6 On hugetlbfs the kernel also says EEXIST when the pool has no free huge page,
+ *     although nothing was installed: waking then makes the vCPU fault again, forever.
+ *     So a hugetlb EEXIST is checked in the VMM's /proc/PID/pagemap (`pagemap_fd`)
+ *     before it is believed; a page that is not there fails the session, naming the
+ *     pool. Every hugetlb EEXIST is checked, not only a repeated one: two vCPUs
+ *     alternating between two pages would defeat "the same page again", and the check
+ *     is one 8-byte pread next to a 2 MiB copy, on a path a fill that works never takes.
+ *  R7 No fill ioctl is issued once the tripwire byte is set (pagein/serve/guard.py: the
+ *     memory file changed while served): it is read before every one.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -30,6 +39,7 @@
 #include <poll.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
@@ -101,7 +111,10 @@ typedef struct {
     vec_t deferred; size_t dhead;   /* faults waiting for a retry: [dhead, n) */
     vec_t events, unserved, installed, fault_rec, fill_rec;
     uint32_t fault_region; uint64_t fault_page;  /* the page being faulted on */
-    int err; char msg[160];          /* the failure to raise once the GIL is back */
+    int pagemap_fd;                  /* the VMM's /proc/PID/pagemap (R6), or -1 */
+    Py_buffer trip_view;             /* R7: byte 0 turns 1 when the source changed */
+    const volatile uint8_t *trip;
+    int err, custom; char msg[320];  /* the failure to raise once the GIL is back */
     /* epoll rather than poll: the registrations persist, so a wait per fault costs one
      * cheap syscall whatever the number of fds (measured: poll on 3 fds cost ~1 us more
      * per fault than a C handler's poll on 2 here). sock/stop fds must stay open while
@@ -127,7 +140,7 @@ static uint64_t now_ns(void) {
 }
 
 static int fail(Core *s, int err, const char *op, uint64_t a, uint64_t len) {
-    s->err = err;
+    s->err = err, s->custom = 0;
     snprintf(s->msg, sizeof s->msg, "%s at 0x%llx length 0x%llx failed: %s", op,
              (unsigned long long)a, (unsigned long long)len, strerror(err));
     return FAIL;
@@ -267,6 +280,28 @@ static int remember(Core *s, int dontwake, uint64_t dst, uint64_t len) {
     return OK;
 }
 
+/* R6: whether the VMM really has the huge page at dst (its pagemap says present). An
+ * unreadable pagemap (no fd, the VMM gone) believes the kernel, as before: the next
+ * ioctl then reports ESRCH. */
+static int huge_page_present(Core *s, uint64_t dst) {
+    uint64_t entry = 0;
+    if (s->pagemap_fd < 0) return 1;
+    if (pread(s->pagemap_fd, &entry, sizeof entry, (off_t)(dst / 4096 * sizeof entry)) !=
+        (ssize_t)sizeof entry)
+        return 1;
+    return (int)(le64toh(entry) >> 63);
+}
+
+static int pool_empty(Core *s, uint64_t dst, uint64_t ps) {
+    s->err = ENOMEM, s->custom = 1;
+    snprintf(s->msg, sizeof s->msg, "UFFDIO_COPY of the %llu KiB page at 0x%llx said EEXIST "
+             "but the VMM has no page there: the hugetlb pool has no free %llu KiB page; "
+             "raise vm.nr_hugepages (or /sys/kernel/mm/hugepages/hugepages-%llukB/"
+             "nr_hugepages)", (unsigned long long)ps / 1024, (unsigned long long)dst,
+             (unsigned long long)ps / 1024, (unsigned long long)ps / 1024);
+    return FAIL;
+}
+
 /* Install `count` pages of region ri from `page` at dst, in chunks; mark them filled.
  * OK, RETRY (EAGAIN: the done part is accounted) or FAIL. */
 static int install(Core *s, uint32_t ri, uint64_t dst, uint64_t page, uint64_t count,
@@ -278,6 +313,13 @@ static int install(Core *s, uint32_t ri, uint64_t dst, uint64_t page, uint64_t c
         uint64_t n = count < chunk ? count : chunk;
         int64_t done;
         const char *op;
+        if (s->trip && __atomic_load_n(s->trip, __ATOMIC_ACQUIRE)) {  /* R7 */
+            s->err = ESTALE, s->custom = 1;
+            snprintf(s->msg, sizeof s->msg, "the memory file changed while it was served: "
+                     "not filling 0x%llx length 0x%llx", (unsigned long long)dst,
+                     (unsigned long long)(n * r->ps));
+            return FAIL;
+        }
         int err = one_ioctl(s, r, dst, page, n, zero, dontwake, &done, &op);
         uint64_t k = (uint64_t)done / r->ps;
         if (err == 0 || err == EAGAIN) {
@@ -296,6 +338,8 @@ static int install(Core *s, uint32_t ri, uint64_t dst, uint64_t page, uint64_t c
              * which only a successful fill would have woken. */
             if (k >= n) k = n - 1;
             if (account(s, ri, page, k, zero, cause)) return FAIL;
+            if (r->ps != 4096 && !huge_page_present(s, dst + k * r->ps))
+                return pool_empty(s, dst + k * r->ps, r->ps);
             set_bits(&r->filled, page + k, 1);
             if (wake(s, dst, (k + 1) * r->ps) ||
                 remember(s, dontwake, dst, (k + 1) * r->ps))
@@ -685,6 +729,8 @@ static void core_release(Core *s) {
     s->dhead = 0;
     if (s->journal_view.buf) PyBuffer_Release(&s->journal_view);
     s->journal_view.buf = NULL;
+    if (s->trip_view.buf) PyBuffer_Release(&s->trip_view);
+    s->trip_view.buf = NULL, s->trip = NULL;
     s->msgs = s->msgs_own;
     if (s->ep_made) close(s->ep);
     s->ep_made = 0;
@@ -694,19 +740,31 @@ static void core_release(Core *s) {
 static int core_init(Core *s, PyObject *args, PyObject *kw) {
     static char *names[] = {"uffd_fd", "regions", "filled", "discarded", "holes", "counters",
                             "base_address", "overlay", "zero_address", "readahead_pages",
-                            "chunk_bytes", "record", "journal", NULL};
-    int fd, record;
+                            "chunk_bytes", "record", "journal", "pagemap_fd", "tripwire",
+                            NULL};
+    int fd, record, pagemap_fd = -1;
     PyObject *regions, *filled, *discarded, *holes, *counters, *base, *overlay, *zero,
-        *readahead, *journal = Py_None;
+        *readahead, *journal = Py_None, *tripwire = Py_None;
     long long chunk;
     if (s->regions || s->c || s->busy) {
         PyErr_SetString(PyExc_RuntimeError, "Core.__init__ called twice");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOOOOOOOOOLp|O", names, &fd, &regions,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOOOOOOOOOLp|OiO", names, &fd, &regions,
                                      &filled, &discarded, &holes, &counters, &base, &overlay,
-                                     &zero, &readahead, &chunk, &record, &journal))
+                                     &zero, &readahead, &chunk, &record, &journal,
+                                     &pagemap_fd, &tripwire))
         return -1;
+    if (tripwire != Py_None) {
+        if (PyObject_GetBuffer(tripwire, &s->trip_view, PyBUF_SIMPLE) < 0) return -1;
+        if (s->trip_view.len < 1) {
+            PyErr_SetString(PyExc_ValueError, "tripwire must be a buffer of at least 1 byte");
+            PyBuffer_Release(&s->trip_view);
+            s->trip_view.buf = NULL;
+            return -1;
+        }
+        s->trip = s->trip_view.buf;
+    }
     s->msgs = s->msgs_own;
     if (journal != Py_None) {
         if (PyObject_GetBuffer(journal, &s->journal_view, PyBUF_WRITABLE) < 0) return -1;
@@ -726,6 +784,7 @@ static int core_init(Core *s, PyObject *args, PyObject *kw) {
     s->deferred = init[0], s->events = init[1], s->unserved = init[2];
     s->installed = init[3], s->fault_rec = init[4], s->fill_rec = init[5];
     s->closed = 0, s->uffd = fd, s->record = record, s->fault_page = UINT64_MAX;
+    s->pagemap_fd = pagemap_fd < 0 ? -1 : pagemap_fd;
     if (fd < 0) { PyErr_SetString(PyExc_ValueError, "uffd_fd must be >= 0"); goto bad; }
     if (chunk <= 0) {
         PyErr_Format(PyExc_ValueError, "chunk_bytes must be > 0, not %lld", chunk);
@@ -809,7 +868,7 @@ static int usable(Core *s) {
 }
 
 static PyObject *raise_failure(Core *s) {
-    if (s->err == ENOMEM) return PyErr_NoMemory();
+    if (s->err == ENOMEM && !s->custom) return PyErr_NoMemory();
     PyObject *e = Py_BuildValue("(is)", s->err, s->msg);
     if (e) PyErr_SetObject(PyExc_OSError, e);
     Py_XDECREF(e);

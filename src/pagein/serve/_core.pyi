@@ -42,6 +42,12 @@ RECORD_SIZE: int  # bytes per fault or fill record (24)
 class Core:
     """One VM's fault-serving core. One thread uses it at a time.
 
+    ``pagemap_fd`` (the VMM's ``/proc/PID/pagemap``, or -1) is read to check every
+    EEXIST on a 2 MiB page: an empty hugetlb pool says EEXIST too, and a page not
+    present then fails the call with ENOMEM and the pool hint. ``tripwire``: when its
+    first byte is non-zero no fill ioctl is issued (ESTALE: the memory file changed).
+    Both stay the caller's and must outlive the core.
+
     Safety: every address handed in (``base_address``, overlay addresses,
     ``zero_address``) is read by the kernel as the source of fills into the VMM's
     memory; they must stay mapped and readable until :meth:`close`.
@@ -52,7 +58,8 @@ class Core:
                  holes: Sequence[Buffer | None], counters: Buffer, base_address: int,
                  overlay: Sequence[tuple[int, int, int]], zero_address: int,
                  readahead_pages: Sequence[int], chunk_bytes: int, record: bool,
-                 journal: Buffer | None = None) -> None: ...
+                 journal: Buffer | None = None, pagemap_fd: int = -1,
+                 tripwire: Buffer | None = None) -> None: ...
     def set_extents(self, extents: Sequence[tuple[int, int, int, int]]) -> None:
         """Replace the live ranges: ``(address, length, region, rel)``, sorted, disjoint."""
     def run(self, stop_fd: int, sock_fd: int, timeout_ms: int

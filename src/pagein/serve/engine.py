@@ -47,7 +47,7 @@ class Reason(enum.IntEnum):
     UNSERVED = 5  # faults outside every live extent
     RECORDS = 6  # the record buffers are large: drain them
     PEER_GONE = 7  # ESRCH: the VMM's address space is gone
-    POLLERR = 8  # the uffd polls as an error: the VMM never completed UFFDIO_API
+    POLLERR = 8  # the uffd polls as an error: blocking, or UFFDIO_API never completed
 
 
 class CoreEvent(enum.IntEnum):

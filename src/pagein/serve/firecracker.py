@@ -78,6 +78,9 @@ MAX_NUMBER_DIGITS = 32
 #: Regions a handshake may describe (a Firecracker VM has a handful).
 MAX_REGIONS = 4096
 _RECV_CHUNK = 256 * 1024
+#: Room for fds per recvmsg: the kernel's SCM_MAX_FD, the most one message can carry, so
+#: the count in a "more than one fd" error is the real one.
+MAX_FDS_PER_MESSAGE = 253
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,6 +468,18 @@ def _uffd_features(fd: int) -> Feature | None:
     return None
 
 
+def uffd_pollerr_reason(fd: int) -> str:
+    """Why a userfaultfd polls as an error: it is blocking, or UFFDIO_API was never done."""
+    try:
+        blocking = os.get_blocking(fd)  # the flag of the VMM's open file, shared
+    except OSError:
+        blocking = False
+    if blocking:
+        return ("the userfaultfd is blocking: the VMM must create it with O_NONBLOCK "
+                "(UFFD_NONBLOCK), as Firecracker does; a blocking uffd cannot be polled")
+    return "the VMM never called UFFDIO_API on this userfaultfd"
+
+
 def _check_uffd(fd: int) -> Feature:
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")
@@ -472,11 +487,12 @@ def _check_uffd(fd: int) -> Feature:
         return Feature.NONE  # no /proc: trust the peer; a bad fd fails its first ioctl
     if target != "anon_inode:[userfaultfd]":
         raise HandshakeError("uffd", target, "the file descriptor sent is not a userfaultfd")
-    # A uffd polls as an error until UFFDIO_API has been called on it.
+    # A uffd polls as an error until UFFDIO_API has been called on it, and always when it
+    # is blocking (the kernel will not promise a read that does not block).
     p = select.poll()
     p.register(fd, select.POLLIN)
     if any(ev & select.POLLERR for _, ev in p.poll(0)):
-        raise HandshakeError("uffd", fd, "the VMM never called UFFDIO_API on this userfaultfd")
+        raise HandshakeError("uffd", fd, uffd_pollerr_reason(fd))
     features = _uffd_features(fd)
     if features is not None and Feature.EVENT_REMOVE not in features:
         # Without REMOVE events a balloon's MADV_DONTNEED is invisible to the handler, and
@@ -497,7 +513,8 @@ def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Ha
     deadline = time.monotonic() + timeout
     buf = bytearray()
     scanner = ArrayScanner()
-    fds: list[int] = []
+    fds: list[int] = []  # the first fd received; later ones are counted and closed
+    nfds, cut = 0, False
     try:
         end = None
         while end is None:
@@ -507,18 +524,28 @@ def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Ha
             if remaining <= 0 or not wait_readable([sock], remaining):
                 raise HandshakeError("handshake", f"{len(buf)} bytes",
                                      f"no complete handshake within {timeout:g} s")
-            got = recv_with_fds(sock, _RECV_CHUNK, 8)
-            fds.extend(got.fds)
+            got = recv_with_fds(sock, _RECV_CHUNK, MAX_FDS_PER_MESSAGE)
             if got.truncated and _out_of_fds():
                 # The kernel dropped the uffd for want of a free fd here: the server's
                 # problem, not the VMM's (so not a HandshakeError, which would kill it).
+                for fd in [*fds, *got.fds]:
+                    os.close(fd)
+                fds.clear()
                 raise OSError(errno.EMFILE, "the uffd the VMM sent was dropped: this "
                               "process has no free file descriptor (raise the open-file "
                               "limit, ulimit -n)")
-            if len(fds) > 1 or (got.truncated and got.fds):
-                # Refused at once: a peer sending fds with every byte would otherwise
-                # fill this process's fd table before its handshake ends.
-                raise HandshakeError("uffd", f"{len(fds)}{'+' if got.truncated else ''} fds",
+            # Keep one fd (the uffd), count the rest and close them at once: a peer
+            # sending fds with every byte cannot make this process hold thousands.
+            for fd in got.fds:
+                nfds += 1
+                if fds:
+                    os.close(fd)
+                else:
+                    fds.append(fd)
+            cut = cut or got.truncated  # MSG_CTRUNC: the kernel dropped some fds
+            if nfds > 1 or (cut and nfds):  # refused at once, with the real count
+                count = f"more than {nfds} fds" if cut else f"{nfds} fds"
+                raise HandshakeError("uffd", count,
                                      "expected exactly one userfaultfd in SCM_RIGHTS")
             if not got.data:
                 raise HandshakeError("handshake", f"{len(buf)} bytes",
@@ -529,9 +556,9 @@ def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Ha
                                      f"larger than {MAX_HANDSHAKE_BYTES} bytes")
             end = scanner.feed(got.data)
         regions = parse_regions(bytes(buf[:end]))
-        if len(fds) != 1:
-            raise HandshakeError("uffd", f"{len(fds)} fds",
-                                 "expected exactly one userfaultfd in SCM_RIGHTS")
+        if nfds != 1 or cut:
+            count = f"more than {nfds} fds" if cut else f"{nfds} fds"
+            raise HandshakeError("uffd", count, "expected exactly one userfaultfd in SCM_RIGHTS")
         features = _check_uffd(fds[0])
         validate_regions(regions, file_size)
     except BaseException:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -18,7 +19,24 @@ from pagein.errors import HandlerError
 from pagein.serve.options import BadHandshakePolicy, ServeOptions
 from pagein.sys.poll import wait_readable
 
-__all__ = ["HandlerProcess"]
+__all__ = ["HandlerProcess", "exit_status"]
+
+
+def exit_status(code: int) -> str:
+    """``status 1``, or ``status -9 (killed by SIGKILL)`` for a Popen returncode."""
+    if code < 0:
+        try:
+            return f"status {code} (killed by {signal.Signals(-code).name})"
+        except ValueError:
+            return f"status {code} (killed by signal {-code})"
+    return f"status {code}"
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 class HandlerProcess:
@@ -66,17 +84,22 @@ class HandlerProcess:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                     pass_fds=(w,), start_new_session=True)
         os.close(w)
+        eof = None
         try:
             # EOF on the pipe (the handler exited) wakes this as well as "ready".
-            ready = wait_readable([r], timeout) and os.read(r, 64)
+            ready = b""
+            if wait_readable([r], timeout):
+                ready = eof = os.read(r, 64)
         finally:
             os.close(r)
         handler = cls(proc, options, workdir)
         if not ready:
-            code = proc.poll()
+            # EOF before "ready" means it exited, though its status may take a moment to
+            # be reapable: wait for it rather than report a timeout that never happened.
+            code = proc.poll() if eof is None else _wait(proc, 5.0)
             proc.kill()
             proc.wait()
-            why = (f"exited with status {code} while starting" if code is not None
+            why = (f"exited with {exit_status(code)} during start" if code is not None
                    else f"did not start within {timeout:g} s")
             tail = handler.last_log_line()
             raise HandlerError(f"the pagein handler for {options.source} {why}"

@@ -19,6 +19,15 @@ bounce buffer). Ordering rules both engines keep:
   there but its waiters may sleep (only a successful fill wakes), so wake it. A fault
   is always filled, even when the bitmap says the page is present, so a duplicate fault
   (two vCPUs on one page) gets EEXIST and a wake, never a lost wakeup.
+- On hugetlbfs the kernel also says EEXIST when the pool has no free huge page, though
+  nothing was installed; believing it wakes a vCPU that faults again forever. So a
+  hugetlb EEXIST is checked in the VMM's ``/proc/PID/pagemap`` (``pagemap_fd``) first,
+  and a page that is not there fails the session with the pool hint
+  (:func:`pagein.sys.mapping.hugetlb_pool_hint`). Every hugetlb EEXIST is checked: it is
+  rare (vCPUs racing on a 2 MiB page), the check is one 8-byte ``pread``, and "only when
+  the same page comes back" is defeated by two vCPUs alternating between two pages.
+- No fill is issued once the source's tripwire is set (:mod:`pagein.serve.guard`: the
+  memory file changed): the byte is read before every fill ioctl.
 - Background fills use ``DONTWAKE`` and one ``UFFDIO_WAKE`` per contiguous piece they
   installed (:meth:`wake_installed`), never over a gap: a vCPU woken before its page is
   there faults again.
@@ -27,6 +36,7 @@ bounce buffer). Ordering rules both engines keep:
 from __future__ import annotations
 
 import errno
+import os
 import select
 import time
 from collections.abc import Sequence
@@ -41,7 +51,7 @@ from pagein.serve.firecracker import Region
 from pagein.serve.space import AddressSpace
 from pagein.serve.stats import CounterBlock
 from pagein.snapshot.source import PageSource
-from pagein.sys.mapping import Mapping
+from pagein.sys.mapping import Mapping, hugetlb_pool_hint
 from pagein.sys.uffd import (
     AlreadyPresent,
     CopyMode,
@@ -87,7 +97,8 @@ class PythonEngine:
                  counters: CounterBlock, source: PageSource,
                  extents: Sequence[tuple[int, int, int, int]],
                  readahead_pages: Sequence[int], chunk_bytes: int, record: bool,
-                 journal: memoryview | None = None) -> None:
+                 journal: memoryview | None = None, pagemap_fd: int = -1,
+                 tripwire: bytearray | None = None) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk size {chunk_bytes} must be positive")
         self.uffd = uffd
@@ -100,6 +111,8 @@ class PythonEngine:
         self.readahead = list(readahead_pages)
         self.chunk = chunk_bytes
         self.record = record
+        self._pagemap_fd = pagemap_fd  # the VMM's /proc/PID/pagemap, or -1; not ours to close
+        self._tripwire = tripwire  # byte 0 turns 1 when the source changed (serve.guard)
         self.space = AddressSpace(self.regions)  # where the regions live: page math there
         self.space.set_extents(list(extents))
         # Messages are read into the VM's journal in shared memory when there is one (see
@@ -414,6 +427,8 @@ class PythonEngine:
                     # waiters, which only a successful fill would have woken.
                     k = done // ps
                     self._account(ri, page, k, zero, cause)
+                    if ps != 4096:
+                        self._check_present(dst + k * ps, ps)
                     if dontwake and k:
                         self._installed.append((dst, k * ps))
                     self.filled[ri].set(page + k)
@@ -435,6 +450,23 @@ class PythonEngine:
             dst, page, count = dst + k * ps, page + k, count - k
             cause = _after(cause)
         return True
+
+    def _check_present(self, address: int, page_size: int) -> None:
+        """Raise unless the VMM has the huge page at ``address`` (see the module docstring).
+
+        An unreadable pagemap (none given, the VMM gone) believes the kernel: the next
+        ioctl then says ESRCH.
+        """
+        if self._pagemap_fd < 0:
+            return
+        try:
+            raw = os.pread(self._pagemap_fd, 8, address // 4096 * 8)
+        except OSError:
+            return
+        if len(raw) == 8 and not int.from_bytes(raw, "little") >> 63:
+            raise UffdError("UFFDIO_COPY", errno.ENOMEM, address, page_size,
+                            f"the kernel said EEXIST but the VMM has no page there: "
+                            f"{hugetlb_pool_hint(page_size)}")
 
     def _account(self, ri: int, page: int, k: int, zero: bool, cause: Cause) -> None:
         """Count ``k`` pages installed from ``page``. DEMAND is the faulting page only:
@@ -460,6 +492,9 @@ class PythonEngine:
         r = self.regions[ri]
         ps = r.page_size
         length = n * ps
+        if self._tripwire is not None and self._tripwire[0]:
+            raise UffdError("UFFDIO_COPY", errno.ESTALE, dst, length,
+                            "the memory file changed while it was served: not filling")
         if zero and ps == 4096:
             return self.uffd.zeropage(dst, length,
                                       ZeropageMode.DONTWAKE if dontwake else ZeropageMode.NONE)

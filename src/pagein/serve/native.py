@@ -33,7 +33,8 @@ class NativeEngine:
                  counters: CounterBlock, base_address: int,
                  overlay: Sequence[tuple[int, int, int]],
                  extents: Sequence[tuple[int, int, int, int]], readahead_pages: Sequence[int],
-                 chunk_bytes: int, record: bool, journal: memoryview | None = None) -> None:
+                 chunk_bytes: int, record: bool, journal: memoryview | None = None,
+                 pagemap_fd: int = -1, tripwire: bytearray | None = None) -> None:
         # hugetlbfs has no zero page: zeros are copied from memory never written.
         self._zeros = Mapping.anonymous(HUGE_PAGE_SIZE)
         core = None
@@ -43,7 +44,7 @@ class NativeEngine:
                 [b.buffer for b in filled], [b.buffer for b in discarded],
                 [None if h is None else h.buffer for h in holes], counters.words,
                 base_address, list(overlay), self._zeros.address, list(readahead_pages),
-                chunk_bytes, record, journal)
+                chunk_bytes, record, journal, pagemap_fd, tripwire)
             core.set_extents(sorted(extents))
             for point in (CrashPoint.FILL, CrashPoint.EVENT):  # 0 unless a test asks
                 left = claim(point)

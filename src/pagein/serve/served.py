@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 
 from pagein.errors import PageinError
+from pagein.serve.guard import SourceGuard
 from pagein.serve.options import ServeOptions
 from pagein.serve.strategies import Strategy, StrategyName, make_strategy
 from pagein.snapshot import workingset
@@ -25,18 +26,21 @@ _NEEDS_WS = (StrategyName.WORKING_SET, StrategyName.REAP)
 
 @dataclass(slots=True)
 class Served:
-    """An open source (a working-set overlay when one is used) and its recorded extents."""
+    """An open source (a working-set overlay when one is used), its recorded extents and
+    the guard that notices the memory file changing (:mod:`pagein.serve.guard`; started
+    by whoever serves from it)."""
 
     source: PageSource
     base: PageSource
     extents: list[tuple[int, int]] | None
     options: ServeOptions
+    guard: SourceGuard
 
     @classmethod
     def of(cls, source: PageSource, options: ServeOptions) -> Served:
         """Serve a source object the caller opened (and closes): with ``workers=0``, any
         :class:`PageSource`, e.g. one a library user wrote."""
-        return cls(source, source, None, options)
+        return cls(source, source, None, options, SourceGuard(source))
 
     def strategy(self) -> Strategy:
         """A fresh strategy for one VM (sessions never share one)."""
@@ -45,6 +49,7 @@ class Served:
                              working_set=self.extents, then=o.then)
 
     def close(self) -> None:
+        self.guard.close()
         self.source.close()
         if self.base is not self.source:
             self.base.close()
@@ -91,7 +96,8 @@ def open_served(opts: ServeOptions, *, warm: bool = False) -> Served:
                 for offset, length in extents:
                     base.prefetch(offset, length)
             source = workingset.WorkingSetSource(base, ws)
-        served = Served(source, base, extents, opts.with_(working_set=ws_path))
+        served = Served(source, base, extents, opts.with_(working_set=ws_path),
+                        SourceGuard(base))
         try:
             served.strategy()  # a bad --readahead-size fails before listening
         except ValueError as e:

@@ -40,6 +40,7 @@ from pagein.serve.access import RefusalLog, listen_unix
 from pagein.serve.control import ControlError, recv_msg
 from pagein.serve.engine import EngineName, choose
 from pagein.serve.firecracker import Region, receive_handshake
+from pagein.serve.handler import exit_status
 from pagein.serve.options import BadHandshakePolicy, ServeOptions, VmFailurePolicy
 from pagein.serve.ratelog import RateLimitedLog
 from pagein.serve.record import OutputNames
@@ -49,6 +50,8 @@ from pagein.serve.stats import Counters, prometheus_text, write_json
 from pagein.serve.worker import VmServer
 from pagein.serve.workers import WORKER_START_S, WorkerFactory, WorkerProc
 from pagein.sys.fdpass import PeerCred, kill_through, peer_credentials, peer_pidfd
+from pagein.sys.mapping import PAGE_SIZE, hugetlb_pool, hugetlb_raise_hint
+from pagein.sys.pagemap import open_peer_pagemap
 
 __all__ = ["BadHandshakePolicy", "Server"]
 
@@ -80,6 +83,7 @@ class _Vm:
     conn: socket.socket
     state: VmState
     pidfd: int = -1  # the VMM, for signals (PIDs are reused)
+    pagemap_fd: int = -1  # the VMM's /proc/PID/pagemap, for hugetlb VMs (see install.py)
     worker: WorkerProc | _InProcess | None = None
     engine: str = ""
     restarts: int = 0  # workers that died serving it
@@ -91,9 +95,10 @@ class _Vm:
         os.close(self.uffd_fd)
         self.conn.close()
         self.state.close()
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
+        for fd in (self.pidfd, self.pagemap_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.pidfd = self.pagemap_fd = -1
 
 
 def _kill(pidfd: int, pid: int) -> None:
@@ -165,6 +170,12 @@ class Server:
         self.engine, why = choose(options.engine)
         if why is not None:
             log.warning("engine: python (%s)", why)
+        self._guard = served.guard
+        if options.worker_count == 0:
+            # Serving from this process: watch its file. Workers watch their own (and
+            # hold it to this file's identity), so a supervisor that serves nothing
+            # holds no lease and logs nothing twice.
+            served.guard.start()
         self._lock = threading.Lock()
         self._vms: dict[int, _Vm] = {}
         self._ids = itertools.count(1)
@@ -199,7 +210,7 @@ class Server:
             self._workers = [_InProcess(served, self.engine, self._on_report)]
             self._listener = self._bind(options)
             return
-        self._factory = factory = WorkerFactory(options, self.engine)
+        self._factory = factory = WorkerFactory(options, self.engine, served.guard.identity)
         # Listen only once every worker is ready: a VMM connects as soon as the socket
         # exists, and its first fault would otherwise wait for the workers to start.
         starting: list[WorkerProc] = []
@@ -444,9 +455,10 @@ class Server:
             vm.restarts += 1
             vm.down_since = now
             vm.worker = None
-        log.error("serving worker %d (pid %d) exited with status %s while serving %d VM(s); "
+        log.error("serving worker %d (pid %d) exited with %s while serving %d VM(s); "
                   "starting another (their uffds are kept open: their guests wait, never "
-                  "read zero pages)", dead.index, dead.pid, code, len(orphans))
+                  "read zero pages)", dead.index, dead.pid,
+                  "an unknown status" if code is None else exit_status(code), len(orphans))
         limit = self.options.max_restarts
         for vm in [v for v in orphans if v.restarts > limit]:
             self._fail_vm(vm, f"{vm.restarts} workers died serving it")
@@ -577,6 +589,8 @@ class Server:
         vm_id = next(self._ids)
         vm = _Vm(vm_id, peer, f"vm pid={peer.pid}", hs.regions, hs.uffd_fd, conn,
                  state, pidfd)
+        if any(r.page_size != PAGE_SIZE for r in vm.regions):
+            self._check_hugetlb(vm)
         o = self.options
         vm.doc = {"op": "serve", "vm": vm.id, "name": vm.name,
                   "regions": [[r.base_address, r.size_bytes, r.offset, r.page_size]
@@ -609,11 +623,29 @@ class Server:
         if resume:
             log.warning("%s: handed to worker %d (restart %d)", vm.name, w.index, vm.restarts)
         try:
+            fds = [vm.uffd_fd, vm.conn.fileno(), vm.state.fileno()]
             w.send({**vm.doc, "pending": "" if resume else vm.doc["pending"]},
-                   [vm.uffd_fd, vm.conn.fileno(), vm.state.fileno()])
+                   fds + ([vm.pagemap_fd] if vm.pagemap_fd >= 0 else []))
         except OSError as e:
             log.error("%s: cannot hand it to worker %d: %s; its guest is frozen", vm.name,
                       w.index, e)
+
+    def _check_hugetlb(self, vm: _Vm) -> None:
+        """For a VM with huge-page regions: open its pagemap (the engines check a hugetlb
+        EEXIST in it: an empty pool says EEXIST too) and warn now, with the fix, when the
+        pool cannot hold its pages (a VMM maps them MAP_NORESERVE: nothing is reserved,
+        every fill takes a page from the pool)."""
+        vm.pagemap_fd = open_peer_pagemap(vm.peer.pid, vm.pidfd)
+        if vm.pagemap_fd < 0:
+            log.warning("%s: cannot open /proc/%d/pagemap; an empty hugetlb pool will not "
+                        "be told from a racing fill", vm.name, vm.peer.pid)
+        for size in sorted({r.page_size for r in vm.regions} - {PAGE_SIZE}):
+            need = sum(r.size_bytes for r in vm.regions if r.page_size == size) // size
+            pool = hugetlb_pool(size)
+            if pool is not None and pool[0] + pool[1] < need:
+                log.warning("%s: its %d KiB-page regions need %d pages but the pool can give "
+                            "%d now: fills past that fail unless the pool grows; %s", vm.name,
+                            size // 1024, need, pool[0] + pool[1], hugetlb_raise_hint(size))
 
     def _bad_handshake(self, conn: socket.socket, peer: PeerCred, pidfd: int,
                        e: HandshakeError) -> None:

@@ -38,7 +38,8 @@ from pagein.serve.engine import (
     Unserved,
     decode_records,
 )
-from pagein.serve.firecracker import Region
+from pagein.serve.firecracker import Region, uffd_pollerr_reason
+from pagein.serve.guard import SourceGuard
 from pagein.serve.options import DEFAULT_CHUNK_BYTES
 from pagein.serve.plan import Planner
 from pagein.serve.ratelog import RateLimitedLog
@@ -90,7 +91,9 @@ class Session:
     """Serve one VM: its uffd, its regions, its strategy. Run :meth:`run` in a thread.
 
     The session uses the uffd and the VMM socket (None: there is none, e.g. a VMM serving
-    itself) but does not own them: whoever handed them over closes them.
+    itself) but does not own them: whoever handed them over closes them. Nor does it own
+    ``pagemap_fd``, the VMM's ``/proc/PID/pagemap`` (-1: none), which the engines read
+    to check a hugetlb EEXIST (:mod:`pagein.serve.install`).
     """
 
     def __init__(self, *, uffd: Userfaultfd, sock: socket.socket | None,
@@ -98,7 +101,8 @@ class Session:
                  source: PageSource, strategy: Strategy, state: VmState, name: str,
                  stop_fd: int, engine: EngineName = EngineName.NATIVE,
                  recorder: Recorder | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 pending: bytes = b"", resume: bool = False) -> None:
+                 pending: bytes = b"", resume: bool = False, pagemap_fd: int = -1,
+                 guard: SourceGuard | None = None) -> None:
         self.uffd = uffd
         self.sock = sock
         self.space = AddressSpace(tuple(regions))
@@ -115,12 +119,16 @@ class Session:
         self._chunk = chunk_bytes
         self._ctl = pending
         self._done_logged = False
+        self._pagemap_fd = pagemap_fd
+        self.guard = guard
+        tripwire = None if guard is None else guard.tripwire
         saved = state.load_extents()
         if saved is not None:  # a worker before this one moved them (UNMAP/REMAP)
             self.space.set_extents(saved)
-        self.engine_name, self._engine = self._open_engine(engine)
+        self.engine_name, self._engine = self._open_engine(engine, tripwire)
 
-    def _open_engine(self, wanted: EngineName) -> tuple[EngineName, Engine]:
+    def _open_engine(self, wanted: EngineName,
+                     tripwire: bytearray | None) -> tuple[EngineName, Engine]:
         holes = holes_of(self.source, self.regions)
         windows = [self.strategy.window_pages(r) for r in self.regions]
         st = self.state
@@ -133,13 +141,13 @@ class Session:
                 return EngineName.NATIVE, NativeEngine(
                     self.uffd.fileno(), self.regions, st.filled, st.discarded, holes,
                     st.counters, base, overlay, extents, windows, self._chunk, record,
-                    st.journal)
+                    st.journal, self._pagemap_fd, tripwire)
             log.info("%s: %s has no mapping to copy from; serving with the python engine",
                      self.name, self.source.describe())
         from pagein.serve.install import PythonEngine
         return EngineName.PYTHON, PythonEngine(
             self.uffd, self.regions, st.filled, st.discarded, holes, st.counters, self.source,
-            extents, windows, self._chunk, record, st.journal)
+            extents, windows, self._chunk, record, st.journal, self._pagemap_fd, tripwire)
 
     @property
     def complete(self) -> bool:
@@ -153,6 +161,8 @@ class Session:
         try:
             if self.recorder is not None:
                 self.recorder.start()
+            if self.guard is not None and self.guard.check() is not None:
+                raise UffdError("UFFDIO_COPY", errno.ESTALE, 0, 0, "not serving")
             if self.resume:
                 self._take_over()
             self._blocking()
@@ -160,8 +170,17 @@ class Session:
                               self.source, self.counters, self._chunk)
             self.end = self._loop(planner)
         except (PageinError, OSError) as e:
+            changed = None
+            if self.guard is not None and self.guard.check() is not None:
+                changed = self.guard.message()
             if isinstance(e, UffdError) and e.errno == errno.ESRCH:
                 self.end = SessionEnd.PEER_EXITED  # the VMM's address space is gone
+            elif changed is not None:
+                # Whatever the fill said (ESTALE from the tripwire, EFAULT from a truncated
+                # mapping), the cause is the file: say that.
+                log.error("%s: serving stopped: %s; its guest is frozen on missing pages",
+                          self.name, changed)
+                self.end = SessionEnd.FAILED
             else:
                 log.error("%s: serving stopped: %s; its guest is frozen on missing pages",
                           self.name, e)
@@ -218,7 +237,7 @@ class Session:
                 return SessionEnd.PEER_EXITED
             if reason == Reason.POLLERR:
                 raise UffdError("poll(uffd)", errno.EBADF, 0, 0,
-                                "the VMM never completed UFFDIO_API on this uffd")
+                                uffd_pollerr_reason(self.uffd.fileno()))
             # One bounded chunk per turn even when faults were served: with a vCPU that
             # faults all the time, background work would otherwise starve, and it fills
             # a page ~10x cheaper than a fault does. A fault waits behind one chunk at most.

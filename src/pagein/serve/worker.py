@@ -9,10 +9,12 @@ core, and a worker that dies takes no other worker's VMs with it.
 
 The channel (:mod:`pagein.serve.control`), supervisor to worker::
 
-    {"op": "init", "options": {...}, "engine": "native", "log_level": 20, "index": 0}
+    {"op": "init", "options": {...}, "engine": "native", "log_level": 20, "index": 0,
+     "identity": [st_dev, st_ino, size, mtime_ns, ctime_ns] | null}   (the memory file's)
     {"op": "serve", "vm": 7, "name": "vm 7 pid=1234", "regions": [[base, size, offset,
      page_size], ...], "features": N, "pending": "<hex>", "record": PATH|null,
      "trace": PATH|null}                    + fds [uffd, VMM socket, state memfd]
+                                              (+ the VMM's pagemap, for hugetlb VMs)
     {"op": "adopt", "index": 2}            (a spare, started with index -1, put to work)
     {"op": "stop"}
 
@@ -65,7 +67,8 @@ class VmServer:
         self._threads: list[threading.Thread] = []
 
     def start_vm(self, doc: dict[str, object], fds: Sequence[int]) -> None:
-        """Serve one VM (fds: uffd, VMM socket, state memfd, now owned here) in a thread."""
+        """Serve one VM (fds: uffd, VMM socket, state memfd and, for a VM with hugetlb
+        regions, the VMM's ``/proc/PID/pagemap``; all now owned here) in a thread."""
         t = threading.Thread(target=self._serve_vm, args=(doc, fds), daemon=True,
                              name=str(doc.get("name", "vm"))[:64])
         self._threads = [x for x in self._threads if x.is_alive()]
@@ -85,7 +88,8 @@ class VmServer:
         return sum(t.is_alive() for t in self._threads)
 
     def _serve_vm(self, doc: dict[str, object], fds: Sequence[int]) -> None:
-        uffd_fd, conn_fd, state_fd = fds
+        uffd_fd, conn_fd, state_fd = fds[:3]
+        pagemap_fd = fds[3] if len(fds) > 3 else -1
         name = str(doc.get("name", "vm"))
         sock = socket.socket(fileno=conn_fd)
         uffd = Userfaultfd.adopt(uffd_fd, features=Feature(int(str(doc.get("features", 0)))))
@@ -115,7 +119,8 @@ class VmServer:
                               state=state, name=name, stop_fd=self._stop_r, engine=self.engine,
                               recorder=recorder, chunk_bytes=self.served.options.chunk_bytes,
                               pending=bytes.fromhex(str(doc.get("pending", ""))),
-                              resume=resume)
+                              resume=resume, pagemap_fd=pagemap_fd,
+                              guard=self.served.guard)
             self.send({"op": "started", "vm": doc["vm"],
                        "engine": session.engine_name.value})
             end = session.run().value
@@ -125,8 +130,9 @@ class VmServer:
             for part in (session, uffd, sock, state):
                 if part is not None:
                     part.close()
-            if state_fd >= 0:
-                os.close(state_fd)
+            for fd in (state_fd, pagemap_fd):
+                if fd >= 0:
+                    os.close(fd)
             self.send({"op": "ended", "vm": doc.get("vm"), "end": end})
 
 
@@ -166,7 +172,7 @@ class _Channel:
                 break
             doc, fds = got
             op = doc.get("op")
-            if op == "serve" and len(fds) == 3:
+            if op == "serve" and len(fds) in (3, 4):
                 vms.start_vm(doc, fds)
             elif op == "adopt" and not fds:  # a spare put to work
                 _name_worker(doc, int(str(doc.get("index", 0))))
@@ -188,6 +194,11 @@ def _serve_as_worker(ctl: socket.socket, doc: dict[str, object]) -> int:
         send_msg(ctl, {"op": "failed", "error": str(e)})
         return 1
     try:
+        # The file this worker opened must be the one the supervisor checked handshakes
+        # against (a worker started later could open a file renamed over it).
+        identity = doc.get("identity")
+        served.guard.expect(identity if isinstance(identity, list) else None)
+        served.guard.start()  # this worker's own lease on the memory file
         channel = _Channel(ctl)
         engine, _ = choose(EngineName(str(doc.get("engine", "native"))))  # imports it now
         vms = VmServer(served, engine, channel.report)

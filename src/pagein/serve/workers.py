@@ -23,6 +23,7 @@ import threading
 from pagein.errors import PageinError
 from pagein.serve.control import ControlError, recv_msg, send_msg
 from pagein.serve.engine import EngineName
+from pagein.serve.handler import exit_status
 from pagein.serve.options import ServeOptions
 from pagein.sys.fdpass import kill_through
 from pagein.sys.process import set_child_subreaper
@@ -62,7 +63,8 @@ class WorkerProc:
         self.lock = threading.Lock()
 
     @classmethod
-    def launch(cls, index: int, options: ServeOptions, engine: EngineName) -> WorkerProc:
+    def launch(cls, index: int, options: ServeOptions, engine: EngineName,
+               identity: Identity = None) -> WorkerProc:
         """Start a worker by executing a new interpreter (~0.5 s: the slow way)."""
         ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -72,7 +74,7 @@ class WorkerProc:
         finally:
             theirs.close()
         w = cls(index, ctl, proc)
-        send_msg(ctl, _init_doc(options, engine, index))
+        send_msg(ctl, _init_doc(options, engine, index, identity))
         return w
 
     def wait_ready(self, timeout: float) -> None:
@@ -86,8 +88,8 @@ class WorkerProc:
             raise PageinError(f"serving worker {self.index} failed to start: {e}") from e
         if got is None:
             code = self.kill()
-            raise PageinError(f"serving worker {self.index} exited with status {code} "
-                              "while starting")
+            why = "exited" if code is None else f"exited with {exit_status(code)}"
+            raise PageinError(f"serving worker {self.index} {why} while starting")
         doc, _ = got
         if doc.get("op") != "ready":
             raise PageinError(f"serving worker {self.index} cannot serve: "
@@ -161,15 +163,20 @@ def _readable(fd: int, timeout: float) -> bool:
     return bool(p.poll(timeout * 1000))
 
 
-def _init_doc(options: ServeOptions, engine: EngineName, index: int) -> dict[str, object]:
+Identity = list[int] | None  # the memory file as the supervisor opened it (SourceGuard)
+
+
+def _init_doc(options: ServeOptions, engine: EngineName, index: int,
+              identity: Identity) -> dict[str, object]:
     return {"op": "init", "options": options.to_json(), "engine": engine.value,
-            "index": index, "log_level": logging.getLogger("pagein").getEffectiveLevel()}
+            "index": index, "identity": identity,
+            "log_level": logging.getLogger("pagein").getEffectiveLevel()}
 
 
 class Zygote:
     """The process that forks serving workers (:func:`pagein.serve.worker._zygote`)."""
 
-    def __init__(self, options: ServeOptions, engine: EngineName) -> None:
+    def __init__(self, options: ServeOptions, engine: EngineName, identity: Identity) -> None:
         self.lock = threading.Lock()
         self.ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -179,7 +186,7 @@ class Zygote:
         finally:
             theirs.close()
         try:
-            send_msg(self.ctl, _init_doc(options, engine, 0))
+            send_msg(self.ctl, _init_doc(options, engine, 0, identity))
             if not _readable(self.ctl.fileno(), WORKER_START_S):
                 raise PageinError(f"the worker zygote did not start within "
                                   f"{WORKER_START_S:g} s")
@@ -228,9 +235,11 @@ class WorkerFactory:
     """Make ready workers: from the spare when there is one, else forked by the zygote
     (restarted once if it died), else executed. Thread-safe."""
 
-    def __init__(self, options: ServeOptions, engine: EngineName) -> None:
+    def __init__(self, options: ServeOptions, engine: EngineName,
+                 identity: Identity = None) -> None:
         self.options = options
         self.engine = engine
+        self.identity = identity  # every worker holds its memory file to it
         self._lock = threading.Lock()
         self._zygote: Zygote | None = None
         self._spare: WorkerProc | None = None
@@ -241,7 +250,7 @@ class WorkerFactory:
     def _start_zygote(self) -> None:
         try:
             set_child_subreaper()
-            self._zygote = Zygote(self.options, self.engine)
+            self._zygote = Zygote(self.options, self.engine, self.identity)
         except (PageinError, OSError) as e:
             log.warning("no worker zygote (%s): a worker takes ~0.5 s to start instead "
                         "of milliseconds", e)
@@ -261,7 +270,7 @@ class WorkerFactory:
                     z.close()
                     self._zygote = None
                     self._start_zygote()
-        return WorkerProc.launch(index, self.options, self.engine)
+        return WorkerProc.launch(index, self.options, self.engine, self.identity)
 
     def ready(self, index: int) -> WorkerProc:
         """A ready worker numbered ``index``: the spare if it is alive, else a new one.

@@ -12,15 +12,26 @@ and the fault server maps the kernel's zero page there instead of copying.
 The file is mapped read-only and shared, so :meth:`RawFileSource.address_of` hands the
 fault server an address inside the page cache: ``UFFDIO_COPY`` then copies straight from
 the page cache into the guest with no intermediate buffer.
+
+Served bytes must be the snapshot's: a file written while it is served would put other
+bytes into the guest. :meth:`RawFileSource.take_lease` takes a read lease
+(``fcntl(F_SETLEASE, F_RDLCK)``): a process that opens the file for writing (or
+truncates it) is held in ``open()`` until the lease is given back or
+``/proc/sys/fs/lease-break-time`` passes, and the holder gets ``SIGIO``. Where no lease
+can be had (the file is open for writing somewhere, a file system without leases), the
+identity of the open file (``st_dev, st_ino``, size, ``mtime_ns``, ``ctime_ns``) is
+compared with what it was at open. :meth:`RawFileSource.changed` says which happened.
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
 import os
 import stat
 import threading
+from collections.abc import Sequence
 
 from pagein._abi.mman import Prot
 from pagein.errors import MappingError, SnapshotFormatError, SourceError
@@ -28,6 +39,12 @@ from pagein.snapshot.source import PageSource
 from pagein.sys.mapping import PAGE_SIZE, Mapping
 
 __all__ = ["RawFileSource", "data_extents"]
+
+_Identity = tuple[int, int, int, int, int]  # st_dev, st_ino, size, mtime_ns, ctime_ns
+
+
+def _identity(st: os.stat_result) -> _Identity:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
@@ -72,7 +89,13 @@ class RawFileSource(PageSource):
             if stat.S_ISDIR(st.st_mode):
                 raise SourceError(f"snapshot memory file {self.path} is a directory: pass the "
                                   "memory file itself")
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceError(f"snapshot memory file {self.path} is not a regular file: "
+                                  "pass the memory file the snapshot wrote")
             self._size = st.st_size
+            self._identity = _identity(st)
+            self._leased = False
+            self._changed: str | None = None
             if self._size == 0:
                 raise SnapshotFormatError(
                     f"snapshot memory file {self.path} is empty: give the mem_file_path the "
@@ -94,7 +117,10 @@ class RawFileSource(PageSource):
     @staticmethod
     def _open(path: str) -> int:
         try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO given by mistake must not hang the open (refused below).
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            os.set_blocking(fd, True)
+            return fd
         except FileNotFoundError as e:
             raise SourceError(f"snapshot memory file {path} does not exist: pass the "
                               "mem_file_path written by the snapshot") from e
@@ -161,6 +187,82 @@ class RawFileSource(PageSource):
             pos = max(pos, de)
             i += 1
         return out
+
+    # --- noticing a change of the file ------------------------------------------------
+
+    def take_lease(self) -> str | None:
+        """Take a read lease on the file; return None, or why none could be had.
+
+        Once held, a process opening the file for writing waits in ``open()`` (up to
+        ``/proc/sys/fs/lease-break-time`` seconds) and this process gets ``SIGIO``
+        (``fcntl(2)``, "Leases"): install a handler first, the default one terminates.
+        The lease is refused (EAGAIN) while anyone has the file open for writing, and on
+        file systems without leases; :meth:`changed` then relies on the file's identity.
+        """
+        with self._lock:
+            if self._fd < 0 or self._leased:
+                return None
+            try:
+                fcntl.fcntl(self._fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            except OSError as e:
+                why = {errno.EAGAIN: "it is open for writing elsewhere",
+                       errno.EACCES: "this user does not own it"}.get(
+                           e.errno or 0, f"{e.strerror} (no leases on this file system?)")
+                return f"no read lease on {self.path}: {why}"
+            self._leased = True
+            return None
+
+    def release_lease(self) -> None:
+        """Give the lease back (a writer waiting in ``open()`` goes on); idempotent."""
+        with self._lock:
+            if self._leased and self._fd >= 0:
+                fcntl.fcntl(self._fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            self._leased = False
+
+    @property
+    def leased(self) -> bool:
+        return self._leased
+
+    @property
+    def identity(self) -> tuple[int, int, int, int, int]:
+        """``(st_dev, st_ino, size, mtime_ns, ctime_ns)`` of the file when it was opened."""
+        return self._identity
+
+    def expect(self, identity: Sequence[int]) -> None:
+        """Compare with ``identity`` (another process's :attr:`identity` of this path)
+        from now on: a file replaced or changed since that process opened it is then
+        reported by :meth:`changed` as well."""
+        dev, ino, size, mtime, ctime = (int(x) for x in identity)
+        with self._lock:
+            self._identity = (dev, ino, size, mtime, ctime)
+
+    def changed(self) -> str | None:
+        """Say how the file changed since it was opened, or None while it has not.
+
+        A broken lease (a writer opened it: ``F_GETLEASE`` no longer says ``F_RDLCK``)
+        or a different size, modification or status-change time of the open file. Once
+        a change was seen it is reported for good, even after the lease is given back.
+        """
+        with self._lock:
+            if self._changed is None and self._fd >= 0:
+                self._changed = self._look()
+            return self._changed
+
+    def _look(self) -> str | None:
+        if self._leased and fcntl.fcntl(self._fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK:
+            return "a process opened it for writing"
+        now = _identity(os.fstat(self._fd))
+        if now == self._identity:
+            return None
+        if now[:2] != self._identity[:2]:
+            return "it is another file than the one pagein serve opened (replaced since)"
+        size, mtime = self._identity[2], self._identity[3]
+        if now[2] != size:
+            return (f"its size went from 0x{size:x} to 0x{now[2]:x} bytes"
+                    f"{' (truncated)' if now[2] < size else ''}")
+        if now[3] != mtime:
+            return "it was written (its modification time changed)"
+        return "its status changed (ctime)"
 
     def prefetch(self, offset: int, length: int) -> None:
         """Ask the kernel to read the range into the page cache (``posix_fadvise WILLNEED``)."""

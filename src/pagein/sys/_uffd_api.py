@@ -191,6 +191,9 @@ _OP_HINTS = {
     ("UFFDIO_MOVE", errno.EBUSY): "a source page is shared (e.g. after fork); copy it instead",
     ("UFFDIO_POISON", errno.EINVAL): "UFFDIO_POISON needs Feature.POISON at open and a "
         "page-aligned registered range",
+    ("UFFDIO_COPY", errno.EFAULT): "the source could not be read (a file mapped as the "
+        "source was truncated under it?) or the destination is not mapped in the process "
+        "that created the uffd",
     ("UFFDIO_CONTINUE", errno.EFAULT): "the page is not in the page cache: write it "
         "through another mapping of the file first",
 }

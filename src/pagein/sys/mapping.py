@@ -22,7 +22,8 @@ from pagein._abi.mman import MAP_FAILED, Advice, MapFlag, MemfdFlag, MremapFlag,
 from pagein.errors import MappingError, Unavailable
 from pagein.sys._fd import OwnedFd
 
-__all__ = ["HUGE_PAGE_SIZE", "PAGE_SIZE", "Advice", "Mapping", "Memfd", "hugetlb_free_pages"]
+__all__ = ["HUGE_PAGE_SIZE", "PAGE_SIZE", "Advice", "Mapping", "Memfd", "hugetlb_free_pages",
+           "hugetlb_pool", "hugetlb_pool_hint", "hugetlb_raise_hint"]
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 HUGE_PAGE_SIZE = 2 * 1024 * 1024
@@ -269,3 +270,35 @@ def hugetlb_free_pages() -> int:
             if line.startswith("HugePages_Free:"):
                 return int(line.split()[1])
     return 0
+
+
+def hugetlb_pool(page_size: int = HUGE_PAGE_SIZE) -> tuple[int, int] | None:
+    """Return ``(free, may_add)`` pages of the hugetlb pool of ``page_size``: free now, and
+    how many more the kernel may allocate on demand (``nr_overcommit_hugepages`` minus
+    the surplus already taken). None when this kernel has no pool of that size.
+
+    Read from ``/sys/kernel/mm/hugepages/hugepages-<N>kB/``.
+    """
+    base = f"/sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB"
+    try:
+        values = {}
+        for name in ("free_hugepages", "nr_overcommit_hugepages", "surplus_hugepages"):
+            with open(f"{base}/{name}") as f:
+                values[name] = int(f.read())
+    except (OSError, ValueError):
+        return None
+    may_add = max(0, values["nr_overcommit_hugepages"] - values["surplus_hugepages"])
+    return values["free_hugepages"], may_add
+
+
+def hugetlb_raise_hint(page_size: int = HUGE_PAGE_SIZE) -> str:
+    """How to give the hugetlb pool of ``page_size`` more pages."""
+    kib = page_size // 1024
+    return (f"raise vm.nr_hugepages (or /sys/kernel/mm/hugepages/hugepages-{kib}kB/"
+            "nr_hugepages)")
+
+
+def hugetlb_pool_hint(page_size: int = HUGE_PAGE_SIZE) -> str:
+    """The advice for a hugetlb fill that found no free page of ``page_size``."""
+    return (f"the hugetlb pool has no free {page_size // 1024} KiB page; "
+            f"{hugetlb_raise_hint(page_size)}")

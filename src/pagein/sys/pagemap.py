@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import os
+import signal
 from dataclasses import dataclass
 
 from pagein._abi.mman import (
@@ -25,7 +26,7 @@ from pagein._abi.mman import (
 from pagein.sys._fd import OwnedFd
 from pagein.sys.mapping import PAGE_SIZE, Mapping
 
-__all__ = ["PageInfo", "Pagemap", "PagemapSummary", "clear_soft_dirty"]
+__all__ = ["PageInfo", "Pagemap", "PagemapSummary", "clear_soft_dirty", "open_peer_pagemap"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,3 +117,25 @@ def clear_soft_dirty(pid: int | None = None) -> None:
     """
     with open(f"/proc/{pid or 'self'}/clear_refs", "w") as f:
         f.write("4")
+
+
+def open_peer_pagemap(pid: int, pidfd: int) -> int:
+    """Open ``/proc/PID/pagemap`` of the process behind ``pidfd``; return the fd, or -1.
+
+    The fd reads the address space of the process that had ``pid`` when it was opened; the
+    pidfd, signalled with 0 after the open, proves that was still the peer and not a
+    later process that reused its PID. Without a pidfd (-1) nothing proves it: -1.
+    Reading another process's pagemap needs ptrace access to it (root has it).
+    """
+    if pidfd < 0:
+        return -1
+    try:
+        fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd

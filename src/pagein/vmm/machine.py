@@ -93,7 +93,8 @@ class Machine:
     def __init__(self, memory: GuestMemory, vcpus: int, *, console: Console | None = None,
                  own_memory: bool = False, kvm_path: str = "/dev/kvm") -> None:
         if not 1 <= vcpus <= layout.MAX_VCPUS:
-            raise ValueError(f"--vcpus {vcpus} must be between 1 and {layout.MAX_VCPUS}")
+            raise ValueError(f"a VM of {vcpus} vCPUs: pagein's VMM runs 1 to "
+                             f"{layout.MAX_VCPUS} vCPUs")
         self.memory = memory
         self.console = console or Console()
         self.ready = threading.Event()

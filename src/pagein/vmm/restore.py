@@ -36,6 +36,7 @@ process exits rather than crash it or let the range fall back to zero pages.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import os
 import shutil
@@ -49,7 +50,7 @@ from typing import Self
 
 import numpy as np
 
-from pagein.errors import HandlerError, SnapshotFormatError
+from pagein.errors import HandlerError, SnapshotFormatError, Unavailable
 from pagein.serve.firecracker import Region as WireRegion
 from pagein.serve.firecracker import connect_and_send
 from pagein.serve.handler import HandlerProcess
@@ -57,7 +58,14 @@ from pagein.serve.session import Session
 from pagein.serve.state import VmState
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, OnDemand, StrategyName
 from pagein.snapshot.raw import RawFileSource, data_extents
-from pagein.sys.mapping import HUGE_PAGE_SIZE, Mapping, Memfd
+from pagein.sys.mapping import (
+    HUGE_PAGE_SIZE,
+    Mapping,
+    Memfd,
+    hugetlb_pool,
+    hugetlb_pool_hint,
+    hugetlb_raise_hint,
+)
 from pagein.sys.pagemap import Pagemap
 from pagein.sys.poll import wait_readable
 from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
@@ -329,6 +337,18 @@ def _fresh(snap: Snapshot, parts: _Parts, shared: bool) -> list[Region]:
     return out
 
 
+def _check_pool(snap: Snapshot) -> None:
+    """Refuse a copy restore of 2 MiB regions the hugetlb pool cannot hold: the memory is
+    mapped MAP_NORESERVE, so the shortage would only show as EFAULT in the middle of the
+    copy."""
+    need = sum(r.size for r in snap.regions if r.page_size == HUGE_PAGE_SIZE) // HUGE_PAGE_SIZE
+    pool = hugetlb_pool(HUGE_PAGE_SIZE) if need else None
+    if pool is not None and pool[0] + pool[1] < need:
+        raise Unavailable(f"restoring snapshot {snap.directory} by copy needs {need} free "
+                          f"2048 KiB pages, the pool can give {pool[0] + pool[1]}: "
+                          f"{hugetlb_raise_hint(HUGE_PAGE_SIZE)}")
+
+
 def _copy_in(snap: Snapshot, regions: list[Region]) -> None:
     """Read the memory file's data extents into fresh memory (holes stay zero)."""
     fd = os.open(snap.memory_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -340,7 +360,8 @@ def _copy_in(snap: Snapshot, regions: list[Region]) -> None:
                 for off, length in extents:
                     a, b = max(off, stored.offset), min(off + length, stored.offset + stored.size)
                     while a < b:
-                        n = os.preadv(fd, [view[a - stored.offset: b - stored.offset]], a)
+                        n = _read_into(fd, view[a - stored.offset: b - stored.offset], a,
+                                       stored.page_size)
                         if n <= 0:
                             raise SnapshotFormatError(
                                 f"snapshot memory file {snap.memory_path} ended at byte {a}")
@@ -349,6 +370,18 @@ def _copy_in(snap: Snapshot, regions: list[Region]) -> None:
                 view.release()
     finally:
         os.close(fd)
+
+
+def _read_into(fd: int, view: memoryview, offset: int, page_size: int) -> int:
+    """``preadv`` into guest memory; EFAULT on 2 MiB memory means no huge page was free
+    when the kernel faulted one in (MAP_NORESERVE reserved none): say that."""
+    try:
+        return os.preadv(fd, [view], offset)
+    except OSError as e:
+        if e.errno == errno.EFAULT and page_size == HUGE_PAGE_SIZE:
+            raise Unavailable(f"copying the snapshot into 2048 KiB guest memory failed "
+                              f"(EFAULT): {hugetlb_pool_hint(page_size)}") from e
+        raise
 
 
 def _map_file(snap: Snapshot, parts: _Parts) -> list[Region]:
@@ -421,6 +454,7 @@ def restore(source: str | Snapshot, options: RestoreOptions | None = None, *,
     machine: Machine | None = None
     try:
         if opts.backend is Backend.COPY:
+            _check_pool(snap)
             regions = _fresh(snap, parts, opts.shared_memory)
             _copy_in(snap, regions)
         elif opts.backend is Backend.FILE:

@@ -37,6 +37,7 @@ import binascii
 import hashlib
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,7 @@ from pagein._abi import kvm as kabi
 from pagein.errors import IntegrityError, SnapshotFormatError
 from pagein.sys.kvm import Regs, Sregs, VcpuState
 from pagein.sys.mapping import PAGE_SIZE
+from pagein.vmm.layout import MAX_VCPUS
 
 if TYPE_CHECKING:
     from pagein.vmm.machine import Machine
@@ -318,6 +320,10 @@ def load_snapshot(directory: str, *, check_memory: bool = True) -> Snapshot:
     raw_vcpus = d.get(doc, "vcpus", "")
     if not isinstance(raw_vcpus, list) or not raw_vcpus:
         raise d.bad("vcpus", "is not a non-empty list")
+    if len(raw_vcpus) > MAX_VCPUS:
+        raise SnapshotFormatError(
+            f"snapshot state file {path} holds {len(raw_vcpus)} vCPUs; pagein's VMM runs at "
+            f"most {MAX_VCPUS}: restore it with the VMM that took it")
     vcpus = tuple(_vcpu(d, v, f"vcpus[{i}]") for i, v in enumerate(raw_vcpus))
     active = d.get(doc, "active_vcpus", "")
     if not isinstance(active, list) or not active or not all(
@@ -353,10 +359,17 @@ def load_snapshot(directory: str, *, check_memory: bool = True) -> Snapshot:
 def check_memory_file(snap: Snapshot) -> None:
     """Refuse a memory file that is missing or not exactly the recorded size."""
     try:
-        size = os.stat(snap.memory_path).st_size
+        st = os.stat(snap.memory_path)
     except FileNotFoundError:
         raise SnapshotFormatError(f"snapshot memory file {snap.memory_path} is missing: the "
                                   "snapshot directory is incomplete") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SnapshotFormatError(f"snapshot memory file {snap.memory_path} is a directory, "
+                                  "not the memory file `pagein vm snapshot` writes")
+    if not stat.S_ISREG(st.st_mode):
+        raise SnapshotFormatError(f"snapshot memory file {snap.memory_path} is not a regular "
+                                  "file: it must be the memory file `pagein vm snapshot` writes")
+    size = st.st_size
     if size != snap.memory_bytes:
         what = "truncated" if size < snap.memory_bytes else "larger than recorded"
         raise SnapshotFormatError(

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from pagein.sys.mapping import hugetlb_free_pages
 from pagein.sys.poll import wait_readable
 
 FCCLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fcclient.py")
@@ -153,11 +154,7 @@ def blocked_in_userfault(pid: int) -> bool:
 
 
 def _hugepages_free() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("HugePages_Free:"):
-                return int(line.split()[1])
-    return 0
+    return hugetlb_free_pages()  # free and not reserved
 
 
 @contextlib.contextmanager

@@ -137,7 +137,7 @@ def test_allow_uid_serves_that_peer(shared_dir: Path,
         got = _read(server, mem)
     finally:
         server.stop()
-    assert got["touched"] is True and got["closed"] is False, got
+    assert got["touched"] is True and got["closed"] is False, (got, server.log()[-3000:])
     assert got["sha256"] == hashlib.sha256(data).hexdigest()
     assert server.stats()["refused_peers"] == 0
 

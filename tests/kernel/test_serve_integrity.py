@@ -4,6 +4,7 @@ Every test runs on both fault engines (PAGEIN_ENGINE=python runs it again)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -209,11 +210,15 @@ def test_a_memory_file_truncated_while_served_is_named_as_truncated(
     assert "Bad address" not in log and "not mapped in the right process" not in log
 
 
-def _children(pid: int) -> list[int]:
+def _named_children(pid: int, prefix: str) -> list[int]:
+    """The children of ``pid`` whose name (``/proc/PID/comm``) starts with ``prefix``."""
     out: list[int] = []
     for tid in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{tid}/children") as f:
-            out += [int(x) for x in f.read().split()]
+            for kid in (int(x) for x in f.read().split()):
+                with contextlib.suppress(OSError), open(f"/proc/{kid}/comm") as c:
+                    if c.read().startswith(prefix):
+                        out.append(kid)
     return out
 
 
@@ -228,8 +233,14 @@ def test_a_worker_started_after_the_file_was_replaced_refuses_the_new_file(
     with open(other, "wb") as f:
         f.write(_changed(data))
     os.replace(other, path)  # harmless to the running worker: it keeps the file it opened
-    (worker,) = _children(server.proc.pid)
-    os.kill(worker, signal.SIGKILL)  # its successor opens the path: the other file
+    # The spare worker opened the path before the replacement (it holds the original
+    # file, and would serve the VM right): kill it first, so that the worker that takes
+    # over is forked now and opens the path, the other file.
+    wait_for(lambda: _named_children(server.proc.pid, "pagein-spare"), 30, "the spare")
+    for spare in _named_children(server.proc.pid, "pagein-spare"):
+        os.kill(spare, signal.SIGKILL)
+    (worker,) = _named_children(server.proc.pid, "pagein-worker")
+    os.kill(worker, signal.SIGKILL)
     wait_for(lambda: "handed to worker" in server.log(), 30, "the VM handed to a new worker")
     out = _resume_until_frozen(c)
     assert "mismatch" not in out, out

@@ -264,16 +264,20 @@ class Memfd(OwnedFd):
 
 
 def hugetlb_free_pages() -> int:
-    """Return ``HugePages_Free`` from /proc/meminfo (2 MiB pages available now)."""
+    """The default-size (2 MiB) pages a new mapping can get now: ``HugePages_Free``
+    minus ``HugePages_Rsvd`` from /proc/meminfo (free pages already promised to a
+    mapping that has not touched them yet are not available)."""
+    values = {}
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("HugePages_Free:"):
-                return int(line.split()[1])
-    return 0
+            if line.startswith(("HugePages_Free:", "HugePages_Rsvd:")):
+                values[line.split(":")[0]] = int(line.split()[1])
+    return max(0, values.get("HugePages_Free", 0) - values.get("HugePages_Rsvd", 0))
 
 
 def hugetlb_pool(page_size: int = HUGE_PAGE_SIZE) -> tuple[int, int] | None:
-    """Return ``(free, may_add)`` pages of the hugetlb pool of ``page_size``: free now, and
+    """Return ``(free, may_add)`` pages of the hugetlb pool of ``page_size``: free now (and
+    not reserved), and
     how many more the kernel may allocate on demand (``nr_overcommit_hugepages`` minus
     the surplus already taken). None when this kernel has no pool of that size.
 
@@ -282,13 +286,15 @@ def hugetlb_pool(page_size: int = HUGE_PAGE_SIZE) -> tuple[int, int] | None:
     base = f"/sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB"
     try:
         values = {}
-        for name in ("free_hugepages", "nr_overcommit_hugepages", "surplus_hugepages"):
+        for name in ("free_hugepages", "resv_hugepages", "nr_overcommit_hugepages",
+                     "surplus_hugepages"):
             with open(f"{base}/{name}") as f:
                 values[name] = int(f.read())
     except (OSError, ValueError):
         return None
     may_add = max(0, values["nr_overcommit_hugepages"] - values["surplus_hugepages"])
-    return values["free_hugepages"], may_add
+    # Free pages reserved for mappings that have not touched them yet are not free.
+    return max(0, values["free_hugepages"] - values["resv_hugepages"]), may_add
 
 
 def hugetlb_raise_hint(page_size: int = HUGE_PAGE_SIZE) -> str:

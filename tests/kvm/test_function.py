@@ -54,3 +54,24 @@ def test_end_of_input_ends_the_function() -> None:
         m.console.close_input()
         assert m.wait(timeout=60).status == 0
         assert m.console.read_line(timeout=1) == FunctionReference(MiB, 1).answer("sum 0 3")
+
+
+@pytest.mark.parametrize("vcpus", [1, 3])
+def test_update_rewrites_payloads_like_the_reference(vcpus: int) -> None:
+    """`update A B S` changes later answers (sum, get, checksum) exactly as the reference."""
+    ref = FunctionReference(8 * MiB, SEED)
+    wa = function_args(8 * MiB, SEED)
+    with Machine.create(48 * MiB, vcpus) as m:
+        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
+        m.start()
+        assert m.ready.wait(60)
+        before = ref.answer("checksum")
+        requests = ["update 10 5000 3", "sum 0 6000", f"get {ref.key(11)}", "checksum",
+                    f"update 4000 {ref.records + 9} 99", "sum 3990 4010", "checksum",
+                    "update 7 7 1"]
+        for request in requests:
+            m.console.send(request + "\n")
+            assert m.console.read_line(timeout=60) == ref.answer(request), request
+        assert ref.answer("checksum") != before
+        m.console.send("quit\n")
+        assert m.wait(timeout=60).status == 0

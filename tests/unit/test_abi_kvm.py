@@ -19,6 +19,7 @@ from pagein._abi import kvm as abi
 STRUCTS = {
     "kvm_userspace_memory_region": ["slot", "flags", "guest_phys_addr", "memory_size",
                                     "userspace_addr"],
+    "kvm_dirty_log": ["slot", "padding1", "dirty_bitmap"],
     "kvm_regs": ["rax", "rdi", "rsp", "r15", "rip", "rflags"],
     "kvm_segment": ["base", "limit", "selector", "type", "present", "dpl", "db", "s", "l",
                     "g", "avl", "unusable"],

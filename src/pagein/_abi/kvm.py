@@ -41,6 +41,11 @@ class kvm_userspace_memory_region(ctypes.Structure):
                 ("memory_size", u64), ("userspace_addr", u64)]
 
 
+class kvm_dirty_log(ctypes.Structure):
+    # The kernel's dirty_bitmap is a union with a u64 pad: a user pointer, one bit per page.
+    _fields_ = [("slot", u32), ("padding1", u32), ("dirty_bitmap", u64)]
+
+
 class kvm_regs(ctypes.Structure):
     _fields_ = [(name, u64) for name in (
         "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
@@ -275,6 +280,7 @@ class IoctlNr(enum.IntEnum):
     GET_SUPPORTED_CPUID = iowr(KVMIO, 0x05, kvm_cpuid2)
     # VM
     CREATE_VCPU = io(KVMIO, 0x41)
+    GET_DIRTY_LOG = iow(KVMIO, 0x42, kvm_dirty_log)
     SET_USER_MEMORY_REGION = iow(KVMIO, 0x46, kvm_userspace_memory_region)
     SET_TSS_ADDR = io(KVMIO, 0x47)
     SET_IDENTITY_MAP_ADDR = iow(KVMIO, 0x48, u64)

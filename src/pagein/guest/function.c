@@ -11,6 +11,8 @@
  *   key I       -> key of record I
  *   get K       -> "I PAYLOAD_SUM" or "missing"
  *   sum A B     -> sum of payload[0] over records [A, B)
+ *   update A B S -> rewrite the payload of records [A, B) from seed S:
+ *                  payload[j] = mix(mix(S + i) + j + 1); answers "updated N"
  *   checksum    -> sum over record words w of mix(word + w), plus sum over used slots
  *                  of mix(slot value): hex
  *   info        -> "records N table C vcpus V"
@@ -22,7 +24,7 @@
 #define RECORD_WORDS 8
 #define MAX_VCPUS 16
 
-enum op { OP_NONE, OP_QUIT, OP_KEY, OP_GET, OP_SUM, OP_CHECKSUM, OP_INFO, OP_BAD };
+enum op { OP_NONE, OP_QUIT, OP_KEY, OP_GET, OP_SUM, OP_UPDATE, OP_CHECKSUM, OP_INFO, OP_BAD };
 
 struct record { u64 key; u64 payload[RECORD_WORDS - 1]; };
 
@@ -30,7 +32,7 @@ static struct record *records;
 static u32 *table;
 static u64 nrecords, capacity, nvcpus;
 static volatile u64 partial[MAX_VCPUS];
-static struct { enum op op; u64 a, b; } cmd;
+static struct { enum op op; u64 a, b, s; } cmd;
 static char line[256];
 
 static void share(u64 vcpu, u64 n, u64 *lo, u64 *hi)
@@ -73,7 +75,7 @@ static void parse(void)
     s64 n = pg_read_line(line, sizeof line - 1);
     const char *p = line;
     cmd.op = OP_BAD;
-    cmd.a = cmd.b = 0;
+    cmd.a = cmd.b = cmd.s = 0;
     if (n <= 0) { cmd.op = OP_QUIT; return; }
     line[n] = 0;
     if (pg_word(&p, "quit")) cmd.op = OP_QUIT;
@@ -83,6 +85,9 @@ static void parse(void)
     else if (pg_word(&p, "get") && pg_parse_u64(&p, &cmd.a)) cmd.op = OP_GET;
     else if (pg_word(&p, "sum") && pg_parse_u64(&p, &cmd.a) && pg_parse_u64(&p, &cmd.b))
         cmd.op = OP_SUM;
+    else if (pg_word(&p, "update") && pg_parse_u64(&p, &cmd.a) && pg_parse_u64(&p, &cmd.b) &&
+             pg_parse_u64(&p, &cmd.s))
+        cmd.op = OP_UPDATE;
     else {
         while (*p == ' ') p++;
         if (*p == '\n' || *p == 0) cmd.op = OP_NONE;
@@ -96,6 +101,14 @@ static u64 work(u64 vcpu)
         u64 b = cmd.b < nrecords ? cmd.b : nrecords, a = cmd.a < b ? cmd.a : b;
         share(vcpu, b - a, &lo, &hi);
         for (u64 i = a + lo; i < a + hi; i++) acc += records[i].payload[0];
+    } else if (cmd.op == OP_UPDATE) {
+        u64 b = cmd.b < nrecords ? cmd.b : nrecords, a = cmd.a < b ? cmd.a : b;
+        share(vcpu, b - a, &lo, &hi);
+        for (u64 i = a + lo; i < a + hi; i++) {
+            u64 basis = pg_mix(cmd.s + i);
+            for (u64 j = 0; j < RECORD_WORDS - 1; j++) records[i].payload[j] = pg_mix(basis + j + 1);
+            acc++;
+        }
     } else if (cmd.op == OP_CHECKSUM) {
         const u64 *w = (const u64 *)records;
         share(vcpu, nrecords * RECORD_WORDS, &lo, &hi);
@@ -127,13 +140,14 @@ static void answer(void)
         break;
     }
     case OP_SUM: pg_put_u64(total); break;
+    case OP_UPDATE: pg_puts("updated "); pg_put_u64(total); break;
     case OP_CHECKSUM: pg_put_hex(total); break;
     case OP_INFO:
         pg_puts("records "); pg_put_u64(nrecords);
         pg_puts(" table "); pg_put_u64(capacity);
         pg_puts(" vcpus "); pg_put_u64(nvcpus);
         break;
-    case OP_BAD: pg_puts("error: unknown request (key I, get K, sum A B, checksum, info, quit)"); break;
+    case OP_BAD: pg_puts("error: unknown request (key I, get K, sum A B, update A B S, checksum, info, quit)"); break;
     default: return;
     }
     pg_putc('\n');

@@ -171,6 +171,23 @@ class Vm(OwnedFd):
         _ioctl(self.fileno(), IoctlNr.SET_USER_MEMORY_REGION, libc.addressof(region),
                f"slot {slot} at guest 0x{guest_phys:x}+0x{mapping.length:x}")
 
+    def get_dirty_log(self, slot: int, pages: int) -> bytearray:
+        """``KVM_GET_DIRTY_LOG``: the pages of ``slot`` written since the last call, cleared.
+
+        The slot must have been set with ``MemFlag.LOG_DIRTY_PAGES``. Returns a bitmap,
+        bit ``i`` (byte ``i // 8``, bit ``i % 8``) set when page ``i`` of the slot was
+        written by the guest; the kernel fills whole u64 words, so the buffer is rounded
+        up to 64 pages. Writes this process makes through the slot's mapping are not in
+        it (KVM only sees guest writes): the VMM records those itself.
+
+        Safety: the kernel writes ``ceil(pages / 64) * 8`` bytes at the buffer's address.
+        """
+        buf = bytearray(-(-pages // 64) * 8)
+        log = abi.kvm_dirty_log(slot, 0, libc.buffer_address(buf))
+        _ioctl(self.fileno(), IoctlNr.GET_DIRTY_LOG, libc.addressof(log),
+               f"slot {slot} ({pages} pages)")
+        return buf
+
     def set_tss_addr(self, address: int) -> None:
         """``KVM_SET_TSS_ADDR``: three pages Intel VMX needs for real-mode emulation."""
         _ioctl(self.fileno(), IoctlNr.SET_TSS_ADDR, address)

@@ -43,9 +43,18 @@ class FunctionReference:
         idx = np.arange(self.records, dtype=U64)
         self.keys = mix(idx + U64(seed & M64))
         self._sorted = np.argsort(self.keys)
+        # payload[j] of record i is mix(basis[i] + j + 1): the key until an update.
+        self.basis = self.keys.copy()
 
     def payload(self, j: int) -> Array:
-        return mix(self.keys + U64(j + 1))
+        return mix(self.basis + U64(j + 1))
+
+    def update(self, a: int, b: int, seed: int) -> int:
+        """``update A B S``: rewrite the payload of records [A, B); return how many."""
+        b = min(b, self.records)
+        a = min(a, b)
+        self.basis[a:b] = mix(np.arange(a, b, dtype=U64) + U64(seed & M64))
+        return b - a
 
     def key(self, i: int) -> int:
         return int(self.keys[i])
@@ -60,7 +69,7 @@ class FunctionReference:
         i = self.lookup(key)
         if i is None:
             return "missing"
-        k = self.keys[i : i + 1]
+        k = self.basis[i : i + 1]
         return f"{i} {sum(int(mix(k + U64(j + 1))[0]) for j in range(7)) & M64}"
 
     def sum(self, a: int, b: int) -> int:
@@ -91,11 +100,13 @@ class FunctionReference:
                 return self.get(int(k, 0))
             case ["sum", a, b]:
                 return str(self.sum(int(a, 0), int(b, 0)))
+            case ["update", a, b, s]:
+                return f"updated {self.update(int(a, 0), int(b, 0), int(s, 0))}"
             case ["checksum"]:
                 return f"0x{self.checksum():016x}"
             case ["info"]:
                 return f"records {self.records} table {self.capacity} vcpus {self.vcpus}"
-        return "error: unknown request (key I, get K, sum A B, checksum, info, quit)"
+        return "error: unknown request (key I, get K, sum A B, update A B S, checksum, info, quit)"
 
 
 def scan_pages(pattern: Pattern, touches: int, pages: int, stride: int, hot: int,

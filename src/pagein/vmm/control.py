@@ -3,8 +3,9 @@
 ``pagein vm run --control PATH`` (or ``vm restore --control PATH``) listens on a Unix
 stream socket. Each request is one JSON line, each answer one JSON line::
 
-    -> {"op": "snapshot", "dir": "/snap/a", "resume": true}
-    <- {"ok": true, "dir": "/snap/a", "memory_bytes": 67108864, "pause_ms": 41.7}
+    -> {"op": "snapshot", "dir": "/snap/a", "resume": true, "diff": false}
+    <- {"ok": true, "dir": "/snap/a", "memory_bytes": 67108864, "pause_ms": 41.7,
+        "bytes_written": 67108864, "diff": false}
     -> {"op": "status"}
     <- {"ok": true, "active_vcpus": [0, 1], "console_output_bytes": 120}
     <- {"ok": false, "error": "..."}           on any failure, with the reason
@@ -102,20 +103,24 @@ class ControlServer:
             directory = req.get("dir")
             if not isinstance(directory, str) or not directory:
                 raise ValueError('a snapshot request needs "dir": the directory to write')
-            return self._snapshot(directory, bool(req.get("resume", True)))
+            diff = req.get("diff", False)
+            if not isinstance(diff, bool):
+                raise ValueError('"diff" is true or false')
+            return self._snapshot(directory, bool(req.get("resume", True)), diff)
 
-    def _snapshot(self, directory: str, resume: bool) -> dict[str, Any]:
+    def _snapshot(self, directory: str, resume: bool, diff: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.machine.pause()
         try:
-            snap = save_snapshot(self.machine, directory, workload=self.workload)
+            snap = save_snapshot(self.machine, directory, workload=self.workload, diff=diff)
         finally:
             if resume:
                 self.machine.resume()
         if self._on_snapshot is not None:
             self._on_snapshot(directory)
         return {"ok": True, "dir": directory, "memory_bytes": snap.memory_bytes,
-                "pause_ms": round((time.perf_counter() - t0) * 1e3, 3)}
+                "pause_ms": round((time.perf_counter() - t0) * 1e3, 3),
+                "bytes_written": snap.bytes_written, "diff": diff}
 
     def close(self) -> None:
         if self._closed:

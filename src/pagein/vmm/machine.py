@@ -50,6 +50,7 @@ from pagein.sys.kvm import (
 from pagein.vmm import abi, layout
 from pagein.vmm.abi import Port
 from pagein.vmm.console import Console
+from pagein.vmm.dirty import DirtyLog
 from pagein.vmm.image import GuestImage
 from pagein.vmm.memory import Backing, GuestMemory
 
@@ -117,6 +118,10 @@ class Machine:
         self._kickable: dict[int, int] = {}
         self._t0 = self._t1 = 0.0
         self._ready_at: float | None = None
+        # Pages changed since ``parent`` (a snapshot directory and the SHA-256 of its state
+        # file): what a diff snapshot writes. Both set by enable_dirty_tracking / a snapshot.
+        self.dirty: DirtyLog | None = None
+        self.parent: tuple[str, str] | None = None
         _install_kick_handler()
         self.kvm = Kvm.open(kvm_path)
         self.vcpus: list[Vcpu] = []
@@ -148,6 +153,15 @@ class Machine:
         except BaseException:
             memory.close()
             raise
+
+    def enable_dirty_tracking(self, parent: tuple[str, str] | None = None) -> None:
+        """Log every page written from now on (guest and VMM): needed for diff snapshots.
+
+        ``parent`` is the snapshot this memory equals now (a restore's), if any.
+        """
+        if self.dirty is None:
+            self.dirty = DirtyLog(self.vm, self.memory)
+        self.parent = parent
 
     # --- boot --------------------------------------------------------------------------
 
@@ -465,6 +479,8 @@ class Machine:
                 t.join(5.0)
         for vcpu in self.vcpus:
             vcpu.close()
+        if self.dirty is not None:
+            self.dirty.close()
         if getattr(self, "vm", None) is not None:
             self.vm.close()
         self.kvm.close()

@@ -14,6 +14,7 @@ in this same process (docs/serve.md, "Library use": the GIL).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -49,6 +50,9 @@ class GuestMemory:
         self._owned = owned
         self.memfd = memfd
         self._closed = False
+        # Told (guest_phys, length) after every VMM write: the dirty log (vmm/dirty.py)
+        # records them, since KVM only logs the guest's own writes.
+        self.on_write: Callable[[int, int], None] | None = None
 
     @classmethod
     def create(cls, size: int, backing: Backing = Backing.ANONYMOUS) -> GuestMemory:
@@ -105,6 +109,8 @@ class GuestMemory:
         """Copy bytes into the guest (GIL released during the copy)."""
         mapping, off = self._locate(guest_phys, len(data))
         mapping.write(off, data)
+        if self.on_write is not None:
+            self.on_write(guest_phys, len(data))
 
     def close(self) -> None:
         if self._closed:

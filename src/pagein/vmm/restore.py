@@ -57,6 +57,7 @@ from pagein.serve.handler import HandlerProcess
 from pagein.serve.session import Session
 from pagein.serve.state import VmState
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, OnDemand, StrategyName
+from pagein.snapshot.chain import file_sha256
 from pagein.snapshot.raw import RawFileSource, data_extents
 from pagein.sys.mapping import (
     HUGE_PAGE_SIZE,
@@ -70,6 +71,7 @@ from pagein.sys.pagemap import Pagemap
 from pagein.sys.poll import wait_readable
 from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
 from pagein.vmm.console import Console
+from pagein.vmm.layers import chain_of, copy_chain, map_chain_private, verify_chain
 from pagein.vmm.machine import Machine, RunResult
 from pagein.vmm.memory import GuestMemory, Region
 from pagein.vmm.snapshot import Snapshot, load_snapshot, verify_memory
@@ -399,8 +401,18 @@ def _map_file(snap: Snapshot, parts: _Parts) -> list[Region]:
         os.close(fd)
 
 
-def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts) -> list[Region]:
-    """Register fresh memory with a uffd and hand it to a handler, as Firecracker does."""
+def _map_chain(snap: Snapshot, parts: _Parts, whole: Mapping) -> list[Region]:
+    """Guest regions inside one copy-on-write mapping of a flattened chain."""
+    parts.mappings.append(whole)
+    return [Region(r.guest_phys, Mapping(whole.address + r.offset, r.size, owned=False))
+            for r in snap.regions]
+
+
+def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts,
+              layered: bool = False) -> list[Region]:
+    """Register fresh memory with a uffd and hand it to a handler, as Firecracker does.
+
+    A ``layered`` snapshot is served from its directory: the handler resolves the chain."""
     regions = _fresh(snap, parts, opts.shared_memory)
     features = Feature.EVENT_REMOVE
     if opts.shared_memory:
@@ -415,7 +427,7 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts) -> list[Regio
     if path is None:
         parts.workdir = tempfile.mkdtemp(prefix="pagein-restore-")
         serve = HandlerProcess.options_for_one_vm(
-            snap.memory_path, parts.workdir, strategy=opts.strategy,
+            snap.directory if layered else snap.memory_path, parts.workdir, strategy=opts.strategy,
             readahead_bytes=opts.readahead_bytes, working_set=opts.working_set,
             record=opts.record)
         parts.handler = HandlerProcess.start(serve, parts.workdir, opts.handler_timeout)
@@ -448,20 +460,30 @@ def restore(source: str | Snapshot, options: RestoreOptions | None = None, *,
                          "process cannot share: use --backend copy or uffd with "
                          "--shared-memory")
     snap = source if isinstance(source, Snapshot) else load_snapshot(source)
+    # A diff layer: its whole chain is resolved and checked here, before any guest runs.
+    chain = chain_of(snap)
     if opts.verify_memory:
-        verify_memory(snap)
+        verify_chain(chain) if chain.depth else verify_memory(snap)
     parts = _Parts()
     machine: Machine | None = None
     try:
         if opts.backend is Backend.COPY:
             _check_pool(snap)
             regions = _fresh(snap, parts, opts.shared_memory)
-            _copy_in(snap, regions)
+            if chain.depth:
+                copy_chain(chain, snap, [r.mapping for r in regions])
+            else:
+                _copy_in(snap, regions)
+        elif opts.backend is Backend.FILE and chain.depth:
+            regions = _map_chain(snap, parts, map_chain_private(chain))
         elif opts.backend is Backend.FILE:
             regions = _map_file(snap, parts)
         else:
-            regions = _register(snap, opts, parts)
+            regions = _register(snap, opts, parts, chain.depth > 0)
         machine = Machine(GuestMemory.from_mappings(regions), len(snap.vcpus), console=console)
+        # Every restored VM tracks its writes, so it can be diff-snapshotted on this one.
+        machine.enable_dirty_tracking((os.path.realpath(snap.directory),
+                                       file_sha256(snap.state_path)))
         machine.set_vcpu_states(list(snap.vcpus))
         machine.console.send(snap.pending_input)
         machine.start(snap.active_vcpus)

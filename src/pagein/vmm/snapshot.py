@@ -23,6 +23,8 @@ A snapshot is a directory with two files:
                                      regions [{guest_phys, size, offset, page_size}], where
                                      offset is the region's offset in the memory file
                       workload       optional {name, args}: what the guest runs
+                      layer          optional {file, sha256}: this is a diff layer, its
+                                     pages and parent in that file (pagein.snapshot.chain)
 
 :func:`load_snapshot` checks all of it before any guest runs and raises
 :class:`~pagein.errors.SnapshotFormatError` (truncated, unknown version, a bad field,
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
@@ -42,8 +45,12 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
+
 from pagein._abi import kvm as kabi
 from pagein.errors import IntegrityError, SnapshotFormatError
+from pagein.snapshot.chain import LAYER_FILE, encode_layer, file_sha256
 from pagein.sys.kvm import Regs, Sregs, VcpuState
 from pagein.sys.mapping import PAGE_SIZE
 from pagein.vmm.layout import MAX_VCPUS
@@ -90,6 +97,8 @@ class Snapshot:
     memory_bytes: int
     memory_sha256: str | None
     workload: tuple[str, tuple[int, ...]] | None = None
+    layer_sha256: str | None = None   # a diff layer: SHA-256 of its ``layer`` file
+    bytes_written: int = 0            # data bytes written by save_snapshot (0 when loaded)
 
     @property
     def memory_path(self) -> str:
@@ -148,7 +157,7 @@ def encode_state(doc: dict[str, Any]) -> bytes:
 
 def save_snapshot(machine: Machine, directory: str, *,
                   workload: tuple[str, tuple[int, ...]] | None = None,
-                  digest: bool = True) -> Snapshot:
+                  digest: bool = True, diff: bool = False) -> Snapshot:
     """Save a paused ``machine`` into ``directory`` (created if needed).
 
     The caller pauses the machine first (:meth:`Machine.pause`), so every vCPU is at an
@@ -157,21 +166,60 @@ def save_snapshot(machine: Machine, directory: str, *,
     or a complete new one, and a VM restored by mapping the old memory file keeps its
     (unlinked) pages. Raises ``RuntimeError`` if the machine is running and
     ``ValueError`` if its guest has ended.
+
+    ``diff`` writes only the pages changed since ``machine.parent`` (the snapshot it was
+    restored from or last snapshotted to) as a layer on it (docs/restore.md); it needs
+    :meth:`Machine.enable_dirty_tracking`. Either way the snapshot becomes the parent.
     """
     if not machine.active_vcpus:
         raise ValueError("the guest has ended (no vCPU is running): there is nothing to "
                          "snapshot")
+    if diff and (machine.dirty is None or machine.parent is None):
+        raise ValueError("a diff snapshot needs a parent: this VM was not restored from a "
+                         "snapshot nor snapshotted with dirty tracking on; take a full "
+                         "snapshot first (without --diff)")
     states = machine.vcpu_states()
     os.makedirs(directory, exist_ok=True)
+    changed = machine.dirty.take() if machine.dirty is not None else None
+    try:
+        snap = _save(machine, directory, states, workload, digest, changed if diff else None)
+    except BaseException:
+        if changed is not None and machine.dirty is not None:
+            machine.dirty.give_back(changed)
+        raise
+    if machine.dirty is not None:
+        machine.parent = (os.path.realpath(directory), file_sha256(snap.state_path))
+    return snap
+
+
+def _save(machine: Machine, directory: str, states: list[VcpuState],
+          workload: tuple[str, tuple[int, ...]] | None, digest: bool,
+          changed: npt.NDArray[np.bool_] | None) -> Snapshot:
+    from pagein.vmm.layers import layer_doc, write_diff_memory
+
     mem_tmp = os.path.join(directory, f".{MEMORY_FILE}.tmp")
-    size, sha = write_memory(machine.memory, mem_tmp, digest=digest)
+    layer_tmp = os.path.join(directory, f".{LAYER_FILE}.tmp")
+    layer_sha: str | None = None
+    if changed is None:
+        size, sha = write_memory(machine.memory, mem_tmp, digest=digest)
+        written = size
+    else:
+        assert machine.parent is not None  # checked by save_snapshot
+        written, data_sha = write_diff_memory(machine.memory, changed, mem_tmp)
+        size, sha = machine.memory.size, None
+        layer = encode_layer(layer_doc(machine.parent, directory, size, changed, data_sha))
+        with open(layer_tmp, "wb") as f:
+            f.write(layer)
+            f.flush()
+            os.fsync(f.fileno())
+        layer_sha = hashlib.sha256(layer).hexdigest()
     regions, offset = [], 0
     for r in machine.memory.regions:
         regions.append(MemoryRegion(r.guest_phys, r.size, offset, r.mapping.page_size))
         offset += r.size
     snap = Snapshot(directory, tuple(states), machine.active_vcpus,
                     len(machine.console.output()), machine.console.pending_input(),
-                    tuple(regions), size, sha, workload)
+                    tuple(regions), size, sha, workload, layer_sha, written)
     doc: dict[str, Any] = {
         "vcpus": [_vcpu_doc(s) for s in states],
         "active_vcpus": sorted(snap.active_vcpus),
@@ -182,6 +230,7 @@ def save_snapshot(machine: Machine, directory: str, *,
                                 "page_size": r.page_size} for r in regions]},
         "workload": None if workload is None else {"name": workload[0],
                                                     "args": list(workload[1])},
+        "layer": None if layer_sha is None else {"file": LAYER_FILE, "sha256": layer_sha},
     }
     state_tmp = os.path.join(directory, f".{STATE_FILE}.tmp")
     with open(state_tmp, "wb") as f:
@@ -189,6 +238,12 @@ def save_snapshot(machine: Machine, directory: str, *,
         f.flush()
         os.fsync(f.fileno())
     os.replace(mem_tmp, snap.memory_path)
+    layer_path = os.path.join(directory, LAYER_FILE)
+    if layer_sha is not None:
+        os.replace(layer_tmp, layer_path)
+    else:  # a full snapshot over an old layer: its layer file must not outlive it
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(layer_path)
     os.replace(state_tmp, snap.state_path)
     return snap
 
@@ -348,9 +403,15 @@ def load_snapshot(directory: str, *, check_memory: bool = True) -> Snapshot:
                     isinstance(a, int) and not isinstance(a, bool) for a in args):
             raise d.bad("workload", "is not {name: text, args: [integers]} or null")
         wl = (workload["name"], tuple(args))
+    layer = doc.get("layer")
+    if layer is not None and not (isinstance(layer, dict) and layer.get("file") == LAYER_FILE
+                                  and isinstance(layer.get("sha256"), str)
+                                  and len(layer["sha256"]) == 64):
+        raise d.bad("layer", f'is not null or {{"file": "{LAYER_FILE}", "sha256": hex}}')
     snap = Snapshot(directory, vcpus, frozenset(active),
                     d.uint(console, "output_bytes", "console"),
-                    d.blob(console, "pending_input", "console"), regions, file_bytes, sha, wl)
+                    d.blob(console, "pending_input", "console"), regions, file_bytes, sha, wl,
+                    None if layer is None else layer["sha256"])
     if check_memory:
         check_memory_file(snap)
     return snap

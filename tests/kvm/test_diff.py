@@ -1,0 +1,200 @@
+"""Diff snapshots from dirty tracking and restores of their chains, on the real /dev/kvm.
+
+A `function` guest is snapshotted full, then changed with `update A B S` and snapshotted
+as diffs; every layer is restored with every backend and answers like the numpy
+reference at that point. Altered, missing and reordered parents are refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pagein.errors import IntegrityError, SnapshotFormatError
+from pagein.snapshot.chain import LAYER_FILE, ChainSource, read_layer, resolve_chain
+from pagein.vmm.image import workload_image
+from pagein.vmm.machine import Machine
+from pagein.vmm.reference import FunctionReference
+from pagein.vmm.restore import Backend, RestoreOptions, restore
+from pagein.vmm.snapshot import save_snapshot
+from pagein.vmm.workloads import function_args
+
+MiB = 1 << 20
+STATE, MEM, SEED = 8 * MiB, 48 * MiB, 3
+TIMEOUT = 60.0
+CHECKS = ("checksum", "sum 0 100000", "sum 400 900")
+UPDATES = ("update 10 500 3", "update 300 4000 5", "update 60000 60001 9")
+
+
+def ask(machine: Machine, request: str) -> str:
+    machine.console.send(request + "\n")
+    line = machine.console.read_line(TIMEOUT)
+    assert line is not None
+    return line
+
+
+@dataclass(frozen=True)
+class Chain:
+    layers: tuple[str, ...]                  # full snapshot first
+    refs: tuple[FunctionReference, ...]      # the reference at each layer
+
+
+def _answers(ref: FunctionReference) -> list[str]:
+    return [ref.answer(r) for r in CHECKS]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
+    root = tmp_path_factory.mktemp("chain")
+    ref = FunctionReference(STATE, SEED)
+    wa = function_args(STATE, SEED)
+    layers, refs = [], []
+    with Machine.create(MEM, 2) as m:
+        m.enable_dirty_tracking()
+        m.pause_on_ready = True
+        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
+        m.start()
+        assert m.ready.wait(TIMEOUT)
+        m.pause(TIMEOUT)
+        for i, update in enumerate(("", *UPDATES)):
+            if update:
+                m.resume()
+                assert ask(m, update) == ref.answer(update)
+                m.pause(TIMEOUT)
+            d = str(root / f"layer{i}")
+            snap = save_snapshot(m, d, workload=("function", wa.args), diff=bool(update))
+            assert (snap.layer_sha256 is None) == (not update)
+            layers.append(d)
+            refs.append(copy.deepcopy(ref))
+        m.resume()
+    yield Chain(tuple(layers), tuple(refs))
+
+
+@pytest.mark.parametrize("backend", list(Backend))
+def test_every_backend_restores_every_layer(chain: Chain, backend: Backend) -> None:
+    for directory, ref in zip(chain.layers, chain.refs, strict=True):
+        with restore(directory, RestoreOptions(backend=backend)) as vm:
+            got = [ask(vm.machine, r) for r in CHECKS]
+            assert got == _answers(ref), (directory, backend)
+            vm.machine.console.send("quit\n")
+            assert vm.wait(TIMEOUT).status == 0
+
+
+def test_diff_holds_only_changed_pages(chain: Chain) -> None:
+    sizes = [read_layer(os.path.join(d, LAYER_FILE)).pages.sum() for d in chain.layers[1:]]
+    records_pages = STATE // 4096
+    # update 10 500 touches ~8 pages of records; 300..4000 ~58; one record ~1 (plus the
+    # guest's stack, its line buffer and the page the VMM wrote the request into).
+    assert sizes[0] < 40 and sizes[2] < 40 and sizes[1] < 100, sizes
+    assert max(sizes) < records_pages // 10
+
+
+def test_restore_then_diff_then_restore(chain: Chain, tmp_path: Path) -> None:
+    """A restored VM is tracked: its diff is a layer on the snapshot it came from."""
+    ref = copy.deepcopy(chain.refs[-1])
+    with restore(chain.layers[-1], RestoreOptions(backend=Backend.UFFD)) as vm:
+        assert ask(vm.machine, "update 5 20 77") == ref.answer("update 5 20 77")
+        vm.machine.pause(TIMEOUT)
+        save_snapshot(vm.machine, str(tmp_path / "next"), diff=True)
+        vm.machine.resume()
+    assert resolve_chain(str(tmp_path / "next")).depth == len(UPDATES) + 1
+    for backend in Backend:
+        with restore(str(tmp_path / "next"), RestoreOptions(backend=backend)) as vm:
+            assert [ask(vm.machine, r) for r in CHECKS] == _answers(ref), backend
+
+
+def test_unchanged_vm_diff_is_almost_empty_and_vmm_writes_are_in_it(tmp_path: Path) -> None:
+    wa = function_args(MiB, 1)
+    with Machine.create(MEM, 1) as m:
+        m.enable_dirty_tracking()
+        m.pause_on_ready = True
+        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
+        m.start()
+        assert m.ready.wait(TIMEOUT)
+        m.pause(TIMEOUT)
+        save_snapshot(m, str(tmp_path / "full"))
+        empty = save_snapshot(m, str(tmp_path / "empty"), diff=True)
+        assert empty.bytes_written == 0
+        # The VMM writes a page the guest never touches: KVM's log cannot see it.
+        far = MEM - 4 * MiB
+        m.memory.write(far, b"\x5a" * 4096)
+        vmm = save_snapshot(m, str(tmp_path / "vmm"), diff=True)
+        m.resume()
+    pages = read_layer(str(tmp_path / "vmm" / LAYER_FILE)).pages
+    assert np.flatnonzero(pages).tolist() == [far // 4096]
+    assert vmm.bytes_written == 4096
+    with ChainSource(str(tmp_path / "vmm")) as src:
+        assert src.chain.depth == 2
+        assert bytes(src._mapping().read(far, 4096)) == b"\x5a" * 4096
+
+
+def _copy_chain(chain: Chain, dest: Path) -> list[str]:
+    out = []
+    for d in chain.layers:
+        target = dest / os.path.basename(d)
+        shutil.copytree(d, target)
+        out.append(str(target))
+    return out
+
+
+def test_missing_parent_is_refused_naming_it(chain: Chain, tmp_path: Path) -> None:
+    layers = _copy_chain(chain, tmp_path)
+    shutil.rmtree(layers[1])
+    with pytest.raises(SnapshotFormatError, match=f"its parent {layers[1]} is missing"):
+        restore(layers[-1], RestoreOptions(backend=Backend.COPY))
+
+
+def test_altered_parent_is_refused_before_any_guest_runs(chain: Chain, tmp_path: Path) -> None:
+    layers = _copy_chain(chain, tmp_path)
+    with open(os.path.join(layers[0], "vmstate"), "r+b") as f:
+        f.seek(-2, os.SEEK_END)
+        f.write(b"  ")
+    with pytest.raises(IntegrityError, match=f"snapshot layer {layers[1]}: its parent "
+                                             f"{layers[0]} is not the snapshot"):
+        restore(layers[-1], RestoreOptions(backend=Backend.FILE))
+
+
+def test_reordered_parents_are_refused(chain: Chain, tmp_path: Path) -> None:
+    """Swap layers 1 and 2: each now names a parent whose state is not the one recorded."""
+    layers = _copy_chain(chain, tmp_path)
+    tmp = layers[1] + ".x"
+    os.rename(layers[1], tmp)
+    os.rename(layers[2], layers[1])
+    os.rename(tmp, layers[2])
+    with pytest.raises(IntegrityError, match="is not the snapshot it was taken on"):
+        restore(layers[-1], RestoreOptions(backend=Backend.UFFD))
+
+
+def test_corrupt_layer_file_is_refused(chain: Chain, tmp_path: Path) -> None:
+    layers = _copy_chain(chain, tmp_path)
+    path = os.path.join(layers[2], LAYER_FILE)
+    data = bytearray(Path(path).read_bytes())
+    data[-5] ^= 1
+    Path(path).write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=f"snapshot layer file {path} is corrupted"):
+        restore(layers[-1], RestoreOptions(backend=Backend.COPY))
+
+
+def test_layer_file_removed_is_refused(chain: Chain, tmp_path: Path) -> None:
+    """Without its layer file a diff would read as a full snapshot of mostly zeros."""
+    layers = _copy_chain(chain, tmp_path)
+    os.unlink(os.path.join(layers[1], LAYER_FILE))
+    with pytest.raises(SnapshotFormatError, match="records a layer file that is missing"):
+        restore(layers[1], RestoreOptions(backend=Backend.COPY))
+
+
+def test_verify_memory_of_a_chain_names_the_corrupt_layer(chain: Chain, tmp_path: Path) -> None:
+    layers = _copy_chain(chain, tmp_path)
+    pages = np.flatnonzero(read_layer(os.path.join(layers[2], LAYER_FILE)).pages)
+    with open(os.path.join(layers[2], "memory"), "r+b") as f:
+        f.seek(int(pages[0]) * 4096 + 8)
+        f.write(b"\xff" * 8)
+    with pytest.raises(IntegrityError, match=f"snapshot layer {layers[2]} is corrupted"):
+        restore(layers[-1], RestoreOptions(backend=Backend.COPY, verify_memory=True))

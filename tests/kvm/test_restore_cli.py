@@ -203,7 +203,7 @@ def test_snapshot_a_running_vm_through_its_control_socket(tmp_path: Path) -> Non
         assert _ask(proc, REQUESTS[0]) == ANSWERS[0]
         snap = _pagein("snapshot", "--control", str(control), "--out", str(out))
         assert snap.returncode == 0, snap.stderr
-        assert snap.stdout.startswith(f"snapshot {out}: 48 MiB memory")
+        assert snap.stdout.startswith(f"snapshot {out}: 49152 KiB written of 48 MiB memory")
         # The original goes on after the snapshot...
         assert _ask(proc, REQUESTS[2], then="quit") == ANSWERS[2]
         assert proc.wait(TIMEOUT) == 0
@@ -247,3 +247,60 @@ def test_a_restored_vm_is_snapshotted_again_through_its_control_socket(
     res = _pagein("restore", str(again), "--backend", "copy", stdin="\n".join(REQUESTS[1:]) + "\n")
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ANSWERS[1:]
+
+
+def test_diff_snapshots_through_the_control_socket_restore_as_a_chain(
+        snapshot_dir: Path, tmp_path: Path) -> None:
+    """`vm snapshot --diff --json` of a restored VM twice; every backend restores the top."""
+    control = tmp_path / "d.sock"
+    ref = FunctionReference(8 << 20, SEED, 2)
+    proc = subprocess.Popen([sys.executable, "-m", "pagein", "vm", "restore", str(snapshot_dir),
+                             "--backend", "uffd", "--control", str(control)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    answers = []
+    try:
+        for i, update in enumerate(("update 100 3000 4", "update 2000 2100 8")):
+            assert _ask(proc, update) == ref.answer(update)
+            snap = _pagein("snapshot", "--control", str(control), "--out",
+                           str(tmp_path / f"d{i}"), "--diff", "--json")
+            assert snap.returncode == 0, snap.stderr
+            doc = json.loads(snap.stdout)
+            assert doc["diff"] is True and doc["pause_ms"] > 0
+            assert 0 < doc["bytes_written"] < doc["memory_bytes"] // 20, doc
+        answers = [ref.answer(r) for r in REQUESTS]
+        proc.stdin.close()
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    for backend in ("copy", "file", "uffd"):
+        res = _pagein("restore", str(tmp_path / "d1"), "--backend", backend,
+                      stdin="\n".join(REQUESTS) + "\n")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == answers, backend
+
+
+def test_diff_of_a_vm_without_a_parent_says_take_a_full_one_first(tmp_path: Path) -> None:
+    control = tmp_path / "n.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "pagein", "vm", "run", "--mem", "48M",
+                             "--control", str(control), f"state={STATE}", f"seed={SEED}"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert _ask(proc, REQUESTS[0]) == ANSWERS[0]
+        res = _pagein("snapshot", "--control", str(control), "--out", str(tmp_path / "x"),
+                      "--diff")
+        assert res.returncode == 1
+        assert "take a full snapshot first (without --diff)" in res.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()

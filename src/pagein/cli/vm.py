@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import threading
@@ -125,6 +126,9 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"pagein: error: {e}", file=sys.stderr)
         return 2
     with machine:
+        if args.control or args.snapshot_at_ready is not None:
+            # Snapshots may be taken: log every write, so a later one can be a --diff.
+            machine.enable_dirty_tracking()
         try:
             machine.boot(image, workload.args, min_heap_bytes=workload.min_heap_bytes)
         except ValueError as e:
@@ -199,6 +203,13 @@ def _register_snapshot(sub: Any) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="snapshot directory to write")
     p.add_argument("--stop", action="store_true",
                    help="leave the VM paused after the snapshot")
+    p.add_argument("--diff", action="store_true",
+                   help="write only the pages changed since the snapshot this VM was "
+                        "restored from or last snapshotted to, as a layer on it (restore "
+                        "resolves the chain; see docs/restore.md)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (dir, diff, pause_ms, bytes_written, "
+                        "memory_bytes) instead of the sentence")
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="give up waiting for the VM's answer after this long (default 300)")
     p.set_defaults(handler=snapshot_command)
@@ -207,12 +218,19 @@ def _register_snapshot(sub: Any) -> None:
 def snapshot_command(args: argparse.Namespace) -> int:
     try:
         answer = request(args.control, {"op": "snapshot", "dir": os.path.abspath(args.out),
-                                        "resume": not args.stop}, args.timeout)
+                                        "resume": not args.stop, "diff": args.diff},
+                         args.timeout)
     except PageinError as e:
         print(f"pagein: error: {e}", file=sys.stderr)
         return 1
-    print(f"snapshot {answer['dir']}: {int(answer['memory_bytes']) >> 20} MiB memory, guest "
-          f"paused {float(answer['pause_ms']):.1f} ms")
+    if args.json:
+        keys = ("dir", "diff", "pause_ms", "bytes_written", "memory_bytes")
+        print(json.dumps({k: answer.get(k) for k in keys}))
+        return 0
+    kind = "diff layer" if args.diff else "snapshot"
+    print(f"{kind} {answer['dir']}: {int(answer.get('bytes_written', 0)) >> 10} KiB written "
+          f"of {int(answer['memory_bytes']) >> 20} MiB memory, guest paused "
+          f"{float(answer['pause_ms']):.1f} ms")
     return 0
 
 

@@ -10,12 +10,17 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pagein.errors import IntegrityError, SnapshotFormatError
 from pagein.snapshot.chain import LAYER_FILE, ChainSource, read_layer, resolve_chain
@@ -198,3 +203,63 @@ def test_verify_memory_of_a_chain_names_the_corrupt_layer(chain: Chain, tmp_path
         f.write(b"\xff" * 8)
     with pytest.raises(IntegrityError, match=f"snapshot layer {layers[2]} is corrupted"):
         restore(layers[-1], RestoreOptions(backend=Backend.COPY, verify_memory=True))
+
+
+def test_squash_restores_like_the_chain(chain: Chain, tmp_path: Path) -> None:
+    out = tmp_path / "full"
+    res = subprocess.run([sys.executable, "-m", "pagein", "snapshot", "squash",
+                          chain.layers[-1], "--out", str(out)], capture_output=True, text=True,
+                         timeout=TIMEOUT, check=False)
+    assert res.returncode == 0, res.stderr
+    assert f"squashed {len(UPDATES)} diff layers into {out}" in res.stdout
+    assert not (out / LAYER_FILE).exists()
+    with ChainSource(chain.layers[-1]) as src:
+        flat = bytes(src._mapping().read(0, src.size))
+    assert (out / "memory").read_bytes() == flat
+    for backend in Backend:
+        with restore(str(out), RestoreOptions(backend=backend, verify_memory=True)) as vm:
+            assert [ask(vm.machine, r) for r in CHECKS] == _answers(chain.refs[-1]), backend
+
+
+def test_squash_into_its_own_chain_is_refused(chain: Chain) -> None:
+    res = subprocess.run([sys.executable, "-m", "pagein", "snapshot", "squash",
+                          chain.layers[-1], "--out", chain.layers[1]], capture_output=True,
+                         text=True, timeout=TIMEOUT, check=False)
+    assert res.returncode == 2
+    assert f"--out {chain.layers[1]} is a layer of the chain being squashed" in res.stderr
+
+
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(updates=st.lists(st.tuples(st.integers(0, 20000), st.integers(0, 1500),
+                                  st.integers(0, 2**32)), min_size=1, max_size=6),
+       pick=st.integers(0, 6), backend=st.sampled_from(list(Backend)))
+def test_random_update_chains_restore_like_the_reference(
+        tmp_path: Path, updates: list[tuple[int, int, int]], pick: int,
+        backend: Backend) -> None:
+    """Any sequence of updates, a diff after each: a random layer restores exactly."""
+    root = Path(tempfile.mkdtemp(dir=tmp_path))
+    state = 2 * MiB
+    ref = FunctionReference(state, SEED)
+    wa = function_args(state, SEED)
+    refs = []
+    with Machine.create(32 * MiB, 2) as m:
+        m.enable_dirty_tracking()
+        m.pause_on_ready = True
+        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
+        m.start()
+        assert m.ready.wait(TIMEOUT)
+        m.pause(TIMEOUT)
+        save_snapshot(m, str(root / "l0"), workload=("function", wa.args))
+        refs.append(copy.deepcopy(ref))
+        for i, (a, n, s) in enumerate(updates, 1):
+            m.resume()
+            req = f"update {a} {a + n} {s}"
+            assert ask(m, req) == ref.answer(req)
+            m.pause(TIMEOUT)
+            save_snapshot(m, str(root / f"l{i}"), diff=True)
+            refs.append(copy.deepcopy(ref))
+        m.resume()
+    k = pick % len(refs)
+    with restore(str(root / f"l{k}"), RestoreOptions(backend=backend)) as vm:
+        assert [ask(vm.machine, r) for r in CHECKS] == _answers(refs[k])

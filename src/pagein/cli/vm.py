@@ -293,7 +293,8 @@ def restore_command(args: argparse.Namespace) -> int:
                               parse_size(args.readahead_size), args.uffd_socket,
                               args.shared_memory, args.verify_memory,
                               working_set=_working_set_arg(args), record=args.record,
-                              trust_uids=tuple(i for ids in args.trust_uid or () for i in ids))
+                              trust_uids=tuple(i for ids in args.trust_uid or () for i in ids),
+                              track_dirty=args.control is not None)
         console = Console(sink=_stdout_sink)
         vm = restore(args.snapshot, opts, console=console)
     except (ValueError, PageinError, OSError) as e:

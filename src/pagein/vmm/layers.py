@@ -7,11 +7,13 @@ parent's state file.
 
 Restoring: :func:`chain_of` resolves and checks the whole chain before any guest runs;
 :func:`copy_chain` and :func:`map_chain_private` build guest memory from the flattened
-chain for the copy and file backends (the uffd backend serves :class:`ChainSource`).
+chain for the copy and file backends (the uffd backend serves :class:`ChainSource`);
+:func:`squash` folds a chain into one full snapshot.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from typing import TYPE_CHECKING
@@ -36,8 +38,8 @@ from pagein.vmm.memory import GuestMemory
 if TYPE_CHECKING:
     from pagein.vmm.snapshot import Snapshot
 
-__all__ = ["chain_of", "copy_chain", "layer_doc", "map_chain_private", "verify_chain",
-           "write_diff_memory"]
+__all__ = ["chain_of", "copy_chain", "layer_doc", "map_chain_private", "squash",
+           "verify_chain", "write_diff_memory"]
 
 _CHUNK_PAGES = 256          # 1 MiB per read of guest memory
 Bits = npt.NDArray[np.bool_]
@@ -167,3 +169,40 @@ def verify_chain(chain: Chain) -> None:
 def map_chain_private(chain: Chain) -> Mapping:
     """The flattened chain mapped copy-on-write as guest memory (the file backend)."""
     return map_chain(chain, shared=False, prot=Prot.READ | Prot.WRITE)
+
+
+def squash(directory: str, out: str) -> Snapshot:
+    """Fold the chain under the layer in ``directory`` into one full snapshot in ``out``.
+
+    The result restores exactly as the layer does, with no parents. Everything is
+    checked first (:func:`chain_of`); files are written under temporary names and
+    renamed, the state last. Raises ``ValueError`` when ``out`` is a layer of the chain.
+    """
+    from pagein.vmm.memory import Region
+    from pagein.vmm.snapshot import encode_state, load_snapshot, read_state, write_memory
+
+    snap = load_snapshot(directory)
+    chain = chain_of(snap)
+    target = os.path.realpath(out)
+    if any(layer.directory == target for layer in chain.layers):
+        raise ValueError(f"--out {out} is a layer of the chain being squashed: write the "
+                         "full snapshot into a new directory")
+    doc = read_state(snap.state_path)
+    os.makedirs(out, exist_ok=True)
+    mem_tmp = os.path.join(out, ".memory.tmp")
+    with map_chain(chain, shared=True, prot=Prot.READ) as whole:
+        regions = [Region(r.guest_phys, Mapping(whole.address + r.offset, r.size, owned=False))
+                   for r in snap.regions]
+        size, sha = write_memory(GuestMemory.from_mappings(regions), mem_tmp)
+    doc["memory"] = {**doc["memory"], "file_bytes": size, "sha256": sha}
+    doc["layer"] = None
+    state_tmp = os.path.join(out, ".vmstate.tmp")
+    with open(state_tmp, "wb") as f:
+        f.write(encode_state(doc))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(mem_tmp, os.path.join(out, "memory"))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(out, LAYER_FILE))
+    os.replace(state_tmp, os.path.join(out, STATE_FILE))
+    return load_snapshot(out)

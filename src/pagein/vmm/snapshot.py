@@ -60,7 +60,8 @@ if TYPE_CHECKING:
     from pagein.vmm.memory import GuestMemory
 
 __all__ = ["FORMAT_VERSION", "MEMORY_FILE", "STATE_FILE", "MemoryRegion", "Snapshot",
-           "load_snapshot", "save_snapshot", "verify_memory", "write_memory"]
+           "encode_state", "load_snapshot", "read_state", "save_snapshot", "verify_memory",
+           "write_memory"]
 
 MAGIC = b"PGVMSTAT"
 FORMAT_VERSION = 1
@@ -286,7 +287,7 @@ class _Doc:
         return data
 
 
-def _read_state(path: str) -> dict[str, Any]:
+def read_state(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -370,7 +371,7 @@ def load_snapshot(directory: str, *, check_memory: bool = True) -> Snapshot:
     :class:`~pagein.errors.SnapshotFormatError` or :class:`~pagein.errors.IntegrityError`.
     """
     path = os.path.join(directory, STATE_FILE)
-    doc = _read_state(path)
+    doc = read_state(path)
     d = _Doc(path)
     raw_vcpus = d.get(doc, "vcpus", "")
     if not isinstance(raw_vcpus, list) or not raw_vcpus:

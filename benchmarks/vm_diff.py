@@ -3,24 +3,32 @@
 Run: ``.venv/bin/python benchmarks/vm_diff.py [STATE_MIB]`` (default 256). Prints, in one
 run on this machine: the guest's time for a fixed burst of 20 `update` requests over all
 records with dirty tracking off and on (the ratio), and for a 1% `update` the pause and
-the bytes written by a full snapshot and by a diff (the ratios). Not yet here: the
-100-layer chain's per-fault cost against its squashed snapshot (issue 16).
+the bytes written by a full snapshot and by a diff (the ratios); then a chain of
+``DEPTH`` diffs (each after a 1% `update` at a random place): the time to open it
+(resolve + flatten + map), and the guest's first `checksum` (which faults in every
+page) after a uffd restore of the chain's top against the same after a restore of the
+squashed snapshot, best of three each, interleaved.
 """
 
 from __future__ import annotations
 
+import random
 import shutil
 import sys
 import tempfile
 import time
 
+from pagein.snapshot.chain import ChainSource
 from pagein.vmm.image import workload_image
+from pagein.vmm.layers import squash
 from pagein.vmm.machine import Machine
+from pagein.vmm.restore import Backend, RestoreOptions, restore
 from pagein.vmm.snapshot import save_snapshot
 from pagein.vmm.workloads import function_args
 
 MiB = 1 << 20
 BURST = 20
+DEPTH = 100
 
 
 def _ask(m: Machine, request: str) -> None:
@@ -64,8 +72,60 @@ def run(state: int, track: bool) -> dict[str, float]:
     return out
 
 
+def build_chain(state: int, root: str) -> str:
+    """A full snapshot and DEPTH diffs on it; return the top layer's directory."""
+    wa = function_args(state, 1)
+    records = state // 64
+    rng = random.Random(16)
+    with Machine.create(state + 48 * MiB, 2) as m:
+        m.enable_dirty_tracking()
+        m.pause_on_ready = True
+        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
+        m.start()
+        if not m.ready.wait(300):
+            raise RuntimeError("the guest never said READY")
+        m.pause(60)
+        save_snapshot(m, f"{root}/l0", workload=("function", wa.args))
+        for i in range(1, DEPTH + 1):
+            m.resume()
+            a = rng.randrange(records - records // 100)
+            _ask(m, f"update {a} {a + records // 100} {i}")
+            m.pause(60)
+            save_snapshot(m, f"{root}/l{i}", diff=True)
+        m.resume()
+    return f"{root}/l{DEPTH}"
+
+
+def first_checksum(directory: str) -> float:
+    with restore(directory, RestoreOptions(backend=Backend.UFFD, track_dirty=False)) as vm:
+        t = time.perf_counter()
+        _ask(vm.machine, "checksum")
+        return time.perf_counter() - t
+
+
+def chain_bench(state: int) -> None:
+    root = tempfile.mkdtemp(prefix="pagein-bench-chain-", dir="/var/tmp")
+    try:
+        top = build_chain(state, root)
+        t = time.perf_counter()
+        with ChainSource(top) as src:
+            open_ms = (time.perf_counter() - t) * 1e3
+            runs = len(src.chain.runs())
+        squash(top, f"{root}/squashed")
+        chain_s, flat_s = [], []
+        for _ in range(3):
+            chain_s.append(first_checksum(top))
+            flat_s.append(first_checksum(f"{root}/squashed"))
+        print(f"chain of {DEPTH} diffs: opened in {open_ms:.1f} ms ({runs} runs mapped); "
+              f"first checksum after uffd restore {min(chain_s) * 1e3:.1f} ms vs squashed "
+              f"{min(flat_s) * 1e3:.1f} ms ({min(chain_s) / min(flat_s):.3f}x)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     state = int(sys.argv[1]) * MiB if len(sys.argv) > 1 else 256 * MiB
+    chain_bench(state)
     off, on = run(state, False), run(state, True)
     print(f"burst of {BURST} updates: tracking off {off['burst_s']:.3f} s, on "
           f"{on['burst_s']:.3f} s ({on['burst_s'] / off['burst_s']:.2f}x)")

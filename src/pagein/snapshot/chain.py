@@ -36,6 +36,7 @@ import binascii
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -98,8 +99,11 @@ def _bad(path: str, why: str) -> SnapshotFormatError:
     return SnapshotFormatError(f"snapshot layer file {path} {why}; take the diff snapshot again")
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
 def _hex64(v: Any) -> bool:
-    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+    return isinstance(v, str) and _HEX64.fullmatch(v) is not None
 
 
 def read_layer(path: str) -> LayerDoc:

@@ -24,6 +24,10 @@ from hypothesis import strategies as st
 
 from pagein.errors import IntegrityError, SnapshotFormatError
 from pagein.snapshot.chain import LAYER_FILE, ChainSource, read_layer, resolve_chain
+from pagein.snapshot.open import open_source
+from pagein.snapshot.store import ops
+from pagein.snapshot.store.backend import LocalBackend
+from pagein.snapshot.store.layout import read_manifest
 from pagein.vmm.image import workload_image
 from pagein.vmm.machine import Machine
 from pagein.vmm.reference import FunctionReference
@@ -263,3 +267,21 @@ def test_random_update_chains_restore_like_the_reference(
     k = pick % len(refs)
     with restore(str(root / f"l{k}"), RestoreOptions(backend=backend)) as vm:
         assert [ask(vm.machine, r) for r in CHECKS] == _answers(refs[k])
+
+
+def test_store_push_of_a_chain_uploads_only_new_chunks_and_serves_it(
+        chain: Chain, tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "store", create=True)
+    base = ops.push(backend, os.path.join(chain.layers[0], "memory"), "base",
+                    chunk_size=64 << 10)
+    top = ops.push(backend, chain.layers[-1], "top", chunk_size=64 << 10)
+    # The updates touched a few hundred KiB: a handful of 64 KiB chunks are new.
+    assert 0 < top.new_chunks <= 20 < base.new_chunks, (top, base)
+    manifest = read_manifest(backend, "top")
+    assert len(manifest.layers) == len(chain.layers)
+    with ChainSource(chain.layers[-1]) as flat, open_source(
+            f"dir://{tmp_path / 'store'}/top", cache_dir=None) as served:
+        assert served.size == flat.size
+        buf = bytearray(served.size)
+        served.read_into(0, memoryview(buf))
+        assert bytes(buf) == bytes(flat._mapping().read(0, flat.size))

@@ -84,6 +84,8 @@ def _push(args: argparse.Namespace) -> int:
     ]
     if s.reuploaded:
         rows.append(["restored after gc", str(s.reuploaded)])
+    if s.layers:
+        rows.append(["chain", f"{s.layers} layers, pushed flattened"])
     if args.working_set:
         rows.append(["working set", f"{args.working_set} (checked against {args.file})"])
     print(f"pushed {s.name} to {backend.url}")
@@ -191,7 +193,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog="example:\n  pagein store push /snap/a/memory vm1 --store dir:///srv/pagein "
                "--chunk-size 256K", formatter_class=argparse.RawDescriptionHelpFormatter)
     push.add_argument("file", help="raw memory file (Firecracker layout, e.g. the `memory` "
-                                   "file of a `pagein vm snapshot` directory)")
+                                   "file of a `pagein vm snapshot` directory), or a diff "
+                                   "layer's directory (`vm snapshot --diff`): its chain is "
+                                   "pushed flattened, only chunks the store lacks uploaded")
     push.add_argument("name", help="snapshot name: 1-128 of A-Z a-z 0-9 . _ -")
     push.add_argument("--chunk-size", type=parse_size, default=1 << 20, metavar="SIZE",
                       help="chunk size, a power of two from 64K to 4M (a bare number is bytes; "

@@ -17,7 +17,11 @@ changed (a new push under the same name replaces it whole)::
           ["3f9a…64 hex…", 81234],              [content hash, stored (compressed) bytes]
           null,                                 an all-zero chunk: not stored at all
           …
-        ]
+        ],
+        "layers": ["…64 hex…", …]               optional: pushed from a chain of diff
+                                                layers, the SHA-256 of each layer's state
+                                                file, full snapshot first (the chunks
+                                                hold the chain flattened)
       },
       "checksum": "blake2b-256:…64 hex…"        hash of the canonical body (below)
     }
@@ -79,6 +83,7 @@ class Manifest:
     chunk_size: int
     chunks: tuple[ChunkRef | None, ...]
     created_unix: float = 0.0
+    layers: tuple[str, ...] = ()    # a pushed chain: each layer's state SHA-256, bottom first
 
     def chunk_length(self, index: int) -> int:
         """Return the number of file bytes chunk ``index`` covers (the last may be short)."""
@@ -108,6 +113,8 @@ class Manifest:
             "created_unix": self.created_unix,
             "chunks": [None if c is None else [c.digest, c.stored_bytes] for c in self.chunks],
         }
+        if self.layers:  # absent for a plain file: older manifests keep their checksum
+            body["layers"] = list(self.layers)
         doc = {"format": FORMAT, "version": VERSION, "body": body,
                "checksum": f"{HASH_NAME}:{_body_digest(body)}"}
         return json.dumps(doc, separators=(",", ":")).encode()
@@ -217,4 +224,9 @@ def _decode_body(body: dict[str, object], where: str) -> Manifest:
             raise _field_error(where, f"body.chunks[{i}]", entry,
                                "must be null or [64 lowercase hex digits, positive size]")
         chunks.append(ChunkRef(entry[0], entry[1]))
-    return Manifest(name, size, chunk_size, tuple(chunks), float(created))
+    layers = body.get("layers", [])
+    if not isinstance(layers, list) or len(layers) > 65536 or not all(
+            isinstance(x, str) and _HEX64.fullmatch(x) for x in layers):
+        raise _field_error(where, "body.layers", layers,
+                           "must be a list of SHA-256 hex digests (one per layer)")
+    return Manifest(name, size, chunk_size, tuple(chunks), float(created), tuple(layers))

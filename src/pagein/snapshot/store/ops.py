@@ -31,11 +31,10 @@ from dataclasses import dataclass
 
 from pagein.errors import IntegrityError, SourceError
 from pagein.snapshot import workingset
-from pagein.snapshot.raw import RawFileSource
 from pagein.snapshot.source import PageSource
 from pagein.snapshot.store.backend import Backend, ObjectInfo
 from pagein.snapshot.store.cache import ChunkCache
-from pagein.snapshot.store.chunker import decode_chunk, digest, encode_chunk, iter_chunks
+from pagein.snapshot.store.chunker import decode_chunk, digest, encode_chunk
 from pagein.snapshot.store.layout import (
     CHUNKS,
     GCS,
@@ -50,6 +49,7 @@ from pagein.snapshot.store.layout import (
     working_set_key,
 )
 from pagein.snapshot.store.manifest import ChunkRef, Manifest, check_chunk_size, check_name
+from pagein.snapshot.store.pushinput import PushInput
 from pagein.snapshot.store.source import ChunkedSource
 
 __all__ = ["GcStats", "Progress", "PullStats", "PushStats", "SnapshotInfo", "fetch_chunk", "gc",
@@ -91,6 +91,7 @@ class PushStats:
     unique_stored_bytes: int    # their compressed size (what the snapshot costs alone)
     bytes_out: int              # compressed bytes actually uploaded by this push
     reuploaded: int             # chunks a concurrent gc removed and this push restored
+    layers: int = 0             # pushed from a chain of diff layers: how many (with the full)
 
     @property
     def compression_ratio(self) -> float:
@@ -189,6 +190,10 @@ def push(backend: Backend, path: str | os.PathLike[str], name: str, *,
          progress: ProgressFn = _nothing) -> PushStats:
     """Chunk, compress and upload the memory file at ``path`` as snapshot ``name``.
 
+    ``path`` may be a diff snapshot layer's directory: the chain is pushed flattened
+    (see :mod:`pagein.snapshot.store.pushinput`), and only chunks the store lacks
+    (those with a page changed since the parent's push) are uploaded.
+
     Chunks already in the store are not uploaded again; the manifest is written only
     after every chunk it names is stored. ``working_set`` (a file written by ``pagein
     serve --record``) is checked against ``path`` before anything is uploaded and
@@ -199,14 +204,17 @@ def push(backend: Backend, path: str | os.PathLike[str], name: str, *,
     """
     check_name(name)
     check_chunk_size(chunk_size)
+    with PushInput(path) as data:
+        return _push(backend, data, name, chunk_size, workers, working_set, progress)
+
+
+def _push(backend: Backend, data: PushInput, name: str, chunk_size: int, workers: int,
+          working_set: str | None, progress: ProgressFn) -> PushStats:
+    path, size = data.path, data.size
     ws_data = None
     if working_set is not None:
-        with RawFileSource(os.fspath(path)) as raw_source:
+        with data.page_source() as raw_source:
             ws_data = _checked_working_set(working_set, raw_source)
-    try:
-        size = os.stat(path).st_size
-    except OSError as e:
-        raise SourceError(f"cannot read memory file {os.fspath(path)}: {e.strerror}") from e
     marker = _Marker(backend, f"{PUSHES}{name}.{uuid.uuid4().hex}.json", "push", name)
     marker.create()
     try:
@@ -215,15 +223,15 @@ def push(backend: Backend, path: str | os.PathLike[str], name: str, *,
                     if (d := digest_of_key(o.key)) is not None}
         progress(Progress("listed", len(existing), len(existing)))
         refs, sizes, raw_lengths, counts = _upload_chunks(
-            backend, path, size, chunk_size, existing, workers, progress, marker)
+            backend, data, size, chunk_size, existing, workers, progress, marker)
         manifest = Manifest(name, size, chunk_size,
                             tuple(None if d is None else ChunkRef(d, sizes[d]) for d in refs),
-                            time.time())
+                            time.time(), data.layers)
         # Before the new manifest: a server must never pair it with the old working set.
         backend.delete([working_set_key(name)])
         backend.put(manifest_key(name), manifest.encode())
         progress(Progress("verifying", 0, len(sizes)))
-        reuploaded = _settle_with_gc(backend, path, manifest, progress, marker)
+        reuploaded = _settle_with_gc(backend, data, manifest, progress, marker)
         if ws_data is not None:
             backend.put(working_set_key(name), ws_data)
     except OSError as e:
@@ -233,13 +241,14 @@ def push(backend: Backend, path: str | os.PathLike[str], name: str, *,
     zero = sum(1 for d in refs if d is None)
     new_chunks, bytes_out = counts
     return PushStats(name, len(refs), zero, len(sizes), new_chunks, size,
-                     sum(raw_lengths.values()), sum(sizes.values()), bytes_out, reuploaded)
+                     sum(raw_lengths.values()), sum(sizes.values()), bytes_out, reuploaded,
+                     len(data.layers))
 
 
 _Uploaded = tuple[list[str | None], dict[str, int], dict[str, int], tuple[int, int]]
 
 
-def _upload_chunks(backend: Backend, path: str | os.PathLike[str], size: int, chunk_size: int,
+def _upload_chunks(backend: Backend, data_in: PushInput, size: int, chunk_size: int,
                    existing: dict[str, int], workers: int, progress: ProgressFn,
                    marker: _Marker) -> _Uploaded:
     """Read, hash and upload missing chunks.
@@ -262,7 +271,7 @@ def _upload_chunks(backend: Backend, path: str | os.PathLike[str], size: int, ch
     # The main thread reads and hashes (hashlib drops the GIL on big buffers); the
     # pool compresses and uploads. The window bounds memory to a few chunks per worker.
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pagein-push") as pool:
-        for raw in iter_chunks(path, chunk_size):
+        for raw in data_in.chunks(chunk_size):
             if raw.data is None:
                 refs.append(None)
             else:
@@ -286,7 +295,7 @@ def _upload_chunks(backend: Backend, path: str | os.PathLike[str], size: int, ch
     return refs, sizes, raw_lengths, (len(pending), bytes_out)
 
 
-def _settle_with_gc(backend: Backend, path: str | os.PathLike[str], manifest: Manifest,
+def _settle_with_gc(backend: Backend, data_in: PushInput, manifest: Manifest,
                     progress: ProgressFn, marker: _Marker) -> int:
     """Wait out running gcs, then restore any referenced chunk one of them deleted."""
     written = backend.head(manifest_key(manifest.name))
@@ -312,16 +321,12 @@ def _settle_with_gc(backend: Backend, path: str | os.PathLike[str], manifest: Ma
             first_index.setdefault(c.digest, i)
     if not first_index:
         return 0
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        for d, i in first_index.items():
-            data = os.pread(fd, manifest.chunk_length(i), i * manifest.chunk_size)
-            if digest(data) != d:
-                raise SourceError(f"memory file {os.fspath(path)} changed during the push "
-                                  f"(chunk {i}); push it again from a stable copy")
-            backend.put(chunk_key(d), encode_chunk(data))
-    finally:
-        os.close(fd)
+    for d, i in first_index.items():
+        data = data_in.read(i * manifest.chunk_size, manifest.chunk_length(i))
+        if digest(data) != d:
+            raise SourceError(f"memory file {data_in.path} changed during the push "
+                              f"(chunk {i}); push it again from a stable copy")
+        backend.put(chunk_key(d), encode_chunk(data))
     return len(first_index)
 
 

@@ -105,6 +105,17 @@ class ServeOptions:
         return default_workers() if self.workers is None else self.workers
 
     @property
+    def strategy_label(self) -> str:
+        """The strategy as a trace and a report name it: ``readahead 256 KiB``,
+        ``working-set then readahead``, ``on-demand``."""
+        name = self.strategy.value
+        if self.strategy is StrategyName.READAHEAD:
+            return f"{name} {self.readahead_bytes // 1024} KiB"
+        if self.strategy in (StrategyName.WORKING_SET, StrategyName.REAP):
+            return f"{name} then {self.then.value}"
+        return name
+
+    @property
     def trace_path(self) -> str | None:
         """Where a VM's trace goes: --trace, or FILE.trace.json next to --record FILE."""
         return self.trace or (f"{self.record}.trace.json" if self.record else None)

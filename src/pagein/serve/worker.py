@@ -105,7 +105,8 @@ class VmServer:
             recorder = None
             if record is not None or trace is not None:
                 recorder = Recorder(trace_path=None if trace is None else str(trace),
-                                    working_set_path=None if record is None else str(record))
+                                    working_set_path=None if record is None else str(record),
+                                    strategy=self.served.options.strategy_label)
             resume = state.attach_worker() > 1
             if resume and record is not None:
                 log.warning("%s: a serving worker died while recording its working set: "

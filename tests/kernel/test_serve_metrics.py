@@ -3,7 +3,9 @@ scraped over HTTP and parsed with ``prometheus_client.parser``."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from serve_harness import (
     client,
     finish,
     make_snapshot,
+    serving_workers,
     start_server,
     touch_args,
     wait_for,
@@ -199,3 +202,61 @@ def test_a_metrics_address_that_cannot_be_bound_is_one_clear_error(tmp_path: Pat
     assert "cannot serve metrics on --metrics-address 192.0.2.1 --metrics-port 0" in \
         proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_store_cache_and_fetch_metrics_survive_a_worker_death(tmp_path: Path) -> None:
+    """A store source: misses are fetches, a second VM hits the worker's memory cache, and
+    the totals keep a dead worker's counts (its successor reads the host's disk cache)."""
+    snap = str(tmp_path / "mem.snap")
+    make_snapshot(snap, SIZE)
+    env = {**os.environ, "PAGEIN_CACHE_DIR": str(tmp_path / "cache")}
+    subprocess.run([sys.executable, "-m", "pagein", "store", "push", "-q", "--store",
+                    f"dir://{tmp_path / 'store'}", "--chunk-size", "64K", snap, "snap1"],
+                   check=True, env=env, timeout=120)
+    chunks = SIZE // (64 << 10)
+    server = start_server(str(tmp_path), snap, "--metrics-port", "0", "--workers", "1",
+                          source=f"dir://{tmp_path / 'store'}/snap1", env=env)
+
+    def touch_all() -> None:
+        rc, res = finish(client(*touch_args(server, snap, [(0, SIZE)], "--threads", "1")))
+        assert rc == 0, res
+
+    def get(name: str, **labels: str) -> float:
+        m = _scrape(server)  # -1: not there yet (no worker has reported)
+        return _value(m, name, **labels) if m.get(name) else -1
+
+    try:
+        touch_all()
+        wait_for(lambda: get("pagein_store_cache_misses_total") == chunks, 10,
+                 "the worker's fetch counts")
+        m = _scrape(server)
+        assert _value(m, "pagein_store_fetch_latency_seconds_count") == chunks
+        assert _value(m, "pagein_store_fetched_bytes_total") > 0
+        assert _value(m, "pagein_store_cache_memory_bytes") == SIZE
+        touch_all()
+        wait_for(lambda: get("pagein_store_cache_hits_total", tier="memory") >= chunks, 10,
+                 "memory-cache hits of the second VM")
+        assert get("pagein_store_cache_misses_total") == chunks  # nothing fetched again
+        (worker,) = serving_workers(server.proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: serving_workers(server.proc.pid) - {worker}, 20, "a new worker")
+        touch_all()
+        wait_for(lambda: get("pagein_store_cache_hits_total", tier="disk") == chunks, 10,
+                 "the new worker's disk-cache hits")
+        m = _scrape(server)
+    finally:
+        server.stop()
+    # The dead worker's counts are still in the totals; its memory cache is not.
+    assert _value(m, "pagein_store_cache_misses_total") == chunks
+    assert _value(m, "pagein_store_cache_hits_total", tier="memory") >= chunks
+    assert _value(m, "pagein_store_cache_memory_bytes") == SIZE  # the new worker's only
+
+
+def test_a_file_source_has_no_store_metrics(tmp_path: Path) -> None:
+    snap = str(tmp_path / "mem.snap")
+    make_snapshot(snap, SIZE)
+    server = start_server(str(tmp_path), snap, "--metrics-port", "0", "--workers", "1")
+    try:
+        assert not [n for n in _scrape(server) if n.startswith("pagein_store_")]
+    finally:
+        server.stop()

@@ -46,6 +46,7 @@ from pagein.errors import PageinError
 from pagein.serve.cause import Cause
 from pagein.serve.session import SessionEnd
 from pagein.serve.stats import LATENCY_BUCKETS_US, Counters, ServerSample, VmRow
+from pagein.snapshot.source import FETCH_BUCKETS_S, SourceStats
 
 if TYPE_CHECKING:
     from pagein.serve.server import Server
@@ -150,6 +151,8 @@ class ServerCollector(Collector):
                        "Serving workers that died or failed while starting.",
                        s.worker_start_failures)
         yield _gauge("pagein_workers", "Serving worker processes in the pool.", s.workers)
+        if s.source is not None:
+            yield from _store_families(s.source)
         info = GaugeMetricFamily("pagein_build_info", "The pagein serving: version, fault "
                                  "engine, Python; always 1.",
                                  labels=("version", "engine", "python"))
@@ -176,6 +179,33 @@ class ServerCollector(Collector):
             down.add_metric(values, r.ms_without_worker / 1000)
         yield from per_vm.all()
         yield from (active, restarts, down)
+
+
+def _store_families(st: SourceStats) -> Iterator[Metric]:
+    """A store source's host cache and fetches, summed over the serving workers."""
+    hits = CounterMetricFamily("pagein_store_cache_hits_total",
+                               "Chunk reads the host cache answered, by tier (memory: this "
+                               "process's verified chunks; disk: the host's cache directory).",
+                               labels=("tier",))
+    hits.add_metric(["memory"], st.cache_hits_memory)
+    hits.add_metric(["disk"], st.cache_hits_disk)
+    yield hits
+    yield _counter("pagein_store_cache_misses_total",
+                   "Chunk reads neither cache could answer: each one a fetch from the store.",
+                   st.fetches)
+    yield _counter("pagein_store_fetched_bytes_total",
+                   "Bytes fetched from the store (as stored: compressed).", st.fetched_bytes)
+    yield _gauge("pagein_store_cache_memory_bytes",
+                 "Bytes the serving workers' memory caches hold now.", st.cache_memory_bytes)
+    latency = HistogramMetricFamily("pagein_store_fetch_latency_seconds",
+                                    "Time one chunk fetch from the store took.")
+    cumulative = 0
+    buckets: list[tuple[str, float]] = []
+    for bound, n in zip([*FETCH_BUCKETS_S, None], st.fetch_buckets, strict=True):
+        cumulative += n
+        buckets.append(("+Inf" if bound is None else f"{bound:g}", cumulative))
+    latency.add_metric([], buckets, st.fetch_seconds_sum)
+    yield latency
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -46,9 +46,10 @@ from pagein.serve.ratelog import RateLimitedLog
 from pagein.serve.record import OutputNames
 from pagein.serve.served import Served
 from pagein.serve.state import VmState
-from pagein.serve.stats import Counters, ServerSample, VmRow, write_json
+from pagein.serve.stats import Counters, ServerSample, SourceTally, VmRow, write_json
 from pagein.serve.worker import VmServer
 from pagein.serve.workers import WORKER_START_S, WorkerFactory, WorkerProc
+from pagein.snapshot.source import SourceStats
 from pagein.sys.fdpass import PeerCred, kill_through, peer_credentials, peer_pidfd
 
 __all__ = ["BadHandshakePolicy", "Server"]
@@ -145,6 +146,8 @@ class Server:
     def __init__(self, served: Served) -> None:
         self.options = options = served.options
         self.source = served.source
+        self._served = served
+        self._source_stats = SourceTally()  # workers' store caches (--workers 0: ours)
         self.engine, why = choose(options.engine)
         if why is not None:
             log.warning("engine: python (%s)", why)
@@ -369,7 +372,9 @@ class Server:
             doc, fds = got
             for fd in fds:
                 os.close(fd)
-            self._on_report(doc)
+            self._on_report(doc, w.pid)
+        with self._lock:
+            self._source_stats.retire(w.pid)
         if self._stopping:
             return
         if w.retiring:
@@ -466,8 +471,20 @@ class Server:
             _kill(vm.pidfd, vm.peer.pid)
         self._vm_ended(vm.id, "failed")
 
-    def _on_report(self, doc: dict[str, object]) -> None:
+    def _on_report(self, doc: dict[str, object], worker: int | None = None) -> None:
         vm_id = doc.get("vm")
+        if doc.get("op") == "source-stats" and worker is not None:
+            raw = doc.get("stats")
+            try:
+                if not isinstance(raw, dict):
+                    raise ValueError("not an object")
+                stats = SourceStats.from_doc(raw)
+            except ValueError as e:
+                log.error("serving worker pid %d sent bad source stats: %s", worker, e)
+                return
+            with self._lock:
+                self._source_stats.update(worker, stats)
+            return
         if doc.get("op") == "started" and isinstance(vm_id, int):
             with self._lock:
                 if vm_id in self._vms:
@@ -658,7 +675,9 @@ class Server:
                 handshake_failures=self.handshake_failures, refused_peers=self.refused_peers,
                 worker_restarts=self.worker_restarts,
                 worker_start_failures=self.worker_start_failures,
-                workers=len(self._workers), engine=self.engine.value)
+                workers=len(self._workers), engine=self.engine.value,
+                source=(self._served.source_stats() if self.options.worker_count == 0
+                        else self._source_stats.total()))
 
     def stats_doc(self) -> dict[str, object]:
         """The ``--stats-json`` document: totals and one entry per VM."""

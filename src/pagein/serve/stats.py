@@ -23,8 +23,10 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 
+from pagein.snapshot.source import SourceStats
+
 __all__ = ["COUNTER_WORDS", "LATENCY_BUCKETS_US", "N_COUNTERS", "CounterBlock", "Counters",
-           "ServeStats", "ServerSample", "VmRow", "write_json"]
+           "ServeStats", "ServerSample", "SourceTally", "VmRow", "write_json"]
 
 #: Upper bounds (microseconds) of the fault-latency histogram; one more bucket is +Inf.
 LATENCY_BUCKETS_US = (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000, 100000)
@@ -211,3 +213,34 @@ class ServerSample:
     worker_start_failures: int
     workers: int
     engine: str
+    source: SourceStats | None = None  # a store source's cache and fetches (None: a file)
+
+
+class SourceTally:
+    """The store source counters of every worker: the last each sent, plus those of the
+    workers that have gone (kept, so the totals never drop when a worker dies)."""
+
+    def __init__(self) -> None:
+        self._live: dict[int, SourceStats] = {}
+        self._gone = SourceStats()
+        self._seen = False
+
+    def update(self, worker: int, stats: SourceStats) -> None:
+        self._live[worker] = stats
+        self._seen = True
+
+    def retire(self, worker: int) -> None:
+        """Worker ``worker`` has gone: keep its counts, drop its cache (a gauge)."""
+        last = self._live.pop(worker, None)
+        if last is not None:
+            self._gone.add(last)
+            self._gone.cache_memory_bytes -= last.cache_memory_bytes
+
+    def total(self) -> SourceStats | None:
+        """Every worker's counts summed; None when no worker ever sent any."""
+        if not self._seen:
+            return None
+        out = SourceStats()
+        for s in (self._gone, *self._live.values()):
+            out.add(s)
+        return out

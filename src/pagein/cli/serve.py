@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 from types import FrameType
@@ -39,6 +40,25 @@ def parse_size(text: str) -> int:
         return int(t[: len(t) - len(unit)]) * _UNITS[unit]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4096, 256K or 2M") from None
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds, 0 or more (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0, e.g. 300")
+    return value
+
+
+def _port(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535 (argparse type)."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port from 0 to 65535 "
+                                         "(0 picks a free one), e.g. 9464")
+    return int(text)
 
 
 def register(sub: Any) -> None:
@@ -80,14 +100,14 @@ def register(sub: Any) -> None:
     metrics = p.add_argument_group(
         "metrics", "Prometheus metrics of every VM and of the server (the list is in the "
         "Observability section of docs/serve.md).")
-    metrics.add_argument("--metrics-port", type=int, metavar="PORT",
+    metrics.add_argument("--metrics-port", type=_port, metavar="PORT",
                          help="serve Prometheus metrics at http://ADDRESS:PORT/metrics "
                               "(0 picks a free port); off unless given")
     metrics.add_argument("--metrics-address", default=DEFAULT_METRICS_ADDRESS,
                          metavar="ADDRESS",
                          help="the address --metrics-port listens on (default 127.0.0.1, "
                               "this machine only; 0.0.0.0 or :: lets other machines scrape)")
-    metrics.add_argument("--metrics-keep-ended", type=float,
+    metrics.add_argument("--metrics-keep-ended", type=_seconds,
                          default=DEFAULT_METRICS_KEEP_ENDED_S, metavar="SECONDS",
                          help="how long the series of a VM that has gone stay on /metrics "
                               "(default 300); the server's totals keep counting it")

@@ -82,9 +82,10 @@ class ServeOptions:
         if self.socket_mode is not None and not 0 <= self.socket_mode <= 0o777:
             raise ValueError(f"--socket-mode {self.socket_mode:o} is not a permission mode "
                              "between 0 and 777 (octal), e.g. 0660")
-        if not self.metrics_keep_ended_s >= 0:
-            raise ValueError(f"--metrics-keep-ended {self.metrics_keep_ended_s} is negative: "
-                             "give the seconds an ended VM's series stay, e.g. 300")
+        if not 0 <= self.metrics_keep_ended_s < float("inf"):
+            raise ValueError(f"--metrics-keep-ended {self.metrics_keep_ended_s} is not a "
+                             "number of seconds >= 0: give how long an ended VM's series "
+                             "stay, e.g. 300")
 
     @property
     def socket_permissions(self) -> int:

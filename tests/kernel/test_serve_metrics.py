@@ -260,3 +260,22 @@ def test_a_file_source_has_no_store_metrics(tmp_path: Path) -> None:
         assert not [n for n in _scrape(server) if n.startswith("pagein_store_")]
     finally:
         server.stop()
+
+
+def test_a_silent_or_garbage_scraper_holds_up_no_one(tmp_path: Path) -> None:
+    snap = str(tmp_path / "mem.snap")
+    make_snapshot(snap, SIZE)
+    server = start_server(str(tmp_path), snap, "--metrics-port", "0")
+    port = _port(server)
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as junk:
+            junk.sendall(b"\x00\xff garbage \r\n\r\n")
+            answer = junk.makefile("rb").read()  # until the server closes it
+            assert b"Error code: 400" in answer, answer[:300]
+        assert _value(_scrape(server), "pagein_sessions_active") == 0  # served meanwhile
+        assert server.proc.poll() is None
+    finally:
+        for s in silent:
+            s.close()
+        server.stop()

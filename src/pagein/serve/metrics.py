@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 __all__ = ["MetricsEndpoint", "ServerCollector", "exposition"]
 
 VM_LABELS = ("session", "pid")
+#: Seconds a scrape connection may stay silent before it is closed.
+SCRAPE_TIMEOUT_S = 10.0
 
 # (counter attribute, name after pagein_ / pagein_vm_, help)
 _SCALARS = (
@@ -229,6 +231,11 @@ def exposition(server: Server) -> str:
 
 
 class _Quiet(WSGIRequestHandler):
+    # A scraper that connects and sends nothing (or a byte a minute) is dropped after
+    # this long instead of holding its thread forever; request lines and headers are
+    # bounded by http.server (64 KiB, 100 headers).
+    timeout = SCRAPE_TIMEOUT_S
+
     def log_message(self, format: str, *args: Any) -> None:
         """Log nothing: a scraper every 15 s is not news."""
 

@@ -170,10 +170,11 @@ def test_only_metrics_is_served_and_the_address_is_honoured(tmp_path: Path) -> N
     make_snapshot(snap, SIZE)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    default = start_server(str(tmp_path / "a"), snap, "--metrics-port", "0")
-    other = start_server(str(tmp_path / "b"), snap, "--metrics-port", "0",
-                         "--metrics-address", "127.0.0.2")
+    servers = [start_server(str(tmp_path / "a"), snap, "--metrics-port", "0")]
     try:
+        servers.append(start_server(str(tmp_path / "b"), snap, "--metrics-port", "0",
+                                    "--metrics-address", "127.0.0.2"))
+        default, other = servers
         port = _port(default)
         for path in ("/", "/metrics/", "/favicon.ico", "/stats"):
             status, body = _get(f"http://127.0.0.1:{port}{path}")
@@ -187,8 +188,8 @@ def test_only_metrics_is_served_and_the_address_is_honoured(tmp_path: Path) -> N
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", _port(other)), timeout=5).close()
     finally:
-        default.stop()
-        other.stop()
+        for server in servers:
+            server.stop()
 
 
 def test_a_metrics_address_that_cannot_be_bound_is_one_clear_error(tmp_path: Path) -> None:

@@ -4,7 +4,17 @@
 ``--record``) as a point: time since the VM connected on x, offset in the memory file
 on y, coloured by how the page arrived (demand fault, readahead, working-set prefetch,
 background population, zero page). A good working-set restore shows a dense prefetch
-band at the start and few demand points after it.
+band at the start and few demand points after it. The title names the strategy the
+trace was served with (traces written before they recorded it say nothing of it), and
+the legend sits beside the axes, never over the points.
+
+The time axis is symlog: linear up to 0.1 ms, logarithmic beyond. Most pages of a
+restore arrive in its first milliseconds (the guest's first touches, a prefetch plan's
+first chunks), and on a linear axis of a multi-second restore they collapse into one
+column at x=0. A log axis would spread them, one decade per width, but it cannot show
+t=0 and the first fills sit at a few microseconds. An inset would repeat the points
+and hide a corner of the main picture. symlog keeps one picture in which the first
+millisecond and the last second are both readable and t=0 still has a place.
 
 :func:`plot_compare` draws the results JSON of ``benchmarks/working_set.py`` as bars:
 time to the first answer and to the end of the request burst, per restore method.
@@ -21,9 +31,10 @@ from typing import Any
 
 from pagein.errors import PageinError, SnapshotFormatError, Unavailable
 from pagein.serve.cause import Cause
-from pagein.serve.record import load_trace
+from pagein.serve.record import Trace, load_trace
 
-__all__ = ["CompareSummary", "TraceSummary", "plot_compare", "plot_trace"]
+__all__ = ["CompareSummary", "TraceSummary", "draw_trace", "plot_compare", "plot_trace",
+           "trace_title"]
 
 COLOURS = {Cause.DEMAND: "#d62728", Cause.READAHEAD: "#ff7f0e",
            Cause.PREFETCH: "#2ca02c", Cause.BACKGROUND: "#1f77b4",
@@ -35,6 +46,7 @@ class TraceSummary:
     faults: int
     pages: dict[str, int]  # pages installed per cause
     duration_ms: float
+    title: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +64,21 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_trace(trace_path: str, out: str, *, title: str | None = None) -> TraceSummary:
-    """Draw the trace at ``trace_path`` as a PNG at ``out``; return what it showed."""
-    trace = load_trace(trace_path)
+#: Below this many milliseconds the time axis is linear, above it logarithmic.
+LINEAR_BELOW_MS = 0.1
+
+
+def trace_title(trace: Trace) -> str:
+    """The picture's title: the strategy (when the trace names it) and what happened."""
+    pages = sum(f.pages for f in trace.fills)
+    what = f"{len(trace.faults)} faults, {pages} pages installed"
+    return f"restore with {trace.strategy}: {what}" if trace.strategy else f"restore: {what}"
+
+
+def draw_trace(trace: Trace, *, title: str | None = None) -> tuple[Any, Counter[str]]:
+    """Draw ``trace`` on a new figure; return it and the pages drawn per cause."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(11, 5), dpi=110)
     pages: Counter[str] = Counter()
     # Demand faults last, so they are drawn on top of the bulk fills around them.
     for cause in sorted(Cause, key=lambda a: a is Cause.DEMAND):
@@ -75,17 +97,30 @@ def plot_trace(trace_path: str, out: str, *, title: str | None = None) -> TraceS
             ax.scatter(xs, ys, s=3 if cause is not Cause.DEMAND else 14, marker=".",
                        color=COLOURS[cause], label=f"{cause.label} ({pages[cause.label]})",
                        linewidths=0)
-    ax.set_xlabel("time since the VM connected (ms)")
+    ax.set_xscale("symlog", linthresh=LINEAR_BELOW_MS)
+    ax.set_xlim(left=0)
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))  # 0.1, not 10^-1
+    ax.set_xlabel(f"time since the VM connected (ms; linear below {LINEAR_BELOW_MS:g} ms, "
+                  "logarithmic above)")
     ax.set_ylabel("offset in the memory file (MiB)")
-    ax.set_title(title or f"restore: {len(trace.faults)} faults, "
-                 f"{sum(pages.values())} pages installed")
-    ax.legend(loc="upper right", markerscale=4, title="how each page arrived")
+    ax.set_title(title or trace_title(trace))
+    if pages:  # beside the axes, never over the points
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                  markerscale=4, title="how each page arrived")
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig, pages
+
+
+def plot_trace(trace_path: str, out: str, *, title: str | None = None) -> TraceSummary:
+    """Draw the trace at ``trace_path`` as a PNG at ``out``; return what it showed."""
+    trace = load_trace(trace_path)
+    fig, pages = draw_trace(trace, title=title)
+    drawn = fig.axes[0].get_title()
     _save(fig, out)
-    plt.close(fig)
+    _pyplot().close(fig)
     end = max((f.time_us for f in trace.fills), default=0)
-    return TraceSummary(len(trace.faults), dict(pages), end / 1e3)
+    return TraceSummary(len(trace.faults), dict(pages), end / 1e3, drawn)
 
 
 def _save(fig: Any, out: str) -> None:

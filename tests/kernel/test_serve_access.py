@@ -114,7 +114,7 @@ def test_a_peer_outside_the_allow_list_is_refused_unread_and_gets_no_page(
         assert got["refused_again"] == 19
         assert server.proc.poll() is None  # the server goes on
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-            assert "\npagein_refused_peers_total 20\n" in resp.read().decode()
+            assert "\npagein_refused_peers_total 20.0\n" in resp.read().decode()
     finally:
         server.stop()
     log = server.log()

@@ -48,10 +48,12 @@ def test_sigusr1_stats_and_prometheus_while_a_vm_runs(tmp_path: Path) -> None:
         assert sum(vm["latency_us_buckets"]) == vm["faults"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
             text = resp.read().decode()
-        assert "pagein_active_vms 1" in text
-        assert f'pagein_pages_total{{vm="{held.pid}"}} {SIZE // 4096}' in text
-        assert f'pagein_fault_latency_seconds_count{{vm="{held.pid}"}} {vm["faults"]}' in text
-        assert f'pagein_fault_latency_seconds_bucket{{vm="{held.pid}",le="+Inf"}}' in text
+        labels = f'{{pid="{held.pid}",session="{vm["session"]}"}}'
+        assert "\npagein_sessions_active 1.0\n" in text
+        assert f"\npagein_vm_installed_pages_total{labels} {SIZE // 4096}.0\n" in text
+        assert f'\npagein_vm_fault_latency_seconds_count{labels} {vm["faults"]}.0\n' in text
+        assert (f'\npagein_vm_fault_latency_seconds_bucket{{le="+Inf",pid="{held.pid}",'
+                f'session="{vm["session"]}"}}') in text
         assert f"vm pid={held.pid}: serving 1 regions" in server.log()
     finally:
         if held.poll() is None:

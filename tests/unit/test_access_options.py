@@ -15,7 +15,8 @@ from pagein.sys.fdpass import PeerCred
 
 ALL_SET = ServeOptions("/run/pagein/s.sock", "/snap/mem", socket_mode=0o640,
                        socket_group=65534, allow_uids=(1000, 1001), allow_gids=(65534,),
-                       on_bad_handshake=BadHandshakePolicy.CLOSE, workers=2, exit_after=3)
+                       on_bad_handshake=BadHandshakePolicy.CLOSE, workers=2, exit_after=3,
+                       metrics_port=9464, metrics_address="::", metrics_keep_ended_s=2.5)
 
 
 def _parse(argv: list[str]) -> ServeOptions:
@@ -86,3 +87,18 @@ def test_refusals_are_logged_in_bounded_lines(caplog: pytest.LogCaptureFixture) 
     assert caplog.records[5].getMessage() == ("995 more connections refused in the last 10 s "
                                               "(not logged one by one)")
     assert len(caplog.records) == 7  # the summary, then the next window's first refusal
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("--metrics-keep-ended", "-1", "not a number of seconds >= 0"),
+    ("--metrics-keep-ended", "nan", "not a number of seconds >= 0"),
+    ("--metrics-port", "70000", "not a TCP port from 0 to 65535"),
+    ("--metrics-port", "-1", "not a TCP port from 0 to 65535"),
+])
+def test_bad_metrics_flags_are_one_line_naming_the_flag(
+        flag: str, value: str, says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        _parse(["serve", "--socket", "/s", "--mem-file", "/m", flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: '{value}' is {says}" in err and "Traceback" not in err

@@ -108,3 +108,35 @@ def test_the_checker_resolves_imports() -> None:
     assert any(m == "pagein._abi" for _, m in _imports(f))
     assert _layer("pagein.serve.loop") == "serve"
     assert RANK[_layer("pagein.serve.loop")] > RANK[_layer_of_file(f)]
+
+
+def _rich_imports(path: Path) -> list[tuple[int, bool]]:
+    """(line, at module level) of every ``import rich...`` / ``from rich... import`` in path."""
+    tree = ast.parse(path.read_text(), str(path))
+    top = {id(n) for n in tree.body}
+    out = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        if any(n == "rich" or n.startswith("rich.") for n in names):
+            out.append((node.lineno, id(node) in top))
+    return out
+
+
+def test_rich_is_imported_only_where_something_is_drawn() -> None:
+    """``rich`` lives in ``cli/_console.py`` only, imported inside the functions that draw
+    on a terminal: ``pagein serve`` (which imports the CLI) and its workers never load it."""
+    bad = []
+    for path in _sources():
+        rel = path.relative_to(ROOT)
+        for line, top in _rich_imports(path):
+            if str(rel) != "cli/_console.py":
+                bad.append(f"{rel}:{line} imports rich (only cli/_console.py may)")
+            elif top:
+                bad.append(f"{rel}:{line} imports rich at module level (import it in the "
+                           "function that draws)")
+    assert not bad, "\n".join(bad)
+    assert _rich_imports(ROOT / "cli" / "_console.py"), "the checker found no rich import"

@@ -11,8 +11,9 @@ from pagein.serve.stats import (
     N_COUNTERS,
     CounterBlock,
     Counters,
+    ServerSample,
     ServeStats,
-    prometheus_text,
+    VmRow,
 )
 from pagein.serve.strategies import (
     OnDemand,
@@ -87,17 +88,35 @@ def test_counters_add_snapshot_and_latency() -> None:
     assert ServeStats.from_dict(d).faults == 4
 
 
-def test_prometheus_text_is_cumulative() -> None:
-    c = Counters(faults=3, pages=7)
+def test_the_collector_renders_a_cumulative_histogram_in_seconds() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pagein.serve.metrics import ServerCollector
+    c = Counters(faults=3, pages=7, bytes_readahead=8192)
     for us in (1, 30, 30):
         c.observe_latency(us)
-    text = prometheus_text([("42", c)], active=1)
-    assert "pagein_active_vms 1\n" in text
-    assert 'pagein_pages_total{vm="42"} 7\n' in text
-    assert 'pagein_fault_latency_seconds_bucket{vm="42",le="5e-06"} 1\n' in text
-    assert 'pagein_fault_latency_seconds_bucket{vm="42",le="5e-05"} 3\n' in text
-    assert 'pagein_fault_latency_seconds_bucket{vm="42",le="+Inf"} 3\n' in text
-    assert 'pagein_fault_latency_seconds_count{vm="42"} 3\n' in text
+    row = VmRow(4, 42, c, "active", "native", 0, 0.0, None)
+    sample = ServerSample((row,), c, 0, 0.0, 1, {}, 0, 0, 0, 0, 1, "native")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServerCollector(lambda: sample))
+    got = {(x.name, tuple(sorted(x.labels.items()))): x.value
+           for f in text_string_to_metric_families(generate_latest(registry).decode())
+           for x in f.samples}
+    vm = (("pid", "42"), ("session", "4"))
+    assert got[("pagein_sessions_active", ())] == 1
+    assert got[("pagein_vm_installed_pages_total", vm)] == 7
+    assert got[("pagein_vm_filled_bytes_total", (("cause", "readahead"), *vm))] == 8192
+    assert got[("pagein_filled_bytes_total", (("cause", "readahead"),))] == 8192
+    bucket = "pagein_vm_fault_latency_seconds_bucket"
+    assert got[(bucket, (("le", "5e-06"), *vm))] == 1
+    assert got[(bucket, (("le", "2e-05"), *vm))] == 1
+    assert got[(bucket, (("le", "5e-05"), *vm))] == 3
+    assert got[(bucket, (("le", "+Inf"), *vm))] == 3
+    assert got[("pagein_vm_fault_latency_seconds_count", vm)] == 3
+    assert got[("pagein_vm_fault_latency_seconds_sum", vm)] == pytest.approx(61e-6)
+    assert got[("pagein_fault_latency_seconds_bucket", (("le", "+Inf"),))] == 3
+    assert got[("pagein_sessions_ended_total", (("end", "peer exited"),))] == 0
 
 
 @pytest.mark.parametrize("size", [256, 2048])

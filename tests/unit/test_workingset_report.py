@@ -53,3 +53,40 @@ def test_compare_bars_and_the_cli(tmp_path: Path) -> None:
     res.write_text(json.dumps({"rows": [{"label": "x"}]}))
     with pytest.raises(SnapshotFormatError, match="burst_ms"):
         plot_compare(str(res), str(tmp_path / "d.png"))
+
+
+def test_the_title_names_the_strategy_the_legend_is_beside_the_axes(tmp_path: Path) -> None:
+    from pagein.report import draw_trace
+    from pagein.serve.record import load_trace
+    rec = Recorder(trace_path=str(tmp_path / "t.json"), strategy="readahead 256 KiB")
+    rec.fault(0x3000, 11, False)
+    rec.filled(0x3000, 1, Cause.DEMAND)
+    rec.filled(0x4000, 63, Cause.READAHEAD)
+    rec.finish(_Src(), [])  # type: ignore[arg-type]
+    trace = load_trace(str(tmp_path / "t.json"))
+    assert trace.strategy == "readahead 256 KiB"
+    fig, _ = draw_trace(trace)
+    ax = fig.axes[0]
+    assert ax.get_title() == "restore with readahead 256 KiB: 1 faults, 64 pages installed"
+    # The first milliseconds get room: a symlog time axis, linear near zero.
+    assert ax.get_xscale() == "symlog"
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    axes = ax.get_window_extent()
+    assert legend.x0 >= axes.x1  # beside the axes, over no point
+    assert legend.x1 <= fig.bbox.x1  # and inside the picture
+
+
+def test_a_trace_without_a_strategy_still_reads(tmp_path: Path) -> None:
+    """Traces written before the strategy was recorded load, and their title says none."""
+    path = _trace(tmp_path)
+    doc = json.loads(Path(path).read_text())
+    assert "strategy" not in doc  # a Recorder told no strategy writes none, as before
+    out = tmp_path / "old.png"
+    s = plot_trace(path, str(out))
+    assert out.read_bytes()[:8] == PNG
+    assert s.title == "restore: 1 faults, 82 pages installed"
+    doc["strategy"] = 7
+    Path(path).write_text(json.dumps(doc))
+    with pytest.raises(SnapshotFormatError, match="field strategy"):
+        plot_trace(path, str(out))

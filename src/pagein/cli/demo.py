@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pagein.cli._format import parse_size, table
+from pagein.cli._console import print_table
+from pagein.cli._format import parse_size
 from pagein.demo import check_demo_size, run_demo, run_vm_demo
 from pagein.errors import PageinError
 
@@ -69,8 +70,8 @@ def _run(args: argparse.Namespace) -> int:
     rows = [[x.method, _ms(x.resume_s), _ms(x.first_answer_s), _ms(x.all_state_s),
              f"{x.present_bytes / (1 << 20):,.0f} MiB", "yes" if x.answers_match else "NO"]
             for x in r.runs]
-    print(table(["restore", "resume", "first answer", "all-state answer", "memory present",
-                 "answers = original"], rows))
+    print_table(["restore", "resume", "first answer", "all-state answer", "memory present",
+                 "answers = original"], rows)
     ok = all(x.answers_match for x in r.runs)
     print("\nTimes are from the start of the restore. uffd restores hand memory to a pagein "
           "serve\nalready listening (a fleet's daemon); its start is not counted. Memory "
@@ -95,8 +96,8 @@ def _run_memory(args: argparse.Namespace) -> int:
     print("every byte verified after each restore\n")
     rows = [[r.method, _ms(r.ready_s), _ms(r.first_byte_s), _ms(r.tenth_s), _ms(r.total_s),
              f"{r.faults:,}"] for r in result.runs]
-    print(table(["restore", "usable after", "first byte", "random 10% read", "all pages read",
-                 "faults served"], rows))
+    print_table(["restore", "usable after", "first byte", "random 10% read", "all pages read",
+                 "faults served"], rows)
     eager, lazy = result.runs[0], result.runs[1:]
     best = min(lazy, key=lambda r: r.tenth_s)
     print(f"\nEager: the memory is usable after {_ms(eager.ready_s)}, when all of it is copied."

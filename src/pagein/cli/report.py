@@ -32,6 +32,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     s = plot_trace(args.trace, args.out, title=args.title)
     pages = ", ".join(f"{k} {v}" for k, v in sorted(s.pages.items()))
-    print(f"{args.out}: {s.faults} faults over {s.duration_ms:.1f} ms; pages by arrival: "
-          f"{pages}")
+    print(f"{args.out}: {s.title}; {s.faults} faults over {s.duration_ms:.1f} ms; pages by "
+          f"arrival: {pages}")
     return 0

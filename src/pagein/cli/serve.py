@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
-import threading
-from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagein.cli import _ids
 from pagein.serve.engine import EngineName
 from pagein.serve.options import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_METRICS_ADDRESS,
+    DEFAULT_METRICS_KEEP_ENDED_S,
     BadHandshakePolicy,
     ServeOptions,
     VmFailurePolicy,
@@ -23,6 +23,9 @@ from pagein.serve.options import (
 from pagein.serve.served import open_served
 from pagein.serve.server import Server
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
+
+if TYPE_CHECKING:
+    from pagein.serve.metrics import MetricsEndpoint
 
 log = logging.getLogger("pagein.serve")
 
@@ -37,6 +40,25 @@ def parse_size(text: str) -> int:
         return int(t[: len(t) - len(unit)]) * _UNITS[unit]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4096, 256K or 2M") from None
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds, 0 or more (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0, e.g. 300")
+    return value
+
+
+def _port(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535 (argparse type)."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port from 0 to 65535 "
+                                         "(0 picks a free one), e.g. 9464")
+    return int(text)
 
 
 def register(sub: Any) -> None:
@@ -75,8 +97,20 @@ def register(sub: Any) -> None:
     p.add_argument("--stats-json", metavar="FILE",
                    help="write counters here on exit and on SIGUSR1 (if it cannot be "
                         "written: one log line, serving goes on; exit status 1 at the end)")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve Prometheus text metrics on 127.0.0.1:PORT/metrics")
+    metrics = p.add_argument_group(
+        "metrics", "Prometheus metrics of every VM and of the server (the list is in the "
+        "Observability section of docs/serve.md).")
+    metrics.add_argument("--metrics-port", type=_port, metavar="PORT",
+                         help="serve Prometheus metrics at http://ADDRESS:PORT/metrics "
+                              "(0 picks a free port); off unless given")
+    metrics.add_argument("--metrics-address", default=DEFAULT_METRICS_ADDRESS,
+                         metavar="ADDRESS",
+                         help="the address --metrics-port listens on (default 127.0.0.1, "
+                              "this machine only; 0.0.0.0 or :: lets other machines scrape)")
+    metrics.add_argument("--metrics-keep-ended", type=_seconds,
+                         default=DEFAULT_METRICS_KEEP_ENDED_S, metavar="SECONDS",
+                         help="how long the series of a VM that has gone stay on /metrics "
+                              "(default 300); the server's totals keep counting it")
     p.add_argument("--engine", choices=[e.value for e in EngineName],
                    default=EngineName.default().value,
                    help="fault engine: native (C, the default) or python (the reference "
@@ -117,37 +151,26 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=run)
 
 
-class _Metrics(BaseHTTPRequestHandler):
-    def __init__(self, server_obj: Server, *args: Any) -> None:
-        self.pagein = server_obj
-        super().__init__(*args)
-
-    def do_GET(self) -> None:
-        if self.path not in ("/metrics", "/"):
-            self.send_error(404)
-            return
-        body = self.pagein.prometheus().encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("metrics: " + format, *args)
-
-
 def run(args: argparse.Namespace) -> int:
     options = ServeOptions.from_namespace(args)
-    served = open_served(options, warm=True)
+    endpoint = None
+    if options.metrics_port is not None:
+        # Bound first: a bad --metrics-address fails before a VMM can connect.
+        from pagein.serve.metrics import MetricsEndpoint  # only a server that serves them
+        endpoint = MetricsEndpoint(options.metrics_address, options.metrics_port)
     try:
-        server = Server(served)
-        return _serve(server, args)
+        served = open_served(options, warm=True)
+        try:
+            server = Server(served)
+            return _serve(server, args, endpoint)
+        finally:
+            served.close()
     finally:
-        served.close()
+        if endpoint is not None:
+            endpoint.close()
 
 
-def _serve(server: Server, args: argparse.Namespace) -> int:
+def _serve(server: Server, args: argparse.Namespace, endpoint: MetricsEndpoint | None) -> int:
     # The handlers only set flags; the serve loop (woken by set_wakeup_fd) does the work,
     # so nothing raised while writing the stats can unwind it and freeze the VMs.
     def dump(_sig: int, _frame: FrameType | None) -> None:
@@ -160,18 +183,16 @@ def _serve(server: Server, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGUSR1, dump)
     server.wake_on_signals()
-    httpd = None
-    if args.metrics_port is not None:
-        httpd = ThreadingHTTPServer(("127.0.0.1", args.metrics_port), partial(_Metrics, server))
-        threading.Thread(target=httpd.serve_forever, daemon=True, name="pagein-metrics").start()
+    if endpoint is not None:
+        endpoint.serve(server)
+        host = args.metrics_address
+        log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host,
+                 endpoint.port)
     if args.ready_fd is not None:
         os.write(args.ready_fd, b"ready\n")
         os.close(args.ready_fd)
     try:
         server.serve_forever()
     finally:
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
         written = server.write_stats()  # a failure is logged; the exit status says it
     return 0 if written else 1

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from datetime import UTC, datetime
 
-from pagein.cli._format import parse_size, table
+from pagein.cli._console import print_table, progress_view
+from pagein.cli._format import parse_size
 from pagein.errors import SourceError
 from pagein.snapshot.store import ops
 from pagein.snapshot.store.backend import Backend
@@ -17,37 +17,6 @@ from pagein.snapshot.store.layout import StoreOptions, open_backend
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
-
-
-class _ProgressLine:
-    """Progress on stderr: one rewritten line on a terminal, a line every few s otherwise."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-        self.started = time.monotonic()
-        self.dirty = False
-
-    def __call__(self, p: ops.Progress) -> None:
-        now = time.monotonic()
-        final = p.total and p.done >= p.total
-        if self.quiet or (now - self.last < (0.2 if self.tty else 2.0) and not final):
-            return
-        self.last = now
-        count = f"{p.done}/{p.total}" if p.total else (str(p.done) if p.done else "")
-        text = f"{p.phase} {count} ({now - self.started:.1f} s)"
-        if self.tty:
-            sys.stderr.write(f"\r\x1b[K{text}")
-            self.dirty = True
-        else:
-            sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.dirty:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
 
 
 def _backend(args: argparse.Namespace, create: bool = False) -> Backend:
@@ -60,14 +29,14 @@ def _backend(args: argparse.Namespace, create: bool = False) -> Backend:
 
 
 def _push(args: argparse.Namespace) -> int:
-    progress = _ProgressLine(args.quiet)
+    progress = progress_view(args.quiet)
     backend = _backend(args, create=True)
     started = time.monotonic()
     try:
         s = ops.push(backend, args.file, args.name, chunk_size=args.chunk_size,
                      workers=args.workers, working_set=args.working_set, progress=progress)
     finally:
-        progress.done()
+        progress.close()
         backend.close()
     elapsed = time.monotonic() - started
     rows = [
@@ -89,7 +58,7 @@ def _push(args: argparse.Namespace) -> int:
     if args.working_set:
         rows.append(["working set", f"{args.working_set} (checked against {args.file})"])
     print(f"pushed {s.name} to {backend.url}")
-    print(table(["", "value"], rows))
+    print_table(["", "value"], rows)
     return 0
 
 
@@ -105,13 +74,13 @@ def _push_working_set(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    progress = _ProgressLine(args.quiet)
+    progress = progress_view(args.quiet)
     backend = _backend(args)
     started = time.monotonic()
     try:
         s = ops.pull(backend, args.name, args.out, workers=args.workers, progress=progress)
     finally:
-        progress.done()
+        progress.close()
         backend.close()
     elapsed = time.monotonic() - started
     print(f"pulled {s.name} to {args.out}: {s.chunks} chunks ({s.zero_chunks} zero), "
@@ -125,12 +94,12 @@ def _ls(args: argparse.Namespace) -> int:
         rows = ops.list_snapshots(backend)
     finally:
         backend.close()
-    print(table(["name", "size", "chunk", "chunks", "zero", "stored", "working set",
+    print_table(["name", "size", "chunk", "chunks", "zero", "stored", "working set",
                  "created (UTC)"], [
         [r.name, _mib(r.size_bytes), f"{r.chunk_size // 1024}K", str(r.chunks),
          str(r.zero_chunks), _mib(r.stored_bytes), "yes" if r.working_set else "-",
          datetime.fromtimestamp(r.created_unix, UTC).strftime("%Y-%m-%d %H:%M:%S")]
-        for r in rows]))
+        for r in rows])
     return 0
 
 
@@ -146,12 +115,12 @@ def _rm(args: argparse.Namespace) -> int:
 
 
 def _gc(args: argparse.Namespace) -> int:
-    progress = _ProgressLine(args.quiet)
+    progress = progress_view(args.quiet)
     backend = _backend(args)
     try:
         s = ops.gc(backend, grace_seconds=args.grace, dry_run=args.dry_run, progress=progress)
     finally:
-        progress.done()
+        progress.close()
         backend.close()
     verb = "would delete" if args.dry_run else "deleted"
     print(f"gc: {s.chunks_seen} chunks, {verb} {s.chunks_deleted} ({_mib(s.bytes_freed)}), "

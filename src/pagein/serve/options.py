@@ -21,6 +21,10 @@ from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
 __all__ = ["BadHandshakePolicy", "ServeOptions", "VmFailurePolicy", "default_workers"]
 
 DEFAULT_CHUNK_BYTES = 1 << 20
+#: Where --metrics-port listens unless told: loopback, so nothing is exposed by surprise.
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+#: How long the series of a VM that ended stay on the metrics endpoint, in seconds.
+DEFAULT_METRICS_KEEP_ENDED_S = 300.0
 
 
 class BadHandshakePolicy(enum.Enum):
@@ -62,6 +66,8 @@ class ServeOptions:
     handshake_timeout: float = 5.0
     stats_json: str | None = None
     metrics_port: int | None = None
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
+    metrics_keep_ended_s: float = DEFAULT_METRICS_KEEP_ENDED_S  # ended VMs' series stay
     exit_after: int | None = None  # stop once this many VM sessions have ended
     engine: EngineName = field(default_factory=EngineName.default)
     workers: int | None = None  # worker processes; None: one per CPU; 0: in this process
@@ -76,6 +82,10 @@ class ServeOptions:
         if self.socket_mode is not None and not 0 <= self.socket_mode <= 0o777:
             raise ValueError(f"--socket-mode {self.socket_mode:o} is not a permission mode "
                              "between 0 and 777 (octal), e.g. 0660")
+        if not 0 <= self.metrics_keep_ended_s < float("inf"):
+            raise ValueError(f"--metrics-keep-ended {self.metrics_keep_ended_s} is not a "
+                             "number of seconds >= 0: give how long an ended VM's series "
+                             "stay, e.g. 300")
 
     @property
     def socket_permissions(self) -> int:
@@ -96,6 +106,17 @@ class ServeOptions:
         return default_workers() if self.workers is None else self.workers
 
     @property
+    def strategy_label(self) -> str:
+        """The strategy as a trace and a report name it: ``readahead 256 KiB``,
+        ``working-set then readahead``, ``on-demand``."""
+        name = self.strategy.value
+        if self.strategy is StrategyName.READAHEAD:
+            return f"{name} {self.readahead_bytes // 1024} KiB"
+        if self.strategy in (StrategyName.WORKING_SET, StrategyName.REAP):
+            return f"{name} then {self.then.value}"
+        return name
+
+    @property
     def trace_path(self) -> str | None:
         """Where a VM's trace goes: --trace, or FILE.trace.json next to --record FILE."""
         return self.trace or (f"{self.record}.trace.json" if self.record else None)
@@ -112,7 +133,8 @@ class ServeOptions:
             trace=args.trace, chunk_bytes=args.chunk_size,
             on_bad_handshake=BadHandshakePolicy(args.on_bad_handshake),
             handshake_timeout=args.handshake_timeout, stats_json=args.stats_json,
-            metrics_port=args.metrics_port, exit_after=args.exit_after,
+            metrics_port=args.metrics_port, metrics_address=args.metrics_address,
+            metrics_keep_ended_s=args.metrics_keep_ended, exit_after=args.exit_after,
             engine=EngineName(args.engine), workers=args.workers,
             max_restarts=args.max_restarts, on_vm_failure=VmFailurePolicy(args.on_vm_failure),
             socket_mode=args.socket_mode, socket_group=args.socket_group,
@@ -127,7 +149,9 @@ class ServeOptions:
                 "--on-bad-handshake", self.on_bad_handshake.value,
                 "--handshake-timeout", repr(self.handshake_timeout),
                 "--engine", self.engine.value, "--max-restarts", str(self.max_restarts),
-                "--on-vm-failure", self.on_vm_failure.value]
+                "--on-vm-failure", self.on_vm_failure.value,
+                "--metrics-address", self.metrics_address,
+                "--metrics-keep-ended", repr(self.metrics_keep_ended_s)]
         for flag, value in (("--working-set", self.working_set), ("--record", self.record),
                             ("--trace", self.trace), ("--stats-json", self.stats_json),
                             ("--metrics-port", self.metrics_port),

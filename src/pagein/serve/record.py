@@ -20,6 +20,7 @@ snapshot's bytes. Only faults count as touches; pages filled ahead of the guest
 Trace file (JSON)::
 
     {"format": "pagein-trace", "version": 1, "page_size": 4096, "memory_size": N,
+     "strategy": "readahead 256 KiB",                          # absent in older traces
      "regions": [[offset, size_bytes, page_size], ...],
      "faults": [[t_us, offset, thread_id, served], ...],       # served: demand | zero
      "fills":  [[t_us, offset, pages, cause], ...]}            # cause: Cause.label
@@ -75,6 +76,7 @@ class Trace:
     regions: tuple[tuple[int, int, int], ...]
     faults: tuple[Fault, ...]
     fills: tuple[Fill, ...]
+    strategy: str | None = None  # how the restore was served; None in older traces
 
 
 class OutputNames:
@@ -100,8 +102,9 @@ class Recorder:
 
     def __init__(self, *, trace_path: str | None = None,
                  working_set_path: str | None = None,
-                 names: OutputNames | None = None) -> None:
+                 names: OutputNames | None = None, strategy: str | None = None) -> None:
         self.trace_path = trace_path
+        self.strategy = strategy
         self.working_set_path = working_set_path
         self._names = names
         self._t0 = time.monotonic_ns()
@@ -174,6 +177,7 @@ class Recorder:
     def _write_trace(self, path: str, source: PageSource, regions: Sequence[Region]) -> None:
         doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "page_size": 4096,
                "memory_size": source.size,
+               **({} if self.strategy is None else {"strategy": self.strategy}),
                "regions": [[r.offset, r.size_bytes, r.page_size] for r in regions],
                "faults": [[t, o, tid, "zero" if z else "demand"]
                           for t, o, tid, z in self._faults],
@@ -215,6 +219,10 @@ def load_trace(path: str) -> Trace:
         fills = tuple(Fill(int(t), int(o), int(n), Cause.from_label(a))
                       for t, o, n, a in doc["fills"])
         regions = tuple((int(a), int(b), int(c)) for a, b, c in doc["regions"])
-        return Trace(int(doc["page_size"]), int(doc["memory_size"]), regions, faults, fills)
+        strategy = doc.get("strategy")  # written since the trace named it; optional
+        if strategy is not None and not isinstance(strategy, str):
+            raise TypeError(f"field strategy is {type(strategy).__name__}, not a string")
+        return Trace(int(doc["page_size"]), int(doc["memory_size"]), regions, faults, fills,
+                     None if strategy is None else strategy[:200])
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotFormatError(f"trace {path} has a malformed field: {e}") from e

@@ -14,7 +14,7 @@ from pagein.serve.options import ServeOptions
 from pagein.serve.strategies import Strategy, StrategyName, make_strategy
 from pagein.snapshot import workingset
 from pagein.snapshot.open import open_source
-from pagein.snapshot.source import PageSource
+from pagein.snapshot.source import PageSource, SourceStats
 from pagein.snapshot.store.source import ChunkedSource
 
 __all__ = ["Served", "open_served"]
@@ -47,6 +47,10 @@ class Served:
         o = self.options
         return make_strategy(o.strategy, readahead_bytes=o.readahead_bytes,
                              working_set=self.extents, then=o.then)
+
+    def source_stats(self) -> SourceStats | None:
+        """The store source's cache and fetch counters (None for a local file)."""
+        return self.base.stats()
 
     def close(self) -> None:
         self.guard.close()

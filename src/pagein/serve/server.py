@@ -21,6 +21,7 @@ others.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
@@ -46,9 +47,10 @@ from pagein.serve.ratelog import RateLimitedLog
 from pagein.serve.record import OutputNames
 from pagein.serve.served import Served
 from pagein.serve.state import VmState
-from pagein.serve.stats import Counters, prometheus_text, write_json
+from pagein.serve.stats import Counters, ServerSample, SourceTally, VmRow, write_json
 from pagein.serve.worker import VmServer
 from pagein.serve.workers import WORKER_START_S, WorkerFactory, WorkerProc
+from pagein.snapshot.source import SourceStats
 from pagein.sys.fdpass import PeerCred, kill_through, peer_credentials, peer_pidfd
 from pagein.sys.mapping import PAGE_SIZE, hugetlb_pool, hugetlb_raise_hint
 from pagein.sys.pagemap import open_peer_pagemap
@@ -110,29 +112,11 @@ def _kill(pidfd: int, pid: int) -> None:
                     "reused its PID is left alone)", pid)
 
 
-@dataclass(frozen=True, slots=True)
-class _Row:
-    """One VM in the stats: its counters and how its serving went."""
-
-    peer_pid: int
-    counters: Counters
-    state: str  # "active", or how the session ended
-    engine: str
-    worker_restarts: int
-    ms_without_worker: float
-    worker_pid: int | None
-
-    def to_dict(self) -> dict[str, object]:
-        return {"peer_pid": self.peer_pid, "state": self.state, "engine": self.engine,
-                "worker_restarts": self.worker_restarts,
-                "ms_without_worker": self.ms_without_worker, "worker_pid": self.worker_pid,
-                **self.counters.to_dict()}
-
-
-def _row(vm: _Vm, state: str) -> _Row:
+def _row(vm: _Vm, state: str, ended_at: float | None = None) -> VmRow:
     down = vm.down_s + (time.monotonic() - vm.down_since if vm.down_since is not None else 0.0)
-    return _Row(vm.peer.pid, vm.state.counters.snapshot(), state, vm.engine, vm.restarts,
-                round(down * 1000, 3), None if vm.worker is None else vm.worker.pid)
+    return VmRow(vm.id, vm.peer.pid, vm.state.counters.snapshot(), state, vm.engine,
+                 vm.restarts, round(down * 1000, 3),
+                 None if vm.worker is None else vm.worker.pid, ended_at)
 
 
 class _InProcess:
@@ -167,6 +151,8 @@ class Server:
     def __init__(self, served: Served) -> None:
         self.options = options = served.options
         self.source = served.source
+        self._served = served
+        self._source_stats = SourceTally()  # workers' store caches (--workers 0: ours)
         self.engine, why = choose(options.engine)
         if why is not None:
             log.warning("engine: python (%s)", why)
@@ -179,7 +165,12 @@ class Server:
         self._lock = threading.Lock()
         self._vms: dict[int, _Vm] = {}
         self._ids = itertools.count(1)
-        self._ended: list[_Row] = []
+        self._ended: list[VmRow] = []
+        # Every ended session summed, also those no longer in _ended: totals never drop.
+        self._ended_total = Counters()
+        self._ended_restarts = 0
+        self._ended_down_ms = 0.0
+        self._ended_by: collections.Counter[str] = collections.Counter()
         self._names = OutputNames()
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._sig_r, self._sig_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -392,7 +383,9 @@ class Server:
             doc, fds = got
             for fd in fds:
                 os.close(fd)
-            self._on_report(doc)
+            self._on_report(doc, w.pid)
+        with self._lock:
+            self._source_stats.retire(w.pid)
         if self._stopping:
             return
         if w.retiring:
@@ -490,8 +483,20 @@ class Server:
             _kill(vm.pidfd, vm.peer.pid)
         self._vm_ended(vm.id, "failed")
 
-    def _on_report(self, doc: dict[str, object]) -> None:
+    def _on_report(self, doc: dict[str, object], worker: int | None = None) -> None:
         vm_id = doc.get("vm")
+        if doc.get("op") == "source-stats" and worker is not None:
+            raw = doc.get("stats")
+            try:
+                if not isinstance(raw, dict):
+                    raise ValueError("not an object")
+                stats = SourceStats.from_doc(raw)
+            except ValueError as e:
+                log.error("serving worker pid %d sent bad source stats: %s", worker, e)
+                return
+            with self._lock:
+                self._source_stats.update(worker, stats)
+            return
         if doc.get("op") == "started" and isinstance(vm_id, int):
             with self._lock:
                 if vm_id in self._vms:
@@ -522,8 +527,13 @@ class Server:
                 self._workers = [x for x in self._workers if x is not w]
                 with contextlib.suppress(OSError):
                     w.send({"op": "stop"})
-            self._ended.append(_row(vm, end))
+            row = _row(vm, end, time.monotonic())
+            self._ended.append(row)
             del self._ended[:-_KEEP_ENDED]
+            self._ended_total.add(row.counters)
+            self._ended_restarts += row.worker_restarts
+            self._ended_down_ms += row.ms_without_worker
+            self._ended_by[end] += 1
             self._sessions_ended += 1
             done = self._sessions_ended
         vm.release()
@@ -546,7 +556,8 @@ class Server:
         if self._access.permits(peer):
             return peer
         conn.close()
-        self.refused_peers += 1
+        with self._lock:
+            self.refused_peers += 1
         self._refusals.refused(peer)
         return None
 
@@ -649,7 +660,8 @@ class Server:
 
     def _bad_handshake(self, conn: socket.socket, peer: PeerCred, pidfd: int,
                        e: HandshakeError) -> None:
-        self.handshake_failures += 1
+        with self._lock:  # handshake threads run at once
+            self.handshake_failures += 1
         action = self.options.on_bad_handshake
         # A peer may reconnect with bad handshakes forever: its lines are rate-limited
         # (the values it sent are already cut short by HandshakeError).
@@ -667,20 +679,41 @@ class Server:
 
     # --- stats ---------------------------------------------------------------------
 
-    def rows(self) -> list[_Row]:
+    def rows(self) -> list[VmRow]:
         """The VMs that ended (the last 1000) and the live ones."""
         with self._lock:
             return [*self._ended, *(_row(vm, "active") for vm in self._vms.values())]
 
-    def totals(self, rows: list[_Row] | None = None) -> Counters:
-        total = Counters()
-        for r in self.rows() if rows is None else rows:
-            total.add(r.counters)
-        return total
+    def totals(self) -> Counters:
+        """Every session's counters summed: the live ones and all that ever ended."""
+        return self.sample().total
+
+    def sample(self, keep_ended_s: float | None = None) -> ServerSample:
+        """Read every counter at once: the rows of the live VMs and of those that ended
+        within ``keep_ended_s`` (None: the last 1000 ended), and the totals of all."""
+        now = time.monotonic()
+        with self._lock:
+            live = [_row(vm, "active") for vm in self._vms.values()]
+            ended = [r for r in self._ended if keep_ended_s is None
+                     or (r.ended_at is not None and now - r.ended_at <= keep_ended_s)]
+            total = self._ended_total.snapshot()
+            for r in live:
+                total.add(r.counters)
+            return ServerSample(
+                rows=(*ended, *live), total=total,
+                vm_worker_restarts=self._ended_restarts + sum(r.worker_restarts for r in live),
+                ms_without_worker=self._ended_down_ms + sum(r.ms_without_worker for r in live),
+                sessions_active=len(live), sessions_ended=dict(self._ended_by),
+                handshake_failures=self.handshake_failures, refused_peers=self.refused_peers,
+                worker_restarts=self.worker_restarts,
+                worker_start_failures=self.worker_start_failures,
+                workers=len(self._workers), engine=self.engine.value,
+                source=(self._served.source_stats() if self.options.worker_count == 0
+                        else self._source_stats.total()))
 
     def stats_doc(self) -> dict[str, object]:
         """The ``--stats-json`` document: totals and one entry per VM."""
-        rows = self.rows()
+        s = self.sample()
         with self._lock:
             workers = [{"index": w.index, "pid": w.pid, "vms": len(w.vms)}
                        for w in self._workers]
@@ -688,31 +721,17 @@ class Server:
             "source": self.source.describe(),
             "engine": self.engine.value,
             "workers": workers,
-            "active_vms": sum(1 for r in rows if r.state == "active"),
-            "handshake_failures": self.handshake_failures,
-            "refused_peers": self.refused_peers,
-            "worker_restarts": self.worker_restarts,
-            "worker_start_failures": self.worker_start_failures,
-            "total": self.totals(rows).to_dict(),
-            "vms": [r.to_dict() for r in rows],
+            "active_vms": s.sessions_active,
+            "sessions_ended": sum(s.sessions_ended.values()),
+            "handshake_failures": s.handshake_failures,
+            "refused_peers": s.refused_peers,
+            "worker_restarts": s.worker_restarts,
+            "worker_start_failures": s.worker_start_failures,
+            "total": s.total.to_dict(),
+            "vms": [r.to_dict() for r in s.rows],
         }
 
     def prometheus(self) -> str:
-        rows = self.rows()
-        text = prometheus_text([(str(r.peer_pid), r.counters) for r in rows],
-                               sum(1 for r in rows if r.state == "active"))
-        name = "pagein_worker_restarts_total"
-        lines = [f"# HELP {name} Serving workers that died while serving the VM.",
-                 f"# TYPE {name} counter"]
-        lines += [f'{name}{{vm="{r.peer_pid}"}} {r.worker_restarts}' for r in rows]
-        name = "pagein_seconds_without_worker_total"
-        lines += [f"# HELP {name} Time the VM spent with no worker serving it.",
-                  f"# TYPE {name} counter"]
-        lines += [f'{name}{{vm="{r.peer_pid}"}} {r.ms_without_worker / 1000:g}' for r in rows]
-        name = "pagein_worker_start_failures_total"
-        lines += [f"# HELP {name} Serving workers that died or failed while starting.",
-                  f"# TYPE {name} counter", f"{name} {self.worker_start_failures}"]
-        name = "pagein_refused_peers_total"
-        lines += [f"# HELP {name} Connections refused by the allow-list (--allow-uid/gid).",
-                  f"# TYPE {name} counter", f"{name} {self.refused_peers}"]
-        return text + "\n".join(lines) + "\n"
+        """The metrics endpoint's text (Prometheus exposition format 0.0.4)."""
+        from pagein.serve.metrics import exposition  # the supervisor's only, when asked
+        return exposition(self)

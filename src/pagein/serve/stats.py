@@ -1,4 +1,5 @@
-"""Counters and a fault-latency histogram, per VM and in total, as JSON or Prometheus text.
+"""Counters and a fault-latency histogram, per VM and in total, for the stats file and
+the metrics endpoint (:mod:`pagein.serve.metrics` renders them for Prometheus).
 
 A session's live counters are a :class:`CounterBlock`: ``N_COUNTERS`` native 64-bit
 words in the VM's shared serving state (:mod:`pagein.serve.state`), written by the fault
@@ -20,11 +21,12 @@ import bisect
 import json
 import os
 import tempfile
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 
+from pagein.snapshot.source import SourceStats
+
 __all__ = ["COUNTER_WORDS", "LATENCY_BUCKETS_US", "N_COUNTERS", "CounterBlock", "Counters",
-           "ServeStats", "prometheus_text", "write_json"]
+           "ServeStats", "ServerSample", "SourceTally", "VmRow", "write_json"]
 
 #: Upper bounds (microseconds) of the fault-latency histogram; one more bucket is +Inf.
 LATENCY_BUCKETS_US = (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000, 100000)
@@ -164,36 +166,81 @@ def write_json(path: str, doc: dict[str, object]) -> None:
         raise
 
 
-_PROM_COUNTERS = (
-    ("faults", "pagein_faults_total", "Page-fault messages served."),
-    ("pages", "pagein_pages_total", "Pages installed, any cause."),
-    ("bytes_fault", "pagein_bytes_fault_total", "Bytes copied to serve faults."),
-    ("bytes_readahead", "pagein_bytes_readahead_total", "Bytes copied by readahead."),
-    ("bytes_background", "pagein_bytes_background_total", "Bytes copied by background work."),
-    ("zero_pages", "pagein_zero_pages_total", "Pages installed as zeros."),
-    ("retries", "pagein_retries_total", "Fills deferred on EAGAIN."),
-    ("eexist", "pagein_eexist_total", "Fills that found the page present."),
-    ("removes", "pagein_removes_total", "REMOVE events (balloon)."),
-)
+@dataclass(frozen=True, slots=True)
+class VmRow:
+    """One VM session in the stats: its counters and how its serving went.
+
+    ``session`` is the server's number for the session (1, 2, ... for the server's
+    life): the VMM's pid names the VM in logs, but PIDs are reused, so two sessions of
+    one pid are told apart by it.
+    """
+
+    session: int
+    peer_pid: int
+    counters: Counters
+    state: str  # "active", or how the session ended
+    engine: str
+    worker_restarts: int
+    ms_without_worker: float
+    worker_pid: int | None
+    ended_at: float | None = None  # time.monotonic() when it ended
+
+    def to_dict(self) -> dict[str, object]:
+        return {"session": self.session, "peer_pid": self.peer_pid, "state": self.state,
+                "engine": self.engine, "worker_restarts": self.worker_restarts,
+                "ms_without_worker": self.ms_without_worker, "worker_pid": self.worker_pid,
+                **self.counters.to_dict()}
 
 
-def prometheus_text(per_vm: Iterable[tuple[str, Counters]], active: int) -> str:
-    """Render counters in the Prometheus text exposition format (version 0.0.4)."""
-    rows = list(per_vm)
-    lines = ["# HELP pagein_active_vms VMs being served now.", "# TYPE pagein_active_vms gauge",
-             f"pagein_active_vms {active}"]
-    for attr, name, help_text in _PROM_COUNTERS:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
-        lines += [f'{name}{{vm="{vm}"}} {getattr(c, attr)}' for vm, c in rows]
-    name = "pagein_fault_latency_seconds"
-    lines += [f"# HELP {name} Time from reading a fault to its page being installed.",
-              f"# TYPE {name} histogram"]
-    for vm, c in rows:
-        cumulative = 0
-        for bound, n in zip([*LATENCY_BUCKETS_US, None], c.latency_us_buckets, strict=True):
-            cumulative += n
-            le = "+Inf" if bound is None else f"{bound / 1e6:g}"
-            lines.append(f'{name}_bucket{{vm="{vm}",le="{le}"}} {cumulative}')
-        lines.append(f'{name}_sum{{vm="{vm}"}} {c.latency_us_sum / 1e6:g}')
-        lines.append(f'{name}_count{{vm="{vm}"}} {cumulative}')
-    return "\n".join(lines) + "\n"
+@dataclass(frozen=True, slots=True)
+class ServerSample:
+    """Everything the metrics endpoint shows, read at once under the server's lock.
+
+    ``total`` and the ``ended_*`` fields count every session the server ever had, also
+    those whose rows are no longer listed (ended too long ago): a counter must never
+    go down, so the aggregates are kept apart from the per-VM rows.
+    """
+
+    rows: tuple[VmRow, ...]  # live sessions and recently ended ones
+    total: Counters  # every session, live and ended
+    vm_worker_restarts: int  # per-VM worker restarts, summed over every session
+    ms_without_worker: float  # summed over every session
+    sessions_active: int
+    sessions_ended: dict[str, int]  # by how they ended
+    handshake_failures: int
+    refused_peers: int
+    worker_restarts: int  # workers that died while serving (one may serve many VMs)
+    worker_start_failures: int
+    workers: int
+    engine: str
+    source: SourceStats | None = None  # a store source's cache and fetches (None: a file)
+
+
+class SourceTally:
+    """The store source counters of every worker: the last each sent, plus those of the
+    workers that have gone (kept, so the totals never drop when a worker dies)."""
+
+    def __init__(self) -> None:
+        self._live: dict[int, SourceStats] = {}
+        self._gone = SourceStats()
+        self._seen = False
+
+    def update(self, worker: int, stats: SourceStats) -> None:
+        self._live[worker] = stats
+        self._seen = True
+
+    def retire(self, worker: int) -> None:
+        """Worker ``worker`` has gone: keep its counts, drop its cache (a gauge)."""
+        last = self._live.pop(worker, None)
+        if last is not None:
+            self._gone.add(last)
+            self._gone.cache_memory_bytes -= last.cache_memory_bytes
+
+    def total(self) -> SourceStats | None:
+        """Every worker's counts summed; None when no worker ever sent any."""
+        if not self._seen:
+            return None
+        out = SourceStats()
+        for s in (self._gone, *self._live.values()):
+            out.add(s)
+        return out

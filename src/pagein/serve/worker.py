@@ -53,6 +53,9 @@ __all__ = ["VmServer", "main"]
 
 log = logging.getLogger("pagein.serve")
 
+#: How often a worker sends its store source's counters to the supervisor.
+SOURCE_STATS_EVERY_S = 1.0
+
 
 class VmServer:
     """Serve the VMs handed to :meth:`start_vm`, each in a thread; report what happens
@@ -109,7 +112,8 @@ class VmServer:
             recorder = None
             if record is not None or trace is not None:
                 recorder = Recorder(trace_path=None if trace is None else str(trace),
-                                    working_set_path=None if record is None else str(record))
+                                    working_set_path=None if record is None else str(record),
+                                    strategy=self.served.options.strategy_label)
             resume = state.attach_worker() > 1
             if resume and record is not None:
                 log.warning("%s: a serving worker died while recording its working set: "
@@ -193,6 +197,7 @@ def _serve_as_worker(ctl: socket.socket, doc: dict[str, object]) -> int:
     except (PageinError, OSError, ValueError, KeyError) as e:
         send_msg(ctl, {"op": "failed", "error": str(e)})
         return 1
+    done = threading.Event()
     try:
         # The file this worker opened must be the one the supervisor checked handshakes
         # against (a worker started later could open a file renamed over it).
@@ -203,10 +208,32 @@ def _serve_as_worker(ctl: socket.socket, doc: dict[str, object]) -> int:
         engine, _ = choose(EngineName(str(doc.get("engine", "native"))))  # imports it now
         vms = VmServer(served, engine, channel.report)
         channel.report({"op": "ready", "pid": os.getpid()})
+        if served.source_stats() is not None:
+            threading.Thread(target=_report_source_stats, args=(served, channel, done),
+                             daemon=True, name="pagein-source-stats").start()
         channel.serve(vms)
+        final = served.source_stats()
+        if final is not None:  # the last counts (unless the supervisor is gone)
+            channel.report({"op": "source-stats", "stats": final.to_doc()})
     finally:
+        done.set()
         served.close()
     return 0
+
+
+def _report_source_stats(served: Served, channel: _Channel, done: threading.Event) -> None:
+    """Send the store source's counters to the supervisor every second while they change.
+
+    The host cache lives in this process (each worker opens its own source); the
+    supervisor keeps the last values of every worker, also of one that died, so its
+    totals never drop. A scrape sees them at most a second late.
+    """
+    last = None
+    while not done.wait(SOURCE_STATS_EVERY_S):
+        stats = served.source_stats()
+        if stats is not None and stats != last:
+            channel.report({"op": "source-stats", "stats": stats.to_doc()})
+            last = stats
 
 
 def _configure_logging(doc: dict[str, object], what: str) -> None:

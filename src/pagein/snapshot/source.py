@@ -17,8 +17,63 @@ Contract (the fault server relies on it):
 from __future__ import annotations
 
 import abc
+import bisect
+from dataclasses import dataclass, field, fields
 from types import TracebackType
 from typing import Self
+
+#: Upper bounds (seconds) of the store fetch-latency histogram; one more bucket is +Inf.
+FETCH_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+@dataclass(slots=True)
+class SourceStats:
+    """What a source that fetches from afar did: cache hits, fetches, their latency.
+
+    A source reading a local file has none (:meth:`PageSource.stats` returns None).
+    """
+
+    cache_hits_memory: int = 0  # chunks found verified in this process's memory cache
+    cache_hits_disk: int = 0  # chunks read from the host's disk cache
+    fetches: int = 0  # chunks in neither cache, fetched from the store
+    fetched_bytes: int = 0  # their stored (compressed) bytes
+    cache_memory_bytes: int = 0  # bytes the memory cache holds now
+    fetch_seconds_sum: float = 0.0
+    fetch_buckets: list[int] = field(default_factory=lambda: [0] * (len(FETCH_BUCKETS_S) + 1))
+
+    def observe_fetch(self, seconds: float) -> None:
+        """Count one store fetch that took ``seconds``."""
+        self.fetch_buckets[bisect.bisect_left(FETCH_BUCKETS_S, seconds)] += 1
+        self.fetch_seconds_sum += seconds
+
+    def add(self, other: SourceStats) -> None:
+        """Accumulate ``other`` (another process's) into this one."""
+        for f in fields(self):
+            if f.name == "fetch_buckets":
+                self.fetch_buckets = [a + b for a, b in
+                                      zip(self.fetch_buckets, other.fetch_buckets, strict=True)]
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def to_doc(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, object]) -> SourceStats:
+        """Read what :meth:`to_doc` wrote (ValueError when it is not that)."""
+        out = cls()
+        for f in fields(cls):
+            value = doc.get(f.name)
+            if f.name == "fetch_buckets":
+                if not (isinstance(value, list) and len(value) == len(out.fetch_buckets)
+                        and all(isinstance(v, int) for v in value)):
+                    raise ValueError(f"source stats: bad {f.name}")
+                out.fetch_buckets = list(value)
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                setattr(out, f.name, type(getattr(out, f.name))(value))
+            else:
+                raise ValueError(f"source stats: bad {f.name}")
+        return out
 
 
 class PageSource(abc.ABC):
@@ -65,6 +120,10 @@ class PageSource(abc.ABC):
     def describe(self) -> str:
         """A short human-readable name for logs (a path or URL)."""
         return type(self).__name__
+
+    def stats(self) -> SourceStats | None:
+        """Cache and fetch counters of a source that fetches from afar (None: a local one)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release files and connections."""

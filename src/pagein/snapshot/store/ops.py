@@ -63,11 +63,15 @@ DEFAULT_GRACE_SECONDS = 3600.0
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    """A progress report: ``phase`` (listing, chunking, uploading, verifying, …), counts."""
+    """A progress report: ``phase`` (listing, chunking, uploading, verifying, …), counts,
+    and for the phases that move a file's bytes the bytes done of how many (0: not
+    counted in bytes), from which a front end shows a rate and the time left."""
 
     phase: str
     done: int
     total: int
+    done_bytes: int = 0
+    total_bytes: int = 0
 
 
 ProgressFn = Callable[[Progress], None]
@@ -287,8 +291,8 @@ def _upload_chunks(backend: Backend, data_in: PushInput, size: int, chunk_size: 
             marker.keep_alive()
             while len(window) > workers * 2:
                 window.pop(0).result()
-            if raw.index % 64 == 0 or raw.index == total - 1:
-                progress(Progress("uploading", raw.index + 1, total))
+            progress(Progress("uploading", raw.index + 1, total,
+                              min(size, (raw.index + 1) * chunk_size), size))
         for d, fut in pending.items():
             sizes[d] = fut.result()
     bytes_out = sum(sizes[d] for d in pending)
@@ -359,13 +363,13 @@ def pull(backend: Backend, name: str, out: str | os.PathLike[str], *, workers: i
     try:
         os.ftruncate(fd, manifest.size_bytes)  # zero chunks stay holes
         indices = [i for i, c in enumerate(manifest.chunks) if c is not None]
+        total_bytes = sum(manifest.chunk_length(i) for i in indices)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pagein-pull") as pool:
             results = pool.map(lambda i: (i, fetch_chunk(backend, manifest, i, where)), indices)
             for n, (i, data) in enumerate(results):
                 os.pwrite(fd, data, i * manifest.chunk_size)
                 fetched += len(data)
-                if n % 64 == 0 or n == len(indices) - 1:
-                    progress(Progress("downloading", n + 1, len(indices)))
+                progress(Progress("downloading", n + 1, len(indices), fetched, total_bytes))
         os.fsync(fd)
         os.close(fd)
         fd = -1

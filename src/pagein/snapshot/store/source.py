@@ -20,13 +20,14 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 
 from pagein.errors import IntegrityError, SnapshotFormatError, SourceError
 from pagein.snapshot import workingset
-from pagein.snapshot.source import PageSource
+from pagein.snapshot.source import PageSource, SourceStats
 from pagein.snapshot.store.backend import Backend
 from pagein.snapshot.store.cache import ChunkCache
 from pagein.snapshot.store.chunker import decode_chunk
@@ -62,6 +63,7 @@ class ChunkedSource(PageSource):
         self._ws_tmpdir: str | None = None   # working-set download dir without a disk cache
         self.fetches = 0            # chunk objects fetched from the store
         self.bytes_fetched = 0      # their stored (compressed) bytes
+        self._fetch_times = SourceStats()  # the fetch-latency histogram
 
     @property
     def size(self) -> int:
@@ -142,13 +144,16 @@ class ChunkedSource(PageSource):
                     # drop it and fetch the real object.
                     self.cache.discard_disk(digest)
             if data is None:
+                started = time.monotonic()
                 stored = self._backend.get(key)
+                took = time.monotonic() - started
                 if stored is None:
                     raise SourceError(f"chunk {what} is missing from the store: it was "
                                       "deleted or never uploaded; re-push the snapshot")
                 with self._lock:
                     self.fetches += 1
                     self.bytes_fetched += len(stored)
+                    self._fetch_times.observe_fetch(took)
                 data = decode_chunk(stored, digest, length, what)
                 self.cache.put_disk(digest, stored)
             self.cache.put_memory(digest, data)
@@ -159,6 +164,16 @@ class ChunkedSource(PageSource):
             # which only costs a refetch).
             with self._lock:
                 self._inflight.pop(digest, None)
+
+    def stats(self) -> SourceStats:
+        """The host cache's hits (this process's), the store fetches and their latency."""
+        with self._lock:
+            return SourceStats(
+                cache_hits_memory=self.cache.hits_memory, cache_hits_disk=self.cache.hits_disk,
+                fetches=self.fetches, fetched_bytes=self.bytes_fetched,
+                cache_memory_bytes=self.cache.memory_used,
+                fetch_seconds_sum=self._fetch_times.fetch_seconds_sum,
+                fetch_buckets=list(self._fetch_times.fetch_buckets))
 
     # --- working set ----------------------------------------------------------------
 

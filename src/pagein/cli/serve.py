@@ -13,6 +13,7 @@ from types import FrameType
 from typing import Any
 
 from pagein.cli import _ids
+from pagein.errors import PageinError
 from pagein.serve.engine import EngineName
 from pagein.serve.options import (
     DEFAULT_CHUNK_BYTES,
@@ -23,6 +24,7 @@ from pagein.serve.options import (
 from pagein.serve.served import open_served
 from pagein.serve.server import Server
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
+from pagein.vmm.snapshot import MEMORY_FILE, STATE_FILE, load_snapshot
 
 log = logging.getLogger("pagein.serve")
 
@@ -137,8 +139,24 @@ class _Metrics(BaseHTTPRequestHandler):
         log.debug("metrics: " + format, *args)
 
 
+def _recorded_sha256(path: str) -> str | None:
+    """The SHA-256 the snapshot's state file records for memory file ``path``, when
+    ``path`` is the memory file of a pagein snapshot directory: identity checks then
+    compare digests without hashing the file (see docs/serve.md)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    if name != MEMORY_FILE or not os.path.exists(os.path.join(directory, STATE_FILE)):
+        return None
+    try:
+        return load_snapshot(directory).memory_sha256
+    except PageinError as e:
+        log.warning("not using the SHA-256 recorded in %s: %s", directory, e)
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     options = ServeOptions.from_namespace(args)
+    if args.mem_file is not None:
+        options = options.with_(memory_sha256=_recorded_sha256(args.mem_file))
     served = open_served(options, warm=True)
     try:
         server = Server(served)

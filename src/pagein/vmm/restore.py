@@ -53,6 +53,7 @@ from pagein.errors import HandlerError, SnapshotFormatError
 from pagein.serve.firecracker import Region as WireRegion
 from pagein.serve.firecracker import connect_and_send
 from pagein.serve.handler import HandlerProcess
+from pagein.serve.identity import Identity
 from pagein.serve.session import Session
 from pagein.serve.state import VmState
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, OnDemand, StrategyName
@@ -88,6 +89,10 @@ class RestoreOptions:
     handler receives write access to the guest's memory; any other listener is refused
     before the uffd is sent).
 
+    ``check_identity``: send the snapshot's size and SHA-256 with the handshake and
+    wait for the handler to confirm it serves that snapshot (pagein's extension, see
+    :mod:`pagein.serve.identity`); False for a handler that does not know it.
+
     ``working_set`` / ``record``: passed to the spawned handler (``--working-set`` for the
     working-set and reap strategies, ``--record`` to write this VM's working set).
     """
@@ -102,6 +107,7 @@ class RestoreOptions:
     working_set: str | None = None
     record: str | None = None
     trust_uids: tuple[int, ...] = ()
+    check_identity: bool = True
 
 
 @dataclass(slots=True)
@@ -389,8 +395,13 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts) -> list[Regio
         path = parts.handler.socket_path
     wire = [WireRegion(m.address, r.size, r.offset, r.page_size)
             for m, r in zip(parts.mappings, snap.regions, strict=True)]
+    # pagein's identity extension: a handler serving another snapshot says so before
+    # a vCPU runs, instead of filling this guest with the other snapshot's pages.
+    identity = Identity(snap.memory_bytes, snap.memory_sha256,
+                        os.path.abspath(snap.memory_path)) if opts.check_identity else None
     parts.sock = connect_and_send(path, wire, parts.uffd, mem_file=snap.memory_path,
-                                  trust_uids=opts.trust_uids)
+                                  trust_uids=opts.trust_uids, identity=identity,
+                                  timeout=opts.handler_timeout)
     return regions
 
 

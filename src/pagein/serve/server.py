@@ -627,7 +627,7 @@ class Server:
             if verdict.error is None:
                 validate_regions(hs.regions, self.source.size)
         except HandshakeError as e:
-            if identity is None:
+            if identity is None and not e.field.startswith("identity"):
                 self._bad_handshake(conn, peer, pidfd, e)
                 return None
             verdict = Verdict((), str(e))

@@ -13,7 +13,7 @@ from types import FrameType
 from typing import Any
 
 from pagein.cli import _ids
-from pagein.errors import PageinError
+from pagein.errors import PageinError, SnapshotFormatError, SourceError
 from pagein.serve.engine import EngineName
 from pagein.serve.options import (
     DEFAULT_CHUNK_BYTES,
@@ -21,9 +21,10 @@ from pagein.serve.options import (
     ServeOptions,
     VmFailurePolicy,
 )
-from pagein.serve.served import open_served
+from pagein.serve.served import Served, open_served
 from pagein.serve.server import Server
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
+from pagein.snapshot.urls import split_location
 from pagein.vmm.snapshot import MEMORY_FILE, STATE_FILE, load_snapshot
 
 log = logging.getLogger("pagein.serve")
@@ -153,11 +154,26 @@ def _recorded_sha256(path: str) -> str | None:
         return None
 
 
+def _open(options: ServeOptions, args: argparse.Namespace) -> Served:
+    """Open what --mem-file or --source names; an error about it names that flag."""
+    flag = "--mem-file" if args.mem_file is not None else "--source"
+    try:
+        if args.mem_file is not None:  # a path or file:// (a URL is for --source)
+            split_location(args.mem_file, ("file",), what="memory file")
+        return open_served(options, warm=True)
+    except (SourceError, SnapshotFormatError) as e:
+        if str(e).startswith("--"):  # already names its flag (--working-set, --strategy)
+            raise
+        hint = " (a store snapshot is served with --source URL)" if \
+            args.mem_file is not None and "://" in args.mem_file else ""
+        raise type(e)(f"{flag}: {e}{hint}") from e
+
+
 def run(args: argparse.Namespace) -> int:
     options = ServeOptions.from_namespace(args)
     if args.mem_file is not None:
         options = options.with_(memory_sha256=_recorded_sha256(args.mem_file))
-    served = open_served(options, warm=True)
+    served = _open(options, args)
     try:
         server = Server(served)
         return _serve(server, args)

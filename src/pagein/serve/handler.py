@@ -68,11 +68,17 @@ class HandlerProcess:
         os.close(w)
         try:
             # EOF on the pipe (the handler exited) wakes this as well as "ready".
-            ready = wait_readable([r], timeout) and os.read(r, 64)
+            ready = os.read(r, 64) if wait_readable([r], timeout) else None
         finally:
             os.close(r)
         handler = cls(proc, options, workdir)
         if not ready:
+            if ready == b"":
+                # EOF: the handler is exiting. Its status may not be there yet (the pipe
+                # closes before the process is reapable): wait for it, or an early exit
+                # would be reported as "did not start within 30 s" after 0.4 s.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
             code = proc.poll()
             proc.kill()
             proc.wait()

@@ -405,6 +405,23 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts) -> list[Regio
     return regions
 
 
+def _check_working_set(snap: Snapshot, opts: RestoreOptions) -> None:
+    """Refuse a working-set or reap restore without a working set before spawning the
+    handler (which would only fail as it starts, with a message about itself)."""
+    needs = opts.strategy in (StrategyName.WORKING_SET, StrategyName.REAP)
+    if opts.backend is not Backend.UFFD or opts.uffd_socket is not None or not needs:
+        return
+    if opts.working_set is None:
+        raise SnapshotFormatError(
+            f"snapshot {snap.directory} has no working set for --strategy "
+            f"{opts.strategy.value}: record one with `pagein vm restore {snap.directory} "
+            f"--record {os.path.join(snap.directory, 'working-set')}`, or pass "
+            "--working-set FILE")
+    if not os.path.isfile(opts.working_set):
+        raise SnapshotFormatError(f"working set {opts.working_set} does not exist: record one "
+                                  "with --record FILE, or pass another --working-set")
+
+
 def restore(source: str | Snapshot, options: RestoreOptions | None = None, *,
             console: Console | None = None) -> RestoredVm:
     """Restore the snapshot in directory ``source`` and start its vCPUs.
@@ -426,6 +443,7 @@ def restore(source: str | Snapshot, options: RestoreOptions | None = None, *,
                          "process cannot share: use --backend copy or uffd with "
                          "--shared-memory")
     snap = source if isinstance(source, Snapshot) else load_snapshot(source)
+    _check_working_set(snap, opts)
     if opts.verify_memory:
         verify_memory(snap)
     parts = _Parts()

@@ -79,7 +79,7 @@ class Identity:
         """Parse an identity line; raise :class:`HandshakeError` naming the bad field."""
         try:
             doc = json.loads(line.decode("utf-8"))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # 8 KiB of "[" nest past the stack
             raise HandshakeError("identity", line[:60].decode(errors="replace"),
                                  "not a JSON object on one line") from e
         if not isinstance(doc, dict) or doc.get("pagein") != "identity":
@@ -255,7 +255,7 @@ def await_reply(sock: socket.socket, socket_path: str, timeout: float | None) ->
         buf += got
     try:
         doc = json.loads(buf.partition(b"\n")[0])
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     if not isinstance(doc, dict) or doc.get("pagein") != "identity":
         raise HandlerError(f"the UFFD handler on {socket_path} answered pagein's identity "

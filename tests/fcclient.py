@@ -303,8 +303,13 @@ def cmd_raw(args: argparse.Namespace) -> int:
         send_with_fds(sock, payload, [uffd.fileno(), *extra])
     sys.stdout.write("sent\n")
     sys.stdout.flush()
-    data = sock.recv(1)  # blocks until the server closes (or kills us)
-    print(json.dumps({"closed": data == b""}), flush=True)
+    got = b""
+    while data := sock.recv(4096):  # until the server closes (or kills us)
+        got += data
+    doc: dict[str, object] = {"closed": True}
+    if got:  # what the server answered first (pagein's identity reply)
+        doc["reply"] = got.decode(errors="replace")
+    print(json.dumps(doc), flush=True)
     return 3
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -144,3 +146,71 @@ def test_parser_escapes_take_the_bad_handshake_path(patient_servers: dict[str, S
     assert len(lines[0]) < 600  # the peer's 4301 digits are not copied into the log
     assert "Traceback" not in log
     assert server.proc.poll() is None
+
+
+def test_region_past_the_file_names_the_region_and_by_how_much(
+        servers: dict[str, ServerProc]) -> None:
+    """A Firecracker VMM restoring a larger snapshot (no identity line): the log says
+    which region and how many bytes past the file it ends (issue 17)."""
+    server = servers["kill"]
+    payload = ('[{"base_host_virt_addr": BASE, "size": 983040, "offset": 0}, '
+               '{"base_host_virt_addr": 139637976727552, "size": 131072, "offset": 983040}]')
+    c = _raw(server, ["--payload", payload])
+    rc, res = finish(c, timeout=20)
+    assert rc == -9, (rc, res)
+    lines = [ln for ln in server.log().splitlines() if f"vm pid={c.pid}: bad handshake" in ln]
+    assert len(lines) == 1, server.log()[-3000:]
+    assert "bad handshake field regions[1].offset=983040" in lines[0]
+    assert "(size 131072) end 65536 bytes (0.0625 MiB) past the end of the memory file " \
+           f"({SIZE} bytes, 1 MiB)" in lines[0]
+
+
+def _identity(size: int, sha: str | None, path: str) -> str:
+    return "\n" + json.dumps({"pagein": "identity", "size": size, "sha256": sha,
+                              "path": path}) + "\n"
+
+
+def test_identity_of_another_snapshot_is_told_and_closed_not_killed(
+        servers: dict[str, ServerProc], tmp_path: Path) -> None:
+    """pagein's identity extension: a VMM restoring another snapshot gets one reply line
+    naming both and the connection closes, before any page; it is not killed."""
+    server = servers["kill"]
+    snap = str(Path(server.socket_path).parent / "mem.snap")
+    want = hashlib.sha256(Path(snap).read_bytes()).hexdigest()
+    other = str(tmp_path / "other.mem")
+    for size, sha, word in ((SIZE, "0" * 64, f"sha256 {want}"),
+                            (2 * SIZE, "1" * 64, f"{2 * SIZE} bytes")):
+        c = _raw(server, ["--payload", "[{" + GOOD + "}]" + _identity(size, sha, other)])
+        rc, res = finish(c, timeout=20)
+        assert rc == 3, (rc, res)  # told, not killed
+        reply = json.loads(str(res["reply"]))
+        assert reply["pagein"] == "identity" and reply["ok"] is False
+        assert reply["error"].startswith(f"this handler serves {snap} ({SIZE} bytes")
+        assert word in reply["error"] and f"the snapshot is {other} ({size} bytes" \
+            in reply["error"]
+        assert f"vm pid={c.pid}: refused: this handler serves" in server.log()
+    assert f"hashing {snap}" in server.log()  # no state file beside it: hashed, once
+    assert server.log().count(f"hashing {snap}") == 1
+
+
+def test_identity_line_with_bad_regions_gets_the_reason(servers: dict[str, ServerProc]) -> None:
+    """A VMM that speaks the extension is told why its regions are refused, too."""
+    server = servers["kill"]
+    snap = str(Path(server.socket_path).parent / "mem.snap")
+    payload = ('[{"base_host_virt_addr": BASE, "size": 65536, '
+               f'"offset": {SIZE}}}]') + _identity(SIZE, None, snap)
+    c = _raw(server, ["--payload", payload])
+    rc, res = finish(c, timeout=20)
+    assert rc == 3, (rc, res)
+    reply = json.loads(str(res["reply"]))
+    assert reply["ok"] is False
+    assert reply["error"].startswith("bad handshake field regions[0].offset=1048576")
+
+
+def test_bad_identity_field_is_named(servers: dict[str, ServerProc]) -> None:
+    server = servers["close"]
+    line = '\n{"pagein": "identity", "size": "big", "sha256": null, "path": "/x"}\n'
+    c = _raw(server, ["--payload", "[{" + GOOD + "}]" + line])
+    rc, res = finish(c, timeout=20)
+    assert rc == 3, (rc, res)
+    assert "bad handshake field identity.size='big'" in json.loads(str(res["reply"]))["error"]

@@ -11,6 +11,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from pagein.cli import _ids
+from pagein.errors import PageinError, SnapshotFormatError, SourceError
 from pagein.serve.engine import EngineName
 from pagein.serve.options import (
     DEFAULT_CHUNK_BYTES,
@@ -20,9 +21,11 @@ from pagein.serve.options import (
     ServeOptions,
     VmFailurePolicy,
 )
-from pagein.serve.served import open_served
+from pagein.serve.served import Served, open_served
 from pagein.serve.server import Server
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
+from pagein.snapshot.urls import split_location
+from pagein.vmm.snapshot import MEMORY_FILE, STATE_FILE, load_snapshot
 
 if TYPE_CHECKING:
     from pagein.serve.metrics import MetricsEndpoint
@@ -151,15 +154,46 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=run)
 
 
+def _recorded_sha256(path: str) -> str | None:
+    """The SHA-256 the snapshot's state file records for memory file ``path``, when
+    ``path`` is the memory file of a pagein snapshot directory: identity checks then
+    compare digests without hashing the file (see docs/serve.md)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    if name != MEMORY_FILE or not os.path.exists(os.path.join(directory, STATE_FILE)):
+        return None
+    try:
+        return load_snapshot(directory).memory_sha256
+    except PageinError as e:
+        log.warning("not using the SHA-256 recorded in %s: %s", directory, e)
+        return None
+
+
+def _open(options: ServeOptions, args: argparse.Namespace) -> Served:
+    """Open what --mem-file or --source names; an error about it names that flag."""
+    flag = "--mem-file" if args.mem_file is not None else "--source"
+    try:
+        if args.mem_file is not None:  # a path or file:// (a URL is for --source)
+            split_location(args.mem_file, ("file",), what="memory file")
+        return open_served(options, warm=True)
+    except (SourceError, SnapshotFormatError) as e:
+        if str(e).startswith("--"):  # already names its flag (--working-set, --strategy)
+            raise
+        hint = " (a store snapshot is served with --source URL)" if \
+            args.mem_file is not None and "://" in args.mem_file else ""
+        raise type(e)(f"{flag}: {e}{hint}") from e
+
+
 def run(args: argparse.Namespace) -> int:
     options = ServeOptions.from_namespace(args)
+    if args.mem_file is not None:
+        options = options.with_(memory_sha256=_recorded_sha256(args.mem_file))
     endpoint = None
     if options.metrics_port is not None:
         # Bound first: a bad --metrics-address fails before a VMM can connect.
         from pagein.serve.metrics import MetricsEndpoint  # only a server that serves them
         endpoint = MetricsEndpoint(options.metrics_address, options.metrics_port)
     try:
-        served = open_served(options, warm=True)
+        served = _open(options, args)
         try:
             server = Server(served)
             return _serve(server, args, endpoint)

@@ -24,8 +24,11 @@ def _backend(args: argparse.Namespace, create: bool = False) -> Backend:
     if not url:
         raise SourceError("no store given: pass --store s3://bucket[/prefix] or dir:///path "
                           "(or set PAGEIN_STORE)")
-    return open_backend(url, StoreOptions(endpoint_url=args.endpoint_url, profile=args.profile),
-                        create=create)
+    try:  # checked before anything is created: s3:/bucket must not become ./s3:/bucket
+        return open_backend(url, StoreOptions(endpoint_url=args.endpoint_url,
+                                              profile=args.profile), create=create)
+    except SourceError as e:
+        raise SourceError(f"{'--store' if args.store else 'PAGEIN_STORE'}: {e}") from e
 
 
 def _push(args: argparse.Namespace) -> int:

@@ -258,6 +258,10 @@ def _register_restore(sub: Any) -> None:
                    help="--uffd-socket may be served by these users too (names or uids, "
                         "comma list, repeatable); the handler gets write access to guest "
                         "memory, so by default only root or your own user may serve it")
+    p.add_argument("--no-identity-check", action="store_true",
+                   help="--uffd-socket: do not ask the handler to confirm it serves this "
+                        "snapshot (its size and SHA-256); for a handler other than pagein "
+                        "serve, which would not answer")
     p.add_argument("--working-set", metavar="FILE",
                    help="recorded working set for --strategy working-set or reap (default: "
                         "DIR/working-set when it exists)")
@@ -294,7 +298,8 @@ def restore_command(args: argparse.Namespace) -> int:
                               args.shared_memory, args.verify_memory,
                               working_set=_working_set_arg(args), record=args.record,
                               trust_uids=tuple(i for ids in args.trust_uid or () for i in ids),
-                              track_dirty=args.control is not None)
+                              track_dirty=args.control is not None,
+                              check_identity=not args.no_identity_check)
         console = Console(sink=_stdout_sink)
         vm = restore(args.snapshot, opts, console=console)
     except (ValueError, PageinError, OSError) as e:

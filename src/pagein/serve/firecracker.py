@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pagein.errors import HandlerError, HandshakeError, UntrustedHandler
+from pagein.serve.identity import Identity, await_reply
 from pagein.sys.fdpass import peer_credentials, recv_with_fds, send_with_fds
 from pagein.sys.poll import wait_readable
 from pagein.sys.uffd import Feature, Userfaultfd
@@ -63,6 +64,7 @@ __all__ = [
     "json_end",
     "parse_regions",
     "receive_handshake",
+    "uncovered_bytes",
     "validate_regions",
 ]
 
@@ -153,7 +155,8 @@ def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaul
                      generation: Generation = Generation.CURRENT,
                      timeout: float | None = 10.0,
                      mem_file: str = "MEMORY_FILE",
-                     trust_uids: Sequence[int] = ()) -> socket.socket:
+                     trust_uids: Sequence[int] = (),
+                     identity: Identity | None = None) -> socket.socket:
     """Do what Firecracker's VMM does: connect, send the regions and the uffd in one message.
 
     Whoever receives the uffd can read and write the guest's memory, so before sending
@@ -168,6 +171,11 @@ def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaul
     Firecracker does, so the guest freezes rather than reads zeros if the handler dies.
     Raises :class:`~pagein.errors.HandlerError` when nothing listens on ``socket_path``,
     with the ``pagein serve`` command to start (``mem_file`` names its memory file).
+
+    ``identity``: pagein's extension (:mod:`pagein.serve.identity`): the snapshot's
+    size and SHA-256 follow the regions in the same message, and this waits (up to
+    ``timeout``) for the handler's answer, raising :class:`HandlerError` with its reason
+    when it serves another snapshot, before any page of it reaches the guest.
     """
     fd = uffd if isinstance(uffd, int) else uffd.fileno()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -182,10 +190,14 @@ def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaul
                 f"`pagein serve --socket {socket_path} --mem-file {mem_file}` first") from e
         _check_trusted(sock, socket_path, trust_uids)
         payload = encode_regions(regions, generation)
+        if identity is not None:  # in the same message: the server reads it as the rest
+            payload += b"\n" + identity.encode()
         sent = send_with_fds(sock, payload, [fd])
         if sent < len(payload):  # the fd went with the first part; the rest follows
             sock.sendall(payload[sent:])
         sock.settimeout(None)
+        if identity is not None:
+            await_reply(sock, socket_path, timeout)
     except BaseException:
         sock.close()
         raise
@@ -411,14 +423,28 @@ def validate_regions(regions: Sequence[Region], file_size: int) -> None:
                 raise HandshakeError(f"{where}.{key}", value,
                                      f"must be a multiple of the page size {r.page_size}")
         if r.end_offset > file_size:
+            over = r.end_offset - file_size
             raise HandshakeError(f"{where}.offset", r.offset,
-                                 f"region bytes 0x{r.offset:x}-0x{r.end_offset:x} lie past the "
-                                 f"end of the memory file (0x{file_size:x} bytes)")
+                                 f"region bytes 0x{r.offset:x}-0x{r.end_offset:x} (size "
+                                 f"{r.size_bytes}) end {over} bytes ({_mib(over)}) past the "
+                                 f"end of the memory file ({file_size} bytes, "
+                                 f"{_mib(file_size)}): the VMM restores a larger snapshot "
+                                 "than the one this handler serves")
         if r.end_address > 1 << 64:
             raise HandshakeError(f"{where}.size", r.size_bytes,
                                  "the region wraps the address space")
     _check_overlaps(regions, "base_host_virt_addr", lambda r: (r.base_address, r.end_address))
     _check_overlaps(regions, "offset", lambda r: (r.offset, r.end_offset))
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.4g} MiB"
+
+
+def uncovered_bytes(regions: Sequence[Region], file_size: int) -> int:
+    """Bytes of the memory file no region covers (0 for a Firecracker snapshot, whose
+    regions lie back to back over the whole file: more hints at the wrong snapshot)."""
+    return file_size - sum(r.size_bytes for r in regions)
 
 
 def _check_overlaps(regions: Sequence[Region], key: str,
@@ -503,12 +529,15 @@ def _check_uffd(fd: int) -> Feature:
     return features or Feature.NONE
 
 
-def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Handshake:
+def receive_handshake(sock: socket.socket, file_size: int | None,
+                      timeout: float) -> Handshake:
     """Receive and validate one handshake within ``timeout`` seconds.
 
     Reads until the JSON array is complete (it may span many reads: there is no length
     prefix and it can be far larger than 1 KiB). Raises :class:`HandshakeError` naming
-    the bad field; on error every received fd is closed.
+    the bad field; on error every received fd is closed. ``file_size`` None leaves
+    :func:`validate_regions` to the caller (who first checks pagein's identity line in
+    :attr:`Handshake.rest`, so that a VMM restoring another snapshot is told which).
     """
     deadline = time.monotonic() + timeout
     buf = bytearray()
@@ -560,7 +589,8 @@ def receive_handshake(sock: socket.socket, file_size: int, timeout: float) -> Ha
             count = f"more than {nfds} fds" if cut else f"{nfds} fds"
             raise HandshakeError("uffd", count, "expected exactly one userfaultfd in SCM_RIGHTS")
         features = _check_uffd(fds[0])
-        validate_regions(regions, file_size)
+        if file_size is not None:
+            validate_regions(regions, file_size)
     except BaseException:
         for fd in fds:
             os.close(fd)

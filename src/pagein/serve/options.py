@@ -77,6 +77,9 @@ class ServeOptions:
     socket_group: int | None = None  # gid of the socket file (None: the server's own)
     allow_uids: tuple[int, ...] = ()  # served besides root and the server's own uid
     allow_gids: tuple[int, ...] = ()  # served by the gid they connect with
+    #: The memory file's SHA-256 when known without hashing it (the snapshot's state
+    #: file records it): identity checks then never hash the file.
+    memory_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.socket_mode is not None and not 0 <= self.socket_mode <= 0o777:

@@ -203,10 +203,23 @@ def _why(e: BaseException) -> str:
 def load_trace(path: str) -> Trace:
     """Read a trace file written by :class:`Recorder` (SnapshotFormatError if not one)."""
     try:
-        with open(path) as f:
-            doc = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SnapshotFormatError(f"cannot read trace {path}: {e}") from e
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise SnapshotFormatError(f"cannot read trace {path}: {e.strerror}") from e
+    if raw.startswith(workingset.MAGIC):
+        # --record FILE writes the working set to FILE and the trace beside it.
+        trace = f"{path}.trace.json"
+        where = f" ({trace} is there)" if os.path.exists(trace) else ""
+        raise SnapshotFormatError(
+            f"{path} is a working set (written by --record), not a trace: pass its trace, "
+            f"FILE.trace.json next to the --record FILE{where}, or the file given to --trace")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError included
+        raise SnapshotFormatError(f"{path} is not a pagein trace (not JSON text: "
+                                  f"{str(e)[:120]}): pass the file written by pagein serve "
+                                  "--trace, or FILE.trace.json next to a --record FILE") from e
     if not isinstance(doc, dict) or doc.get("format") != TRACE_FORMAT:
         raise SnapshotFormatError(f"{path} is not a pagein trace (field format): pass the "
                                   "file written by pagein serve --trace/--record")

@@ -14,6 +14,7 @@ from pagein.serve.options import ServeOptions
 from pagein.serve.strategies import Strategy, StrategyName, make_strategy
 from pagein.snapshot import workingset
 from pagein.snapshot.open import open_source
+from pagein.snapshot.raw import RawFileSource
 from pagein.snapshot.source import PageSource, SourceStats
 from pagein.snapshot.store.source import ChunkedSource
 
@@ -41,6 +42,11 @@ class Served:
         """Serve a source object the caller opened (and closes): with ``workers=0``, any
         :class:`PageSource`, e.g. one a library user wrote."""
         return cls(source, source, None, options, SourceGuard(source))
+
+    def file_path(self) -> str | None:
+        """The local memory file served (None for a store source): identity checks
+        compare it with the VMM's (:mod:`pagein.serve.identity`)."""
+        return self.base.path if isinstance(self.base, RawFileSource) else None
 
     def strategy(self) -> Strategy:
         """A fresh strategy for one VM (sessions never share one)."""

@@ -40,8 +40,15 @@ from pagein.serve.accept import Acceptor, Spare, raise_fd_limit
 from pagein.serve.access import RefusalLog, listen_unix
 from pagein.serve.control import ControlError, recv_msg
 from pagein.serve.engine import EngineName, choose
-from pagein.serve.firecracker import Region, receive_handshake
+from pagein.serve.firecracker import (
+    Handshake,
+    Region,
+    receive_handshake,
+    uncovered_bytes,
+    validate_regions,
+)
 from pagein.serve.handler import exit_status
+from pagein.serve.identity import FileDigests, Identity, Verdict, reply, split_identity
 from pagein.serve.options import BadHandshakePolicy, ServeOptions, VmFailurePolicy
 from pagein.serve.ratelog import RateLimitedLog
 from pagein.serve.record import OutputNames
@@ -153,6 +160,8 @@ class Server:
         self.source = served.source
         self._served = served
         self._source_stats = SourceTally()  # workers' store caches (--workers 0: ours)
+        self._digests = FileDigests(served.file_path(), served.source.size,
+                                    options.memory_sha256, served.source.describe())
         self.engine, why = choose(options.engine)
         if why is not None:
             log.warning("engine: python (%s)", why)
@@ -575,17 +584,18 @@ class Server:
         """
         spare.take()
         try:
-            hs = receive_handshake(conn, self.source.size, self.options.handshake_timeout)
+            hs = receive_handshake(conn, None, self.options.handshake_timeout)
         except HandshakeError as e:
             self._bad_handshake(conn, peer, pidfd, e)
             return
         except OSError as e:
-            self._peer_log.log(logging.WARNING, peer.pid, f"vm pid={peer.pid}",
-                               "handshake failed: %s; closing the connection", e)
-            conn.close()
-            if pidfd >= 0:
-                os.close(pidfd)
+            self._handshake_lost(conn, peer, pidfd, e)
             return
+        checked = self._check(conn, peer, pidfd, hs)
+        if checked is None:
+            os.close(hs.uffd_fd)
+            return
+        hs = checked
         spare.take()
         try:
             state = VmState.create(hs.regions)
@@ -622,6 +632,66 @@ class Server:
                  len(vm.regions), sum(r.size_bytes for r in vm.regions), o.strategy.value,
                  w.index)
         self._hand(vm, w, resume=False)
+
+    def _check(self, conn: socket.socket, peer: PeerCred, pidfd: int,
+               hs: Handshake) -> Handshake | None:
+        """Check a handshake against the served file before any page is served; None
+        when refused (the connection and pidfd are then dealt with, the uffd is not).
+
+        pagein's identity line (:mod:`pagein.serve.identity`) is judged first: a VMM
+        that sent one is told why it is refused and closed, not killed. Without one (a
+        Firecracker VMM) the regions are all there is: a bad one is a bad handshake.
+        """
+        identity: Identity | None = None
+        try:
+            deadline = time.monotonic() + self.options.handshake_timeout
+            identity, rest = split_identity(conn, hs.rest, deadline)
+            verdict = Verdict(())
+            if identity is not None:
+                verdict = self._digests.check(identity)
+            if verdict.error is None:
+                validate_regions(hs.regions, self.source.size)
+        except HandshakeError as e:
+            if identity is None and not e.field.startswith("identity"):
+                self._bad_handshake(conn, peer, pidfd, e)
+                return None
+            verdict = Verdict((), str(e))
+        except OSError as e:
+            self._handshake_lost(conn, peer, pidfd, e)
+            return None
+        if verdict.error is not None:
+            self.handshake_failures += 1
+            self._peer_log.log(logging.ERROR, peer.pid, f"vm pid={peer.pid}",
+                               "refused: %s; told the VMM and closed the connection (no "
+                               "page was served)", verdict.error)
+            with contextlib.suppress(OSError):
+                conn.sendall(reply(verdict))
+            conn.close()
+            if pidfd >= 0:
+                os.close(pidfd)
+            return None
+        if identity is None and (short := uncovered_bytes(hs.regions, self.source.size)):
+            self._peer_log.log(logging.WARNING, peer.pid, f"vm pid={peer.pid}",
+                               "its regions cover %d bytes of the %d-byte memory file (%d "
+                               "bytes never served): a Firecracker snapshot's regions cover "
+                               "its memory file exactly; is %s the snapshot it restores?",
+                               self.source.size - short, self.source.size, short,
+                               self.source.describe())
+        if identity is not None:
+            try:
+                conn.sendall(reply(verdict))
+            except OSError as e:
+                self._handshake_lost(conn, peer, pidfd, e)
+                return None
+        return Handshake(hs.regions, hs.uffd_fd, rest, hs.features)
+
+    def _handshake_lost(self, conn: socket.socket, peer: PeerCred, pidfd: int,
+                        e: OSError) -> None:
+        self._peer_log.log(logging.WARNING, peer.pid, f"vm pid={peer.pid}",
+                           "handshake failed: %s; closing the connection", e)
+        conn.close()
+        if pidfd >= 0:
+            os.close(pidfd)
 
     def _hand(self, vm: _Vm, w: WorkerProc | _InProcess, *, resume: bool) -> None:
         """Send ``vm`` (its uffd, socket and state) to worker ``w``."""

@@ -98,7 +98,7 @@ class RawFileSource(PageSource):
             self._changed: str | None = None
             if self._size == 0:
                 raise SnapshotFormatError(
-                    f"snapshot memory file {self.path} is empty: give the mem_file_path the "
+                    f"snapshot memory file {self.path} is empty: give the memory file the "
                     "VMM wrote when it created the snapshot")
             # Holes are found once: a fault then needs one bisect, not two lseek calls.
             extents = data_extents(self._fd, self._size)
@@ -122,8 +122,8 @@ class RawFileSource(PageSource):
             os.set_blocking(fd, True)
             return fd
         except FileNotFoundError as e:
-            raise SourceError(f"snapshot memory file {path} does not exist: pass the "
-                              "mem_file_path written by the snapshot") from e
+            raise SourceError(f"snapshot memory file {path} does not exist: give the "
+                              "memory file the VMM wrote with the snapshot") from e
         except PermissionError as e:
             raise SourceError(f"snapshot memory file {path} is not readable by this user: "
                               "fix its permissions or run as its owner") from e

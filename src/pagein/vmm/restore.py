@@ -54,6 +54,7 @@ from pagein.errors import HandlerError, SnapshotFormatError, Unavailable
 from pagein.serve.firecracker import Region as WireRegion
 from pagein.serve.firecracker import connect_and_send
 from pagein.serve.handler import HandlerProcess
+from pagein.serve.identity import Identity
 from pagein.serve.session import Session
 from pagein.serve.state import VmState
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, OnDemand, StrategyName
@@ -98,6 +99,10 @@ class RestoreOptions:
     handler receives write access to the guest's memory; any other listener is refused
     before the uffd is sent).
 
+    ``check_identity``: send the snapshot's size and SHA-256 with the handshake and
+    wait for the handler to confirm it serves that snapshot (pagein's extension, see
+    :mod:`pagein.serve.identity`); False for a handler that does not know it.
+
     ``working_set`` / ``record``: passed to the spawned handler (``--working-set`` for the
     working-set and reap strategies, ``--record`` to write this VM's working set).
     """
@@ -115,6 +120,7 @@ class RestoreOptions:
     # Log the pages the guest and the VMM write, so the VM can be diff-snapshotted on the
     # snapshot it was restored from (costs a write fault per page after each snapshot).
     track_dirty: bool = True
+    check_identity: bool = True
 
 
 @dataclass(slots=True)
@@ -437,9 +443,31 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts,
         path = parts.handler.socket_path
     wire = [WireRegion(m.address, r.size, r.offset, r.page_size)
             for m, r in zip(parts.mappings, snap.regions, strict=True)]
+    # pagein's identity extension: a handler serving another snapshot says so before
+    # a vCPU runs, instead of filling this guest with the other snapshot's pages.
+    identity = Identity(snap.memory_bytes, snap.memory_sha256,
+                        os.path.abspath(snap.memory_path)) if opts.check_identity else None
     parts.sock = connect_and_send(path, wire, parts.uffd, mem_file=snap.memory_path,
-                                  trust_uids=opts.trust_uids)
+                                  trust_uids=opts.trust_uids, identity=identity,
+                                  timeout=opts.handler_timeout)
     return regions
+
+
+def _check_working_set(snap: Snapshot, opts: RestoreOptions) -> None:
+    """Refuse a working-set or reap restore without a working set before spawning the
+    handler (which would only fail as it starts, with a message about itself)."""
+    needs = opts.strategy in (StrategyName.WORKING_SET, StrategyName.REAP)
+    if opts.backend is not Backend.UFFD or opts.uffd_socket is not None or not needs:
+        return
+    if opts.working_set is None:
+        raise SnapshotFormatError(
+            f"snapshot {snap.directory} has no working set for --strategy "
+            f"{opts.strategy.value}: record one with `pagein vm restore {snap.directory} "
+            f"--record {os.path.join(snap.directory, 'working-set')}`, or pass "
+            "--working-set FILE")
+    if not os.path.isfile(opts.working_set):
+        raise SnapshotFormatError(f"working set {opts.working_set} does not exist: record one "
+                                  "with --record FILE, or pass another --working-set")
 
 
 def restore(source: str | Snapshot, options: RestoreOptions | None = None, *,
@@ -463,6 +491,7 @@ def restore(source: str | Snapshot, options: RestoreOptions | None = None, *,
                          "process cannot share: use --backend copy or uffd with "
                          "--shared-memory")
     snap = source if isinstance(source, Snapshot) else load_snapshot(source)
+    _check_working_set(snap, opts)
     # A diff layer: its whole chain is resolved and checked here, before any guest runs.
     chain = chain_of(snap)
     if opts.verify_memory:

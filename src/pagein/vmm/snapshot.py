@@ -287,6 +287,19 @@ class _Doc:
         return data
 
 
+def _not_a_directory(path: str) -> None:
+    """Raise the error for a snapshot path that is not a directory, naming what it is."""
+    parent, name = os.path.split(os.path.abspath(path))
+    if not os.path.exists(path):
+        raise SnapshotFormatError(f"snapshot directory {path} does not exist: pass a directory "
+                                  "written by `pagein vm snapshot`")
+    if name in (MEMORY_FILE, STATE_FILE) and os.path.isfile(os.path.join(parent, STATE_FILE)):
+        raise SnapshotFormatError(f"{path} is the snapshot's {name} file: pass the snapshot "
+                                  f"directory {parent} itself")
+    raise SnapshotFormatError(f"{path} is not a directory: pass a snapshot directory written "
+                              "by `pagein vm snapshot`")
+
+
 def read_state(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -370,6 +383,8 @@ def load_snapshot(directory: str, *, check_memory: bool = True) -> Snapshot:
     memory file has exactly the size the state file records. Raises
     :class:`~pagein.errors.SnapshotFormatError` or :class:`~pagein.errors.IntegrityError`.
     """
+    if not os.path.isdir(directory):
+        _not_a_directory(directory)
     path = os.path.join(directory, STATE_FILE)
     doc = read_state(path)
     d = _Doc(path)

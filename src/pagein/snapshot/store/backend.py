@@ -177,7 +177,14 @@ class S3Backend(Backend):
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.retry = retry
-        session = boto3.session.Session(profile_name=profile)
+        from botocore.exceptions import ProfileNotFound
+
+        try:
+            session = boto3.session.Session(profile_name=profile)
+        except ProfileNotFound as e:
+            raise SourceError(f"AWS profile {profile!r} is not configured ({e}): add it to "
+                              "~/.aws/credentials, or give AWS_ACCESS_KEY_ID and "
+                              "AWS_SECRET_ACCESS_KEY instead") from e
         # Retries are ours (below) so that "unreachable" is decided once, with a
         # message; botocore's own retry loop would multiply the attempts.
         config = Config(retries={"max_attempts": 1, "mode": "standard"},
@@ -198,7 +205,12 @@ class S3Backend(Backend):
         return self.prefix + key
 
     def _call(self, op: str, key: str, fn: Callable[[], T]) -> T:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
 
         started = time.monotonic()
         if started < self._down_until:
@@ -224,6 +236,13 @@ class S3Backend(Backend):
                     raise SourceError(f"S3 {op} s3://{self.bucket}/{self._key(key)} at "
                                       f"{self.endpoint} failed: {e}") from e
                 last = e
+            except (NoCredentialsError, PartialCredentialsError) as e:
+                # Not the network: botocore found no (or half a) key pair to sign with.
+                raise SourceError(
+                    f"no AWS credentials to sign {op} s3://{self.bucket}/{self._key(key)} "
+                    f"at {self.endpoint} ({e}): give them with AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY, or a profile (AWS_PROFILE or --profile NAME, "
+                    "from ~/.aws/credentials)") from e
             except BotoCoreError as e:  # connection refused/reset, timeouts, DNS
                 last = e
             if attempt < self.retry.attempts:

@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 from pagein.errors import SnapshotFormatError, SourceError
 from pagein.snapshot.store.backend import Backend, LocalBackend, RetryPolicy, S3Backend
 from pagein.snapshot.store.manifest import Manifest, check_name
+from pagein.snapshot.urls import split_location
 
-__all__ = ["StoreOptions", "chunk_key", "digest_of_key", "manifest_key", "open_backend",
-           "read_manifest", "split_snapshot_url", "working_set_key"]
+__all__ = ["STORE_SCHEMES", "StoreOptions", "chunk_key", "digest_of_key", "manifest_key",
+           "open_backend", "read_manifest", "split_snapshot_url", "working_set_key"]
 
+#: The URL schemes a store may have (anything else with a colon is refused).
+STORE_SCHEMES = ("s3", "dir")
 MANIFESTS = "manifests/"
 CHUNKS = "chunks/"
 PUSHES = "pushes/"
@@ -70,8 +73,8 @@ def working_set_key(name: str) -> str:
 def open_backend(url: str, options: StoreOptions = StoreOptions(), *,
                  create: bool = False) -> Backend:
     """Open the store at ``url`` (``s3://bucket[/prefix]``, ``dir:///path`` or a path)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
+    scheme, rest = split_location(url, STORE_SCHEMES, what="store URL")
+    if scheme is None:
         scheme, rest = "dir", url
     if scheme == "dir":
         if not rest:

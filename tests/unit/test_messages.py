@@ -76,5 +76,5 @@ def test_a_handler_that_exits_while_starting_says_so(tmp_path: Path) -> None:
     with pytest.raises(HandlerError) as info:
         HandlerProcess.start(opts, work, timeout=60)
     msg = str(info.value)
-    assert "exited with status 1 while starting" in msg, msg
+    assert "exited with status 1 during start" in msg, msg
     assert "does not exist" in msg and "within" not in msg

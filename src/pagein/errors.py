@@ -93,6 +93,12 @@ class HandshakeError(PageinError):
     #: log must not carry a 4 MiB string.
     MAX_SHOWN = 80
 
+    #: Set by the receiver: whether the peer sent a userfaultfd (only such a peer is a
+    #: VMM whose guest waits on us, and only such a peer the kill policy applies to), and
+    #: how many bytes it sent (0 with no fd: a health probe or a "socket in use?" check).
+    sent_uffd: bool = False
+    received_bytes: int = 0
+
     def __init__(self, field: str, value: object, reason: str) -> None:
         self.field = field
         self.value = value

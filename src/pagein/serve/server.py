@@ -617,21 +617,39 @@ class Server:
 
     def _bad_handshake(self, conn: socket.socket, peer: PeerCred, pidfd: int,
                        e: HandshakeError) -> None:
-        self.handshake_failures += 1
-        action = self.options.on_bad_handshake
-        # A peer may reconnect with bad handshakes forever: its lines are rate-limited
-        # (the values it sent are already cut short by HandshakeError).
+        """Log a failed handshake and apply ``--on-bad-handshake`` to a peer that holds a uffd.
+
+        Only a peer that sent a userfaultfd is a VMM whose guest would stay frozen: the
+        kill policy is for it alone. A peer that sent nothing (a health probe, a
+        monitoring ``connect()``, a second ``pagein serve`` checking whether the socket is
+        in use) or bytes without a uffd is closed and left alone: killing it would kill
+        whatever happens to connect.
+        """
         where = f"vm pid={peer.pid}"
-        if action is BadHandshakePolicy.KILL and peer.pid > 1 and peer.pid != os.getpid():
-            self._peer_log.log(logging.ERROR, peer.pid, where, "%s; killing the VMM "
-                               "(--on-bad-handshake close keeps it alive)", e)
-            _kill(pidfd, peer.pid)
-        else:
-            self._peer_log.log(logging.ERROR, peer.pid, where, "%s; closing the connection",
-                               e)
-        conn.close()
-        if pidfd >= 0:
-            os.close(pidfd)
+        try:
+            if not e.sent_uffd and e.received_bytes == 0:
+                log.debug("%s: connection closed without a handshake (nothing sent: a "
+                          "probe or a socket check); closed", where)
+                return
+            self.handshake_failures += 1
+            # A peer may reconnect with bad handshakes forever: its lines are rate-limited
+            # (the values it sent are already cut short by HandshakeError).
+            if not e.sent_uffd:
+                self._peer_log.log(logging.WARNING, peer.pid, where,
+                                   "%s; closing the connection (it sent no userfaultfd, so "
+                                   "no guest waits on it: not killed)", e)
+            elif (self.options.on_bad_handshake is BadHandshakePolicy.KILL and peer.pid > 1
+                    and peer.pid != os.getpid()):
+                self._peer_log.log(logging.ERROR, peer.pid, where, "%s; killing the VMM "
+                                   "(--on-bad-handshake close keeps it alive)", e)
+                _kill(pidfd, peer.pid)
+            else:
+                self._peer_log.log(logging.ERROR, peer.pid, where,
+                                   "%s; closing the connection", e)
+        finally:
+            conn.close()
+            if pidfd >= 0:
+                os.close(pidfd)
 
     # --- stats ---------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ One root, a small tree beneath it::
     ├── Unavailable                       the machine lacks what is needed
     │   └── UnsupportedFeature(missing)   the kernel lacks a uffd feature / ioctl
     ├── HandshakeError(field, value)      a peer sent a bad Firecracker handshake
+    ├── ConfigError                       a setting cannot work as given (exit status 2)
     ├── SnapshotFormatError               a snapshot file is malformed or truncated
     │   └── IntegrityError                content does not match its checksum
     ├── SourceError                       a page source (store) failed
@@ -84,6 +85,14 @@ class UnsupportedFeature(Unavailable):
     def __init__(self, missing: list[str], detail: str) -> None:
         self.missing = missing
         super().__init__(f"userfaultfd lacks {', '.join(missing)}: {detail}")
+
+
+class ConfigError(PageinError):
+    """A flag or setting cannot work as given: found at start, before anything is served.
+
+    The message names the flag and says what to change; the CLI prints it on one line
+    and exits with status 2, as argparse does for a malformed flag.
+    """
 
 
 class HandshakeError(PageinError):

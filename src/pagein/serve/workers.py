@@ -23,6 +23,7 @@ import threading
 from pagein.errors import PageinError
 from pagein.serve.control import ControlError, recv_msg, send_msg
 from pagein.serve.engine import EngineName
+from pagein.serve.logs import current_format
 from pagein.serve.options import ServeOptions
 from pagein.sys.fdpass import kill_through
 from pagein.sys.process import set_child_subreaper
@@ -163,7 +164,8 @@ def _readable(fd: int, timeout: float) -> bool:
 
 def _init_doc(options: ServeOptions, engine: EngineName, index: int) -> dict[str, object]:
     return {"op": "init", "options": options.to_json(), "engine": engine.value,
-            "index": index, "log_level": logging.getLogger("pagein").getEffectiveLevel()}
+            "index": index, "log_level": logging.getLogger("pagein").getEffectiveLevel(),
+            "log_format": current_format().value}
 
 
 class Zygote:

@@ -76,7 +76,7 @@ def test_a_health_probe_is_closed_never_killed(tmp_path: Path, kind: str) -> Non
 
 def test_a_second_server_on_a_busy_socket_exits_with_one_line_and_is_not_killed(
         tmp_path: Path) -> None:
-    snap, data = _snap(tmp_path)
+    snap, _ = _snap(tmp_path)
     server = start_server(str(tmp_path), snap)
     try:
         r = _serve("--socket", server.socket_path, "--mem-file", snap)
@@ -220,7 +220,7 @@ def test_drain_deadline_names_the_vm_and_a_second_sigterm_stops_at_once(
             assert c.stdout is not None and c.stdout.readline().strip() == "paused"
             server.proc.send_signal(signal.SIGTERM)
             if second:
-                wait_for(lambda: "no longer accepting" in server.log(), 20, "the drain")
+                wait_for(lambda s=server: "no longer accepting" in s.log(), 20, "the drain")
                 server.proc.send_signal(signal.SIGTERM)
             assert server.proc.wait(30) == 0
             assert f"vm pid={c.pid}: server stopping while pages are still missing" in \

@@ -58,7 +58,9 @@ def _command_modules(argv: Sequence[str]) -> list[str]:
     names = [m.name for m in sorted(pkgutil.iter_modules(pagein.cli.__path__),
                                     key=lambda m: m.name)
              if m.name != "main" and not m.name.startswith("_")]
-    command = next((a for a in argv if not a.startswith("-")), None)
+    values = {i + 1 for i, a in enumerate(argv) if a in ("--log-level", "--log-format")}
+    command = next((a for i, a in enumerate(argv) if not a.startswith("-") and i not in values),
+                   None)
     return [command] if command in names else names
 
 

@@ -82,8 +82,11 @@ def start_server(tmp: str, mem_file: str, *extra: str, timeout: float = 20,
     stats = os.path.join(tmp, "stats.json")
     r, w = os.pipe()
     what = ["--source", source] if source else ["--mem-file", mem_file]
+    # No drain unless a test asks for one: stop() means stop (tests of SIGTERM draining
+    # pass --drain-timeout themselves).
+    drain = [] if "--drain-timeout" in extra else ["--drain-timeout", "0"]
     cmd = [sys.executable, "-m", "pagein", "-v", "serve", "--socket", sock, *what,
-           "--stats-json", stats, "--ready-fd", str(w), *extra]
+           "--stats-json", stats, "--ready-fd", str(w), *drain, *extra]
     if nofile is not None:
         cmd = ["prlimit", f"--nofile={nofile[0]}:{nofile[1]}", *cmd]
     with open(log_path, "wb") as logf:

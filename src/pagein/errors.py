@@ -10,6 +10,7 @@ One root, a small tree beneath it::
     ├── Unavailable                       the machine lacks what is needed
     │   └── UnsupportedFeature(missing)   the kernel lacks a uffd feature / ioctl
     ├── HandshakeError(field, value)      a peer sent a bad Firecracker handshake
+    ├── ConfigError                       a setting cannot work as given (exit status 2)
     ├── SnapshotFormatError               a snapshot file is malformed or truncated
     │   └── IntegrityError                content does not match its checksum
     ├── SourceError                       a page source (store) failed
@@ -86,12 +87,26 @@ class UnsupportedFeature(Unavailable):
         super().__init__(f"userfaultfd lacks {', '.join(missing)}: {detail}")
 
 
+class ConfigError(PageinError):
+    """A flag or setting cannot work as given: found at start, before anything is served.
+
+    The message names the flag and says what to change; the CLI prints it on one line
+    and exits with status 2, as argparse does for a malformed flag.
+    """
+
+
 class HandshakeError(PageinError):
     """A VMM's handshake on the handler socket is malformed."""
 
     #: How much of a value the message shows: a peer controls it, and one line of a
     #: log must not carry a 4 MiB string.
     MAX_SHOWN = 80
+
+    #: Set by the receiver: whether the peer sent a userfaultfd (only such a peer is a
+    #: VMM whose guest waits on us, and only such a peer the kill policy applies to), and
+    #: how many bytes it sent (0 with no fd: a health probe or a "socket in use?" check).
+    sent_uffd: bool = False
+    received_bytes: int = 0
 
     def __init__(self, field: str, value: object, reason: str) -> None:
         self.field = field

@@ -6,7 +6,7 @@ os.setgid/os.setuid before acting, after importing what it needs as root.
             could connect, whether the server closed on it, how many pages arrived
   listen    a fake handler: listen, accept one connection, report the bytes and fds sent
   pidreuse  connect, fork a child that keeps the socket, exit when told; the child sends
-            a bad handshake when told, and reports when the server closed it
+            a bad handshake (with a uffd) when told, and reports when the server closed it
   serve     ``pagein serve ARGS...`` as nobody (a handler the restore must be told to trust)
 
 The interpreter lives under /root, which nobody cannot read: everything a command needs
@@ -135,7 +135,9 @@ def cmd_pidreuse(args: argparse.Namespace) -> int:
         os.close(args.exit_fd)
         if not select.select([args.go_fd], [], [], 3 * WAIT_S)[0]:
             os._exit(1)
-        sock.sendall(b"[]")  # a bad handshake: no region, no fd
+        # A bad handshake from a VMM (it holds a uffd: the kill policy applies to it).
+        uffd = Userfaultfd.open(Feature.EVENT_REMOVE, user_mode_only=True)
+        send_with_fds(sock, b"[]", [uffd.fileno()])
         say(sent=True)
         say(closed=_closed_within(sock, WAIT_S))
         os._exit(0)

@@ -34,7 +34,7 @@ def test_socket_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
     taken = tmp_path / "taken"
     taken.write_text("not a socket")
     r = _serve("--socket", str(taken), "--mem-file", str(mem))
-    assert r.returncode == 1
+    assert r.returncode == 2  # a flag to change, like argparse's errors
     assert f"--socket {taken} exists and is not a socket" in r.stderr
     assert taken.read_text() == "not a socket"
 
@@ -66,7 +66,7 @@ def test_a_live_socket_is_not_stolen_but_a_stale_one_is_replaced(tmp_path: Path)
     live.listen(1)
     try:
         r = _serve("--socket", str(path), "--mem-file", str(mem))
-        assert r.returncode == 1
+        assert r.returncode == 2
         assert "is in use by another running handler" in r.stderr
     finally:
         live.close()  # the file stays behind: a stale socket, as after a crash

@@ -1,4 +1,9 @@
-"""Each invalid handshake: one log line naming the field, the peer killed (or closed)."""
+"""Each invalid handshake: one log line naming the field, the peer killed (or closed).
+
+Only a peer that sent a userfaultfd is killed: one that sent no fd, another kind of fd
+or nothing at all is not a VMM whose guest waits on the server (a health probe, a
+monitoring connect, a second server asking whether the socket is in use).
+"""
 
 from __future__ import annotations
 
@@ -45,6 +50,8 @@ CASES = [
     ("no-event-remove", ["--no-remove", "--payload", "[{" + GOOD + "}]"], "uffd"),
     ("silent", ["--silent"], "handshake"),
 ]
+# Peers that hold no uffd: closed and left alive under either policy.
+NOT_VMMS = {"no-fd", "not-a-uffd", "silent"}
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +80,18 @@ def test_bad_handshake_kills_peer_and_names_field(servers: dict[str, ServerProc]
     server = servers["kill"]
     c = _raw(server, args)
     rc, res = finish(c, timeout=20)
-    assert rc == -9, (case, rc, res)
     lines = [ln for ln in server.log().splitlines() if f"vm pid={c.pid}: bad handshake" in ln]
-    assert len(lines) == 1, server.log()[-3000:]
+    if case in NOT_VMMS:
+        assert rc == 3 and res == {"closed": True}, (case, rc, res)  # alive, closed
+        if case == "silent":  # sent nothing: a probe, not worth a line at -v
+            assert lines == [], server.log()[-3000:]
+            return
+        assert len(lines) == 1 and "not killed" in lines[0], server.log()[-3000:]
+    else:
+        assert rc == -9, (case, rc, res)
+        assert len(lines) == 1, server.log()[-3000:]
+        assert "killing the VMM" in lines[0]
     assert f"bad handshake field {field}=" in lines[0]
-    assert "killing the VMM" in lines[0]
 
 
 @pytest.mark.parametrize(("case", "args", "field"), CASES[::4], ids=[c[0] for c in CASES[::4]])
@@ -87,8 +101,9 @@ def test_bad_handshake_close_policy_leaves_peer_alive(servers: dict[str, ServerP
     c = _raw(server, args)
     rc, res = finish(c, timeout=20)
     assert rc == 3 and res == {"closed": True}, (case, rc, res)
-    assert f"vm pid={c.pid}: bad handshake field {field}=" in server.log()
-    assert "closing the connection" in server.log()
+    if case != "silent":
+        assert f"vm pid={c.pid}: bad handshake field {field}=" in server.log()
+        assert "closing the connection" in server.log()
 
 
 def test_server_still_serves_after_bad_handshakes(servers: dict[str, ServerProc],

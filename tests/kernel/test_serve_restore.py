@@ -75,8 +75,8 @@ def test_each_payload_generation_restores_every_byte(
 def test_strategies_copy_each_page_once(tmp_path: Path, snap: tuple[str, bytes],
                                         server_factory: list[ServerProc], strategy: str) -> None:
     path, _data = snap
-    server = start_server(str(tmp_path), path, "--strategy", strategy,
-                          "--readahead-size", "64K")
+    window = ["--readahead-size", "64K"] if strategy == "readahead" else []  # else refused
+    server = start_server(str(tmp_path), path, "--strategy", strategy, *window)
     server_factory.append(server)
     rc, res = finish(client(*touch_args(server, path, REGIONS, "--threads", "2")))
     assert rc == 0, res

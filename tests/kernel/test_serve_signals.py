@@ -70,9 +70,11 @@ def test_sigusr1_with_an_unwritable_stats_file_costs_one_line_and_serving_goes_o
     snap = str(tmp_path / "mem.snap")
     data = make_snapshot(snap, SIZE)
     blocker = tmp_path / "not-a-dir"
-    blocker.write_text("a file where the stats directory should be\n")
-    stats = blocker / "stats.json"  # ENOTDIR, even for root
+    blocker.mkdir()  # writable at start (checked then), replaced by a file once serving
+    stats = blocker / "stats.json"
     server = start_server(str(tmp_path), snap, "--stats-json", str(stats))
+    blocker.rmdir()
+    blocker.write_text("a file where the stats directory should be\n")  # ENOTDIR, even for root
     peer = connect(server.socket_path, 16 * PAGE)
     try:
         assert peer.read(0) == data[:PAGE]
@@ -99,8 +101,10 @@ def test_stats_file_still_unwritable_at_exit_is_logged_and_the_status_says_so(
         tmp_path: Path) -> None:
     snap = str(tmp_path / "mem.snap")
     make_snapshot(snap, SIZE)
-    (tmp_path / "f").write_text("")
+    (tmp_path / "f").mkdir()
     server = start_server(str(tmp_path), snap, "--stats-json", str(tmp_path / "f" / "s.json"))
+    (tmp_path / "f").rmdir()
+    (tmp_path / "f").write_text("")
     assert server.stop() == 1
     lines = [ln for ln in server.log().splitlines() if "cannot write --stats-json" in ln]
     assert len(lines) == 1 and "Traceback" not in server.log()

@@ -7,14 +7,17 @@ import logging
 import math
 import os
 import signal
+import socket
+import tempfile
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from pagein.cli import _ids
-from pagein.errors import PageinError, SnapshotFormatError, SourceError
+from pagein.errors import ConfigError, PageinError, SnapshotFormatError, SourceError
 from pagein.serve.engine import EngineName
 from pagein.serve.options import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_DRAIN_S,
     DEFAULT_METRICS_ADDRESS,
     DEFAULT_METRICS_KEEP_ENDED_S,
     BadHandshakePolicy,
@@ -25,6 +28,7 @@ from pagein.serve.served import Served, open_served
 from pagein.serve.server import Server
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
 from pagein.snapshot.urls import split_location
+from pagein.sys.systemd import inherited_listener
 from pagein.vmm.snapshot import MEMORY_FILE, STATE_FILE, load_snapshot
 
 if TYPE_CHECKING:
@@ -64,6 +68,26 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _number(kind: type[int] | type[float], low: float, what: str) -> Any:
+    """An argparse type: a ``kind`` number of at least ``low`` (the message says ``what``)."""
+    def convert(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not value >= low or value != value:  # NaN compares false
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return convert
+
+
+def _positive_size(text: str) -> int:
+    size = parse_size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size above 0, e.g. 1M")
+    return size
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "serve", help="serve guest memory page faults (Firecracker's UFFD handler protocol)",
@@ -77,26 +101,38 @@ def register(sub: Any) -> None:
                      help="a snapshot source: a path, file://, s3://bucket/name or dir://")
     p.add_argument("--strategy", choices=[s.value for s in StrategyName],
                    default=StrategyName.ON_DEMAND.value, help="restore strategy")
-    p.add_argument("--readahead-size", type=parse_size, default=DEFAULT_READAHEAD_BYTES,
-                   metavar="SIZE", help="readahead window (power of two; default 256K)")
+    p.add_argument("--readahead-size", type=parse_size, default=None, metavar="SIZE",
+                   help="readahead window for --strategy readahead or working-set (power of "
+                        f"two; default {DEFAULT_READAHEAD_BYTES >> 10}K)")
     p.add_argument("--working-set", metavar="FILE",
                    help="recorded working set for --strategy working-set or reap")
-    p.add_argument("--then", choices=[t.value for t in Then], default=Then.READAHEAD.value,
-                   help="working-set: how the pages not recorded arrive (default readahead; "
-                        "populate-all also fills the rest in the background)")
+    p.add_argument("--then", choices=[t.value for t in Then], default=None,
+                   help="--strategy working-set only: how the pages not recorded arrive "
+                        "(default readahead; populate-all also fills the rest in the "
+                        "background)")
     p.add_argument("--record", metavar="FILE",
                    help="when the VM goes, write the pages it faulted on as a working-set "
                         "file (and the trace to FILE.trace.json unless --trace is given); "
-                        "with several VMs the first to go writes FILE, later ones FILE.2, ...")
+                        "with several VMs the first to go writes FILE, later ones FILE.2, ...; "
+                        "with --strategy on-demand only (others fill pages the guest never "
+                        "asked for)")
     p.add_argument("--trace", metavar="FILE",
                    help="when the VM goes, write its fault trace (for pagein report)")
-    p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
+    p.add_argument("--chunk-size", type=_positive_size, default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
                    help="largest fill of background work (default 1M)")
     p.add_argument("--on-bad-handshake", choices=[b.value for b in BadHandshakePolicy],
                    default=BadHandshakePolicy.KILL.value,
                    help="kill the VMM (default) or only close its connection")
-    p.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
-                   help="time a VMM has to complete its handshake (default 5)")
+    p.add_argument("--handshake-timeout", type=_number(float, 0.001, "a positive number of "
+                                                            "seconds"),
+                   default=5.0, metavar="SECONDS",
+                   help="time a VMM has to complete its handshake (default 5); a peer that "
+                        "sends nothing in that time is closed, never killed")
+    p.add_argument("--drain-timeout", type=_number(float, 0, "a number of seconds >= 0"),
+                   default=DEFAULT_DRAIN_S, metavar="SECONDS",
+                   help="on SIGTERM: stop accepting, then give the connected VMs this long "
+                        f"to finish (default {DEFAULT_DRAIN_S:g}; 0: stop at once); a "
+                        "second SIGTERM or SIGINT stops at once")
     p.add_argument("--stats-json", metavar="FILE",
                    help="write counters here on exit and on SIGUSR1 (if it cannot be "
                         "written: one log line, serving goes on; exit status 1 at the end)")
@@ -120,10 +156,12 @@ def register(sub: Any) -> None:
                         "implementation; used automatically when the native one is not "
                         "built, said once at start; PAGEIN_ENGINE=python changes the "
                         "default)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
+    p.add_argument("--workers", type=_number(int, 0, "a number of workers >= 0"), default=None,
+                   metavar="N",
                    help="serving worker processes (default: one per CPU); VMs are spread "
                         "over them and served in parallel; 0 serves in this process")
-    p.add_argument("--max-restarts", type=int, default=3, metavar="N",
+    p.add_argument("--max-restarts", type=_number(int, 0, "a count >= 0"), default=3,
+                   metavar="N",
                    help="worker crashes a VM survives (a new worker takes it over, the guest "
                         "notices nothing) before its session fails (default 3)")
     p.add_argument("--on-vm-failure", choices=[v.value for v in VmFailurePolicy],
@@ -149,7 +187,7 @@ def register(sub: Any) -> None:
                         help="also serve peers whose (effective) gid is one of these (names "
                              "or gids, comma list, repeatable)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--exit-after", type=int, metavar="N",
+    p.add_argument("--exit-after", type=_number(int, 1, "a number of VMs >= 1"), metavar="N",
                    help="exit once N VMs have been served and have gone")
     p.set_defaults(handler=run)
 
@@ -187,21 +225,61 @@ def run(args: argparse.Namespace) -> int:
     options = ServeOptions.from_namespace(args)
     if args.mem_file is not None:
         options = options.with_(memory_sha256=_recorded_sha256(args.mem_file))
+    listener = inherited_listener()  # systemd socket activation (LISTEN_FDS)
     endpoint = None
-    if options.metrics_port is not None:
-        # Bound first: a bad --metrics-address fails before a VMM can connect.
-        from pagein.serve.metrics import MetricsEndpoint  # only a server that serves them
-        endpoint = MetricsEndpoint(options.metrics_address, options.metrics_port)
+    try:
+        _check_start(options, listener)
+        if options.metrics_port is not None:
+            # Bound first: a bad --metrics-address fails before a VMM can connect.
+            from pagein.serve.metrics import MetricsEndpoint  # only a server that serves them
+            endpoint = MetricsEndpoint(options.metrics_address, options.metrics_port)
+    except BaseException:
+        if listener is not None:
+            listener.close()
+        raise
     try:
         served = _open(options, args)
         try:
-            server = Server(served)
+            server = Server(served, listener=listener)
             return _serve(server, args, endpoint)
         finally:
             served.close()
     finally:
         if endpoint is not None:
             endpoint.close()
+
+
+def _check_start(options: ServeOptions, listener: socket.socket | None) -> None:
+    """What can be known wrong before serving: raise :class:`ConfigError` naming the flag,
+    instead of a traceback later (or a file never written)."""
+    if options.stats_json is not None:
+        _check_writable(options.stats_json)
+    if listener is not None:
+        for flag, value in (("--socket-mode", options.socket_mode),
+                            ("--socket-group", options.socket_group)):
+            if value is not None:
+                raise ConfigError(f"{flag} does not apply with socket activation: systemd "
+                                  "created the socket; set SocketMode= / SocketGroup= in "
+                                  "the .socket unit instead")
+        bound = listener.getsockname()
+        if isinstance(bound, str) and os.path.abspath(bound) != os.path.abspath(
+                options.socket_path):
+            raise ConfigError(f"--socket {options.socket_path} differs from the socket "
+                              f"systemd passed ({bound}): make them the same path")
+
+
+def _check_writable(path: str) -> None:
+    """Whether ``--stats-json`` can be written: its directory exists and takes a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"--stats-json {path} is a directory: give a file name")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".stats-check-", dir=directory)
+    except OSError as e:
+        raise ConfigError(f"--stats-json {path}: cannot write in {directory}: "
+                          f"{e.strerror}: create the directory or choose another") from e
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _serve(server: Server, args: argparse.Namespace, endpoint: MetricsEndpoint | None) -> int:
@@ -211,11 +289,18 @@ def _serve(server: Server, args: argparse.Namespace, endpoint: MetricsEndpoint |
         server.request_stats()
 
     def stop(_sig: int, _frame: FrameType | None) -> None:
-        server.request_stop()
+        server.request_stop()  # the first drains, a second stops at once
+
+    def stop_now(_sig: int, _frame: FrameType | None) -> None:
+        server.request_stop_now()
+
+    def state(_sig: int, _frame: FrameType | None) -> None:
+        server.request_state()
 
     signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGINT, stop_now)
     signal.signal(signal.SIGUSR1, dump)
+    signal.signal(signal.SIGHUP, state)
     server.wake_on_signals()
     if endpoint is not None:
         endpoint.serve(server)

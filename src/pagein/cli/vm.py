@@ -13,7 +13,8 @@ from typing import Any
 
 from pagein.cli import _ids
 from pagein.errors import PageinError
-from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName
+from pagein.serve.options import strategy_flag_errors
+from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
 from pagein.vmm.console import Console
 from pagein.vmm.control import ControlServer, request
 from pagein.vmm.image import build_all, workload_image
@@ -245,10 +246,9 @@ def _register_restore(sub: Any) -> None:
     p.add_argument("--backend", choices=[b.value for b in Backend], default="uffd",
                    help="copy: read memory first; file: map it MAP_PRIVATE; uffd: fill it "
                         "lazily through pagein serve (default)")
-    p.add_argument("--strategy", choices=[s.value for s in StrategyName],
-                   default=StrategyName.ON_DEMAND.value,
+    p.add_argument("--strategy", choices=[s.value for s in StrategyName], default=None,
                    help="how --backend uffd fills memory (default on-demand; see docs/serve.md)")
-    p.add_argument("--readahead-size", default=str(DEFAULT_READAHEAD_BYTES), metavar="SIZE",
+    p.add_argument("--readahead-size", default=None, metavar="SIZE",
                    help="readahead window for --strategy readahead, with a unit, e.g. 1M "
                         f"(default {DEFAULT_READAHEAD_BYTES >> 10}K)")
     p.add_argument("--uffd-socket", metavar="PATH",
@@ -291,10 +291,31 @@ def _working_set_arg(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _flag_errors(args: argparse.Namespace) -> list[str]:
+    """Flags that would be ignored with this backend or strategy, each named."""
+    if args.backend != Backend.UFFD.value:
+        given = [flag for flag, value in (("--strategy", args.strategy),
+                                          ("--readahead-size", args.readahead_size),
+                                          ("--uffd-socket", args.uffd_socket),
+                                          ("--working-set", args.working_set),
+                                          ("--record", args.record)) if value is not None]
+        return [f"{flag} only applies to --backend uffd (not --backend {args.backend}): "
+                f"drop it or use --backend uffd" for flag in given]
+    return strategy_flag_errors(StrategyName(args.strategy or StrategyName.ON_DEMAND.value),
+                                Then.READAHEAD, readahead_given=args.readahead_size is not None,
+                                then_given=False, record_given=args.record is not None)
+
+
 def restore_command(args: argparse.Namespace) -> int:
+    if errors := _flag_errors(args):
+        print(f"pagein: error: {errors[0]}", file=sys.stderr)
+        return 2
+    if args.strategy is None:
+        args.strategy = StrategyName.ON_DEMAND.value
+    readahead = args.readahead_size or str(DEFAULT_READAHEAD_BYTES)
     try:
         opts = RestoreOptions(Backend(args.backend), StrategyName(args.strategy),
-                              parse_size(args.readahead_size), args.uffd_socket,
+                              parse_size(readahead), args.uffd_socket,
                               args.shared_memory, args.verify_memory,
                               working_set=_working_set_arg(args), record=args.record,
                               trust_uids=tuple(i for ids in args.trust_uid or () for i in ids),

@@ -506,12 +506,23 @@ def uffd_pollerr_reason(fd: int) -> str:
     return "the VMM never called UFFDIO_API on this userfaultfd"
 
 
+def _is_uffd(fd: int) -> bool:
+    """Whether ``fd`` is a userfaultfd (by its ``/proc/self/fd`` link)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == _UFFD_LINK
+    except OSError:
+        return False
+
+
+_UFFD_LINK = "anon_inode:[userfaultfd]"
+
+
 def _check_uffd(fd: int) -> Feature:
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return Feature.NONE  # no /proc: trust the peer; a bad fd fails its first ioctl
-    if target != "anon_inode:[userfaultfd]":
+    if target != _UFFD_LINK:
         raise HandshakeError("uffd", target, "the file descriptor sent is not a userfaultfd")
     # A uffd polls as an error until UFFDIO_API has been called on it, and always when it
     # is blocking (the kernel will not promise a read that does not block).
@@ -591,6 +602,12 @@ def receive_handshake(sock: socket.socket, file_size: int | None,
         features = _check_uffd(fds[0])
         if file_size is not None:
             validate_regions(regions, file_size)
+    except HandshakeError as e:
+        e.sent_uffd = any(_is_uffd(fd) for fd in fds)
+        e.received_bytes = len(buf)
+        for fd in fds:
+            os.close(fd)
+        raise
     except BaseException:
         for fd in fds:
             os.close(fd)

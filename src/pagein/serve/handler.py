@@ -65,9 +65,11 @@ class HandlerProcess:
         """Options for a handler that serves one VM and exits when it has gone: its socket
         and stats file in ``workdir``, served in the handler process itself (no worker
         processes: one VM needs no parallelism, and killing the handler stops it), bad
-        handshakes closed, not killed."""
+        handshakes closed, not killed, and no drain on SIGTERM (its one VM has already
+        gone or been unmapped when its owner stops it)."""
         base = ServeOptions(socket_path=os.path.join(workdir, "handler.sock"), source=source,
                             on_bad_handshake=BadHandshakePolicy.CLOSE, exit_after=1,
+                            drain_timeout=0.0,
                             stats_json=os.path.join(workdir, "stats.json"), workers=0)
         return base.with_(**changes)
 

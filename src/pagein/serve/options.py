@@ -14,17 +14,50 @@ import enum
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from pagein.errors import ConfigError
 from pagein.serve.access import DEFAULT_SOCKET_MODE, GROUP_SOCKET_MODE, Access
 from pagein.serve.engine import EngineName
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
 
-__all__ = ["BadHandshakePolicy", "ServeOptions", "VmFailurePolicy", "default_workers"]
+__all__ = ["BadHandshakePolicy", "ServeOptions", "VmFailurePolicy", "default_workers",
+           "strategy_flag_errors", "uses_readahead_window"]
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 #: Where --metrics-port listens unless told: loopback, so nothing is exposed by surprise.
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 #: How long the series of a VM that ended stay on the metrics endpoint, in seconds.
 DEFAULT_METRICS_KEEP_ENDED_S = 300.0
+DEFAULT_DRAIN_S = 30.0  # SIGTERM: how long attached VMs get to finish (populate-all)
+_RECORDS_WITH = (StrategyName.ON_DEMAND,)  # docs/working-set.md: record on demand only
+
+
+def uses_readahead_window(strategy: StrategyName, then: Then) -> bool:
+    """Whether ``--readahead-size`` changes anything with this strategy (and ``--then``)."""
+    if strategy is StrategyName.READAHEAD:
+        return True
+    return strategy is StrategyName.WORKING_SET and then is not Then.ON_DEMAND
+
+
+def strategy_flag_errors(strategy: StrategyName, then: Then, *, readahead_given: bool,
+                         then_given: bool, record_given: bool) -> list[str]:
+    """What is wrong with flags given alongside ``--strategy`` (empty: nothing).
+
+    Shared by ``pagein serve`` and ``pagein vm restore``: a flag the strategy ignores is
+    refused, naming it, instead of being silently dropped.
+    """
+    errors = []
+    if then_given and strategy is not StrategyName.WORKING_SET:
+        errors.append(f"--then only applies to --strategy working-set (not "
+                      f"{strategy.value}): drop --then or use --strategy working-set")
+    if readahead_given and not uses_readahead_window(strategy, then):
+        errors.append(f"--readahead-size does nothing with --strategy {strategy.value}"
+                      + (" --then on-demand" if strategy is StrategyName.WORKING_SET else "")
+                      + ": drop it, or use --strategy readahead (or working-set)")
+    if record_given and strategy not in _RECORDS_WITH:
+        errors.append(f"--record with --strategy {strategy.value} would record pages "
+                      "installed ahead of the guest, not the ones it used: record with "
+                      "--strategy on-demand (docs/working-set.md)")
+    return errors
 
 
 class BadHandshakePolicy(enum.Enum):
@@ -69,6 +102,7 @@ class ServeOptions:
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     metrics_keep_ended_s: float = DEFAULT_METRICS_KEEP_ENDED_S  # ended VMs' series stay
     exit_after: int | None = None  # stop once this many VM sessions have ended
+    drain_timeout: float = DEFAULT_DRAIN_S  # SIGTERM: time attached VMs get to finish
     engine: EngineName = field(default_factory=EngineName.default)
     workers: int | None = None  # worker processes; None: one per CPU; 0: in this process
     max_restarts: int = 3  # worker crashes a VM survives before its session fails
@@ -82,6 +116,13 @@ class ServeOptions:
     memory_sha256: str | None = None
 
     def __post_init__(self) -> None:
+        # A readahead size or --then the strategy does not use means nothing: keep the
+        # default there, so that equal behaviour is an equal value (and to_argv, which
+        # emits only the flags a strategy uses, round-trips).
+        if not uses_readahead_window(self.strategy, self.then):
+            object.__setattr__(self, "readahead_bytes", DEFAULT_READAHEAD_BYTES)
+        if self.strategy is not StrategyName.WORKING_SET:
+            object.__setattr__(self, "then", Then.READAHEAD)
         if self.socket_mode is not None and not 0 <= self.socket_mode <= 0o777:
             raise ValueError(f"--socket-mode {self.socket_mode:o} is not a permission mode "
                              "between 0 and 777 (octal), e.g. 0660")
@@ -128,17 +169,31 @@ class ServeOptions:
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> ServeOptions:
-        """Build from ``pagein serve``'s parsed flags."""
+        """Build from ``pagein serve``'s parsed flags.
+
+        ``--readahead-size`` and ``--then`` default to None in the parser, so a flag the
+        strategy would ignore can be told from one not given: it raises
+        :class:`ConfigError` naming it (as does ``--record`` with a prefetching strategy).
+        """
+        strategy, then = StrategyName(args.strategy), Then(args.then or Then.READAHEAD.value)
+        errors = strategy_flag_errors(strategy, then,
+                                      readahead_given=args.readahead_size is not None,
+                                      then_given=args.then is not None,
+                                      record_given=args.record is not None)
+        if errors:
+            raise ConfigError(errors[0])
+        readahead = DEFAULT_READAHEAD_BYTES if args.readahead_size is None else args.readahead_size
         return cls(
             socket_path=args.socket, source=args.mem_file or args.source,
-            strategy=StrategyName(args.strategy), readahead_bytes=args.readahead_size,
-            working_set=args.working_set, then=Then(args.then), record=args.record,
+            strategy=strategy, readahead_bytes=readahead,
+            working_set=args.working_set, then=then, record=args.record,
             trace=args.trace, chunk_bytes=args.chunk_size,
             on_bad_handshake=BadHandshakePolicy(args.on_bad_handshake),
             handshake_timeout=args.handshake_timeout, stats_json=args.stats_json,
             metrics_port=args.metrics_port, metrics_address=args.metrics_address,
             metrics_keep_ended_s=args.metrics_keep_ended, exit_after=args.exit_after,
             engine=EngineName(args.engine), workers=args.workers,
+            drain_timeout=args.drain_timeout,
             max_restarts=args.max_restarts, on_vm_failure=VmFailurePolicy(args.on_vm_failure),
             socket_mode=args.socket_mode, socket_group=args.socket_group,
             allow_uids=tuple(dict.fromkeys(i for ids in args.allow_uid or () for i in ids)),
@@ -147,14 +202,19 @@ class ServeOptions:
     def to_argv(self) -> list[str]:
         """The ``pagein serve ...`` arguments that parse back into these options."""
         argv = ["serve", "--socket", self.socket_path, "--source", self.source,
-                "--strategy", self.strategy.value, "--readahead-size", str(self.readahead_bytes),
-                "--then", self.then.value, "--chunk-size", str(self.chunk_bytes),
+                "--strategy", self.strategy.value, "--chunk-size", str(self.chunk_bytes),
                 "--on-bad-handshake", self.on_bad_handshake.value,
                 "--handshake-timeout", repr(self.handshake_timeout),
+                "--drain-timeout", repr(self.drain_timeout),
                 "--engine", self.engine.value, "--max-restarts", str(self.max_restarts),
                 "--on-vm-failure", self.on_vm_failure.value,
                 "--metrics-address", self.metrics_address,
                 "--metrics-keep-ended", repr(self.metrics_keep_ended_s)]
+        # Only the flags this strategy uses: the parser refuses the others.
+        if uses_readahead_window(self.strategy, self.then):
+            argv += ["--readahead-size", str(self.readahead_bytes)]
+        if self.strategy is StrategyName.WORKING_SET:
+            argv += ["--then", self.then.value]
         for flag, value in (("--working-set", self.working_set), ("--record", self.record),
                             ("--trace", self.trace), ("--stats-json", self.stats_json),
                             ("--metrics-port", self.metrics_port),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -35,7 +36,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pagein.errors import HandshakeError, PageinError
+import pagein
+from pagein.errors import ConfigError, HandshakeError, PageinError
 from pagein.serve.accept import Acceptor, Spare, raise_fd_limit
 from pagein.serve.access import RefusalLog, listen_unix
 from pagein.serve.control import ControlError, recv_msg
@@ -49,6 +51,7 @@ from pagein.serve.firecracker import (
 )
 from pagein.serve.handler import exit_status
 from pagein.serve.identity import FileDigests, Identity, Verdict, reply, split_identity
+from pagein.serve.logs import LIFECYCLE
 from pagein.serve.options import BadHandshakePolicy, ServeOptions, VmFailurePolicy
 from pagein.serve.ratelog import RateLimitedLog
 from pagein.serve.record import OutputNames
@@ -61,17 +64,23 @@ from pagein.snapshot.source import SourceStats
 from pagein.sys.fdpass import PeerCred, kill_through, peer_credentials, peer_pidfd
 from pagein.sys.mapping import PAGE_SIZE, hugetlb_pool, hugetlb_raise_hint
 from pagein.sys.pagemap import open_peer_pagemap
+from pagein.sys.systemd import notify
 
 __all__ = ["BadHandshakePolicy", "Server"]
 
 log = logging.getLogger("pagein.serve")
+lifecycle = logging.getLogger(LIFECYCLE)  # start, drain, stop: logged at any level
 
 _KEEP_ENDED = 1000  # ended VMs whose counters stay listed in the stats
 _SPAWN_TRIES = 100
 
 
 def _listening(path: str) -> bool:
-    """Whether something accepts connections on the Unix socket ``path`` now."""
+    """Whether something accepts connections on the Unix socket ``path`` now.
+
+    Connects and closes without a byte: a server of ours takes that for a probe and
+    leaves this process alone (see :meth:`Server._bad_handshake`).
+    """
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         probe.connect(path)
@@ -80,6 +89,20 @@ def _listening(path: str) -> bool:
     finally:
         probe.close()
     return True
+
+
+def _can_replace(path: str, st: os.stat_result) -> bool:
+    """Whether this user may rename a file over ``path`` (write and search on its
+    directory, and not barred by the directory's sticky bit)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        pst = os.stat(parent)
+    except OSError:
+        return False
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return False
+    uid = os.geteuid()
+    return not (pst.st_mode & stat.S_ISVTX) or uid in (st.st_uid, pst.st_uid)
 
 
 @dataclass(slots=True)
@@ -155,8 +178,10 @@ class Server:
     processes open their own from the options, ``--workers 0`` serves this one.
     """
 
-    def __init__(self, served: Served) -> None:
+    def __init__(self, served: Served, *, listener: socket.socket | None = None) -> None:
         self.options = options = served.options
+        # A listener systemd bound (socket activation): used as is, never unlinked.
+        self._inherited = listener
         self.source = served.source
         self._served = served
         self._source_stats = SourceTally()  # workers' store caches (--workers 0: ours)
@@ -185,7 +210,11 @@ class Server:
         self._sig_r, self._sig_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._wakes_on_signals = False
         self._stop_wanted = False
+        self._drain_wanted = False
+        self._draining_since: float | None = None
         self._stats_wanted = False
+        self._state_wanted = False
+        self._socket_id: tuple[int, int] | None = None  # (dev, ino) of the socket we bound
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._waiting: list[_Vm] = []  # VMs that connected while no worker was alive
@@ -199,7 +228,8 @@ class Server:
         self._procs: list[WorkerProc] = []
         self._workers: list[WorkerProc | _InProcess] = []
         self._factory: WorkerFactory | None = None
-        self._check_path(options.socket_path)
+        if listener is None:
+            self._check_path(options.socket_path)
         before, self.fd_limit = raise_fd_limit()
         if before != self.fd_limit:
             log.info("open-file limit raised from %d to the hard limit %d (RLIMIT_NOFILE; "
@@ -230,37 +260,65 @@ class Server:
 
     @staticmethod
     def _check_path(path: str) -> None:
-        """Refuse a path that is not a socket or that a running handler listens on."""
+        """Refuse a path that is not a socket, that a running handler listens on, or that
+        holds a stale socket this user cannot replace. Raises :class:`ConfigError`."""
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             return
+        except OSError as e:
+            raise ConfigError(f"--socket {path}: {e.strerror}: choose another path") from e
         if not stat.S_ISSOCK(st.st_mode):
-            raise PageinError(f"--socket {path} exists and is not a socket: "
+            raise ConfigError(f"--socket {path} exists and is not a socket: "
                               "remove it or choose another path")
         if _listening(path):
-            raise PageinError(f"--socket {path} is in use by another running handler: "
+            raise ConfigError(f"--socket {path} is in use by another running handler: "
                               "stop it or choose another path")
+        uid = os.geteuid()
+        if uid != 0 and st.st_uid != uid and not _can_replace(path, st):
+            raise ConfigError(f"--socket {path}: a socket owned by uid {st.st_uid} is there "
+                              f"and this user (uid {uid}) cannot replace it: remove it as "
+                              "its owner, or choose another path")
 
-    @classmethod
-    def _bind(cls, options: ServeOptions) -> socket.socket:
+    def _bind(self, options: ServeOptions) -> socket.socket:
         """Listen with the socket's final permissions from the start; a stale socket of
         an earlier run is replaced atomically. The backlog has room for a thousand VMMs
         connecting at once (the kernel caps it at net.core.somaxconn): a full backlog
-        makes the next VMM's connect() wait."""
-        cls._check_path(options.socket_path)
-        return listen_unix(options.socket_path, options.socket_permissions,
+        makes the next VMM's connect() wait. A listener systemd passed is used as is."""
+        if self._inherited is not None:
+            return self._inherited
+        self._check_path(options.socket_path)
+        sock = listen_unix(options.socket_path, options.socket_permissions,
                            options.socket_group, backlog=1024)
+        with contextlib.suppress(OSError):
+            st = os.lstat(options.socket_path)
+            self._socket_id = (st.st_dev, st.st_ino)
+        return sock
+
+    def _unlink_socket(self) -> None:
+        """Remove the socket file if it is still the one this server bound (a newer
+        server may have replaced it; systemd owns an inherited one)."""
+        ours, self._socket_id = self._socket_id, None
+        path = self.options.socket_path
+        try:
+            st = os.lstat(path)
+            if ours is not None and (st.st_dev, st.st_ino) == ours:
+                os.unlink(path)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.warning("cannot remove --socket %s: %s", path, e.strerror)
 
     # --- running -------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        """Accept VMMs until :meth:`stop`; then end every session and return."""
-        log.info("serving %s (%d bytes) on %s: %s, engine %s, %d worker(s)",
-                 self.source.describe(), self.source.size, self.options.socket_path,
-                 self.options.strategy.value, self.engine.value, len(self._workers))
-        log.info("socket mode %04o; serving %s", self.options.socket_permissions,
-                 self._access.describe())
+        """Accept VMMs until :meth:`stop` (or a drain ends); then end every session.
+
+        :meth:`request_stop` (SIGTERM) drains: the listener is closed (and its socket
+        file removed) so new VMMs get a clear refusal, and the VMs already attached get
+        ``--drain-timeout`` seconds to finish (go, or have every page in place); a
+        second request stops at once.
+        """
+        self._announce()
         poller = select.poll()
         for fd in (self._stop_r, self._sig_r):
             poller.register(fd, select.POLLIN)
@@ -270,8 +328,19 @@ class Server:
                 if self._stats_wanted:
                     self._stats_wanted = False
                     self.write_stats()
-                acceptor.watch(poller)
-                ready = {fd for fd, _ in poller.poll(acceptor.wait_ms())}
+                if self._state_wanted:
+                    self._state_wanted = False
+                    self._log_state()
+                if self._drain_wanted and self._draining_since is None:
+                    self._begin_drain(poller, acceptor)
+                if self._draining_since is not None:
+                    if self._drained():
+                        break
+                    timeout: int | None = 100  # check the VMs ten times a second
+                else:
+                    acceptor.watch(poller)
+                    timeout = acceptor.wait_ms()
+                ready = {fd for fd, _ in poller.poll(timeout)}
                 if self._stop_r in ready:
                     break
                 if self._sig_r in ready:
@@ -280,32 +349,114 @@ class Server:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._sig_r, 4096)
                     continue
-                if acceptor.fileno() not in ready or (got := acceptor.accept()) is None:
-                    continue
-                conn, spare = got
-                peer = self._admit(conn)
-                if peer is None:
-                    spare.close()
-                    continue
-                # The pidfd now, at accept: by the time a bad handshake is judged the
-                # peer may be gone and its PID another process's.
-                spare.take()
-                pidfd = peer_pidfd(conn, peer.pid)
-                t = threading.Thread(target=self._handle, args=(conn, peer, pidfd, spare),
-                                     daemon=True, name="pagein-handshake")
-                self._threads = [t for t in self._threads if t.is_alive()]
-                self._threads.append(t)
-                t.start()
+                if self._draining_since is None and acceptor.fileno() in ready:
+                    self._accept(acceptor)
         finally:
             self._shutdown()
+
+    def _announce(self) -> None:
+        """The start-up line (at the default level) and READY=1 to a service manager."""
+        where = (f"{self.options.socket_path} (from systemd)" if self._inherited is not None
+                 else self.options.socket_path)
+        workers = "in this process" if self.options.worker_count == 0 else \
+            f"{len(self._workers)} worker(s)"
+        lifecycle.info("pagein %s serving %s (%d bytes) on %s: strategy %s, engine %s, %s",
+                       pagein.__version__, self.source.describe(), self.source.size, where,
+                       self.options.strategy.value, self.engine.value, workers)
+        if self._inherited is None:
+            log.info("socket mode %04o; serving %s", self.options.socket_permissions,
+                     self._access.describe())
+        else:
+            log.info("serving %s (the socket's mode and group are the .socket unit's)",
+                     self._access.describe())
+        notify("READY=1", f"STATUS=serving {self.source.describe()}"[:200])
+
+    def _accept(self, acceptor: Acceptor) -> None:
+        if (got := acceptor.accept()) is None:
+            return
+        conn, spare = got
+        peer = self._admit(conn)
+        if peer is None:
+            spare.close()
+            return
+        # The pidfd now, at accept: by the time a bad handshake is judged the
+        # peer may be gone and its PID another process's.
+        spare.take()
+        pidfd = peer_pidfd(conn, peer.pid)
+        t = threading.Thread(target=self._handle, args=(conn, peer, pidfd, spare),
+                             daemon=True, name="pagein-handshake")
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads.append(t)
+        t.start()
+
+    # --- draining (SIGTERM) -------------------------------------------------------------
+
+    def _begin_drain(self, poller: select.poll, acceptor: Acceptor) -> None:
+        """Stop accepting: close the listener (and remove our socket file) at once, so a
+        new VMM's connect fails instead of waiting in a backlog nobody reads."""
+        self._draining_since = time.monotonic()
+        with contextlib.suppress(KeyError, ValueError):
+            poller.unregister(acceptor.fileno())
+        self._close_listener()
+        with self._lock:
+            live = len(self._vms)
+        notify("STOPPING=1", f"STATUS=draining {live} VM(s)")
+        lifecycle.info("SIGTERM: no longer accepting; draining %d VM(s) for up to %g s "
+                       "(--drain-timeout; a second SIGTERM stops at once)", live,
+                       self.options.drain_timeout)
+
+    def _drained(self) -> bool:
+        """Whether the drain is over: every VM gone or complete, or the deadline passed
+        (then each VM still missing pages is named)."""
+        for t in self._threads:  # handshakes under way count as VMs attaching
+            if t.is_alive():
+                return self._past_drain_deadline()
+        with self._lock:
+            waiting = [vm for vm in self._vms.values() if not vm.state.complete()]
+        if not waiting:
+            lifecycle.info("drained: every VM has gone or has all its pages")
+            return True
+        return self._past_drain_deadline()
+
+    def _past_drain_deadline(self) -> bool:
+        assert self._draining_since is not None
+        return time.monotonic() - self._draining_since >= self.options.drain_timeout
+
+    def _close_listener(self) -> None:
+        if self._listener.fileno() >= 0:
+            self._listener.close()
+        self._unlink_socket()
+
+    def _log_state(self) -> None:
+        """SIGHUP: one line with the server's state (and the stats file rewritten)."""
+        rows = self.rows()
+        live = [r for r in rows if r.state == "active"]
+        total = self.totals()
+        lifecycle.info("SIGHUP: %d VM(s) connected (%s), %d ended, %d worker(s), %d faults "
+                       "served, %d handshake failure(s), %d refused peer(s)", len(live),
+                       ", ".join(f"vm pid={r.peer_pid}" for r in live[:20])
+                       + (", ..." if len(live) > 20 else "") if live else "none",
+                       len(rows) - len(live), len(self._workers), total.faults,
+                       self.handshake_failures, self.refused_peers)
 
     # Signal handlers only set these flags: the handler runs between two bytecodes of
     # the main thread, inside serve_forever, and anything it raised (a stats file that
     # cannot be written) would unwind serve_forever and freeze every VM.
 
     def request_stop(self) -> None:
-        """Ask :meth:`serve_forever` to end (all a SIGTERM handler may do: sets a flag)."""
-        self._stop_wanted = True
+        """Ask :meth:`serve_forever` to drain, or, asked again (or with
+        ``--drain-timeout 0``), to stop at once (for SIGTERM: sets a flag)."""
+        if self._drain_wanted or self.options.drain_timeout <= 0:
+            self._stop_wanted = True
+        self._drain_wanted = True
+
+    def request_stop_now(self) -> None:
+        """Ask :meth:`serve_forever` to stop without draining (for SIGINT: sets a flag)."""
+        self._drain_wanted = self._stop_wanted = True
+
+    def request_state(self) -> None:
+        """Ask :meth:`serve_forever` to log its state and write the stats (SIGHUP)."""
+        self._state_wanted = self._stats_wanted = True
 
     def request_stats(self) -> None:
         """Ask :meth:`serve_forever` to write ``--stats-json`` (for SIGUSR1: sets a flag)."""
@@ -346,9 +497,13 @@ class Server:
         self._stopping = True
         with self._lock:
             live = [vm for vm in self._vms.values() if not vm.state.complete()]
+        if self._draining_since is None:
+            notify("STOPPING=1")
         for vm in live:
             log.warning("%s: server stopping while pages are still missing; its guest "
                         "will freeze on the next missing page", vm.name)
+        lifecycle.info("stopping: %d VM(s) still connected, %d of them missing pages",
+                       len(self._vms), len(live))
         for t in list(self._threads):
             t.join(timeout=10)
         with self._lock:
@@ -366,9 +521,7 @@ class Server:
             rest = list(self._vms)
         for vm_id in rest:
             self._retire(vm_id, "server stopping")
-        self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.options.socket_path)
+        self._close_listener()
         if self._wakes_on_signals:
             signal.set_wakeup_fd(-1)
             self._wakes_on_signals = False
@@ -653,6 +806,7 @@ class Server:
                 validate_regions(hs.regions, self.source.size)
         except HandshakeError as e:
             if identity is None and not e.field.startswith("identity"):
+                e.sent_uffd = True  # a VMM whose uffd is here: --on-bad-handshake applies
                 self._bad_handshake(conn, peer, pidfd, e)
                 return None
             verdict = Verdict((), str(e))
@@ -730,22 +884,40 @@ class Server:
 
     def _bad_handshake(self, conn: socket.socket, peer: PeerCred, pidfd: int,
                        e: HandshakeError) -> None:
-        with self._lock:  # handshake threads run at once
-            self.handshake_failures += 1
-        action = self.options.on_bad_handshake
-        # A peer may reconnect with bad handshakes forever: its lines are rate-limited
-        # (the values it sent are already cut short by HandshakeError).
+        """Log a failed handshake and apply ``--on-bad-handshake`` to a peer that holds a uffd.
+
+        Only a peer that sent a userfaultfd is a VMM whose guest would stay frozen: the
+        kill policy is for it alone. A peer that sent nothing (a health probe, a
+        monitoring ``connect()``, a second ``pagein serve`` checking whether the socket is
+        in use) or bytes without a uffd is closed and left alone: killing it would kill
+        whatever happens to connect.
+        """
         where = f"vm pid={peer.pid}"
-        if action is BadHandshakePolicy.KILL and peer.pid > 1 and peer.pid != os.getpid():
-            self._peer_log.log(logging.ERROR, peer.pid, where, "%s; killing the VMM "
-                               "(--on-bad-handshake close keeps it alive)", e)
-            _kill(pidfd, peer.pid)
-        else:
-            self._peer_log.log(logging.ERROR, peer.pid, where, "%s; closing the connection",
-                               e)
-        conn.close()
-        if pidfd >= 0:
-            os.close(pidfd)
+        try:
+            if not e.sent_uffd and e.received_bytes == 0:
+                log.debug("%s: connection closed without a handshake (nothing sent: a "
+                          "probe or a socket check); closed", where)
+                return
+            with self._lock:  # handshake threads run at once
+                self.handshake_failures += 1
+            # A peer may reconnect with bad handshakes forever: its lines are rate-limited
+            # (the values it sent are already cut short by HandshakeError).
+            if not e.sent_uffd:
+                self._peer_log.log(logging.WARNING, peer.pid, where,
+                                   "%s; closing the connection (it sent no userfaultfd, so "
+                                   "no guest waits on it: not killed)", e)
+            elif (self.options.on_bad_handshake is BadHandshakePolicy.KILL and peer.pid > 1
+                    and peer.pid != os.getpid()):
+                self._peer_log.log(logging.ERROR, peer.pid, where, "%s; killing the VMM "
+                                   "(--on-bad-handshake close keeps it alive)", e)
+                _kill(pidfd, peer.pid)
+            else:
+                self._peer_log.log(logging.ERROR, peer.pid, where,
+                                   "%s; closing the connection", e)
+        finally:
+            conn.close()
+            if pidfd >= 0:
+                os.close(pidfd)
 
     # --- stats ---------------------------------------------------------------------
 

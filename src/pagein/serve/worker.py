@@ -41,6 +41,7 @@ from pagein.serve.control import ControlError, recv_msg, send_msg
 from pagein.serve.crash import CrashPoint, claim, crash
 from pagein.serve.engine import EngineName, choose
 from pagein.serve.firecracker import Region
+from pagein.serve.logs import LogFormat, configure
 from pagein.serve.options import ServeOptions
 from pagein.serve.record import Recorder
 from pagein.serve.served import Served, open_served
@@ -237,8 +238,12 @@ def _report_source_stats(served: Served, channel: _Channel, done: threading.Even
 
 
 def _configure_logging(doc: dict[str, object], what: str) -> None:
-    logging.basicConfig(level=int(str(doc.get("log_level", logging.WARNING))), force=True,
-                        format=f"%(asctime)s %(levelname)s %(name)s[{what}]: %(message)s")
+    """Log as the supervisor does (its level and ``--log-format``), naming this process."""
+    try:
+        fmt = LogFormat(str(doc.get("log_format", LogFormat.TEXT.value)))
+    except ValueError:
+        fmt = LogFormat.TEXT
+    configure(int(str(doc.get("log_level", logging.WARNING))), fmt, what)
 
 
 def _name_worker(doc: dict[str, object], index: int) -> None:

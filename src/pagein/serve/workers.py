@@ -24,6 +24,7 @@ from pagein.errors import PageinError
 from pagein.serve.control import ControlError, recv_msg, send_msg
 from pagein.serve.engine import EngineName
 from pagein.serve.handler import exit_status
+from pagein.serve.logs import current_format
 from pagein.serve.options import ServeOptions
 from pagein.sys.fdpass import kill_through
 from pagein.sys.process import set_child_subreaper
@@ -170,7 +171,8 @@ def _init_doc(options: ServeOptions, engine: EngineName, index: int,
               identity: Identity) -> dict[str, object]:
     return {"op": "init", "options": options.to_json(), "engine": engine.value,
             "index": index, "identity": identity,
-            "log_level": logging.getLogger("pagein").getEffectiveLevel()}
+            "log_level": logging.getLogger("pagein").getEffectiveLevel(),
+            "log_format": current_format().value}
 
 
 class Zygote:

@@ -110,7 +110,6 @@ BAD_FLAGS = [
     (["--exit-after", "0"], "--exit-after"),
     (["--drain-timeout", "-1"], "--drain-timeout"),
     (["--metrics-port", "99999"], "--metrics-port"),
-    (["--metrics-port", "0"], "--metrics-port"),
     (["--workers", "-1"], "--workers"),
     (["--chunk-size", "0"], "--chunk-size"),
 ]

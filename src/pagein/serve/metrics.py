@@ -42,7 +42,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 import pagein
-from pagein.errors import PageinError
+from pagein.errors import ConfigError
 from pagein.serve.cause import Cause
 from pagein.serve.session import SessionEnd
 from pagein.serve.stats import LATENCY_BUCKETS_US, Counters, ServerSample, VmRow
@@ -273,7 +273,7 @@ class MetricsEndpoint:
             self._httpd: WSGIServer = make_server(address, port, app, cls,
                                                   handler_class=_Quiet)
         except OSError as e:
-            raise PageinError(f"cannot serve metrics on --metrics-address {address} "
+            raise ConfigError(f"cannot serve metrics on --metrics-address {address} "
                               f"--metrics-port {port}: {e.strerror or e}") from e
         self.port: int = self._httpd.server_port
         self._thread: threading.Thread | None = None

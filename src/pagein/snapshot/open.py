@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+from pagein.errors import SnapshotFormatError
 from pagein.snapshot.source import PageSource
 from pagein.snapshot.urls import split_location
 
@@ -28,10 +29,12 @@ SOURCE_SCHEMES = ("file", "s3", "dir")
 def open_source(spec: str, **options: object) -> PageSource:
     """Return the page source ``spec`` names.
 
-    Raises :class:`~pagein.errors.SourceError` for an unknown scheme or a URL look-alike
+    Raises :class:`~pagein.errors.SnapshotFormatError` for an unknown scheme or a URL look-alike
     (``s3:/bucket/name``: see :mod:`pagein.snapshot.urls`), and whatever opening it raises.
     """
-    scheme, rest = split_location(spec, SOURCE_SCHEMES, what="snapshot source")
+    scheme, rest = split_location(
+        spec, SOURCE_SCHEMES, what="snapshot source", error=SnapshotFormatError,
+        forms="a file path, file:///path, s3://bucket/name or dir:///store/name")
     if scheme in (None, "file") and os.path.isdir(rest):  # a diff chain's directory
         from pagein.snapshot.chain import ChainSource
 

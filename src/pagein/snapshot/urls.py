@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from pagein.errors import SourceError
+from pagein.errors import PageinError, SourceError
 
 __all__ = ["split_location"]
 
@@ -23,11 +23,13 @@ __all__ = ["split_location"]
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 
 
-def split_location(text: str, schemes: Sequence[str], *, what: str) -> tuple[str | None, str]:
+def split_location(text: str, schemes: Sequence[str], *, what: str, forms: str = "",
+                   error: type[PageinError] = SourceError) -> tuple[str | None, str]:
     """Return ``(scheme, rest)`` for ``scheme://rest``, or ``(None, text)`` for a path.
 
-    ``what`` names the thing in messages ("snapshot source", "store URL"). Raises
-    :class:`~pagein.errors.SourceError` for an unsupported scheme and for a URL
+    ``what`` names the thing in messages ("snapshot source", "store URL"), ``forms`` the
+    accepted forms (default: the schemes). Raises ``error``
+    (:class:`~pagein.errors.SourceError`) for an unsupported scheme and for a URL
     look-alike, saying how to write the URL (or the path) meant.
     """
     m = _SCHEME.match(text)
@@ -37,13 +39,13 @@ def split_location(text: str, schemes: Sequence[str], *, what: str) -> tuple[str
     choices = ", ".join(f"{s}://" for s in schemes)
     if after.startswith("//"):
         if scheme not in schemes:
-            raise SourceError(f"{what} {text!r} has unknown scheme {scheme!r}: use "
-                              f"{choices} or a path")
+            raise error(f"{what} {text!r} has unknown scheme {scheme!r}: use "
+                        f"{forms or choices + ' or a path'}")
         return scheme, after[2:]
     if scheme == "file" and "file" in schemes and after.startswith("/"):
         return "file", after
     slashes = "///" if scheme in ("dir", "file") else "//"  # these take absolute paths
     meant = f"{scheme}:{slashes}{after.lstrip('/')}" if scheme in schemes else \
         f"one of {choices}"
-    raise SourceError(f"{what} {text!r} looks like a URL but is not one (a URL has '//' after "
+    raise error(f"{what} {text!r} looks like a URL but is not one (a URL has '//' after "
                       f"'{scheme}:'): write {meant}, or ./{text} for a local path")

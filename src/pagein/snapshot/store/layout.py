@@ -73,7 +73,8 @@ def working_set_key(name: str) -> str:
 def open_backend(url: str, options: StoreOptions = StoreOptions(), *,
                  create: bool = False) -> Backend:
     """Open the store at ``url`` (``s3://bucket[/prefix]``, ``dir:///path`` or a path)."""
-    scheme, rest = split_location(url, STORE_SCHEMES, what="store URL")
+    scheme, rest = split_location(url, STORE_SCHEMES, what="store URL",
+                                  forms="s3://bucket[/prefix], dir:///abs/path or a path")
     if scheme is None:
         scheme, rest = "dir", url
     if scheme == "dir":

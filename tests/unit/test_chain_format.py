@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +42,18 @@ def test_round_trip(tmp_path_factory: pytest.TempPathFactory, pages: list[bool])
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("memory_bytes", 4095, "field memory_bytes is 4095"),
-    ("pages", "!!", "field pages is not base64"),
-    ("pages", "AAAA", "field pages holds 3 bytes, 2 expected for 16 pages"),
+    ("pages", "!!", "field pages is not base64 of a zlib stream"),
+    ("pages", base64.b64encode(zlib.compress(b"\0\0\0")).decode(),
+     "field pages holds 3\\+? bytes, 2 expected for 16 pages"),
+    ("pages", base64.b64encode(zlib.compress(b"\0" * 10**6)).decode(),
+     "field pages holds 3\\+ bytes, 2 expected"),
     ("data_sha256", "xyz", "is not a SHA-256 in hex"),
     ("parent", {"path": "", "state_sha256": SHA}, "field parent.path is not a directory"),
 ])
 def test_a_bad_field_is_named(tmp_path: Path, field: str, value: object, message: str) -> None:
     body: dict[str, object] = {"parent": {"path": "../b", "state_sha256": SHA},
-                               "memory_bytes": 16 * 4096, "pages": "AAA=",
+                               "memory_bytes": 16 * 4096,
+                               "pages": base64.b64encode(zlib.compress(b"\0\0")).decode(),
                                "data_sha256": SHA}
     body[field] = value
     (tmp_path / "layer").write_bytes(_frame(body))

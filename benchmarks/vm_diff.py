@@ -31,6 +31,11 @@ BURST = 20
 DEPTH = 100
 
 
+def _mem(heap: int) -> int:
+    """Guest RAM for a workload heap: the layout's 32 MiB below it, rounded to 2 MiB."""
+    return -(-(heap + 48 * MiB) // (2 * MiB)) * 2 * MiB
+
+
 def _ask(m: Machine, request: str) -> None:
     m.console.send(request + "\n")
     if m.console.read_line(300) is None:
@@ -42,7 +47,7 @@ def run(state: int, track: bool) -> dict[str, float]:
     wa = function_args(state, 1)
     records = state // 64
     out: dict[str, float] = {}
-    with Machine.create(state + 48 * MiB, 2) as m:
+    with Machine.create(_mem(wa.min_heap_bytes), 2) as m:
         if track:
             m.enable_dirty_tracking()
         m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
@@ -77,7 +82,7 @@ def build_chain(state: int, root: str) -> str:
     wa = function_args(state, 1)
     records = state // 64
     rng = random.Random(16)
-    with Machine.create(state + 48 * MiB, 2) as m:
+    with Machine.create(_mem(wa.min_heap_bytes), 2) as m:
         m.enable_dirty_tracking()
         m.pause_on_ready = True
         m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)

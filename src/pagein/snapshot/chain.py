@@ -15,7 +15,8 @@ but holds data only at the pages that changed (everything else is a hole), plus 
                                     state_sha256: SHA-256 of the parent's whole state file}
                     memory_bytes   size of the memory file (equal in every layer)
                     pages          bitmap, one bit per 4 KiB page of the memory file
-                                   (bit i = byte i // 8, bit i % 8), base64
+                                   (bit i = byte i // 8, bit i % 8), zlib-compressed
+                                   (mostly zeros: a few hundred bytes), base64
                     data_sha256    SHA-256 of the changed pages' bytes, in page order
 
 The bottom of a chain is a full snapshot (no ``layer`` file). :func:`resolve_chain`
@@ -38,6 +39,7 @@ import json
 import os
 import re
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +92,8 @@ def encode_layer(doc: LayerDoc) -> bytes:
     body = json.dumps({
         "parent": {"path": doc.parent_path, "state_sha256": doc.parent_state_sha256},
         "memory_bytes": doc.memory_bytes,
-        "pages": base64.b64encode(np.packbits(doc.pages, bitorder="little").tobytes()).decode(),
+        "pages": base64.b64encode(zlib.compress(
+            np.packbits(doc.pages, bitorder="little").tobytes(), 1)).decode(),
         "data_sha256": doc.data_sha256}, separators=(",", ":")).encode()
     return _HEADER.pack(MAGIC, VERSION, 0, len(body), hashlib.sha256(body).digest()) + body
 
@@ -137,16 +140,20 @@ def read_layer(path: str) -> LayerDoc:
         raise _bad(path, "field parent.state_sha256 or data_sha256 is not a SHA-256 in hex")
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
         raise _bad(path, f"field memory_bytes is {size!r}, not a positive multiple of 4096")
-    try:
-        packed = base64.b64decode(pages_b64, validate=True)
-    except (binascii.Error, TypeError, ValueError):
-        raise _bad(path, "field pages is not base64 text") from None
     npages = size // PAGE_SIZE
-    if len(packed) != -(-npages // 8):
-        raise _bad(path, f"field pages holds {len(packed)} bytes, {-(-npages // 8)} expected "
-                         f"for {npages} pages")
+    want = -(-npages // 8)
+    try:
+        inflate = zlib.decompressobj()
+        # Bounded: a body that inflates past the bitmap's size is refused, not expanded.
+        packed = inflate.decompress(base64.b64decode(pages_b64, validate=True), want + 1)
+        complete = inflate.eof and not inflate.unconsumed_tail
+    except (binascii.Error, TypeError, ValueError, zlib.error):
+        raise _bad(path, "field pages is not base64 of a zlib stream") from None
+    if len(packed) != want or not complete:
+        raise _bad(path, f"field pages holds {len(packed)}{'' if complete else '+'} bytes, "
+                         f"{want} expected for {npages} pages")
     bits = np.unpackbits(np.frombuffer(packed, np.uint8), count=npages,
-                         bitorder="little").astype(bool)
+                         bitorder="little").view(bool)
     return LayerDoc(ppath, psha, size, bits, dsha)
 
 

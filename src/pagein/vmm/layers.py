@@ -53,28 +53,26 @@ def write_diff_memory(memory: GuestMemory, pages: Bits, path: str) -> tuple[int,
     """
     sha = hashlib.sha256()
     written = 0
-    view_of = []  # (file offset, region) for each region, in file order
-    offset = 0
-    for r in memory.regions:
-        view_of.append((offset, r))
-        offset += r.size
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        idx = np.flatnonzero(pages)
-        if idx.size:
-            cuts = np.flatnonzero(np.diff(idx) != 1) + 1
-            for run in np.split(idx, cuts):
-                first, count = int(run[0]), int(run.size)
-                for p in range(first, first + count, _CHUNK_PAGES):
-                    n = min(_CHUNK_PAGES, first + count - p)
-                    off = p * PAGE_SIZE
-                    base, region = next((b, r) for b, r in reversed(view_of) if b <= off)
-                    chunk = region.mapping.read(off - base, n * PAGE_SIZE)
+        base = 0  # page index of the region's start in the memory file
+        for region in memory.regions:
+            count = region.size // PAGE_SIZE
+            idx = np.flatnonzero(pages[base: base + count])
+            # Runs of consecutive changed pages, read in bounded chunks, one region at a
+            # time: a read never crosses a region's end.
+            runs = np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1) if idx.size else []
+            for run in runs:
+                first, n_run = int(run[0]), int(run.size)
+                for p in range(first, first + n_run, _CHUNK_PAGES):
+                    n = min(_CHUNK_PAGES, first + n_run - p)
+                    chunk = region.mapping.read(p * PAGE_SIZE, n * PAGE_SIZE)
                     sha.update(chunk)
                     if chunk.count(0) != len(chunk):
-                        os.pwrite(fd, chunk, off)
+                        os.pwrite(fd, chunk, (base + p) * PAGE_SIZE)
                         written += len(chunk)
-        os.ftruncate(fd, offset)
+            base += count
+        os.ftruncate(fd, base * PAGE_SIZE)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pagein._abi import libc
 from pagein._abi.mman import Advice
 from pagein.serve.firecracker import Generation, Region, connect_and_send
+from pagein.serve.pagecache import request_page_cache
 from pagein.sys.fdpass import send_with_fds
 from pagein.sys.mapping import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping
 from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
@@ -61,11 +62,25 @@ def start_guest(args: argparse.Namespace) -> Guest:
     features = Feature.EVENT_REMOVE
     if args.remap:  # not what Firecracker asks for: only to exercise REMAP/UNMAP handling
         features |= Feature.EVENT_REMAP | Feature.EVENT_UNMAP
+    layout = parse_layout(args.regions)
+    cache = None
+    mode = RegisterMode.MISSING
+    if args.share_pages:  # pagein's extension: guest memory is a private map of its cache
+        cache = request_page_cache(args.socket, page,
+                                   need_bytes=max(off + size for off, size in layout))
+        features |= (Feature.MINOR_HUGETLBFS | Feature.MISSING_HUGETLBFS if args.hugetlb
+                     else Feature.MINOR_SHMEM | Feature.MISSING_SHMEM)
+        mode = RegisterMode.MISSING if args.share_bad == "missing-only" else \
+            RegisterMode.MISSING | RegisterMode.MINOR
     uffd = Userfaultfd.open(features, nonblocking=True)
     regions, mappings = [], []
-    for off, size in parse_layout(args.regions):
-        m = Mapping.anonymous(size, hugetlb=args.hugetlb, noreserve=True)
-        uffd.register(m.address, size, RegisterMode.MISSING)
+    for off, size in layout:
+        if cache is None:
+            m = Mapping.anonymous(size, hugetlb=args.hugetlb, noreserve=True)
+        else:
+            at = off + (page if args.share_bad == "offset" else 0)
+            m = cache.memfd.map(shared=args.share_bad == "shared", offset=at, length=size)
+        uffd.register(m.address, size, mode)
         mappings.append(m)
         regions.append(Region(m.address, size, off, page))
     sock = connect_and_send(args.socket, regions, uffd, generation=Generation(args.generation))
@@ -246,6 +261,26 @@ def remap_then_unmap(checker: Checker) -> None:
     checker.run_threads(2, 5)
 
 
+def memory_of(mappings: list[Mapping]) -> tuple[int, int]:
+    """The guest regions' private anonymous bytes and resident bytes (/proc/self/smaps):
+    with --share-pages the clean pages are the cache's, resident but not anonymous."""
+    starts = {m.address for m in mappings}
+    anon = rss = 0
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                inside = int(head.split("-")[0], 16) in starts
+            elif inside and head in ("Anonymous:", "Rss:"):
+                kib = int(line.split()[1]) * 1024
+                if head == "Rss:":
+                    rss += kib
+                else:
+                    anon += kib
+    return anon, rss
+
+
 def cmd_touch(args: argparse.Namespace) -> int:
     guest = start_guest(args)
     checker = Checker(guest, args.progress)
@@ -271,8 +306,9 @@ def cmd_touch(args: argparse.Namespace) -> int:
             checker.zero_ranges.append((base + off, base + off + length))
         checker.run_threads(args.threads, args.seed)
     checker.recheck_written()
+    anon, rss = memory_of(guest.mappings)
     print(json.dumps({"ok": not checker.errors, "pages": checker.pages,
-                      "written": len(checker.written),
+                      "written": len(checker.written), "anon_bytes": anon, "rss_bytes": rss,
                       "errors": checker.errors[:20]}), flush=True)
     if args.hold:
         sys.stdin.read()  # keep the VM "running" until the test closes our stdin
@@ -324,6 +360,11 @@ def main() -> int:
                    "recheck every written page at the end")
     t.add_argument("--remap", action="store_true",
                    help="also negotiate EVENT_REMAP/UNMAP; mremap and munmap region 0")
+    t.add_argument("--share-pages", action="store_true",
+                   help="pagein's extension: map guest memory MAP_PRIVATE from the server's "
+                   "page cache of the snapshot and register it MISSING|MINOR")
+    t.add_argument("--share-bad", choices=["offset", "shared", "missing-only"],
+                   help="with --share-pages, map or register the cache wrongly")
     t.add_argument("--pause-after", type=int, default=0,
                    help="after N pages print 'paused' and wait for a line on stdin")
     t.set_defaults(fn=cmd_touch)

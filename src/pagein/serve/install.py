@@ -38,12 +38,14 @@ from pagein.serve.cause import Cause
 from pagein.serve.crash import CrashPoint, claim, countdown
 from pagein.serve.engine import EventTuple, Reason, Unserved, pack_record
 from pagein.serve.firecracker import Region
+from pagein.serve.pagecache import CacheFiller
 from pagein.serve.space import AddressSpace
 from pagein.serve.stats import CounterBlock
 from pagein.snapshot.source import PageSource
 from pagein.sys.mapping import Mapping
 from pagein.sys.uffd import (
     AlreadyPresent,
+    ContinueMode,
     CopyMode,
     Event,
     Filled,
@@ -87,7 +89,7 @@ class PythonEngine:
                  counters: CounterBlock, source: PageSource,
                  extents: Sequence[tuple[int, int, int, int]],
                  readahead_pages: Sequence[int], chunk_bytes: int, record: bool,
-                 journal: memoryview | None = None) -> None:
+                 journal: memoryview | None = None, cache: CacheFiller | None = None) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk size {chunk_bytes} must be positive")
         self.uffd = uffd
@@ -100,6 +102,7 @@ class PythonEngine:
         self.readahead = list(readahead_pages)
         self.chunk = chunk_bytes
         self.record = record
+        self.cache = cache  # --share-pages: data goes through the snapshot's page cache
         self.space = AddressSpace(self.regions)  # where the regions live: page math there
         self.space.set_extents(list(extents))
         # Messages are read into the VM's journal in shared memory when there is one (see
@@ -466,6 +469,8 @@ class PythonEngine:
         mode = CopyMode.DONTWAKE if dontwake else CopyMode.NONE
         if zero:  # hugetlbfs has no zero page: copy from a zero buffer, one page at a time
             return self.uffd.copy(dst, self._zeros.address, ps, mode)
+        if self.cache is not None:
+            return self._from_cache(r.page_offset(page), dst, length, dontwake)
         off = r.page_offset(page)
         src = self.source.address_of(off, length)
         if src is None:
@@ -476,3 +481,15 @@ class PythonEngine:
                 view.release()
             src = self._scratch.address
         return self.uffd.copy(dst, src, length, mode)
+
+    def _from_cache(self, offset: int, dst: int, length: int, dontwake: bool) -> FillResult:
+        """Map snapshot pages of a shared clone (``--share-pages``): put them in the
+        snapshot's page cache once (any clone's earlier fault may have), then
+        ``UFFDIO_CONTINUE`` maps the cache pages themselves, read-only: the clone's
+        writes copy on write, its clean pages stay shared. Zeros (holes, removed pages)
+        never come here: those are private zero pages, so a REMOVE never reads the
+        cache's snapshot bytes again."""
+        assert self.cache is not None
+        self.cache.ensure(self.source, offset, length)
+        return self.uffd.continue_(dst, length,
+                                   ContinueMode.DONTWAKE if dontwake else ContinueMode.NONE)

@@ -71,11 +71,15 @@ class ServeOptions:
     socket_group: int | None = None  # gid of the socket file (None: the server's own)
     allow_uids: tuple[int, ...] = ()  # served besides root and the server's own uid
     allow_gids: tuple[int, ...] = ()  # served by the gid they connect with
+    page_cache_keep: float = 60.0  # seconds a page cache no VM uses is kept (--share-pages)
 
     def __post_init__(self) -> None:
         if self.socket_mode is not None and not 0 <= self.socket_mode <= 0o777:
             raise ValueError(f"--socket-mode {self.socket_mode:o} is not a permission mode "
                              "between 0 and 777 (octal), e.g. 0660")
+        if not self.page_cache_keep >= 0:
+            raise ValueError(f"--page-cache-keep {self.page_cache_keep} must be 0 or more "
+                             "seconds")
 
     @property
     def socket_permissions(self) -> int:
@@ -117,7 +121,8 @@ class ServeOptions:
             max_restarts=args.max_restarts, on_vm_failure=VmFailurePolicy(args.on_vm_failure),
             socket_mode=args.socket_mode, socket_group=args.socket_group,
             allow_uids=tuple(dict.fromkeys(i for ids in args.allow_uid or () for i in ids)),
-            allow_gids=tuple(dict.fromkeys(i for ids in args.allow_gid or () for i in ids)))
+            allow_gids=tuple(dict.fromkeys(i for ids in args.allow_gid or () for i in ids)),
+            page_cache_keep=args.page_cache_keep)
 
     def to_argv(self) -> list[str]:
         """The ``pagein serve ...`` arguments that parse back into these options."""
@@ -127,7 +132,8 @@ class ServeOptions:
                 "--on-bad-handshake", self.on_bad_handshake.value,
                 "--handshake-timeout", repr(self.handshake_timeout),
                 "--engine", self.engine.value, "--max-restarts", str(self.max_restarts),
-                "--on-vm-failure", self.on_vm_failure.value]
+                "--on-vm-failure", self.on_vm_failure.value,
+                "--page-cache-keep", repr(self.page_cache_keep)]
         for flag, value in (("--working-set", self.working_set), ("--record", self.record),
                             ("--trace", self.trace), ("--stats-json", self.stats_json),
                             ("--metrics-port", self.metrics_port),

@@ -41,6 +41,7 @@ from pagein.serve.engine import (
 )
 from pagein.serve.firecracker import Region
 from pagein.serve.options import DEFAULT_CHUNK_BYTES
+from pagein.serve.pagecache import CacheFiller
 from pagein.serve.plan import Planner
 from pagein.serve.record import Recorder
 from pagein.serve.recovery import journal_events
@@ -96,7 +97,8 @@ class Session:
                  source: PageSource, strategy: Strategy, state: VmState, name: str,
                  stop_fd: int, engine: EngineName = EngineName.NATIVE,
                  recorder: Recorder | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 pending: bytes = b"", resume: bool = False) -> None:
+                 pending: bytes = b"", resume: bool = False,
+                 cache: CacheFiller | None = None) -> None:
         self.uffd = uffd
         self.sock = sock
         self.space = AddressSpace(tuple(regions))
@@ -114,6 +116,7 @@ class Session:
         self._ctl = pending
         self._logged_at = 0.0
         self._done_logged = False
+        self.cache = cache
         saved = state.load_extents()
         if saved is not None:  # a worker before this one moved them (UNMAP/REMAP)
             self.space.set_extents(saved)
@@ -125,7 +128,9 @@ class Session:
         st = self.state
         record = self.recorder is not None
         extents = self.space.extent_tuples()
-        if wanted is EngineName.NATIVE:
+        if wanted is EngineName.NATIVE and self.cache is not None:
+            log.info("%s: shares the page cache; serving with the python engine", self.name)
+        elif wanted is EngineName.NATIVE:
             base, overlay = self.source.address_map()
             if base is not None:
                 from pagein.serve.native import NativeEngine
@@ -138,7 +143,7 @@ class Session:
         from pagein.serve.install import PythonEngine
         return EngineName.PYTHON, PythonEngine(
             self.uffd, self.regions, st.filled, st.discarded, holes, st.counters, self.source,
-            extents, windows, self._chunk, record, st.journal)
+            extents, windows, self._chunk, record, st.journal, self.cache)
 
     @property
     def complete(self) -> bool:

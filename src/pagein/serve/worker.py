@@ -12,7 +12,8 @@ The channel (:mod:`pagein.serve.control`), supervisor to worker::
     {"op": "init", "options": {...}, "engine": "native", "log_level": 20, "index": 0}
     {"op": "serve", "vm": 7, "name": "vm 7 pid=1234", "regions": [[base, size, offset,
      page_size], ...], "features": N, "pending": "<hex>", "record": PATH|null,
-     "trace": PATH|null}                    + fds [uffd, VMM socket, state memfd]
+     "trace": PATH|null, "cache": [size, page_size]|null}
+                                 + fds [uffd, VMM socket, state memfd(, cache data, present)]
     {"op": "adopt", "index": 2}            (a spare, started with index -1, put to work)
     {"op": "stop"}
 
@@ -40,6 +41,7 @@ from pagein.serve.crash import CrashPoint, claim, crash
 from pagein.serve.engine import EngineName, choose
 from pagein.serve.firecracker import Region
 from pagein.serve.options import ServeOptions
+from pagein.serve.pagecache import CacheFiller
 from pagein.serve.record import Recorder
 from pagein.serve.served import Served, open_served
 from pagein.serve.session import Session
@@ -85,7 +87,9 @@ class VmServer:
         return sum(t.is_alive() for t in self._threads)
 
     def _serve_vm(self, doc: dict[str, object], fds: Sequence[int]) -> None:
-        uffd_fd, conn_fd, state_fd = fds
+        uffd_fd, conn_fd, state_fd = fds[:3]
+        cache_fds = list(fds[3:])
+        cache: CacheFiller | None = None
         name = str(doc.get("name", "vm"))
         sock = socket.socket(fileno=conn_fd)
         uffd = Userfaultfd.adopt(uffd_fd, features=Feature(int(str(doc.get("features", 0)))))
@@ -106,6 +110,14 @@ class VmServer:
             if record is not None or trace is not None:
                 recorder = Recorder(trace_path=None if trace is None else str(trace),
                                     working_set_path=None if record is None else str(record))
+            cache_doc = doc.get("cache")
+            if cache_fds:
+                if not isinstance(cache_doc, list) or len(cache_doc) != 2:
+                    raise ControlError("a serve message with cache fds and no cache size")
+                data_fd, present_fd = cache_fds
+                cache_fds = []
+                cache = CacheFiller.attach(data_fd, present_fd, int(cache_doc[0]),
+                                           int(cache_doc[1]))
             resume = state.attach_worker() > 1
             if resume and record is not None:
                 log.warning("%s: a serving worker died while recording its working set: "
@@ -115,18 +127,19 @@ class VmServer:
                               state=state, name=name, stop_fd=self._stop_r, engine=self.engine,
                               recorder=recorder, chunk_bytes=self.served.options.chunk_bytes,
                               pending=bytes.fromhex(str(doc.get("pending", ""))),
-                              resume=resume)
+                              resume=resume, cache=cache)
             self.send({"op": "started", "vm": doc["vm"],
                        "engine": session.engine_name.value})
             end = session.run().value
         except (PageinError, OSError, ValueError) as e:
             log.error("%s: cannot start serving: %s; its guest is frozen", name, e)
         finally:
-            for part in (session, uffd, sock, state):
+            for part in (session, uffd, sock, state, cache):
                 if part is not None:
                     part.close()
-            if state_fd >= 0:
-                os.close(state_fd)
+            for fd in [state_fd, *cache_fds]:
+                if fd >= 0:
+                    os.close(fd)
             self.send({"op": "ended", "vm": doc.get("vm"), "end": end})
 
 
@@ -166,7 +179,7 @@ class _Channel:
                 break
             doc, fds = got
             op = doc.get("op")
-            if op == "serve" and len(fds) == 3:
+            if op == "serve" and len(fds) in (3, 5):
                 vms.start_vm(doc, fds)
             elif op == "adopt" and not fds:  # a spare put to work
                 _name_worker(doc, int(str(doc.get("index", 0))))

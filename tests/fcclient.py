@@ -34,6 +34,7 @@ from pagein.serve.firecracker import Generation, Region, connect_and_send
 from pagein.serve.pagecache import request_page_cache
 from pagein.sys.fdpass import send_with_fds
 from pagein.sys.mapping import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping
+from pagein.sys.pagemap import Pagemap
 from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
 
 
@@ -79,7 +80,10 @@ def start_guest(args: argparse.Namespace) -> Guest:
             m = Mapping.anonymous(size, hugetlb=args.hugetlb, noreserve=True)
         else:
             at = off + (page if args.share_bad == "offset" else 0)
-            m = cache.memfd.map(shared=args.share_bad == "shared", offset=at, length=size)
+            # MAP_NORESERVE as Firecracker maps guest memory: a private hugetlbfs mapping
+            # would otherwise reserve a huge page for every page it might copy.
+            m = cache.memfd.map(shared=args.share_bad == "shared", offset=at, length=size,
+                                noreserve=True)
         uffd.register(m.address, size, mode)
         mappings.append(m)
         regions.append(Region(m.address, size, off, page))
@@ -262,8 +266,10 @@ def remap_then_unmap(checker: Checker) -> None:
 
 
 def memory_of(mappings: list[Mapping]) -> tuple[int, int]:
-    """The guest regions' private anonymous bytes and resident bytes (/proc/self/smaps):
-    with --share-pages the clean pages are the cache's, resident but not anonymous."""
+    """The guest regions' anonymous and resident bytes (/proc/self/smaps): with
+    --share-pages the clean pages are the cache's, resident but not anonymous. (Hugetlb
+    pages are in neither: smaps calls a cache page "private" once no one else maps it,
+    so the hugetlb tests compare the PFNs behind the pages instead.)"""
     starts = {m.address for m in mappings}
     anon = rss = 0
     inside = False
@@ -307,8 +313,12 @@ def cmd_touch(args: argparse.Namespace) -> int:
         checker.run_threads(args.threads, args.seed)
     checker.recheck_written()
     anon, rss = memory_of(guest.mappings)
+    with Pagemap() as pm:  # one PFN per guest page (root reads them): who backs each page
+        pfns = [pm.pages(r.base_address + p * r.page_size, 4096)[0].pfn
+                for r in guest.regions for p in range(r.size_bytes // r.page_size)]
     print(json.dumps({"ok": not checker.errors, "pages": checker.pages,
                       "written": len(checker.written), "anon_bytes": anon, "rss_bytes": rss,
+                      "pfns": pfns if args.hugetlb else [],
                       "errors": checker.errors[:20]}), flush=True)
     if args.hold:
         sys.stdin.read()  # keep the VM "running" until the test closes our stdin

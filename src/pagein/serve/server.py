@@ -610,6 +610,8 @@ class Server:
             reply_cache(conn, cache)
         except HandshakeError as e:
             log.error("pid %d: %s; closing the connection", peer.pid, e)
+            with contextlib.suppress(OSError):
+                reply_cache(conn, None, str(e))
         except (PageinError, OSError, ValueError) as e:
             log.error("pid %d: cannot give it a page cache: %s", peer.pid, e)
             with contextlib.suppress(OSError):

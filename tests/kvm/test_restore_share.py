@@ -104,6 +104,14 @@ def test_clones_answer_exactly_and_share_their_clean_pages(snap: Taken, server: 
             vm.close()
 
 
+def test_share_pages_with_the_handler_spawned_for_the_vm(snap: Taken) -> None:
+    # No --uffd-socket: the handler spawned for this VM makes a cache for it alone.
+    with restore(snap.directory, RestoreOptions(share_pages=True)) as vm:
+        assert ask(vm.machine, snap.requests) == snap.answers
+        vm.machine.console.close_input()
+        assert vm.wait(TIMEOUT).status == 0
+
+
 def test_remove_in_one_clone_leaves_the_others_pages(snap: Taken, server: str) -> None:
     share = RestoreOptions(uffd_socket=server, share_pages=True)
     a, b = (restore(snap.directory, share) for _ in range(2))

@@ -31,8 +31,10 @@ from dataclasses import dataclass
 from pagein._abi import libc
 from pagein._abi.mman import Advice
 from pagein.serve.firecracker import Generation, Region, connect_and_send
+from pagein.serve.pagecache import request_page_cache
 from pagein.sys.fdpass import send_with_fds
 from pagein.sys.mapping import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping
+from pagein.sys.pagemap import Pagemap
 from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
 
 
@@ -61,11 +63,28 @@ def start_guest(args: argparse.Namespace) -> Guest:
     features = Feature.EVENT_REMOVE
     if args.remap:  # not what Firecracker asks for: only to exercise REMAP/UNMAP handling
         features |= Feature.EVENT_REMAP | Feature.EVENT_UNMAP
+    layout = parse_layout(args.regions)
+    cache = None
+    mode = RegisterMode.MISSING
+    if args.share_pages:  # pagein's extension: guest memory is a private map of its cache
+        cache = request_page_cache(args.socket, page,
+                                   need_bytes=max(off + size for off, size in layout))
+        features |= (Feature.MINOR_HUGETLBFS | Feature.MISSING_HUGETLBFS if args.hugetlb
+                     else Feature.MINOR_SHMEM | Feature.MISSING_SHMEM)
+        mode = RegisterMode.MISSING if args.share_bad == "missing-only" else \
+            RegisterMode.MISSING | RegisterMode.MINOR
     uffd = Userfaultfd.open(features, nonblocking=True)
     regions, mappings = [], []
-    for off, size in parse_layout(args.regions):
-        m = Mapping.anonymous(size, hugetlb=args.hugetlb, noreserve=True)
-        uffd.register(m.address, size, RegisterMode.MISSING)
+    for off, size in layout:
+        if cache is None:
+            m = Mapping.anonymous(size, hugetlb=args.hugetlb, noreserve=True)
+        else:
+            at = off + (page if args.share_bad == "offset" else 0)
+            # MAP_NORESERVE as Firecracker maps guest memory: a private hugetlbfs mapping
+            # would otherwise reserve a huge page for every page it might copy.
+            m = cache.memfd.map(shared=args.share_bad == "shared", offset=at, length=size,
+                                noreserve=True)
+        uffd.register(m.address, size, mode)
         mappings.append(m)
         regions.append(Region(m.address, size, off, page))
     sock = connect_and_send(args.socket, regions, uffd, generation=Generation(args.generation))
@@ -246,6 +265,28 @@ def remap_then_unmap(checker: Checker) -> None:
     checker.run_threads(2, 5)
 
 
+def memory_of(mappings: list[Mapping]) -> tuple[int, int]:
+    """The guest regions' anonymous and resident bytes (/proc/self/smaps): with
+    --share-pages the clean pages are the cache's, resident but not anonymous. (Hugetlb
+    pages are in neither: smaps calls a cache page "private" once no one else maps it,
+    so the hugetlb tests compare the PFNs behind the pages instead.)"""
+    starts = {m.address for m in mappings}
+    anon = rss = 0
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                inside = int(head.split("-")[0], 16) in starts
+            elif inside and head in ("Anonymous:", "Rss:"):
+                kib = int(line.split()[1]) * 1024
+                if head == "Rss:":
+                    rss += kib
+                else:
+                    anon += kib
+    return anon, rss
+
+
 def cmd_touch(args: argparse.Namespace) -> int:
     guest = start_guest(args)
     if args.blocking_after_handshake:  # the shared open file: the server's copy blocks too
@@ -274,8 +315,13 @@ def cmd_touch(args: argparse.Namespace) -> int:
             checker.zero_ranges.append((base + off, base + off + length))
         checker.run_threads(args.threads, args.seed)
     checker.recheck_written()
+    anon, rss = memory_of(guest.mappings)
+    with Pagemap() as pm:  # one PFN per guest page (root reads them): who backs each page
+        pfns = [pm.pages(r.base_address + p * r.page_size, 4096)[0].pfn
+                for r in guest.regions for p in range(r.size_bytes // r.page_size)]
     print(json.dumps({"ok": not checker.errors, "pages": checker.pages,
-                      "written": len(checker.written),
+                      "written": len(checker.written), "anon_bytes": anon, "rss_bytes": rss,
+                      "pfns": pfns if args.hugetlb else [],
                       "errors": checker.errors[:20]}), flush=True)
     if args.hold:
         sys.stdin.read()  # keep the VM "running" until the test closes our stdin
@@ -335,6 +381,11 @@ def main() -> int:
                    help="after a line on stdin, clear O_NONBLOCK on the uffd (sent already)")
     t.add_argument("--remap", action="store_true",
                    help="also negotiate EVENT_REMAP/UNMAP; mremap and munmap region 0")
+    t.add_argument("--share-pages", action="store_true",
+                   help="pagein's extension: map guest memory MAP_PRIVATE from the server's "
+                   "page cache of the snapshot and register it MISSING|MINOR")
+    t.add_argument("--share-bad", choices=["offset", "shared", "missing-only"],
+                   help="with --share-pages, map or register the cache wrongly")
     t.add_argument("--pause-after", type=int, default=0,
                    help="after N pages print 'paused' and wait for a line on stdin")
     t.set_defaults(fn=cmd_touch)

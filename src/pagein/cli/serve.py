@@ -168,6 +168,11 @@ def register(sub: Any) -> None:
                    default=VmFailurePolicy.KILL.value,
                    help="when a VM's session fails for good: kill its VMM (default) or "
                         "leave it frozen")
+    p.add_argument("--page-cache-keep", type=float, default=60.0, metavar="SECONDS",
+                   help="VMMs restored with --share-pages map their memory from one page "
+                        "cache of the snapshot that this server keeps; keep it this long "
+                        "after the last such VM goes, so the next clone starts warm "
+                        "(default 60)")
     access = p.add_argument_group(
         "who may connect",
         "The server copies snapshot memory into whatever VMM connects: by default only "

@@ -270,6 +270,11 @@ def _register_restore(sub: Any) -> None:
                         "file when it stops (e.g. DIR/working-set)")
     p.add_argument("--shared-memory", action="store_true",
                    help="guest memory in a memfd another process can map (copy or uffd)")
+    p.add_argument("--share-pages", action="store_true",
+                   help="--backend uffd: map guest memory copy-on-write from pagein serve's "
+                        "page cache of the snapshot, so every VM restored through one "
+                        "--uffd-socket shares the pages it did not write (each page is "
+                        "read from the source once for all of them)")
     p.add_argument("--verify-memory", action="store_true",
                    help="check the memory file's SHA-256 before resuming (reads it all)")
     p.add_argument("--control", metavar="PATH", help="listen for control requests here")
@@ -320,7 +325,8 @@ def restore_command(args: argparse.Namespace) -> int:
                               working_set=_working_set_arg(args), record=args.record,
                               trust_uids=tuple(i for ids in args.trust_uid or () for i in ids),
                               track_dirty=args.control is not None,
-                              check_identity=not args.no_identity_check)
+                              check_identity=not args.no_identity_check,
+                              share_pages=args.share_pages)
         console = Console(sink=_stdout_sink)
         vm = restore(args.snapshot, opts, console=console)
     except (ValueError, PageinError, OSError) as e:

@@ -59,6 +59,7 @@ __all__ = [
     "Generation",
     "Handshake",
     "Region",
+    "check_trusted",
     "connect_and_send",
     "encode_regions",
     "json_end",
@@ -188,7 +189,7 @@ def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaul
             raise HandlerError(
                 f"no UFFD handler listens on {socket_path} ({why}): start one with "
                 f"`pagein serve --socket {socket_path} --mem-file {mem_file}` first") from e
-        _check_trusted(sock, socket_path, trust_uids)
+        check_trusted(sock, socket_path, trust_uids)
         payload = encode_regions(regions, generation)
         if identity is not None:  # in the same message: the server reads it as the rest
             payload += b"\n" + identity.encode()
@@ -204,7 +205,7 @@ def connect_and_send(socket_path: str, regions: Sequence[Region], uffd: Userfaul
     return sock
 
 
-def _check_trusted(sock: socket.socket, socket_path: str, trust_uids: Sequence[int]) -> None:
+def check_trusted(sock: socket.socket, socket_path: str, trust_uids: Sequence[int]) -> None:
     """Raise :class:`UntrustedHandler` unless the listener runs as a uid we trust."""
     listener = peer_credentials(sock)
     if listener.uid not in {0, os.geteuid(), *trust_uids}:

@@ -48,12 +48,14 @@ from pagein.serve.cause import Cause
 from pagein.serve.crash import CrashPoint, claim, countdown
 from pagein.serve.engine import EventTuple, Reason, Unserved, pack_record
 from pagein.serve.firecracker import Region
+from pagein.serve.pagecache import CacheFiller
 from pagein.serve.space import AddressSpace
 from pagein.serve.stats import CounterBlock
 from pagein.snapshot.source import PageSource
 from pagein.sys.mapping import Mapping, hugetlb_pool_hint
 from pagein.sys.uffd import (
     AlreadyPresent,
+    ContinueMode,
     CopyMode,
     Event,
     Filled,
@@ -98,7 +100,7 @@ class PythonEngine:
                  extents: Sequence[tuple[int, int, int, int]],
                  readahead_pages: Sequence[int], chunk_bytes: int, record: bool,
                  journal: memoryview | None = None, pagemap_fd: int = -1,
-                 tripwire: bytearray | None = None) -> None:
+                 tripwire: bytearray | None = None, cache: CacheFiller | None = None) -> None:
         if chunk_bytes <= 0:
             raise ValueError(f"chunk size {chunk_bytes} must be positive")
         self.uffd = uffd
@@ -113,6 +115,7 @@ class PythonEngine:
         self.record = record
         self._pagemap_fd = pagemap_fd  # the VMM's /proc/PID/pagemap, or -1; not ours to close
         self._tripwire = tripwire  # byte 0 turns 1 when the source changed (serve.guard)
+        self.cache = cache  # --share-pages: data goes through the snapshot's page cache
         self.space = AddressSpace(self.regions)  # where the regions live: page math there
         self.space.set_extents(list(extents))
         # Messages are read into the VM's journal in shared memory when there is one (see
@@ -501,6 +504,8 @@ class PythonEngine:
         mode = CopyMode.DONTWAKE if dontwake else CopyMode.NONE
         if zero:  # hugetlbfs has no zero page: copy from a zero buffer, one page at a time
             return self.uffd.copy(dst, self._zeros.address, ps, mode)
+        if self.cache is not None:
+            return self._from_cache(r.page_offset(page), dst, length, dontwake)
         off = r.page_offset(page)
         src = self.source.address_of(off, length)
         if src is None:
@@ -511,3 +516,15 @@ class PythonEngine:
                 view.release()
             src = self._scratch.address
         return self.uffd.copy(dst, src, length, mode)
+
+    def _from_cache(self, offset: int, dst: int, length: int, dontwake: bool) -> FillResult:
+        """Map snapshot pages of a shared clone (``--share-pages``): put them in the
+        snapshot's page cache once (any clone's earlier fault may have), then
+        ``UFFDIO_CONTINUE`` maps the cache pages themselves, read-only: the clone's
+        writes copy on write, its clean pages stay shared. Zeros (holes, removed pages)
+        never come here: those are private zero pages, so a REMOVE never reads the
+        cache's snapshot bytes again."""
+        assert self.cache is not None
+        self.cache.ensure(self.source, offset, length)
+        return self.uffd.continue_(dst, length,
+                                   ContinueMode.DONTWAKE if dontwake else ContinueMode.NONE)

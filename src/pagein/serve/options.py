@@ -114,6 +114,7 @@ class ServeOptions:
     #: The memory file's SHA-256 when known without hashing it (the snapshot's state
     #: file records it): identity checks then never hash the file.
     memory_sha256: str | None = None
+    page_cache_keep: float = 60.0  # seconds a page cache no VM uses is kept (--share-pages)
 
     def __post_init__(self) -> None:
         # A readahead size or --then the strategy does not use means nothing: keep the
@@ -130,6 +131,9 @@ class ServeOptions:
             raise ValueError(f"--metrics-keep-ended {self.metrics_keep_ended_s} is not a "
                              "number of seconds >= 0: give how long an ended VM's series "
                              "stay, e.g. 300")
+        if not self.page_cache_keep >= 0:
+            raise ValueError(f"--page-cache-keep {self.page_cache_keep} must be 0 or more "
+                             "seconds")
 
     @property
     def socket_permissions(self) -> int:
@@ -197,7 +201,8 @@ class ServeOptions:
             max_restarts=args.max_restarts, on_vm_failure=VmFailurePolicy(args.on_vm_failure),
             socket_mode=args.socket_mode, socket_group=args.socket_group,
             allow_uids=tuple(dict.fromkeys(i for ids in args.allow_uid or () for i in ids)),
-            allow_gids=tuple(dict.fromkeys(i for ids in args.allow_gid or () for i in ids)))
+            allow_gids=tuple(dict.fromkeys(i for ids in args.allow_gid or () for i in ids)),
+            page_cache_keep=args.page_cache_keep)
 
     def to_argv(self) -> list[str]:
         """The ``pagein serve ...`` arguments that parse back into these options."""
@@ -209,7 +214,8 @@ class ServeOptions:
                 "--engine", self.engine.value, "--max-restarts", str(self.max_restarts),
                 "--on-vm-failure", self.on_vm_failure.value,
                 "--metrics-address", self.metrics_address,
-                "--metrics-keep-ended", repr(self.metrics_keep_ended_s)]
+                "--metrics-keep-ended", repr(self.metrics_keep_ended_s),
+                "--page-cache-keep", repr(self.page_cache_keep)]
         # Only the flags this strategy uses: the parser refuses the others.
         if uses_readahead_window(self.strategy, self.then):
             argv += ["--readahead-size", str(self.readahead_bytes)]

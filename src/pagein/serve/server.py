@@ -53,6 +53,13 @@ from pagein.serve.handler import exit_status
 from pagein.serve.identity import FileDigests, Identity, Verdict, reply, split_identity
 from pagein.serve.logs import LIFECYCLE
 from pagein.serve.options import BadHandshakePolicy, ServeOptions, VmFailurePolicy
+from pagein.serve.pagecache import (
+    PageCache,
+    is_cache_request,
+    mapped_cache,
+    read_cache_request,
+    reply_cache,
+)
 from pagein.serve.ratelog import RateLimitedLog
 from pagein.serve.record import OutputNames
 from pagein.serve.served import Served
@@ -122,6 +129,7 @@ class _Vm:
     down_since: float | None = None  # when its worker died (None: one serves it)
     down_s: float = 0.0  # total time without a worker
     doc: dict[str, object] = field(default_factory=dict)  # the serve message
+    cache: PageCache | None = None  # --share-pages: the page cache its regions map
 
     def release(self) -> None:
         os.close(self.uffd_fd)
@@ -218,6 +226,7 @@ class Server:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._waiting: list[_Vm] = []  # VMs that connected while no worker was alive
+        self._caches: dict[int, PageCache] = {}  # by page size: the snapshot's page caches
         self.handshake_failures = 0
         self.refused_peers = 0  # connections refused by the allow-list
         self._access = options.access
@@ -521,6 +530,10 @@ class Server:
             rest = list(self._vms)
         for vm_id in rest:
             self._retire(vm_id, "server stopping")
+        with self._lock:
+            caches, self._caches = list(self._caches.values()), {}
+        for c in caches:
+            c.close()
         self._close_listener()
         if self._wakes_on_signals:
             signal.set_wakeup_fd(-1)
@@ -689,6 +702,10 @@ class Server:
                 self._workers = [x for x in self._workers if x is not w]
                 with contextlib.suppress(OSError):
                     w.send({"op": "stop"})
+            if vm.cache is not None:
+                vm.cache.users -= 1
+                vm.cache.used_at = time.monotonic()
+                self._schedule_cache_drop()
             row = _row(vm, end, time.monotonic())
             self._ended.append(row)
             del self._ended[:-_KEEP_ENDED]
@@ -736,8 +753,12 @@ class Server:
         :mod:`pagein.serve.accept`); each is freed just before its step.
         """
         spare.take()
+        timeout = self.options.handshake_timeout
         try:
-            hs = receive_handshake(conn, None, self.options.handshake_timeout)
+            if is_cache_request(conn, timeout):
+                self._cache_request(conn, peer, pidfd)
+                return
+            hs = receive_handshake(conn, None, timeout)
         except HandshakeError as e:
             self._bad_handshake(conn, peer, pidfd, e)
             return
@@ -751,6 +772,15 @@ class Server:
         hs = checked
         spare.take()
         try:
+            with self._lock:
+                caches = list(self._caches.values())
+            cache = mapped_cache(peer.pid, hs.regions, caches)
+        except HandshakeError as e:
+            os.close(hs.uffd_fd)
+            e.sent_uffd = True  # a VMM whose uffd was here: --on-bad-handshake applies
+            self._bad_handshake(conn, peer, pidfd, e)
+            return
+        try:
             state = VmState.create(hs.regions)
         except (PageinError, OSError) as e:
             self._peer_log.log(logging.ERROR, peer.pid, f"vm pid={peer.pid}",
@@ -762,7 +792,7 @@ class Server:
             return
         vm_id = next(self._ids)
         vm = _Vm(vm_id, peer, f"vm pid={peer.pid}", hs.regions, hs.uffd_fd, conn,
-                 state, pidfd)
+                 state, pidfd, cache=cache)
         if any(r.page_size != PAGE_SIZE for r in vm.regions):
             self._check_hugetlb(vm)
         o = self.options
@@ -771,9 +801,14 @@ class Server:
                               for r in vm.regions],
                   "features": int(hs.features), "pending": hs.rest[:4096].hex(),
                   "record": self._names.claim(o.record) if o.record else None,
-                  "trace": self._names.claim(o.trace_path) if o.trace_path else None}
+                  "trace": self._names.claim(o.trace_path) if o.trace_path else None,
+                  "pagemap": vm.pagemap_fd >= 0,
+                  "cache": None if cache is None else [cache.size_bytes, cache.page_size]}
         with self._lock:
             self._vms[vm.id] = vm
+            if cache is not None:
+                cache.users += 1
+                cache.used_at = time.monotonic()
             pool = [w for w in self._workers if not w.dedicated]
             if not pool:  # between a worker's death and its successor
                 vm.down_since = time.monotonic()
@@ -781,9 +816,9 @@ class Server:
                 log.warning("%s: waiting for a serving worker to start", vm.name)
                 return
             w = min(pool, key=lambda w: (len(w.vms), w.index))
-        log.info("%s: serving %d regions (%d bytes) with %s on worker %d", vm.name,
+        log.info("%s: serving %d regions (%d bytes) with %s on worker %d%s", vm.name,
                  len(vm.regions), sum(r.size_bytes for r in vm.regions), o.strategy.value,
-                 w.index)
+                 w.index, "" if cache is None else ", sharing the page cache")
         self._hand(vm, w, resume=False)
 
     def _check(self, conn: socket.socket, peer: PeerCred, pidfd: int,
@@ -860,7 +895,8 @@ class Server:
         try:
             fds = [vm.uffd_fd, vm.conn.fileno(), vm.state.fileno()]
             w.send({**vm.doc, "pending": "" if resume else vm.doc["pending"]},
-                   fds + ([vm.pagemap_fd] if vm.pagemap_fd >= 0 else []))
+                   fds + ([vm.pagemap_fd] if vm.pagemap_fd >= 0 else [])
+                   + list(vm.cache.fds() if vm.cache is not None else ()))
         except OSError as e:
             log.error("%s: cannot hand it to worker %d: %s; its guest is frozen", vm.name,
                       w.index, e)
@@ -881,6 +917,58 @@ class Server:
                 log.warning("%s: its %d KiB-page regions need %d pages but the pool can give "
                             "%d now: fills past that fail unless the pool grows; %s", vm.name,
                             size // 1024, need, pool[0] + pool[1], hugetlb_raise_hint(size))
+
+    # --- the page cache (--share-pages) -------------------------------------------------
+
+    def _cache_request(self, conn: socket.socket, peer: PeerCred, pidfd: int) -> None:
+        """Hand the page cache of the page size asked for (made on first use) to a VMM
+        that will map its guest memory from it; then close (see pagein.serve.pagecache)."""
+        try:
+            page_size = read_cache_request(conn, self.options.handshake_timeout)
+            with self._lock:
+                cache = self._caches.get(page_size)
+                if cache is None:
+                    cache = PageCache(self.source.size, page_size)
+                    self._caches[page_size] = cache
+                    log.info("page cache of %s made: %d bytes in %d-byte pages",
+                             self.source.describe(), cache.size_bytes, page_size)
+                cache.used_at = time.monotonic()
+            reply_cache(conn, cache)
+        except HandshakeError as e:
+            log.error("pid %d: %s; closing the connection", peer.pid, e)
+            with contextlib.suppress(OSError):
+                reply_cache(conn, None, str(e))
+        except (PageinError, OSError, ValueError) as e:
+            log.error("pid %d: cannot give it a page cache: %s", peer.pid, e)
+            with contextlib.suppress(OSError):
+                reply_cache(conn, None, str(e))
+        finally:
+            conn.close()
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    def _schedule_cache_drop(self) -> None:
+        """Drop caches nobody used for ``--page-cache-keep`` seconds, that long from now."""
+        t = threading.Timer(self.options.page_cache_keep + 0.01, self._drop_idle_caches)
+        t.daemon = True
+        t.start()
+
+    def _drop_idle_caches(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            idle = [ps for ps, c in self._caches.items()
+                    if c.users == 0 and now - c.used_at >= self.options.page_cache_keep]
+            dropped = [self._caches.pop(ps) for ps in idle]
+        for c in dropped:
+            log.info("page cache of %d-byte pages dropped (%d bytes held; no VM used it for "
+                     "%g s)", c.page_size, c.present.count * c.page_size,
+                     self.options.page_cache_keep)
+            c.close()
+
+    def cache_stats(self) -> list[dict[str, object]]:
+        """Each page cache: its size, the pages it holds, the VMs using it."""
+        with self._lock:
+            return [c.stats() for c in self._caches.values()]
 
     def _bad_handshake(self, conn: socket.socket, peer: PeerCred, pidfd: int,
                        e: HandshakeError) -> None:
@@ -970,6 +1058,7 @@ class Server:
             "worker_restarts": s.worker_restarts,
             "worker_start_failures": s.worker_start_failures,
             "total": s.total.to_dict(),
+            "page_caches": self.cache_stats(),
             "vms": [r.to_dict() for r in s.rows],
         }
 

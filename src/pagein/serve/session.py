@@ -41,6 +41,7 @@ from pagein.serve.engine import (
 from pagein.serve.firecracker import Region, uffd_pollerr_reason
 from pagein.serve.guard import SourceGuard
 from pagein.serve.options import DEFAULT_CHUNK_BYTES
+from pagein.serve.pagecache import CacheFiller
 from pagein.serve.plan import Planner
 from pagein.serve.ratelog import RateLimitedLog
 from pagein.serve.record import Recorder
@@ -102,7 +103,7 @@ class Session:
                  stop_fd: int, engine: EngineName = EngineName.NATIVE,
                  recorder: Recorder | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  pending: bytes = b"", resume: bool = False, pagemap_fd: int = -1,
-                 guard: SourceGuard | None = None) -> None:
+                 guard: SourceGuard | None = None, cache: CacheFiller | None = None) -> None:
         self.uffd = uffd
         self.sock = sock
         self.space = AddressSpace(tuple(regions))
@@ -122,6 +123,7 @@ class Session:
         self._pagemap_fd = pagemap_fd
         self.guard = guard
         tripwire = None if guard is None else guard.tripwire
+        self.cache = cache
         saved = state.load_extents()
         if saved is not None:  # a worker before this one moved them (UNMAP/REMAP)
             self.space.set_extents(saved)
@@ -134,7 +136,9 @@ class Session:
         st = self.state
         record = self.recorder is not None
         extents = self.space.extent_tuples()
-        if wanted is EngineName.NATIVE:
+        if wanted is EngineName.NATIVE and self.cache is not None:
+            log.info("%s: shares the page cache; serving with the python engine", self.name)
+        elif wanted is EngineName.NATIVE:
             base, overlay = self.source.address_map()
             if base is not None:
                 from pagein.serve.native import NativeEngine
@@ -147,7 +151,8 @@ class Session:
         from pagein.serve.install import PythonEngine
         return EngineName.PYTHON, PythonEngine(
             self.uffd, self.regions, st.filled, st.discarded, holes, st.counters, self.source,
-            extents, windows, self._chunk, record, st.journal, self._pagemap_fd, tripwire)
+            extents, windows, self._chunk, record, st.journal, self._pagemap_fd, tripwire,
+            self.cache)
 
     @property
     def complete(self) -> bool:

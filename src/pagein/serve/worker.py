@@ -13,8 +13,8 @@ The channel (:mod:`pagein.serve.control`), supervisor to worker::
      "identity": [st_dev, st_ino, size, mtime_ns, ctime_ns] | null}   (the memory file's)
     {"op": "serve", "vm": 7, "name": "vm 7 pid=1234", "regions": [[base, size, offset,
      page_size], ...], "features": N, "pending": "<hex>", "record": PATH|null,
-     "trace": PATH|null}                    + fds [uffd, VMM socket, state memfd]
-                                              (+ the VMM's pagemap, for hugetlb VMs)
+     "trace": PATH|null, "pagemap": bool, "cache": [size, page_size]|null}
+                     + fds [uffd, VMM socket, state memfd(, VMM pagemap)(, cache data, present)]
     {"op": "adopt", "index": 2}            (a spare, started with index -1, put to work)
     {"op": "stop"}
 
@@ -43,6 +43,7 @@ from pagein.serve.engine import EngineName, choose
 from pagein.serve.firecracker import Region
 from pagein.serve.logs import LogFormat, configure
 from pagein.serve.options import ServeOptions
+from pagein.serve.pagecache import CacheFiller
 from pagein.serve.record import Recorder
 from pagein.serve.served import Served, open_served
 from pagein.serve.session import Session
@@ -93,7 +94,10 @@ class VmServer:
 
     def _serve_vm(self, doc: dict[str, object], fds: Sequence[int]) -> None:
         uffd_fd, conn_fd, state_fd = fds[:3]
-        pagemap_fd = fds[3] if len(fds) > 3 else -1
+        rest = list(fds[3:])
+        pagemap_fd = rest.pop(0) if doc.get("pagemap") and rest else -1
+        cache_fds = rest
+        cache: CacheFiller | None = None
         name = str(doc.get("name", "vm"))
         sock = socket.socket(fileno=conn_fd)
         uffd = Userfaultfd.adopt(uffd_fd, features=Feature(int(str(doc.get("features", 0)))))
@@ -115,6 +119,14 @@ class VmServer:
                 recorder = Recorder(trace_path=None if trace is None else str(trace),
                                     working_set_path=None if record is None else str(record),
                                     strategy=self.served.options.strategy_label)
+            cache_doc = doc.get("cache")
+            if cache_fds:
+                if not isinstance(cache_doc, list) or len(cache_doc) != 2:
+                    raise ControlError("a serve message with cache fds and no cache size")
+                data_fd, present_fd = cache_fds
+                cache_fds = []
+                cache = CacheFiller.attach(data_fd, present_fd, int(cache_doc[0]),
+                                           int(cache_doc[1]))
             resume = state.attach_worker() > 1
             if resume and record is not None:
                 log.warning("%s: a serving worker died while recording its working set: "
@@ -125,17 +137,17 @@ class VmServer:
                               recorder=recorder, chunk_bytes=self.served.options.chunk_bytes,
                               pending=bytes.fromhex(str(doc.get("pending", ""))),
                               resume=resume, pagemap_fd=pagemap_fd,
-                              guard=self.served.guard)
+                              guard=self.served.guard, cache=cache)
             self.send({"op": "started", "vm": doc["vm"],
                        "engine": session.engine_name.value})
             end = session.run().value
         except (PageinError, OSError, ValueError) as e:
             log.error("%s: cannot start serving: %s; its guest is frozen", name, e)
         finally:
-            for part in (session, uffd, sock, state):
+            for part in (session, uffd, sock, state, cache):
                 if part is not None:
                     part.close()
-            for fd in (state_fd, pagemap_fd):
+            for fd in [state_fd, pagemap_fd, *cache_fds]:
                 if fd >= 0:
                     os.close(fd)
             self.send({"op": "ended", "vm": doc.get("vm"), "end": end})
@@ -177,7 +189,7 @@ class _Channel:
                 break
             doc, fds = got
             op = doc.get("op")
-            if op == "serve" and len(fds) in (3, 4):
+            if op == "serve" and 3 <= len(fds) <= 6:
                 vms.start_vm(doc, fds)
             elif op == "adopt" and not fds:  # a spare put to work
                 _name_worker(doc, int(str(doc.get("index", 0))))

@@ -72,15 +72,20 @@ class Mapping:
     @classmethod
     def of_fd(cls, fd: int, length: int, *, offset: int = 0, shared: bool = True,
               at: int | None = None, replace: bool = False, hugetlb: bool = False,
-              prot: Prot = Prot.READ | Prot.WRITE, populate: bool = False) -> Mapping:
+              prot: Prot = Prot.READ | Prot.WRITE, populate: bool = False,
+              noreserve: bool = False) -> Mapping:
         """Map ``length`` bytes of a file or memfd from ``offset``.
 
         ``shared=False`` gives MAP_PRIVATE: reads come from the page cache, the first
-        write to a page copies it (the file never changes).
+        write to a page copies it (the file never changes). ``noreserve``: MAP_NORESERVE;
+        without it a private hugetlbfs mapping reserves a huge page per page of its
+        length at once, for the copies its writes might make.
         """
         flags = MapFlag.SHARED if shared else MapFlag.PRIVATE
         if populate:
             flags |= MapFlag.POPULATE
+        if noreserve:
+            flags |= MapFlag.NORESERVE
         page = HUGE_PAGE_SIZE if hugetlb else PAGE_SIZE
         return cls._map(length, prot, flags, fd, offset, at, replace, page, shared)
 
@@ -256,11 +261,11 @@ class Memfd(OwnedFd):
         return cls(fd, size, hugetlb=hugetlb)
 
     def map(self, *, shared: bool = True, at: int | None = None, replace: bool = False,
-            offset: int = 0, length: int | None = None) -> Mapping:
+            offset: int = 0, length: int | None = None, noreserve: bool = False) -> Mapping:
         """Map (part of) the memfd; shared by default, so every mapper sees one page cache."""
         return Mapping.of_fd(self.fileno(), self.size - offset if length is None else length,
                              offset=offset, shared=shared, at=at, replace=replace,
-                             hugetlb=self.hugetlb)
+                             hugetlb=self.hugetlb, noreserve=noreserve)
 
 
 def hugetlb_free_pages() -> int:

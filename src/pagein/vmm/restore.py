@@ -55,6 +55,7 @@ from pagein.serve.firecracker import Region as WireRegion
 from pagein.serve.firecracker import connect_and_send
 from pagein.serve.handler import HandlerProcess
 from pagein.serve.identity import Identity
+from pagein.serve.pagecache import request_page_cache
 from pagein.serve.session import Session
 from pagein.serve.state import VmState
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, OnDemand, StrategyName
@@ -105,6 +106,10 @@ class RestoreOptions:
 
     ``working_set`` / ``record``: passed to the spawned handler (``--working-set`` for the
     working-set and reap strategies, ``--record`` to write this VM's working set).
+
+    ``share_pages`` (uffd only): guest memory is a private mapping of the handler's page
+    cache of the snapshot, so clones restored through one ``pagein serve`` share their
+    clean pages (see docs/serve.md, "Clones share pages").
     """
 
     backend: Backend = Backend.UFFD
@@ -121,6 +126,7 @@ class RestoreOptions:
     # snapshot it was restored from (costs a write fault per page after each snapshot).
     track_dirty: bool = True
     check_identity: bool = True
+    share_pages: bool = False
 
 
 @dataclass(slots=True)
@@ -417,21 +423,33 @@ def _map_chain(snap: Snapshot, parts: _Parts, whole: Mapping) -> list[Region]:
             for r in snap.regions]
 
 
+def _from_cache(snap: Snapshot, opts: RestoreOptions, parts: _Parts,
+                path: str) -> list[Region]:
+    """Map every region MAP_PRIVATE from the handler's page cache of the snapshot (at its
+    file offset); a cache that does not fit the snapshot is refused here, before any
+    guest memory exists."""
+    sizes = {r.page_size for r in snap.regions}
+    if len(sizes) != 1:
+        raise SnapshotFormatError(f"snapshot {snap.directory} mixes page sizes: its regions "
+                                  "cannot share one page cache")
+    cached = request_page_cache(path, sizes.pop(), need_bytes=snap.memory_bytes,
+                                trust_uids=opts.trust_uids)
+    with cached.memfd:  # the mappings keep the memfd alive
+        out = []
+        for r in snap.regions:
+            # NORESERVE: a private hugetlbfs mapping would reserve a page per page of it.
+            m = cached.memfd.map(shared=False, offset=r.offset, length=r.size,
+                                 noreserve=True)
+            parts.mappings.append(m)
+            out.append(Region(r.guest_phys, m))
+    return out
+
+
 def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts,
               layered: bool = False) -> list[Region]:
     """Register fresh memory with a uffd and hand it to a handler, as Firecracker does.
 
     A ``layered`` snapshot is served from its directory: the handler resolves the chain."""
-    regions = _fresh(snap, parts, opts.shared_memory)
-    features = Feature.EVENT_REMOVE
-    if opts.shared_memory:
-        features |= Feature.MISSING_SHMEM
-    if any(r.page_size == HUGE_PAGE_SIZE for r in snap.regions):
-        features |= Feature.MISSING_HUGETLBFS
-    # THREAD_ID when the kernel has it: a handler's fault trace names the vCPU thread.
-    parts.uffd = Userfaultfd.open(features, optional=Feature.THREAD_ID)
-    for m in parts.mappings:
-        parts.uffd.register(m.address, m.length, RegisterMode.MISSING)
     path = opts.uffd_socket
     if path is None:
         parts.workdir = tempfile.mkdtemp(prefix="pagein-restore-")
@@ -441,6 +459,26 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts,
             record=opts.record)
         parts.handler = HandlerProcess.start(serve, parts.workdir, opts.handler_timeout)
         path = parts.handler.socket_path
+    huge = any(r.page_size == HUGE_PAGE_SIZE for r in snap.regions)
+    features = Feature.EVENT_REMOVE
+    mode = RegisterMode.MISSING
+    if opts.share_pages:
+        regions = _from_cache(snap, opts, parts, path)
+        # MINOR: a page already in the cache faults as MINOR (and must: after a balloon's
+        # REMOVE the handler answers zeros, not the cache page); MISSING: one not yet there.
+        features |= (Feature.MINOR_HUGETLBFS | Feature.MISSING_HUGETLBFS if huge
+                     else Feature.MINOR_SHMEM | Feature.MISSING_SHMEM)
+        mode |= RegisterMode.MINOR
+    else:
+        regions = _fresh(snap, parts, opts.shared_memory)
+        if opts.shared_memory:
+            features |= Feature.MISSING_SHMEM
+        if huge:
+            features |= Feature.MISSING_HUGETLBFS
+    # THREAD_ID when the kernel has it: a handler's fault trace names the vCPU thread.
+    parts.uffd = Userfaultfd.open(features, optional=Feature.THREAD_ID)
+    for m in parts.mappings:
+        parts.uffd.register(m.address, m.length, mode)
     wire = [WireRegion(m.address, r.size, r.offset, r.page_size)
             for m, r in zip(parts.mappings, snap.regions, strict=True)]
     # pagein's identity extension: a handler serving another snapshot says so before
@@ -489,6 +527,10 @@ def restore(source: str | Snapshot, options: RestoreOptions | None = None, *,
     if opts.backend is Backend.FILE and opts.shared_memory:
         raise ValueError("--backend file maps the memory file MAP_PRIVATE, which another "
                          "process cannot share: use --backend copy or uffd with "
+                         "--shared-memory")
+    if opts.share_pages and (opts.backend is not Backend.UFFD or opts.shared_memory):
+        raise ValueError("--share-pages maps guest memory from pagein serve's page cache: "
+                         "it needs --backend uffd and cannot be combined with "
                          "--shared-memory")
     snap = source if isinstance(source, Snapshot) else load_snapshot(source)
     _check_working_set(snap, opts)

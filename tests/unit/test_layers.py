@@ -102,6 +102,15 @@ def test_ctypes_only_in_abi() -> None:
     assert not bad, "ctypes belongs in pagein/_abi only:\n" + "\n".join(bad)
 
 
+def test_no_select_select_anywhere() -> None:
+    """``select.select`` fails on fds >= 1024 ("filedescriptor out of range"): a server
+    holding a thousand VMs has such fds. Wait with poll (``pagein.sys.poll``)."""
+    bad = [f"{path.relative_to(ROOT)}:{n}" for path in _sources()
+           for n, line in enumerate(path.read_text().splitlines(), 1)
+           if "select.select(" in line and not line.lstrip().startswith("#")]
+    assert not bad, "use pagein.sys.poll.wait_readable, not select.select:\n" + "\n".join(bad)
+
+
 def test_the_checker_resolves_imports() -> None:
     # The walker must resolve relative imports, or a violation could hide behind one.
     f = ROOT / "sys" / "uffd.py"

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import socket
 import time
 from collections.abc import Sequence
@@ -48,6 +47,7 @@ from pagein.serve.firecracker import PAGE_SIZES, Region, check_trusted
 from pagein.snapshot.source import PageSource
 from pagein.sys.fdpass import recv_with_fds, send_with_fds
 from pagein.sys.mapping import Mapping, Memfd
+from pagein.sys.poll import wait_readable
 
 __all__ = ["CacheFiller", "CachedMemory", "PageCache", "is_cache_request",
            "mapped_cache", "read_cache_request", "reply_cache", "request_page_cache"]
@@ -216,7 +216,7 @@ class CacheFiller:
 def is_cache_request(conn: socket.socket, timeout: float) -> bool:
     """Whether the first bytes on a new connection are a page-cache request (peeked:
     a Firecracker handshake, which starts with ``[``, is left unread)."""
-    if not select.select([conn], [], [], timeout)[0]:
+    if not wait_readable([conn], timeout):
         return False
     try:
         head = conn.recv(64, socket.MSG_PEEK)
@@ -234,7 +234,7 @@ def read_cache_request(conn: socket.socket, timeout: float) -> int:
     buf = b""
     while b"\n" not in buf:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([conn], [], [], left)[0]:
+        if left <= 0 or not wait_readable([conn], left):
             raise HandshakeError("page-cache request", f"{len(buf)} bytes",
                                  f"no complete line within {timeout:g} s")
         chunk = conn.recv(_MAX_LINE)

@@ -754,11 +754,12 @@ class Server:
         """
         spare.take()
         timeout = self.options.handshake_timeout
+        deadline = time.monotonic() + timeout  # one handshake timeout for both steps
         try:
             if is_cache_request(conn, timeout):
                 self._cache_request(conn, peer, pidfd)
                 return
-            hs = receive_handshake(conn, None, timeout)
+            hs = receive_handshake(conn, None, max(0.001, deadline - time.monotonic()))
         except HandshakeError as e:
             self._bad_handshake(conn, peer, pidfd, e)
             return
@@ -883,8 +884,26 @@ class Server:
             os.close(pidfd)
 
     def _hand(self, vm: _Vm, w: WorkerProc | _InProcess, *, resume: bool) -> None:
-        """Send ``vm`` (its uffd, socket and state) to worker ``w``."""
+        """Send ``vm`` (its uffd, socket and state) to worker ``w``.
+
+        ``w`` may have died since it was chosen. The VM joins ``w.vms`` only while ``w``
+        is in the pool, under the lock that :meth:`_replace` takes to remove a dead
+        worker and collect its VMs: so either ``_replace`` will find the VM there, or
+        ``w`` is gone already and a live worker is chosen (or, with none alive, the VM
+        waits for the next one adopted). A send that fails therefore needs nothing
+        more: the worker is dead, and its successor gets the VM.
+        """
         with self._lock:
+            if isinstance(w, WorkerProc) and w not in self._workers:
+                pool = [x for x in self._workers if not x.dedicated]
+                if not pool:
+                    if vm.down_since is None:
+                        vm.down_since = time.monotonic()
+                    self._waiting.append(vm)
+                    log.warning("%s: its worker died before taking it; waiting for the next "
+                                "one", vm.name)
+                    return
+                w = min(pool, key=lambda x: (len(x.vms), x.index))
             vm.worker = w
             w.vms.add(vm.id)
             if vm.down_since is not None:
@@ -897,9 +916,9 @@ class Server:
             w.send({**vm.doc, "pending": "" if resume else vm.doc["pending"]},
                    fds + ([vm.pagemap_fd] if vm.pagemap_fd >= 0 else [])
                    + list(vm.cache.fds() if vm.cache is not None else ()))
-        except OSError as e:
-            log.error("%s: cannot hand it to worker %d: %s; its guest is frozen", vm.name,
-                      w.index, e)
+        except (OSError, ValueError) as e:  # ValueError: our end already closed
+            log.warning("%s: worker %d went away as the VM was handed to it (%s); its "
+                        "successor takes the VM", vm.name, w.index, e)
 
     def _check_hugetlb(self, vm: _Vm) -> None:
         """For a VM with huge-page regions: open its pagemap (the engines check a hugetlb

@@ -93,7 +93,12 @@ def register(sub: Any) -> None:
         "serve", help="serve guest memory page faults (Firecracker's UFFD handler protocol)",
         description="Listen on a Unix socket and serve the page faults of every VMM that "
                     "connects (Firecracker: mem_backend {backend_type: Uffd, backend_path: "
-                    "SOCKET}) from a snapshot memory file or store.")
+                    "SOCKET}) from a snapshot memory file or store.",
+        epilog="signals: SIGTERM drains (stops accepting, waits --drain-timeout for the "
+               "attached VMs), a second SIGTERM or SIGINT stops at once, SIGHUP logs the "
+               "state and writes --stats-json, SIGUSR1 writes --stats-json. Under systemd: "
+               "sd_notify (Type=notify) and socket activation are supported; see "
+               "docs/serve.md, Running as a service.")
     p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--mem-file", metavar="FILE", help="the raw snapshot memory file")

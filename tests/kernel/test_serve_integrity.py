@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,9 +115,20 @@ def _resume_until_frozen(c: subprocess.Popen[str]) -> str:
     assert c.stdin is not None and c.stdout is not None
     c.stdin.write("\n")
     c.stdin.flush()
+
+    def frozen() -> bool:
+        # Every fault blocks in userfaultfd until served: only a block that lasts is a
+        # fault the server refuses (a served one takes microseconds).
+        for _ in range(4):
+            if c.poll() is not None:
+                return True
+            if not blocked_in_userfault(c.pid):
+                return False
+            time.sleep(0.25)
+        return True
+
     try:
-        wait_for(lambda: blocked_in_userfault(c.pid) or c.poll() is not None, 20,
-                 "the client to block on a fault the server refuses")
+        wait_for(frozen, 20, "the client to block on a fault the server refuses")
         assert c.poll() is None, "the client finished: changed data was served"
     finally:
         c.kill()

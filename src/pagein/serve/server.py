@@ -66,7 +66,7 @@ from pagein.serve.served import Served
 from pagein.serve.state import VmState
 from pagein.serve.stats import Counters, ServerSample, SourceTally, VmRow, write_json
 from pagein.serve.worker import VmServer
-from pagein.serve.workers import WORKER_START_S, WorkerFactory, WorkerProc
+from pagein.serve.workers import WORKER_START_S, WorkerCannotServe, WorkerFactory, WorkerProc
 from pagein.snapshot.source import SourceStats
 from pagein.sys.fdpass import PeerCred, kill_through, peer_credentials, peer_pidfd
 from pagein.sys.mapping import PAGE_SIZE, hugetlb_pool, hugetlb_raise_hint
@@ -233,6 +233,7 @@ class Server:
         self._refusals = RefusalLog(self._access)
         self.worker_restarts = 0  # workers that died while serving (each replaced)
         self.worker_start_failures = 0  # workers that died or failed while starting
+        self._spawn_error = ""  # why the last _spawn gave up
         self._sessions_ended = 0
         self._procs: list[WorkerProc] = []
         self._workers: list[WorkerProc | _InProcess] = []
@@ -576,6 +577,7 @@ class Server:
     def _spawn(self, index: int, *, dedicated: bool = False) -> WorkerProc | None:
         """Start a worker, wait until it is ready and watch it; retried (a worker can die
         while it starts) until the server stops or it failed ``_SPAWN_TRIES`` times."""
+        refused = 0
         for attempt in range(_SPAWN_TRIES):
             if self._stopping:
                 return None
@@ -587,8 +589,14 @@ class Server:
                 with self._lock:
                     self.worker_start_failures += 1
                 log.error("cannot start a serving worker (try %d): %s", attempt + 1, e)
+                if isinstance(e, WorkerCannotServe):
+                    refused += 1
+                    if refused >= 3:  # its source cannot be served: no retry will help
+                        self._spawn_error = str(e)
+                        return None
                 time.sleep(min(1.0, 0.02 * attempt))
         else:
+            self._spawn_error = "workers kept dying as they started"
             return None
         w.dedicated = dedicated
         self._adopt(w)
@@ -644,8 +652,9 @@ class Server:
                 target = self._spawn(next_index, dedicated=True)
                 next_index += 1
             if target is None:
-                log.error("%s: no worker could be started for it; its guest stays frozen",
-                          vm.name)
+                log.error("%s: no worker could be started for it (%s); serving failed, its "
+                          "guest stays frozen", vm.name, self._spawn_error[:300])
+                self._vm_ended(vm.id, "failed")
                 continue
             self._hand(vm, target, resume=True)
 

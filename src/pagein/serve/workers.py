@@ -29,12 +29,17 @@ from pagein.serve.options import ServeOptions
 from pagein.sys.fdpass import kill_through
 from pagein.sys.process import set_child_subreaper
 
-__all__ = ["WORKER_START_S", "WorkerFactory", "WorkerProc"]
+__all__ = ["WORKER_START_S", "WorkerCannotServe", "WorkerFactory", "WorkerProc"]
 
 log = logging.getLogger("pagein.serve")
 
 #: How long a worker (or the zygote) may take to say it is ready.
 WORKER_START_S = 30.0
+
+
+class WorkerCannotServe(PageinError):
+    """A worker started and said it cannot serve (its source cannot be opened, or is not
+    the file the supervisor opened): starting another will not help."""
 
 
 def _exit_code(status: int) -> int:
@@ -93,7 +98,7 @@ class WorkerProc:
             raise PageinError(f"serving worker {self.index} {why} while starting")
         doc, _ = got
         if doc.get("op") != "ready":
-            raise PageinError(f"serving worker {self.index} cannot serve: "
+            raise WorkerCannotServe(f"serving worker {self.index} cannot serve: "
                               f"{str(doc.get('error'))[:500]}")
         if self.proc is None:
             self._adopt_pid(doc.get("pid"))

@@ -46,29 +46,15 @@ from pathlib import Path
 
 from serve_scaling import MIB, PAGEIN, Handler, Tools, build, run_clients, server, write_memory_file
 
+from pagein.sys.process import live_children_named
+
 CLIENT_CPU = {"none": None, "split": 1}
 SERVER_CPU = {"none": None, "split": 0}
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(c) for c in f.read().split())
-    return out
-
-
-def serving_workers(server_pid: int) -> list[int]:
-    """The server's children named ``pagein-worker<N>`` that are not zombies."""
-    out = []
-    for pid in _children(server_pid):
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{pid}/stat") as f:
-                comm, rest = f.read().rsplit(")", 1)
-            if "pagein-worker" in comm and rest.split()[0] != "Z":
-                out.append(pid)
-    return out
+def serving_workers(server_pid: int) -> set[int]:
+    """The server's live children named ``pagein-worker<N>``."""
+    return live_children_named(server_pid, "pagein-worker")
 
 
 class Killer:

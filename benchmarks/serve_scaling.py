@@ -73,6 +73,8 @@ from typing import Any
 
 from _pagecache import warm_cache  # benchmarks/ is on sys.path
 
+from pagein.sys.process import descendants
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PAGEIN = ROOT / ".venv" / "bin" / "pagein"
@@ -152,22 +154,10 @@ def write_memory_file(path: Path, size: int, seed: int = 20240611) -> None:
 # --- processes -------------------------------------------------------------------------
 
 
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        with contextlib.suppress(OSError):
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-    return out
-
-
 def tree_cpu_ns(pid: int) -> dict[int, int]:
     """CPU time (ns, user+system) of every thread of ``pid`` and of its descendants."""
     times = {}
-    for p in _descendants(pid):
+    for p in descendants(pid):
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{tid}/schedstat") as f:

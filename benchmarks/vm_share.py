@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from pagein.cli._format import parse_size, table
 from pagein.demo import snapshot_function_guest
+from pagein.sys.process import descendants
 from pagein.vmm.reference import FunctionReference
 from pagein.vmm.restore import Backend, RestoredVm, RestoreOptions, restore
 
@@ -73,25 +74,11 @@ def _pss(pid: int | str, want: object) -> int:
     return total
 
 
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for t in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{t}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-        except OSError:
-            continue
-    return out
-
-
 def _host_bytes(clones: list[RestoredVm], server_pid: int) -> int:
     starts = {m.address for vm in clones for m in vm.mappings}
     mine = _pss("self", lambda a, _p: a in starts)
     cache = sum(_pss(p, lambda _a, path: path.startswith("/memfd:pagein-cache"))
-                for p in _descendants(server_pid))
+                for p in descendants(server_pid))
     return mine + cache
 
 

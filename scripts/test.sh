@@ -13,7 +13,7 @@ $PY -m ruff check src tests benchmarks || exit 1
 echo "== mypy --strict"
 $PY -m mypy || exit 1
 echo "== pytest"
-$PY -m pytest "$@"
+$PY -m pytest --durations=25 "$@"
 rc=$?
 if [ $rc -eq 5 ]; then
   echo "pytest collected no tests: failing" >&2
@@ -25,7 +25,7 @@ fi
 # Both fault engines pass the same tests: every serving test again on the Python engine
 # (the default engine of pagein serve and of every handler a restore spawns).
 echo "== pytest: the serving tests again with PAGEIN_ENGINE=python"
-PAGEIN_ENGINE=python $PY -m pytest -q tests/kernel/test_serve_*.py \
+PAGEIN_ENGINE=python $PY -m pytest -q --durations=10 tests/kernel/test_serve_*.py \
   tests/kernel/test_workingset_serve.py tests/kernel/test_fc_client.py \
   tests/kvm/test_restore.py tests/kvm/test_restore_cli.py tests/kvm/test_restore_trust.py tests/kvm/test_workingset_vm.py \
   tests/kvm/test_restore_identity.py \

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from pagein.sys.mapping import hugetlb_free_pages
 from pagein.sys.poll import wait_readable
+from pagein.sys.process import live_children_named
 
 FCCLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fcclient.py")
 PAGE = 4096
@@ -52,9 +53,18 @@ class ServerProc:
             return f.read()
 
     def stats(self) -> dict[str, object]:
+        """The stats file as the server last wrote it."""
         with open(self.stats_path) as f:
             doc: dict[str, object] = json.load(f)
         return doc
+
+    def fresh_stats(self, timeout: float = 10) -> dict[str, object]:
+        """Ask the server for its counters now (SIGUSR1) and read what it writes."""
+        if os.path.exists(self.stats_path):
+            os.unlink(self.stats_path)
+        self.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: os.path.exists(self.stats_path), timeout, "the SIGUSR1 stats file")
+        return self.stats()
 
     def stop(self, timeout: float = 10) -> int:
         """SIGTERM the server and wait (SIGKILL after ``timeout``); return its status."""
@@ -190,27 +200,10 @@ def hugepages(n: int) -> Iterator[bool]:
 
 
 def serving_workers(server_pid: int) -> set[int]:
-    """The pids of a ``pagein serve``'s serving workers: its children (``/proc/PID/task/*/
-    children``) named ``pagein-worker<N>``, not zombies (the zygote that forks them is
-    ``pagein-zygote``, a spare waiting to be put to work ``pagein-spare``)."""
-    base = f"/proc/{server_pid}/task"
-    kids: set[int] = set()
-    for tid in os.listdir(base):
-        try:
-            with open(f"{base}/{tid}/children") as f:
-                kids.update(int(x) for x in f.read().split())
-        except OSError:
-            continue
-    out = set()
-    for pid in kids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                comm, rest = f.read().rsplit(")", 1)
-        except OSError:
-            continue
-        if "pagein-worker" in comm and rest.split()[0] != "Z":
-            out.add(pid)
-    return out
+    """The pids of a ``pagein serve``'s serving workers: its live children named
+    ``pagein-worker<N>`` (the zygote that forks them is ``pagein-zygote``, a spare
+    waiting to be put to work ``pagein-spare``)."""
+    return live_children_named(server_pid, "pagein-worker")
 
 
 _POOL = "/sys/kernel/mm/hugepages/hugepages-2048kB"

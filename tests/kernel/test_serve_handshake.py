@@ -54,20 +54,26 @@ CASES = [
 NOT_VMMS = {"no-fd", "not-a-uffd", "silent"}
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProc]]:
+def _server_per_policy(tmp_path_factory: pytest.TempPathFactory, name: str,
+                       timeout: str) -> Iterator[dict[str, ServerProc]]:
+    """One server for each --on-bad-handshake policy, with ``--handshake-timeout``."""
     out: dict[str, ServerProc] = {}
     try:
         for policy in ("kill", "close"):
-            tmp = tmp_path_factory.mktemp(policy)
+            tmp = tmp_path_factory.mktemp(f"{name}-{policy}")
             snap = str(tmp / "mem.snap")
             make_snapshot(snap, SIZE)
             out[policy] = start_server(str(tmp), snap, "--on-bad-handshake", policy,
-                                       "--handshake-timeout", "0.5")
+                                       "--handshake-timeout", timeout)
         yield out
     finally:
         for s in out.values():
             s.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProc]]:
+    yield from _server_per_policy(tmp_path_factory, "quick", "0.5")
 
 
 def _raw(server: ServerProc, args: list[str]) -> subprocess.Popen[str]:
@@ -129,18 +135,7 @@ ESCAPES = [
 def patient_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProc]]:
     """Servers whose handshake timeout is far longer than any test: a peer that is dealt
     with at all was dealt with by the bad-handshake path, not by the timeout."""
-    out: dict[str, ServerProc] = {}
-    try:
-        for policy in ("kill", "close"):
-            tmp = tmp_path_factory.mktemp(f"patient-{policy}")
-            snap = str(tmp / "mem.snap")
-            make_snapshot(snap, SIZE)
-            out[policy] = start_server(str(tmp), snap, "--on-bad-handshake", policy,
-                                       "--handshake-timeout", "3600")
-        yield out
-    finally:
-        for s in out.values():
-            s.stop()
+    yield from _server_per_policy(tmp_path_factory, "patient", "3600")
 
 
 @pytest.mark.parametrize("policy", ["kill", "close"])

@@ -4,7 +4,6 @@ Every test runs on both fault engines (PAGEIN_ENGINE=python runs it again)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -17,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from pagein.sys.process import live_children_named
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serve_harness import (
@@ -222,18 +223,6 @@ def test_a_memory_file_truncated_while_served_is_named_as_truncated(
     assert "Bad address" not in log and "not mapped in the right process" not in log
 
 
-def _named_children(pid: int, prefix: str) -> list[int]:
-    """The children of ``pid`` whose name (``/proc/PID/comm``) starts with ``prefix``."""
-    out: list[int] = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            for kid in (int(x) for x in f.read().split()):
-                with contextlib.suppress(OSError), open(f"/proc/{kid}/comm") as c:
-                    if c.read().startswith(prefix):
-                        out.append(kid)
-    return out
-
-
 def test_a_worker_started_after_the_file_was_replaced_refuses_the_new_file(
         tmp_path: Path, servers: list[ServerProc]) -> None:
     path = str(tmp_path / "mem.snap")
@@ -248,10 +237,10 @@ def test_a_worker_started_after_the_file_was_replaced_refuses_the_new_file(
     # The spare worker opened the path before the replacement (it holds the original
     # file, and would serve the VM right): kill it first, so that the worker that takes
     # over is forked now and opens the path, the other file.
-    wait_for(lambda: _named_children(server.proc.pid, "pagein-spare"), 30, "the spare")
-    for spare in _named_children(server.proc.pid, "pagein-spare"):
+    wait_for(lambda: live_children_named(server.proc.pid, "pagein-spare"), 30, "the spare")
+    for spare in live_children_named(server.proc.pid, "pagein-spare"):
         os.kill(spare, signal.SIGKILL)
-    (worker,) = _named_children(server.proc.pid, "pagein-worker")
+    (worker,) = live_children_named(server.proc.pid, "pagein-worker")
     os.kill(worker, signal.SIGKILL)
     wait_for(lambda: "handed to worker" in server.log(), 30, "the VM handed to a new worker")
     out = _resume_until_frozen(c)

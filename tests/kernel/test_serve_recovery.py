@@ -4,7 +4,6 @@ with several threads and balloons; every byte is checked, zeros after the balloo
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -41,15 +40,6 @@ SIZE = 16 << 20
 
 def _workers(server: ServerProc) -> set[int]:
     return serving_workers(server.proc.pid)
-
-
-def _stats(server: ServerProc) -> dict[str, object]:
-    os.unlink(server.stats_path) if os.path.exists(server.stats_path) else None
-    server.proc.send_signal(signal.SIGUSR1)
-    wait_for(lambda: os.path.exists(server.stats_path), 10, "the stats file")
-    with open(server.stats_path) as f:
-        doc: dict[str, object] = json.load(f)
-    return doc
 
 
 def test_worker_killed_every_100ms_during_a_restore_with_writes_and_a_balloon(
@@ -110,7 +100,7 @@ def test_worker_killed_every_100ms_during_a_restore_with_writes_and_a_balloon(
 def _serving(server: ServerProc) -> dict[int, int | None]:
     """peer pid -> the pid of the worker serving it, for the active VMs."""
     return {vm["peer_pid"]: vm["worker_pid"]  # type: ignore[index]
-            for vm in _stats(server)["vms"]  # type: ignore[union-attr]
+            for vm in server.fresh_stats()["vms"]  # type: ignore[union-attr]
             if vm["state"] == "active"}  # type: ignore[index]
 
 
@@ -153,7 +143,7 @@ def test_a_vm_whose_workers_keep_dying_fails_alone(tmp_path: Path) -> None:
         assert pid is not None
         os.kill(pid, signal.SIGKILL)  # the fourth crash: more than --max-restarts 3
         assert victim.wait(20) == -signal.SIGKILL  # --on-vm-failure kill (the default)
-        vms = {vm["peer_pid"]: vm for vm in _stats(server)["vms"]}  # type: ignore[union-attr]
+        vms = {vm["peer_pid"]: vm for vm in server.fresh_stats()["vms"]}  # type: ignore[union-attr]
         assert vms[victim.pid]["state"] == "failed" and vms[victim.pid]["worker_restarts"] == 4
         assert vms[other.pid]["state"] == "active" and vms[other.pid]["worker_restarts"] == 2
         assert other.poll() is None  # still alive, still served

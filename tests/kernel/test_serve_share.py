@@ -82,14 +82,6 @@ def _release(*procs: subprocess.Popen[str]) -> None:
     assert codes == [0] * len(procs)
 
 
-def _stats(server: ServerProc) -> dict[str, object]:
-    if os.path.exists(server.stats_path):
-        os.unlink(server.stats_path)
-    os.kill(server.proc.pid, signal.SIGUSR1)
-    wait_for(lambda: os.path.exists(server.stats_path), 10, "the SIGUSR1 stats file")
-    return server.stats()
-
-
 def _as_int(v: object) -> int:
     assert isinstance(v, int)
     return v
@@ -108,7 +100,7 @@ def test_clones_read_the_snapshot_and_share_its_clean_pages(server: ServerProc,
             assert r["anon_bytes"] == 0, r
             assert _as_int(r["rss_bytes"]) >= (PAGES - HOLES) * 4096, r
         assert baseline["ok"] and baseline["anon_bytes"] == (PAGES - HOLES) * 4096, baseline
-        doc = _stats(server)
+        doc = server.fresh_stats()
         caches = doc["page_caches"]
         assert isinstance(caches, list) and len(caches) == 1
         (cache,) = caches
@@ -193,7 +185,7 @@ def test_the_cache_is_kept_for_page_cache_keep_after_its_last_vm(tmp_path: str,
         assert code == 0 and r["ok"]
         wait_for(lambda: "page cache of 4096-byte pages dropped" in s.log(), 10,
                  "the idle cache to be dropped")
-        assert _stats(s)["page_caches"] == []
+        assert s.fresh_stats()["page_caches"] == []
         code, r = finish(client(*touch_args(s, snap, LAYOUT, "--share-pages")))
         assert code == 0 and r["ok"], r  # a new cache, filled again
     finally:
@@ -215,7 +207,7 @@ def test_hugetlb_clones_share_2mib_pages(tmp_path: str, snap: str) -> None:
                 pfns = a["pfns"]
                 assert isinstance(pfns, list) and len(set(pfns)) == 2 and 0 not in pfns, a
                 assert b["pfns"] == pfns, (a, b)
-                caches = _stats(s)["page_caches"]
+                caches = s.fresh_stats()["page_caches"]
                 assert isinstance(caches, list)
                 assert [(c["page_size"], c["pages_present"], c["vms"]) for c in caches] == \
                     [(2 * MIB, 2, 2)]

@@ -41,14 +41,14 @@ import pytest
 
 from pagein._abi.mman import Advice
 from pagein.errors import UffdError
-from pagein.sys.mapping import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping, Memfd, hugetlb_free_pages
+from pagein.sys.mapping import HUGE_PAGE_SIZE, PAGE_SIZE, Mapping, Memfd
 from pagein.sys.pagemap import Pagemap
 from pagein.sys.uffd import Feature, Filled, PageFault, RegisterMode, Remove, Userfaultfd
+from serve_harness import hugepages as harness_hugepages
 
 pytestmark = pytest.mark.kernel
 P = PAGE_SIZE
 N = 4
-NR = "/proc/sys/vm/nr_hugepages"
 
 
 def _pattern(n: int, seed: int) -> bytes:
@@ -204,23 +204,17 @@ def _check_filled(result: object) -> None:
 
 
 @pytest.fixture
-def hugepages() -> Iterator[int]:
-    """Reserve 4 more 2 MiB pages for the test; give them back afterwards."""
-    with open(NR) as f:
-        old = int(f.read())
-    try:
-        with open(NR, "w") as f:
-            f.write(str(old + 4))
-        if hugetlb_free_pages() < 4:
-            pytest.skip("could not reserve 4 2 MiB pages via vm.nr_hugepages")
+def huge_pool() -> Iterator[int]:
+    """4 free 2 MiB pages for the test (vm.nr_hugepages raised by the shortfall
+    and restored afterwards)."""
+    with harness_hugepages(4) as ok:
+        if not ok:
+            pytest.skip("needs 4 free 2 MiB pages: raise vm.nr_hugepages")
         yield 4
-    finally:
-        with open(NR, "w") as f:
-            f.write(str(old))
 
 
 @pytest.mark.hugetlb
-def test_hugetlb_cache_shares_2mib_pages_and_zero_copy_after_remove(hugepages: int) -> None:
+def test_hugetlb_cache_shares_2mib_pages_and_zero_copy_after_remove(huge_pool: int) -> None:
     h = HUGE_PAGE_SIZE
     snap = _pattern(h, 5)
     with Memfd.create("pagein-share-huge", 2 * h, hugetlb=True) as cache, cache.map() as server:

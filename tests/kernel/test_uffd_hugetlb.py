@@ -13,31 +13,24 @@ from _toucher import Toucher, copy_from, pattern, serve
 from pagein.errors import UffdError
 from pagein.sys.mapping import HUGE_PAGE_SIZE, Mapping, Memfd, hugetlb_free_pages
 from pagein.sys.uffd import Event, Feature, Filled, PageFault, RegisterMode, Userfaultfd
+from serve_harness import hugepages as harness_hugepages
 
 pytestmark = [pytest.mark.kernel, pytest.mark.hugetlb]
 H = HUGE_PAGE_SIZE
-NR = "/proc/sys/vm/nr_hugepages"
 NEED = 6
 
 
 @pytest.fixture
-def hugepages() -> Iterator[int]:
-    """Reserve NEED more 2 MiB pages for the test; give them back afterwards."""
-    with open(NR) as f:
-        old = int(f.read())
-    try:
-        with open(NR, "w") as f:
-            f.write(str(old + NEED))
-        if hugetlb_free_pages() < NEED:
-            pytest.skip(f"could not reserve {NEED} 2 MiB pages via vm.nr_hugepages "
-                        f"(memory too fragmented?)")
+def huge_pool() -> Iterator[int]:
+    """NEED free 2 MiB pages for the test (vm.nr_hugepages raised by the shortfall
+    and restored afterwards)."""
+    with harness_hugepages(NEED) as ok:
+        if not ok:
+            pytest.skip(f"needs {NEED} free 2 MiB pages: raise vm.nr_hugepages")
         yield NEED
-    finally:
-        with open(NR, "w") as f:
-            f.write(str(old))
 
 
-def test_missing_faults_on_hugetlb_are_served_with_2mib_copies(hugepages: int) -> None:
+def test_missing_faults_on_hugetlb_are_served_with_2mib_copies(huge_pool: int) -> None:
     src = pattern(2 * H)
     faults: list[PageFault] = []
     with Toucher.spawn(2 * H, kind="hugetlb", features=Feature.MISSING_HUGETLBFS) as t:
@@ -55,7 +48,7 @@ def test_missing_faults_on_hugetlb_are_served_with_2mib_copies(hugepages: int) -
     assert sorted(f.address for f in faults) == [t.address, t.address + H]
 
 
-def test_hugetlb_copy_must_be_huge_page_aligned(hugepages: int) -> None:
+def test_hugetlb_copy_must_be_huge_page_aligned(huge_pool: int) -> None:
     src = pattern(H)
     with Toucher.spawn(H, kind="hugetlb") as t:
         from pagein._abi import libc
@@ -68,7 +61,7 @@ def test_hugetlb_copy_must_be_huge_page_aligned(hugepages: int) -> None:
         assert t.reply() == bytes(src[H - 16:])
 
 
-def test_minor_continue_over_a_hugetlb_memfd(hugepages: int) -> None:
+def test_minor_continue_over_a_hugetlb_memfd(huge_pool: int) -> None:
     src = pattern(2 * H, seed=2)
     seen: list[PageFault] = []
     with Memfd.create("huge", 2 * H, hugetlb=True) as mfd:
@@ -90,8 +83,8 @@ def test_minor_continue_over_a_hugetlb_memfd(hugepages: int) -> None:
     assert len(seen) == 2 and all(f.minor for f in seen)
 
 
-def test_hugetlb_mapping_reports_missing_pages_clearly(hugepages: int) -> None:
+def test_hugetlb_mapping_reports_missing_pages_clearly(huge_pool: int) -> None:
     # Reserving more pages than the pool holds fails at mmap (no MAP_NORESERVE).
     with pytest.raises(Exception) as e:
-        Mapping.anonymous((hugepages + 64) * H, hugetlb=True, noreserve=False).close()
+        Mapping.anonymous((hugetlb_free_pages() + 64) * H, hugetlb=True, noreserve=False).close()
     assert "vm.nr_hugepages" in str(e.value)

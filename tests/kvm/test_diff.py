@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _guest import park_function_at_ready
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +29,6 @@ from pagein.snapshot.open import open_source
 from pagein.snapshot.store import ops
 from pagein.snapshot.store.backend import LocalBackend
 from pagein.snapshot.store.layout import read_manifest
-from pagein.vmm.image import workload_image
 from pagein.vmm.machine import Machine
 from pagein.vmm.reference import FunctionReference
 from pagein.vmm.restore import Backend, RestoreOptions, restore
@@ -66,12 +66,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     wa = function_args(STATE, SEED)
     layers, refs = [], []
     with Machine.create(MEM, 2) as m:
-        m.enable_dirty_tracking()
-        m.pause_on_ready = True
-        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
-        m.start()
-        assert m.ready.wait(TIMEOUT)
-        m.pause(TIMEOUT)
+        park_function_at_ready(m, wa, track_dirty=True, timeout=TIMEOUT)
         for i, update in enumerate(("", *UPDATES)):
             if update:
                 m.resume()
@@ -122,12 +117,7 @@ def test_restore_then_diff_then_restore(chain: Chain, tmp_path: Path) -> None:
 def test_unchanged_vm_diff_is_almost_empty_and_vmm_writes_are_in_it(tmp_path: Path) -> None:
     wa = function_args(MiB, 1)
     with Machine.create(MEM, 1) as m:
-        m.enable_dirty_tracking()
-        m.pause_on_ready = True
-        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
-        m.start()
-        assert m.ready.wait(TIMEOUT)
-        m.pause(TIMEOUT)
+        park_function_at_ready(m, wa, track_dirty=True, timeout=TIMEOUT)
         save_snapshot(m, str(tmp_path / "full"))
         empty = save_snapshot(m, str(tmp_path / "empty"), diff=True)
         assert empty.bytes_written == 0
@@ -248,12 +238,7 @@ def test_random_update_chains_restore_like_the_reference(
     wa = function_args(state, SEED)
     refs = []
     with Machine.create(32 * MiB, 2) as m:
-        m.enable_dirty_tracking()
-        m.pause_on_ready = True
-        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
-        m.start()
-        assert m.ready.wait(TIMEOUT)
-        m.pause(TIMEOUT)
+        park_function_at_ready(m, wa, track_dirty=True, timeout=TIMEOUT)
         save_snapshot(m, str(root / "l0"), workload=("function", wa.args))
         refs.append(copy.deepcopy(ref))
         for i, (a, n, s) in enumerate(updates, 1):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -21,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _guest import park_function_at_ready, ready_serve
 
 from pagein.errors import HandlerError
 from pagein.serve.strategies import StrategyName
-from pagein.vmm.image import workload_image
 from pagein.vmm.layout import HEAP_START
 from pagein.vmm.machine import Machine
 from pagein.vmm.reference import FunctionReference
@@ -67,11 +66,7 @@ def take_snapshot(directory: str, vcpus: int) -> Taken:
     ref = FunctionReference(STATE, SEED, vcpus)
     requests = _requests(ref)
     with Machine.create(MEM, vcpus) as m:
-        m.pause_on_ready = True
-        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
-        m.start()
-        assert m.ready.wait(TIMEOUT)
-        m.pause(timeout=30)
+        park_function_at_ready(m, wa, timeout=TIMEOUT)
         save_snapshot(m, directory, workload=("function", wa.args))
         m.resume()
         answers = ask(m, requests)
@@ -120,23 +115,9 @@ def test_uffd_strategies(taken: Taken, strategy: StrategyName) -> None:
 def server(taken: Taken, tmp_path: Path) -> Iterator[str]:
     """An external `pagein serve --socket` for the snapshot, as a fleet would run it."""
     sock = str(tmp_path / "serve.sock")
-    r, w = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "pagein", "serve", "--socket", sock,
-                             "--mem-file", os.path.join(taken.directory, "memory"),
-                             "--ready-fd", str(w)], pass_fds=(w,),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    os.close(w)
-    try:
-        assert select.select([r], [], [], TIMEOUT)[0] and os.read(r, 16), "serve did not start"
+    with ready_serve([sys.executable, "-m", "pagein", "serve", "--socket", sock,
+                      "--mem-file", os.path.join(taken.directory, "memory")], TIMEOUT):
         yield sock
-    finally:
-        os.close(r)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_several_vms_at_once_from_one_snapshot_through_one_server(taken: Taken,

@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _guest import pagein_vm, ready_serve
 
 from pagein.vmm.reference import FunctionReference
-from serve_harness import serving_workers
+from serve_harness import serving_workers, wait_for
 
 STATE, SEED = "8M", 9
 REF = FunctionReference(8 << 20, SEED, 2)
@@ -24,10 +26,6 @@ REQUESTS = [f"get {REF.key(100)}", "sum 0 5000", "checksum"]
 ANSWERS = [REF.answer(r) for r in REQUESTS]
 TIMEOUT = 120
 
-
-def _pagein(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pagein", "vm", *args], input=stdin,
-                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
 def _ask(proc: subprocess.Popen[bytes], request: str, then: str = "") -> str:
@@ -39,11 +37,28 @@ def _ask(proc: subprocess.Popen[bytes], request: str, then: str = "") -> str:
     return proc.stdout.readline().decode().strip()
 
 
+@contextlib.contextmanager
+def _running(*args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``pagein vm ARGS`` with its console on pipes; killed and closed at the end."""
+    proc = subprocess.Popen([sys.executable, "-m", "pagein", "vm", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+
+
 @pytest.fixture(scope="module")
 def snapshot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("cli") / "snap"
-    res = _pagein("run", "--mem", "48M", "--vcpus", "2", "--snapshot-at-ready", str(d),
-                  f"state={STATE}", f"seed={SEED}", stdin="\n".join(REQUESTS) + "\n")
+    res = pagein_vm("run", "--mem", "48M", "--vcpus", "2", "--snapshot-at-ready", str(d),
+                    f"state={STATE}", f"seed={SEED}", stdin="\n".join(REQUESTS) + "\n")
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ANSWERS
     assert f"snapshot at READY: {d}" in res.stderr
@@ -53,16 +68,16 @@ def snapshot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("backend", ["copy", "file", "uffd"])
 def test_restore_each_backend_answers_like_the_original(snapshot_dir: Path,
                                                         backend: str) -> None:
-    res = _pagein("restore", str(snapshot_dir), "--backend", backend, "--stats",
-                  stdin="\n".join(REQUESTS) + "\n")
+    res = pagein_vm("restore", str(snapshot_dir), "--backend", backend, "--stats",
+                    stdin="\n".join(REQUESTS) + "\n")
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ANSWERS
     assert f"restored with {backend} in" in res.stderr
 
 
 def test_restore_uffd_shared_memory_with_a_strategy(snapshot_dir: Path) -> None:
-    res = _pagein("restore", str(snapshot_dir), "--backend", "uffd", "--shared-memory",
-                  "--strategy", "populate-all", stdin="\n".join(REQUESTS) + "\n")
+    res = pagein_vm("restore", str(snapshot_dir), "--backend", "uffd", "--shared-memory",
+                    "--strategy", "populate-all", stdin="\n".join(REQUESTS) + "\n")
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ANSWERS
 
@@ -70,26 +85,14 @@ def test_restore_uffd_shared_memory_with_a_strategy(snapshot_dir: Path) -> None:
 def test_restore_hands_the_uffd_to_a_running_pagein_serve(snapshot_dir: Path,
                                                            tmp_path: Path) -> None:
     sock = tmp_path / "pf.sock"
-    r, w = os.pipe()
-    serve = subprocess.Popen([sys.executable, "-m", "pagein", "serve", "--socket", str(sock),
-                              "--mem-file", str(snapshot_dir / "memory"), "--exit-after", "1",
-                              "--strategy", "readahead", "--ready-fd", str(w)],
-                             pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    os.close(w)
-    try:
-        assert select.select([r], [], [], TIMEOUT)[0] and os.read(r, 16)
-        res = _pagein("restore", str(snapshot_dir), "--uffd-socket", str(sock),
-                      stdin="\n".join(REQUESTS) + "\n")
+    with ready_serve([sys.executable, "-m", "pagein", "serve", "--socket", str(sock),
+                      "--mem-file", str(snapshot_dir / "memory"), "--exit-after", "1",
+                      "--strategy", "readahead"]) as serve:
+        res = pagein_vm("restore", str(snapshot_dir), "--uffd-socket", str(sock),
+                        stdin="\n".join(REQUESTS) + "\n")
         assert res.returncode == 0, res.stderr
         assert res.stdout.splitlines() == ANSWERS
         assert serve.wait(TIMEOUT) == 0  # it served one VM, which then went away
-    finally:
-        os.close(r)
-        if serve.poll() is None:
-            serve.kill()
-        serve.wait()
-        assert serve.stderr is not None
-        serve.stderr.close()
 
 
 def test_restore_through_pagein_serve_whose_worker_is_killed_during_the_answers(
@@ -130,6 +133,9 @@ def test_restore_through_pagein_serve_whose_worker_is_killed_during_the_answers(
         t.start()
         for _ in range(4):
             for request, answer in zip(REQUESTS, ANSWERS, strict=True):
+                # A worker not killed yet exists (the last kill's successor is at work),
+                # and dies before the request (by this thread or the killer's).
+                wait_for(lambda: serving_workers(serve.pid) - killed, 30, "a new worker")
                 kill_workers()
                 assert _ask(vm, request) == answer
         assert vm.stdin is not None
@@ -159,17 +165,17 @@ def test_restore_refuses_a_truncated_snapshot(snapshot_dir: Path, tmp_path: Path
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "vmstate").write_bytes((snapshot_dir / "vmstate").read_bytes()[:40])
-    res = _pagein("restore", str(bad))
+    res = pagein_vm("restore", str(bad))
     assert res.returncode == 1
     assert res.stderr.startswith("pagein: error: snapshot state file") and "truncated" in res.stderr
-    res = _pagein("restore", str(snapshot_dir), "--backend", "file", "--shared-memory")
+    res = pagein_vm("restore", str(snapshot_dir), "--backend", "file", "--shared-memory")
     assert res.returncode == 2 and "MAP_PRIVATE" in res.stderr
 
 
 def test_restore_to_a_socket_nobody_listens_on_says_how_to_start_one(
         snapshot_dir: Path, tmp_path: Path) -> None:
     sock = tmp_path / "nobody.sock"
-    res = _pagein("restore", str(snapshot_dir), "--backend", "uffd", "--uffd-socket", str(sock))
+    res = pagein_vm("restore", str(snapshot_dir), "--backend", "uffd", "--uffd-socket", str(sock))
     assert res.returncode == 1
     memory = snapshot_dir / "memory"
     assert res.stderr.strip() == (
@@ -180,71 +186,51 @@ def test_restore_to_a_socket_nobody_listens_on_says_how_to_start_one(
 def test_record_a_working_set_then_restore_with_it(snapshot_dir: Path, tmp_path: Path) -> None:
     ws = tmp_path / "working-set"
     stdin = "\n".join(REQUESTS) + "\n"
-    res = _pagein("restore", str(snapshot_dir), "--record", str(ws), stdin=stdin)
+    res = pagein_vm("restore", str(snapshot_dir), "--record", str(ws), stdin=stdin)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ANSWERS
     assert ws.stat().st_size > 0
     for strategy in ("working-set", "reap"):
-        res = _pagein("restore", str(snapshot_dir), "--strategy", strategy, "--working-set",
-                      str(ws), stdin=stdin)
+        res = pagein_vm("restore", str(snapshot_dir), "--strategy", strategy, "--working-set",
+                        str(ws), stdin=stdin)
         assert res.returncode == 0, res.stderr
         assert res.stdout.splitlines() == ANSWERS
 
 
 def test_snapshot_a_running_vm_through_its_control_socket(tmp_path: Path) -> None:
     control, out = tmp_path / "control.sock", tmp_path / "live"
-    proc = subprocess.Popen([sys.executable, "-m", "pagein", "vm", "run", "--mem", "48M",
-                             "--vcpus", "2", "--control", str(control), f"state={STATE}",
-                             f"seed={SEED}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
+    with _running("run", "--mem", "48M", "--vcpus", "2", "--control", str(control),
+             f"state={STATE}", f"seed={SEED}") as proc:
         # One answered request proves the guest is up and the control socket bound.
         assert _ask(proc, REQUESTS[0]) == ANSWERS[0]
-        snap = _pagein("snapshot", "--control", str(control), "--out", str(out))
+        snap = pagein_vm("snapshot", "--control", str(control), "--out", str(out))
         assert snap.returncode == 0, snap.stderr
         assert snap.stdout.startswith(f"snapshot {out}: 49152 KiB written of 48 MiB memory")
         # The original goes on after the snapshot...
         assert _ask(proc, REQUESTS[2], then="quit") == ANSWERS[2]
         assert proc.wait(TIMEOUT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for f in (proc.stdin, proc.stdout, proc.stderr):
-            if f is not None:
-                f.close()
     # ...and so does the restored copy, from the same point.
-    res = _pagein("restore", str(out), "--backend", "uffd", stdin=f"{REQUESTS[2]}\n")
+    res = pagein_vm("restore", str(out), "--backend", "uffd", stdin=f"{REQUESTS[2]}\n")
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == [ANSWERS[2]]
     assert not os.path.exists(control)
-    res = _pagein("snapshot", "--control", str(control), "--out", str(out))
+    res = pagein_vm("snapshot", "--control", str(control), "--out", str(out))
     assert res.returncode == 1 and "no VM listens on control socket" in res.stderr
 
 
 def test_a_restored_vm_is_snapshotted_again_through_its_control_socket(
         snapshot_dir: Path, tmp_path: Path) -> None:
     control, again = tmp_path / "r.sock", tmp_path / "again"
-    proc = subprocess.Popen([sys.executable, "-m", "pagein", "vm", "restore", str(snapshot_dir),
-                             "--backend", "uffd", "--control", str(control)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
+    with _running("restore", str(snapshot_dir), "--backend", "uffd", "--control",
+             str(control)) as proc:
+        assert proc.stdin is not None
         assert _ask(proc, REQUESTS[0]) == ANSWERS[0]
-        snap = _pagein("snapshot", "--control", str(control), "--out", str(again))
+        snap = pagein_vm("snapshot", "--control", str(control), "--out", str(again))
         assert snap.returncode == 0, snap.stderr
         proc.stdin.close()
         assert proc.wait(TIMEOUT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        if proc.stderr is not None:
-            proc.stderr.close()
-    res = _pagein("restore", str(again), "--backend", "copy", stdin="\n".join(REQUESTS[1:]) + "\n")
+    res = pagein_vm("restore", str(again), "--backend", "copy",
+                    stdin="\n".join(REQUESTS[1:]) + "\n")
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ANSWERS[1:]
 
@@ -254,17 +240,14 @@ def test_diff_snapshots_through_the_control_socket_restore_as_a_chain(
     """`vm snapshot --diff --json` of a restored VM twice; every backend restores the top."""
     control = tmp_path / "d.sock"
     ref = FunctionReference(8 << 20, SEED, 2)
-    proc = subprocess.Popen([sys.executable, "-m", "pagein", "vm", "restore", str(snapshot_dir),
-                             "--backend", "uffd", "--control", str(control)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None
     answers = []
-    try:
+    with _running("restore", str(snapshot_dir), "--backend", "uffd", "--control",
+             str(control)) as proc:
+        assert proc.stdin is not None
         for i, update in enumerate(("update 100 3000 4", "update 2000 2100 8")):
             assert _ask(proc, update) == ref.answer(update)
-            snap = _pagein("snapshot", "--control", str(control), "--out",
-                           str(tmp_path / f"d{i}"), "--diff", "--json")
+            snap = pagein_vm("snapshot", "--control", str(control), "--out",
+                             str(tmp_path / f"d{i}"), "--diff", "--json")
             assert snap.returncode == 0, snap.stderr
             doc = json.loads(snap.stdout)
             assert doc["diff"] is True and doc["pause_ms"] > 0
@@ -272,35 +255,19 @@ def test_diff_snapshots_through_the_control_socket_restore_as_a_chain(
         answers = [ref.answer(r) for r in REQUESTS]
         proc.stdin.close()
         assert proc.wait(TIMEOUT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        if proc.stderr is not None:
-            proc.stderr.close()
     for backend in ("copy", "file", "uffd"):
-        res = _pagein("restore", str(tmp_path / "d1"), "--backend", backend,
-                      stdin="\n".join(REQUESTS) + "\n")
+        res = pagein_vm("restore", str(tmp_path / "d1"), "--backend", backend,
+                        stdin="\n".join(REQUESTS) + "\n")
         assert res.returncode == 0, res.stderr
         assert res.stdout.splitlines() == answers, backend
 
 
 def test_diff_of_a_vm_without_a_parent_says_take_a_full_one_first(tmp_path: Path) -> None:
     control = tmp_path / "n.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "pagein", "vm", "run", "--mem", "48M",
-                             "--control", str(control), f"state={STATE}", f"seed={SEED}"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    try:
+    with _running("run", "--mem", "48M", "--control", str(control), f"state={STATE}",
+             f"seed={SEED}") as proc:
         assert _ask(proc, REQUESTS[0]) == ANSWERS[0]
-        res = _pagein("snapshot", "--control", str(control), "--out", str(tmp_path / "x"),
-                      "--diff")
+        res = pagein_vm("snapshot", "--control", str(control), "--out", str(tmp_path / "x"),
+                        "--diff")
         assert res.returncode == 1
         assert "take a full snapshot first (without --diff)" in res.stderr
-    finally:
-        proc.kill()
-        proc.wait()
-        for f in (proc.stdin, proc.stdout, proc.stderr):
-            if f is not None:
-                f.close()

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from _guest import pagein_vm, snapshot_at_ready
 
 from pagein.vmm.reference import FunctionReference
 
@@ -24,10 +25,6 @@ STATE = "8M"
 SEEDS = {"a": 11, "b": 12}
 TIMEOUT = 120
 
-
-def _vm(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pagein", "vm", *args], input=stdin,
-                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
 def _requests(seed: int) -> tuple[str, list[str]]:
@@ -43,9 +40,7 @@ def snaps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for name, seed in SEEDS.items():
         d = root / name
-        res = _vm("run", "--mem", "32M", "--vcpus", "1", "--snapshot-at-ready", str(d),
-                  f"state={STATE}", f"seed={seed}", stdin="checksum\n")
-        assert res.returncode == 0, res.stderr
+        snapshot_at_ready(d, state=STATE, seed=seed)
         out[name] = d
     a, b = (out[n] / "memory" for n in ("a", "b"))
     assert a.stat().st_size == b.stat().st_size and a.read_bytes() != b.read_bytes()
@@ -76,7 +71,7 @@ def _refused(snaps: dict[str, Path], served: Path, tmp_path: Path) -> tuple[str,
     sock, stats = tmp_path / "pagein.sock", tmp_path / "stats.json"
     with _serve(served, sock, stats) as proc:
         stdin, _ = _requests(SEEDS["b"])
-        res = _vm("restore", str(snaps["b"]), "--uffd-socket", str(sock), stdin=stdin)
+        res = pagein_vm("restore", str(snaps["b"]), "--uffd-socket", str(sock), stdin=stdin)
         assert proc.poll() is None  # the server goes on serving others
     assert proc.stderr is not None
     log = proc.stderr.read()
@@ -118,7 +113,7 @@ def test_the_right_snapshot_is_served(snaps: dict[str, Path], tmp_path: Path) ->
         sock, stats = tmp_path / "pagein.sock", tmp_path / "stats.json"
         stdin, answers = _requests(SEEDS["a"])
         with _serve(served, sock, stats):
-            res = _vm("restore", str(snaps["a"]), "--uffd-socket", str(sock), stdin=stdin)
+            res = pagein_vm("restore", str(snaps["a"]), "--uffd-socket", str(sock), stdin=stdin)
         assert res.returncode == 0, res.stderr
         assert res.stdout.splitlines() == answers
         assert json.loads(stats.read_text())["total"]["pages"] > 0

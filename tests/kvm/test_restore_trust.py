@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _guest import pagein_vm, ready_serve, snapshot_at_ready
 
 from pagein.vmm.reference import FunctionReference
 
@@ -26,17 +26,11 @@ ANSWERS = [REF.answer(r) for r in REQUESTS]
 TIMEOUT = 120
 
 
-def _pagein(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pagein", "vm", *args], input=stdin,
-                          capture_output=True, text=True, timeout=TIMEOUT, check=False)
-
 
 @pytest.fixture(scope="module")
 def snapshot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("trust") / "snap"
-    res = _pagein("run", "--mem", "32M", "--vcpus", "1", "--snapshot-at-ready", str(d),
-                  f"state={STATE}", f"seed={SEED}", stdin="checksum\n")
-    assert res.returncode == 0, res.stderr
+    snapshot_at_ready(d, state=STATE, seed=SEED)
     return d
 
 
@@ -59,7 +53,7 @@ def test_restore_refuses_a_handler_run_by_nobody(snapshot_dir: Path, nobody_dir:
     try:
         assert listener.stdout is not None
         assert json.loads(listener.stdout.readline()) == {"listening": True}
-        res = _pagein("restore", str(snapshot_dir), "--uffd-socket", str(sock))
+        res = pagein_vm("restore", str(snapshot_dir), "--uffd-socket", str(sock))
         out, _ = listener.communicate(timeout=TIMEOUT)
     finally:
         if listener.poll() is None:
@@ -78,24 +72,11 @@ def test_restore_with_trust_uid_is_served_by_nobody(snapshot_dir: Path,
     shutil.copyfile(snapshot_dir / "memory", mem)
     mem.chmod(0o644)
     sock = nobody_dir / "pagein.sock"
-    r, w = os.pipe()
-    serve = subprocess.Popen(
-        [sys.executable, PEER, "serve", "--socket", str(sock), "--mem-file", str(mem),
-         "--workers", "0", "--exit-after", "1", "--ready-fd", str(w)],
-        pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    os.close(w)
-    try:
-        assert select.select([r], [], [], TIMEOUT)[0] and os.read(r, 16)
+    with ready_serve([sys.executable, PEER, "serve", "--socket", str(sock), "--mem-file",
+                      str(mem), "--workers", "0", "--exit-after", "1"]) as serve:
         assert os.stat(sock).st_uid == NOBODY  # the handler really runs as nobody
-        res = _pagein("restore", str(snapshot_dir), "--uffd-socket", str(sock),
-                      "--trust-uid", "nobody", stdin="\n".join(REQUESTS) + "\n")
+        res = pagein_vm("restore", str(snapshot_dir), "--uffd-socket", str(sock),
+                        "--trust-uid", "nobody", stdin="\n".join(REQUESTS) + "\n")
         assert res.returncode == 0, res.stderr
         assert res.stdout.splitlines() == ANSWERS
         assert serve.wait(TIMEOUT) == 0
-    finally:
-        os.close(r)
-        if serve.poll() is None:
-            serve.kill()
-        serve.wait()
-        assert serve.stderr is not None
-        serve.stderr.close()

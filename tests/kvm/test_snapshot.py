@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _guest import park_function_at_ready
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -48,11 +49,7 @@ def original() -> Iterator[tuple[str, list[object]]]:
     wa = function_args(4 * MiB, 3)
     with tempfile.TemporaryDirectory(prefix="pagein-test-snapfmt-") as d, \
             Machine.create(32 * MiB, 2) as m:
-        m.pause_on_ready = True
-        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
-        m.start()
-        assert m.ready.wait(60)
-        m.pause(timeout=30)
+        park_function_at_ready(m, wa)
         m.console.send("key 1\n")  # queued, unread: the snapshot must keep it
         saved = save_snapshot(m, d, workload=("function", wa.args))
         m.stop()

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _guest import park_function_at_ready
 
 from pagein.serve.cause import Cause
 from pagein.serve.record import load_trace
 from pagein.serve.strategies import StrategyName
 from pagein.snapshot import workingset
 from pagein.snapshot.raw import RawFileSource
-from pagein.vmm.image import workload_image
 from pagein.vmm.machine import Machine
 from pagein.vmm.reference import FunctionReference
 from pagein.vmm.restore import Backend, RestoreOptions, restore
@@ -48,11 +48,7 @@ def snap() -> Iterator[Snap]:
     wa = function_args(STATE, SEED)
     with tempfile.TemporaryDirectory(prefix="pagein-test-ws-") as d:
         with Machine.create(MEM, 1) as m:
-            m.pause_on_ready = True
-            m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
-            m.start()
-            assert m.ready.wait(TIMEOUT)
-            m.pause(timeout=30)
+            park_function_at_ready(m, wa, timeout=TIMEOUT)
             save_snapshot(m, d, workload=("function", wa.args))
             m.console.close_input()
             m.resume()

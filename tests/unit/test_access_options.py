@@ -84,9 +84,19 @@ def test_refusals_are_logged_in_bounded_lines(caplog: pytest.LogCaptureFixture) 
         assert "--allow-uid" in first and "closed unread" in first
         now[0] = 10.0
         refusals.refused(peer)
-    assert caplog.records[5].getMessage() == ("995 more connections refused in the last 10 s "
-                                              "(not logged one by one)")
+    assert caplog.records[5].getMessage() == (
+        "refused a connection from pid=4242 uid=65534 gid=65534: 995 similar line(s) "
+        "suppressed in the last 10 s")
     assert len(caplog.records) == 7  # the summary, then the next window's first refusal
+
+
+def test_refusals_of_many_uids_stay_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    """A peer that changes uid (or many users at once) still gets a bounded log."""
+    refusals = RefusalLog(Access.of(), per_window=5, window_s=10.0, clock=lambda: 0.0)
+    with caplog.at_level(logging.WARNING, logger="pagein.serve"):
+        for uid in range(1000, 2000):
+            refusals.refused(PeerCred(uid, uid, uid))
+    assert len(caplog.records) == 20  # four uids' worth of lines for all of them
 
 
 @pytest.mark.parametrize(("flag", "value", "says"), [

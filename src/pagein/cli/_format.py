@@ -1,10 +1,11 @@
-"""Small rendering helpers shared by the subcommands: sizes and aligned tables."""
+"""Small helpers shared by the subcommands: sizes, aligned tables, command groups."""
 
 from __future__ import annotations
 
 import argparse
 import re
 from collections.abc import Sequence
+from typing import Any
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -28,3 +29,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(headers), sep, *(line(r) for r in rows)])
+
+
+def command_group(sub: Any, name: str, *, help: str, description: str,
+                  epilog: str | None = None) -> Any:
+    """Add ``pagein NAME`` with subcommands of its own and return their subparsers;
+    ``pagein NAME`` alone prints its help and exits 2 (no action is not success)."""
+    group = sub.add_parser(name, help=help, description=description, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    group.set_defaults(handler=lambda args: (group.print_help(), 2)[1])
+    metavar = f"{name.upper()}_COMMAND"
+    return group.add_subparsers(dest=f"{name}_command", metavar=metavar)

@@ -7,17 +7,15 @@ import sys
 import time
 from typing import Any
 
+from pagein.cli._format import command_group
 from pagein.errors import PageinError
 
 
 def register(sub: Any) -> None:
-    snap = sub.add_parser(
-        "snapshot", help="work on VM snapshot directories (squash a chain of diffs)",
+    s = command_group(
+        sub, "snapshot", help="work on VM snapshot directories (squash a chain of diffs)",
         description="Tools for snapshot directories written by `pagein vm snapshot` "
-                    "(docs/restore.md).",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s = snap.add_subparsers(dest="snapshot_command", metavar="SNAPSHOT_COMMAND")
-    snap.set_defaults(handler=lambda args: (snap.print_help(), 2)[1])
+                    "(docs/restore.md).")
     p = s.add_parser(
         "squash", help="fold a chain of diff layers into one full snapshot",
         description="Resolve the chain under the diff layer DIR (every parent checked), and\n"

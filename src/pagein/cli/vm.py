@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pagein.cli import _ids
+from pagein.cli._format import command_group
 from pagein.errors import PageinError
 from pagein.serve.options import strategy_flag_errors
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
@@ -27,18 +28,15 @@ from pagein.vmm.workloads import parse_size, parse_workload
 
 
 def register(subparsers: Any) -> None:
-    vm = subparsers.add_parser(
-        "vm", help="run guest workloads on a small KVM VMM",
+    sub = command_group(
+        subparsers, "vm", help="run guest workloads on a small KVM VMM",
         description="A small KVM VMM (needs /dev/kvm): freestanding C guests run at CPL 3 and\n"
                     "talk to the VMM by port I/O; snapshot them and restore them by copy, file\n"
                     "mapping or userfaultfd (docs/vmm.md, docs/restore.md).",
         epilog="examples:\n"
                "  printf 'key 5\\nchecksum\\n' | pagein vm run --mem 512M state=256M --stats\n"
                "  pagein vm run --mem 304M --snapshot-at-ready /tmp/snap state=256M </dev/null\n"
-               "  echo checksum | pagein vm restore /tmp/snap --backend uffd --stats",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND")
-    vm.set_defaults(handler=lambda args: (vm.print_help(), 2)[1])
+               "  echo checksum | pagein vm restore /tmp/snap --backend uffd --stats")
 
     run = sub.add_parser(
         "run", help="boot a workload and forward its console",

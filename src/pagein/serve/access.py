@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pagein.errors import PageinError
+from pagein.serve.ratelog import RateLimitedLog
 from pagein.sys.fdpass import PeerCred
 
 __all__ = ["DEFAULT_SOCKET_MODE", "GROUP_SOCKET_MODE", "Access", "RefusalLog", "listen_unix"]
@@ -73,33 +74,23 @@ class Access:
 
 
 class RefusalLog:
-    """Log refused peers: at most ``per_window`` lines per ``window_s`` seconds, then one
-    line saying how many more were refused (a peer may connect in a loop forever)."""
+    """Log refused peers in bounded lines (a peer may connect in a loop forever): at most
+    ``per_window`` lines per ``window_s`` seconds for each uid and four times that for
+    all uids together, then one line saying how many more were held back
+    (:class:`~pagein.serve.ratelog.RateLimitedLog`)."""
 
     def __init__(self, access: Access, per_window: int = 5, window_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._access = access
-        self._per_window = per_window
-        self._window_s = window_s
-        self._clock = clock
-        self._start = clock()
-        self._logged = 0
-        self._suppressed = 0
+        self._lines = RateLimitedLog(log, lines=per_window, interval_s=window_s,
+                                     total_lines=4 * per_window, clock=clock)
 
     def refused(self, peer: PeerCred) -> None:
-        now = self._clock()
-        if now - self._start >= self._window_s:
-            if self._suppressed:
-                log.warning("%d more connections refused in the last %.0f s (not logged "
-                            "one by one)", self._suppressed, now - self._start)
-            self._start, self._logged, self._suppressed = now, 0, 0
-        if self._logged >= self._per_window:
-            self._suppressed += 1
-            return
-        self._logged += 1
-        log.warning("refused a connection from pid=%d uid=%d gid=%d: not in the allow-list "
-                    "(%s; widen it with --allow-uid or --allow-gid); closed unread",
-                    peer.pid, peer.uid, peer.gid, self._access.describe())
+        self._lines.log(logging.WARNING, ("refused", peer.uid),
+                        f"refused a connection from pid={peer.pid} uid={peer.uid} "
+                        f"gid={peer.gid}",
+                        "not in the allow-list (%s; widen it with --allow-uid or "
+                        "--allow-gid); closed unread", self._access.describe())
 
 
 def listen_unix(path: str, mode: int, gid: int | None, backlog: int = 128) -> socket.socket:

@@ -7,16 +7,15 @@ from this process's pagemap: a clean page of two clones is backed by one physica
 
 from __future__ import annotations
 
+import contextlib
 import os
-import select
-import signal
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _guest import ready_serve
 from test_restore import STATE, TIMEOUT, Taken, ask, take_snapshot
 
 from pagein._abi.mman import Advice
@@ -34,36 +33,16 @@ def snap() -> Iterator[Taken]:
         yield take_snapshot(d, 2)
 
 
-def _serve(mem_file: str, sock: str) -> subprocess.Popen[bytes]:
-    r, w = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "pagein", "serve", "--socket", sock,
-                             "--mem-file", mem_file, "--workers", "2", "--ready-fd", str(w)],
-                            pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    os.close(w)
-    try:
-        assert select.select([r], [], [], TIMEOUT)[0] and os.read(r, 16), "serve did not start"
-    finally:
-        os.close(r)
-    return proc
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def _serve(mem_file: str, sock: str) -> contextlib.AbstractContextManager[object]:
+    return ready_serve([sys.executable, "-m", "pagein", "serve", "--socket", sock,
+                        "--mem-file", mem_file, "--workers", "2"], TIMEOUT)
 
 
 @pytest.fixture
 def server(snap: Taken, tmp_path: Path) -> Iterator[str]:
     sock = str(tmp_path / "serve.sock")
-    proc = _serve(os.path.join(snap.directory, "memory"), sock)
-    try:
+    with _serve(os.path.join(snap.directory, "memory"), sock):
         yield sock
-    finally:
-        _stop(proc)
 
 
 def _pfns(vm: RestoredVm) -> list[int]:
@@ -138,12 +117,8 @@ def test_a_cache_of_another_snapshot_is_refused_before_any_guest_runs(
     with open(small, "wb") as f:
         f.truncate(4 << 20)  # a snapshot smaller than this VM's memory
     sock = str(tmp_path / "small.sock")
-    proc = _serve(small, sock)
-    try:
-        with pytest.raises(HandlerError, match="smaller than this VM's memory"):
-            restore(snap.directory, RestoreOptions(uffd_socket=sock, share_pages=True))
-    finally:
-        _stop(proc)
+    with _serve(small, sock), pytest.raises(HandlerError, match="smaller than this VM's memory"):
+        restore(snap.directory, RestoreOptions(uffd_socket=sock, share_pages=True))
 
 
 def test_share_pages_needs_the_uffd_backend(snap: Taken) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pagein.serve.engine import EngineName, native_unavailable
+from pagein.serve.engine import EngineName
+from pagein.serve.session import native_unavailable
 from serve_harness import client, finish, make_snapshot, start_server, touch_args
 
 pytestmark = pytest.mark.kernel

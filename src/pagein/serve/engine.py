@@ -16,7 +16,7 @@ Two engines implement it: ``native`` (:mod:`pagein.serve._core`, a C extension b
 install, which runs with the GIL released, so VMs are served in parallel on every core)
 and ``python`` (:mod:`pagein.serve.install`, the reference: the same rules in Python).
 ``native`` is the default; when the extension is not built, the python engine is used
-and :func:`choose` says why once.
+and :func:`pagein.serve.session.choose` says why once.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pagein.serve.cause import Cause
-from pagein.serve.stats import N_COUNTERS
 
 __all__ = ["CoreEvent", "Engine", "EngineName", "FaultRecord", "FillRecord", "Reason",
-           "choose", "decode_records", "native_unavailable"]
+           "decode_records"]
 
 _RECORD = struct.Struct("=QQII")
 
@@ -130,30 +129,3 @@ def decode_records(faults: bytes, fills: bytes) -> tuple[list[FaultRecord], list
 
 def pack_record(t_ns: int, offset: int, a: int, b: int) -> bytes:
     return _RECORD.pack(t_ns, offset, a, b)
-
-
-def native_unavailable() -> str | None:
-    """Why the native core cannot be used here, or None when it can."""
-    try:
-        from pagein.serve import _core
-    except ImportError as e:
-        return (f"the native fault core is not built ({e}); reinstall pagein with gcc and "
-                "the Python headers present (scripts/install.sh does)")
-    if N_COUNTERS != _core.N_COUNTERS:
-        return "the native fault core was built from another version of pagein: reinstall"
-    return None
-
-
-def choose(wanted: EngineName) -> tuple[EngineName, str | None]:
-    """Return the engine to use for ``wanted`` and, when it differs, why.
-
-    Also imports that engine's module (and the Python engine, every session's fallback)
-    now, so the first VM's first fault does not wait for an import.
-    """
-    import pagein.serve.install
-    if wanted is EngineName.NATIVE:
-        why = native_unavailable()
-        if why is not None:
-            return EngineName.PYTHON, why
-        import pagein.serve.native  # noqa: F401
-    return wanted, None

@@ -41,7 +41,7 @@ from pagein.errors import ConfigError, HandshakeError, PageinError
 from pagein.serve.accept import Acceptor, Spare, raise_fd_limit
 from pagein.serve.access import RefusalLog, listen_unix
 from pagein.serve.control import ControlError, recv_msg
-from pagein.serve.engine import EngineName, choose
+from pagein.serve.engine import EngineName
 from pagein.serve.firecracker import (
     Handshake,
     Region,
@@ -63,6 +63,7 @@ from pagein.serve.pagecache import (
 from pagein.serve.ratelog import RateLimitedLog
 from pagein.serve.record import OutputNames
 from pagein.serve.served import Served
+from pagein.serve.session import choose
 from pagein.serve.state import VmState
 from pagein.serve.stats import Counters, ServerSample, SourceTally, VmRow, write_json
 from pagein.serve.worker import VmServer

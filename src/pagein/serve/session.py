@@ -40,6 +40,7 @@ from pagein.serve.engine import (
 )
 from pagein.serve.firecracker import Region, uffd_pollerr_reason
 from pagein.serve.guard import SourceGuard
+from pagein.serve.install import PythonEngine
 from pagein.serve.options import DEFAULT_CHUNK_BYTES
 from pagein.serve.pagecache import CacheFiller
 from pagein.serve.plan import Planner
@@ -48,11 +49,13 @@ from pagein.serve.record import Recorder
 from pagein.serve.recovery import journal_events
 from pagein.serve.space import AddressSpace
 from pagein.serve.state import VmState
+from pagein.serve.stats import N_COUNTERS
 from pagein.serve.strategies import Strategy
 from pagein.snapshot.source import PageSource
 from pagein.sys.uffd import Userfaultfd
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "STATS_REQUEST", "Session", "SessionEnd", "holes_of"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "STATS_REQUEST", "Session", "SessionEnd", "choose", "holes_of",
+           "native_unavailable"]
 
 log = logging.getLogger("pagein.serve")
 
@@ -86,6 +89,33 @@ def holes_of(source: PageSource, regions: Iterable[Region]) -> list[Bitmap | Non
                 bits.set(first, last - first)
         out.append(bits if bits.next_set(0) < bits.size else None)
     return out
+
+
+
+def native_unavailable() -> str | None:
+    """Why the native core cannot be used here, or None when it can."""
+    try:
+        from pagein.serve import _core
+    except ImportError as e:
+        return (f"the native fault core is not built ({e}); reinstall pagein with gcc and "
+                "the Python headers present (scripts/install.sh does)")
+    if N_COUNTERS != _core.N_COUNTERS:
+        return "the native fault core was built from another version of pagein: reinstall"
+    return None
+
+
+def choose(wanted: EngineName) -> tuple[EngineName, str | None]:
+    """Return the engine to use for ``wanted`` and, when it differs, why.
+
+    Both engines' modules are imported with this one (the Python engine is every
+    session's fallback), so the first VM's first fault does not wait for an import.
+    """
+    if wanted is EngineName.NATIVE:
+        why = native_unavailable()
+        if why is not None:
+            return EngineName.PYTHON, why
+        import pagein.serve.native  # noqa: F401
+    return wanted, None
 
 
 class Session:
@@ -141,14 +171,13 @@ class Session:
         elif wanted is EngineName.NATIVE:
             base, overlay = self.source.address_map()
             if base is not None:
-                from pagein.serve.native import NativeEngine
+                from pagein.serve.native import NativeEngine  # needs the built C core
                 return EngineName.NATIVE, NativeEngine(
                     self.uffd.fileno(), self.regions, st.filled, st.discarded, holes,
                     st.counters, base, overlay, extents, windows, self._chunk, record,
                     st.journal, self._pagemap_fd, tripwire)
             log.info("%s: %s has no mapping to copy from; serving with the python engine",
                      self.name, self.source.describe())
-        from pagein.serve.install import PythonEngine
         return EngineName.PYTHON, PythonEngine(
             self.uffd, self.regions, st.filled, st.discarded, holes, st.counters, self.source,
             extents, windows, self._chunk, record, st.journal, self._pagemap_fd, tripwire,

@@ -39,14 +39,14 @@ from collections.abc import Callable, Sequence
 from pagein.errors import PageinError
 from pagein.serve.control import ControlError, recv_msg, send_msg
 from pagein.serve.crash import CrashPoint, claim, crash
-from pagein.serve.engine import EngineName, choose
+from pagein.serve.engine import EngineName
 from pagein.serve.firecracker import Region
 from pagein.serve.logs import LogFormat, configure
 from pagein.serve.options import ServeOptions
 from pagein.serve.pagecache import CacheFiller
 from pagein.serve.record import Recorder
 from pagein.serve.served import Served, open_served
-from pagein.serve.session import Session
+from pagein.serve.session import Session, choose
 from pagein.serve.state import VmState
 from pagein.sys.process import set_name
 from pagein.sys.uffd import Feature, Userfaultfd

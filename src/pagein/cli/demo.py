@@ -11,7 +11,7 @@ import sys
 
 from pagein.cli._console import print_table
 from pagein.cli._format import parse_size
-from pagein.demo import check_demo_size, run_demo, run_vm_demo
+from pagein.demo import CloneRun, check_demo_size, run_demo, run_vm_demo
 from pagein.errors import PageinError
 
 
@@ -22,9 +22,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     "ready, restore the snapshot 6 ways (copy, MAP_PRIVATE file mapping, and\n"
                     "lazily through pagein's userfaultfd handler with 4 strategies: the\n"
                     "on-demand restore records the working set the last one prefetches),\n"
-                    "check every\n"
-                    "restored guest answers as the original did, and print what each restore\n"
-                    "cost (about 10 s). --memory-only: restore a plain memory snapshot eagerly\n"
+                    "check every restored guest answers as the original did and print what\n"
+                    "each restore cost; then restore 3 clones at once, privately and with\n"
+                    "--share-pages, and show the host memory each way (about 20 s).\n"
+                    "--memory-only: restore a plain memory snapshot eagerly\n"
                     "and lazily instead (no KVM needed). Sizes take a unit: K, M or G.",
         epilog="examples:\n"
                "  pagein demo\n"
@@ -72,16 +73,32 @@ def _run(args: argparse.Namespace) -> int:
             for x in r.runs]
     print_table(["restore", "resume", "first answer", "all-state answer", "memory present",
                  "answers = original"], rows)
-    ok = all(x.answers_match for x in r.runs)
+    ok = all(x.answers_match for x in r.runs) and all(c.answers_match for c in r.clones)
     print("\nTimes are from the start of the restore. uffd restores hand memory to a pagein "
           "serve\nalready listening (a fleet's daemon); its start is not counted. Memory "
           "present:\nguest pages mapped in the VMM after both answers (/proc/self/pagemap).\n"
           "The on-demand restore records the pages the guest touched; working-set "
           "prefetches\nthem, in the order the guest first touched them, while the guest runs.")
+    if r.clones:
+        _print_clones(r.clones)
     if not ok:
         print("pagein: error: a restored guest answered differently from the original",
               file=sys.stderr)
     return 0 if ok else 1
+
+
+def _print_clones(clones: tuple[CloneRun, ...]) -> None:
+    one = clones[0].host_bytes / clones[0].clones  # one private clone
+    print(f"\nClones sharing memory: {clones[0].clones} clones alive at once, each having "
+          "answered the checksum\n(all its state), restored through one pagein serve:\n")
+    print_table(["clones", "host memory", "x one clone", "answers = original"],
+                [[c.method, f"{c.host_bytes / (1 << 20):,.0f} MiB",
+                  f"{c.host_bytes / one:.2f}x", "yes" if c.answers_match else "NO"]
+                 for c in clones])
+    print("\nHost memory: Pss of every mapping of the clones' guest RAM and of the "
+          "server's page\ncache, a shared page counted once. --share-pages maps each "
+          "clone's memory copy-on-write\nfrom one cache of the snapshot: its clean pages "
+          "are one physical page for all clones.")
 
 
 def _run_memory(args: argparse.Namespace) -> int:

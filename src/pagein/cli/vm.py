@@ -267,7 +267,10 @@ def _register_restore(sub: Any) -> None:
                    help="--backend uffd: write the pages this VM faults on as a working-set "
                         "file when it stops (e.g. DIR/working-set)")
     p.add_argument("--shared-memory", action="store_true",
-                   help="guest memory in a memfd another process can map (copy or uffd)")
+                   help="guest memory in a memfd another process can map (copy or uffd; "
+                        "with uffd such a peer maps it through the VM's handler, "
+                        "pagein.vmm.peer.map_guest_memory, or it may read zeros: "
+                        "docs/restore.md)")
     p.add_argument("--share-pages", action="store_true",
                    help="--backend uffd: map guest memory copy-on-write from pagein serve's "
                         "page cache of the snapshot, so every VM restored through one "

@@ -29,6 +29,16 @@
  *     is one 8-byte pread next to a 2 MiB copy, on a path a fill that works never takes.
  *  R7 No fill ioctl is issued once the tripwire byte is set (pagein/serve/guard.py: the
  *     memory file changed while served): it is read before every one.
+ *  R8 --share-pages (pagein/serve/pagecache.py): data pages go through the snapshot's
+ *     page cache, a memfd every clone maps MAP_PRIVATE. A page not yet `present` in the
+ *     cache is written into it first (pwrite: the kernel allocates the page cache page
+ *     and copies in one call; hugetlbfs has no write(), so a memcpy through the cache
+ *     mapping), then UFFDIO_CONTINUE maps the cache page itself, read-only, into the
+ *     VMM. It answers MINOR faults (page in the cache, not mapped here) and MISSING ones
+ *     (not in the cache yet: after the write it is) alike. Zeros (holes, REMOVEd pages)
+ *     never go through the cache: they stay private zero pages, so a balloon's REMOVE
+ *     in one clone never maps snapshot bytes there again nor touches another clone.
+ *     Only snapshot bytes are ever written into the cache (R7 is checked first).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -121,6 +131,9 @@ typedef struct {
      * registered (a session keeps them for its whole life). */
     int ep, ep_sock, ep_stop, ep_made;
     int crash_point; uint64_t crash_left;  /* set_crash(): the recovery tests only */
+    /* R8: the page cache (cache_fd < 0: none). present: one bit per cache page. */
+    int cache_fd; uint64_t cache_address, cache_ps, cache_pages;
+    Py_buffer present_view;
 } Core;
 
 enum { CRASH_FILL = 1, CRASH_EVENT = 2 };  /* pagein.serve.crash.CrashPoint */
@@ -245,6 +258,32 @@ static uint64_t source_of(Core *s, uint64_t off, uint64_t len) {
     return s->base + off;
 }
 
+/* R8: put the snapshot bytes of [off, off+len) into the page cache where they are not
+ * yet present. 0 or an errno (*op names the call). */
+static int ensure_cache(Core *s, uint64_t off, uint64_t len, const char **op) {
+    Py_buffer *present = &s->present_view;
+    uint64_t ps = s->cache_ps, first = off / ps, end = (off + len) / ps;
+    if (next_clear(present, first, end) == end) return 0;  /* warm: the common case */
+    for (uint64_t p = first; (p = next_clear(present, p, end)) < end;) {
+        uint64_t q = next_set(present, p, end);
+        uint64_t at = p * ps, n = (q - p) * ps;
+        const char *src = (const char *)(uintptr_t)source_of(s, at, n);
+        if (ps == 4096) {
+            for (uint64_t done = 0; done < n;) {
+                ssize_t w = pwrite(s->cache_fd, src + done, n - done, (off_t)(at + done));
+                if (w < 0 && errno == EINTR) continue;
+                if (w <= 0) { *op = "pwrite(page cache)"; return w < 0 ? errno : EIO; }
+                done += (uint64_t)w;
+            }
+        } else {
+            memcpy((char *)(uintptr_t)s->cache_address + at, src, n);
+        }
+        set_bits(present, p, q - p);
+        p = q;
+    }
+    return 0;
+}
+
 /* Issue one fill ioctl for n pages at dst; return 0 or errno, with *done = bytes the
  * kernel reports as done (its progress field: bytes, or -errno). */
 static int one_ioctl(Core *s, region_t *r, uint64_t dst, uint64_t page, uint64_t n,
@@ -257,6 +296,16 @@ static int one_ioctl(Core *s, region_t *r, uint64_t dst, uint64_t page, uint64_t
         *op = "UFFDIO_ZEROPAGE";
         rc = ioctl(s->uffd, UFFDIO_ZEROPAGE, &z);
         *done = z.zeropage;
+    } else if (!zero && s->cache_fd >= 0) {  /* R8 */
+        uint64_t off = r->offset + page * r->ps;
+        int err = ensure_cache(s, off, len, op);
+        *done = 0;
+        if (err) return err;
+        struct uffdio_continue c = {.range = {dst, len},
+                                    .mode = dontwake ? UFFDIO_CONTINUE_MODE_DONTWAKE : 0};
+        *op = "UFFDIO_CONTINUE";
+        rc = ioctl(s->uffd, UFFDIO_CONTINUE, &c);
+        *done = c.mapped;
     } else {
         /* hugetlbfs has no zero page: copy from a zero buffer (n is 1 then) */
         uint64_t src = zero ? s->zero_address : source_of(s, r->offset + page * r->ps, len);
@@ -731,30 +780,75 @@ static void core_release(Core *s) {
     s->journal_view.buf = NULL;
     if (s->trip_view.buf) PyBuffer_Release(&s->trip_view);
     s->trip_view.buf = NULL, s->trip = NULL;
+    if (s->present_view.buf) PyBuffer_Release(&s->present_view);
+    s->present_view.buf = NULL, s->cache_fd = -1;
     s->msgs = s->msgs_own;
     if (s->ep_made) close(s->ep);
     s->ep_made = 0;
     s->closed = 1;
 }
 
+/* The `cache` argument (R8): (data memfd, its address in this process, its size in
+ * bytes, the present bitmap, the page size). Every region must use the cache's page
+ * size and lie inside it: a fault would otherwise write past the cache or map another
+ * page. */
+static int take_cache(Core *s, PyObject *cache) {
+    int fd;
+    PyObject *address, *present;
+    unsigned long long size, ps;
+    if (!PyArg_ParseTuple(cache, "iOKOK:cache", &fd, &address, &size, &present, &ps))
+        return -1;
+    if (fd < 0 || (ps != 4096 && ps != HUGE_PAGE)) {
+        PyErr_Format(PyExc_ValueError, "cache: fd %d and page size %llu must be >= 0 and "
+                     "4096 or 2 MiB", fd, ps);
+        return -1;
+    }
+    if (fetch_u64(address, "cache address", &s->cache_address)) return -1;
+    if (PyObject_GetBuffer(present, &s->present_view, PyBUF_WRITABLE) < 0) {
+        s->present_view.buf = NULL;
+        return -1;
+    }
+    s->cache_ps = ps, s->cache_pages = size / ps;
+    if ((uint64_t)s->present_view.len * 8 < s->cache_pages) {
+        PyErr_Format(PyExc_ValueError, "cache: the present bitmap has %zd bytes for %llu pages",
+                     s->present_view.len, (unsigned long long)s->cache_pages);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < s->nregions; i++) {
+        region_t *r = &s->regions[i];
+        if (r->ps != ps || (r->offset + r->size) / ps > s->cache_pages) {
+            char m[200];  /* PyErr_Format has no %llx */
+            snprintf(m, sizeof m, "region %zd (offset 0x%llx, size 0x%llx, page size %llu) "
+                     "does not fit the page cache of %llu %llu-byte pages", i,
+                     (unsigned long long)r->offset, (unsigned long long)r->size,
+                     (unsigned long long)r->ps, (unsigned long long)s->cache_pages, ps);
+            PyErr_SetString(PyExc_ValueError, m);
+            return -1;
+        }
+    }
+    s->cache_fd = fd;
+    return 0;
+}
+
 static int core_init(Core *s, PyObject *args, PyObject *kw) {
     static char *names[] = {"uffd_fd", "regions", "filled", "discarded", "holes", "counters",
                             "base_address", "overlay", "zero_address", "readahead_pages",
                             "chunk_bytes", "record", "journal", "pagemap_fd", "tripwire",
-                            NULL};
+                            "cache", NULL};
     int fd, record, pagemap_fd = -1;
     PyObject *regions, *filled, *discarded, *holes, *counters, *base, *overlay, *zero,
-        *readahead, *journal = Py_None, *tripwire = Py_None;
+        *readahead, *journal = Py_None, *tripwire = Py_None, *cache = Py_None;
     long long chunk;
     if (s->regions || s->c || s->busy) {
         PyErr_SetString(PyExc_RuntimeError, "Core.__init__ called twice");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOOOOOOOOOLp|OiO", names, &fd, &regions,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iOOOOOOOOOLp|OiOO", names, &fd, &regions,
                                      &filled, &discarded, &holes, &counters, &base, &overlay,
                                      &zero, &readahead, &chunk, &record, &journal,
-                                     &pagemap_fd, &tripwire))
+                                     &pagemap_fd, &tripwire, &cache))
         return -1;
+    s->cache_fd = -1;
     if (tripwire != Py_None) {
         if (PyObject_GetBuffer(tripwire, &s->trip_view, PyBUF_SIMPLE) < 0) return -1;
         if (s->trip_view.len < 1) {
@@ -818,6 +912,7 @@ static int core_init(Core *s, PyObject *args, PyObject *kw) {
         r->pages = r->size / r->ps;
     }
     PyMem_Free(rows);
+    if (cache != Py_None && take_cache(s, cache)) goto bad;
     if (take_buffers(s, filled, offsetof(region_t, filled), 1, 0, "filled") ||
         take_buffers(s, discarded, offsetof(region_t, discarded), 1, 0, "discarded") ||
         take_buffers(s, holes, offsetof(region_t, holes), 0, 1, "holes"))

@@ -48,9 +48,16 @@ class Core:
     first byte is non-zero no fill ioctl is issued (ESTALE: the memory file changed).
     Both stay the caller's and must outlive the core.
 
+    ``cache`` (``--share-pages``): ``(data memfd, its address in this process, its size
+    in bytes, the present bitmap, page size)``. Data pages are written into the memfd
+    once (pwrite; memcpy through the address on hugetlbfs), marked present, and mapped
+    with ``UFFDIO_CONTINUE``; zeros stay private zero pages. Every region must use the
+    cache's page size and lie inside it.
+
     Safety: every address handed in (``base_address``, overlay addresses,
     ``zero_address``) is read by the kernel as the source of fills into the VMM's
-    memory; they must stay mapped and readable until :meth:`close`.
+    memory; they must stay mapped and readable until :meth:`close`. The cache address
+    is written (huge pages) and must stay mapped shared and writable as long.
     """
 
     def __init__(self, uffd_fd: int, regions: Sequence[tuple[int, int, int]],
@@ -59,7 +66,8 @@ class Core:
                  overlay: Sequence[tuple[int, int, int]], zero_address: int,
                  readahead_pages: Sequence[int], chunk_bytes: int, record: bool,
                  journal: Buffer | None = None, pagemap_fd: int = -1,
-                 tripwire: Buffer | None = None) -> None: ...
+                 tripwire: Buffer | None = None,
+                 cache: tuple[int, int, int, Buffer, int] | None = None) -> None: ...
     def set_extents(self, extents: Sequence[tuple[int, int, int, int]]) -> None:
         """Replace the live ranges: ``(address, length, region, rel)``, sorted, disjoint."""
     def run(self, stop_fd: int, sock_fd: int, timeout_ms: int

@@ -4,7 +4,9 @@
 The core copies straight from the source's mapping, so it serves sources whose every
 byte is readable in place (:meth:`~pagein.snapshot.source.PageSource.address_map`: a raw
 memory file, with a working set's recorded pages preferred); for other sources the
-session uses the Python engine, which reads into a bounce buffer.
+session uses the Python engine, which reads into a bounce buffer. With a page cache
+(``--share-pages``) it writes those bytes into the cache once and maps them with
+``UFFDIO_CONTINUE`` (rule R8 of ``_core.c``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pagein.serve.bitmap import Bitmap
 from pagein.serve.crash import CrashPoint, claim
 from pagein.serve.engine import EventTuple, Unserved
 from pagein.serve.firecracker import Region
+from pagein.serve.pagecache import CacheFiller
 from pagein.serve.stats import CounterBlock
 from pagein.sys.mapping import HUGE_PAGE_SIZE, Mapping
 
@@ -34,7 +37,8 @@ class NativeEngine:
                  overlay: Sequence[tuple[int, int, int]],
                  extents: Sequence[tuple[int, int, int, int]], readahead_pages: Sequence[int],
                  chunk_bytes: int, record: bool, journal: memoryview | None = None,
-                 pagemap_fd: int = -1, tripwire: bytearray | None = None) -> None:
+                 pagemap_fd: int = -1, tripwire: bytearray | None = None,
+                 cache: CacheFiller | None = None) -> None:
         # hugetlbfs has no zero page: zeros are copied from memory never written.
         self._zeros = Mapping.anonymous(HUGE_PAGE_SIZE)
         core = None
@@ -44,7 +48,8 @@ class NativeEngine:
                 [b.buffer for b in filled], [b.buffer for b in discarded],
                 [None if h is None else h.buffer for h in holes], counters.words,
                 base_address, list(overlay), self._zeros.address, list(readahead_pages),
-                chunk_bytes, record, journal, pagemap_fd, tripwire)
+                chunk_bytes, record, journal, pagemap_fd, tripwire,
+                None if cache is None else cache.core_args())
             core.set_extents(sorted(extents))
             for point in (CrashPoint.FILL, CrashPoint.EVENT):  # 0 unless a test asks
                 left = claim(point)

@@ -159,6 +159,12 @@ class CacheFiller:
             raise
         return cls(dmap, pmap, pages, page_size, (data, present))
 
+    def core_args(self) -> tuple[int, int, int, memoryview | bytearray, int]:
+        """The ``cache`` argument of the native core: (data memfd, its address here,
+        size in bytes, present bitmap, page size). Valid while this filler is open."""
+        return (self._fds[0].fileno(), self._data.address, self._fds[0].size,
+                self.present.buffer, self.page_size)
+
     def ensure(self, source: PageSource, offset: int, length: int) -> int:
         """Copy the pages of ``[offset, offset+length)`` not yet in the cache from
         ``source``; return the bytes copied. The range is page-aligned.

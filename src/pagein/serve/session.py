@@ -166,16 +166,14 @@ class Session:
         st = self.state
         record = self.recorder is not None
         extents = self.space.extent_tuples()
-        if wanted is EngineName.NATIVE and self.cache is not None:
-            log.info("%s: shares the page cache; serving with the python engine", self.name)
-        elif wanted is EngineName.NATIVE:
+        if wanted is EngineName.NATIVE:
             base, overlay = self.source.address_map()
             if base is not None:
                 from pagein.serve.native import NativeEngine  # needs the built C core
                 return EngineName.NATIVE, NativeEngine(
                     self.uffd.fileno(), self.regions, st.filled, st.discarded, holes,
                     st.counters, base, overlay, extents, windows, self._chunk, record,
-                    st.journal, self._pagemap_fd, tripwire)
+                    st.journal, self._pagemap_fd, tripwire, self.cache)
             log.info("%s: %s has no mapping to copy from; serving with the python engine",
                      self.name, self.source.describe())
         return EngineName.PYTHON, PythonEngine(

@@ -139,6 +139,7 @@ class _Parts:
     sock: socket.socket | None = None
     handler: HandlerProcess | None = None
     workdir: str | None = None
+    socket_path: str | None = None  # the handler's (uffd restores)
 
     def close(self, *, unmap: bool = True) -> None:
         # Unmap before the uffd goes: once the range is gone nothing can fault, so no
@@ -193,6 +194,12 @@ class RestoredVm:
     @property
     def mappings(self) -> tuple[Mapping, ...]:
         return tuple(self._parts.mappings)
+
+    @property
+    def handler_socket(self) -> str | None:
+        """The uffd handler's socket (uffd restores): where a peer that maps
+        :attr:`memfd` hands its own uffd (:func:`pagein.vmm.peer.map_guest_memory`)."""
+        return self._parts.socket_path
 
     @property
     def handler_pid(self) -> int | None:
@@ -457,8 +464,13 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts,
             snap.directory if layered else snap.memory_path, parts.workdir, strategy=opts.strategy,
             readahead_bytes=opts.readahead_bytes, working_set=opts.working_set,
             record=opts.record)
+        if opts.shared_memory:
+            # Peers that map the memfd hand their uffds to this handler too (vmm.peer):
+            # one of them leaving must not stop it; close() does.
+            serve = serve.with_(exit_after=None)
         parts.handler = HandlerProcess.start(serve, parts.workdir, opts.handler_timeout)
         path = parts.handler.socket_path
+    parts.socket_path = path
     huge = any(r.page_size == HUGE_PAGE_SIZE for r in snap.regions)
     features = Feature.EVENT_REMOVE
     mode = RegisterMode.MISSING

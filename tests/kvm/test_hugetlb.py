@@ -89,9 +89,12 @@ def snap(pool: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@pytest.mark.parametrize("backend", ["copy", "file", "uffd"])
-def test_hugetlb_snapshot_restores_with_every_backend(snap: Path, backend: str) -> None:
-    res = _pagein("vm", "restore", str(snap), "--backend", backend, "--stats",
+@pytest.mark.parametrize(("backend", "strategy"), [("copy", None), ("file", None),
+                                                   ("uffd", "on-demand"), ("uffd", "readahead")])
+def test_hugetlb_snapshot_restores_with_every_backend(snap: Path, backend: str,
+                                                     strategy: str | None) -> None:
+    more = [] if strategy is None else ["--strategy", strategy]
+    res = _pagein("vm", "restore", str(snap), "--backend", backend, *more, "--stats",
                   stdin="\n".join(REQUESTS) + "\n")
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ANSWERS

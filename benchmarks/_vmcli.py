@@ -26,6 +26,7 @@ class VmProcess:
         self.proc = subprocess.Popen([*pin, sys.executable, "-m", "pagein", "vm", *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
+        self._buf = b""
 
     def send(self, text: str) -> None:
         assert self.proc.stdin is not None
@@ -33,17 +34,30 @@ class VmProcess:
         self.proc.stdin.flush()
 
     def read_line(self, timeout: float) -> str:
+        """The next answer line. Reads the pipe's fd itself: a buffered ``readline``
+        after ``select`` would keep lines that arrived together in its buffer, where
+        ``select`` never sees them (a burst's answers often come several at once)."""
         assert self.proc.stdout is not None
-        if not select.select([self.proc.stdout], [], [], timeout)[0]:
-            raise SystemExit(f"no answer within {timeout} s from {self.proc.args!r}")
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"{self.proc.args!r} ended: {self.stderr()}")
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            if not select.select([fd], [], [], timeout)[0]:
+                raise SystemExit(f"no answer within {timeout} s from {self.proc.args!r}")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise SystemExit(f"{self.proc.args!r} ended: {self.stderr()}")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
         return line.decode().strip()
 
     def stderr(self) -> str:
         assert self.proc.stderr is not None
         return self.proc.stderr.read().decode()[-2000:]
+
+    def kill(self) -> None:
+        """Stop the child (a failed measurement must not leave a guest holding pages)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def finish(self, timeout: float) -> None:
         """End of input (the guest quits); fail loudly on a non-zero exit."""

@@ -42,6 +42,7 @@ import os
 import random
 import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -305,20 +306,28 @@ def hugetlb_row(row: str, snap: str, ws: str, mem: int, state: int, ref: Functio
     ``pinned``, wherever the scheduler puts them otherwise."""
     vmm_cpus, serve_cpus = (pinned_to(0), pinned_to(1)) if pinned else (None, None)
     if row == _HUGE_ROWS[0]:
-        vm = VmProcess(["run", "--mem", f"{mem >> 20}M", "--hugepages",
-                        f"state={state >> 20}M", "seed=1"], vmm_cpus)
-        times = cli_burst(vm, ref, requests, answers)
-        vm.finish(TIMEOUT)
-        return (*times, None)
+        return (*_cli_run(["run", "--mem", f"{mem >> 20}M", "--hugepages",
+                           f"state={state >> 20}M", "seed=1"], vmm_cpus, ref, requests,
+                          answers), None)
     serve = ("--strategy", "working-set", "--working-set", ws) if row == _HUGE_ROWS[2] else ()
     handler = Handler(os.path.join(snap, "memory"), snap, *serve, cpus=serve_cpus)
     try:
-        vm = VmProcess(["restore", snap, "--uffd-socket", handler.sock], vmm_cpus)
-        times = cli_burst(vm, ref, requests, answers)
-        vm.finish(TIMEOUT)
+        times = _cli_run(["restore", snap, "--uffd-socket", handler.sock], vmm_cpus, ref,
+                         requests, answers)
     finally:
         faults = handler.finish()
     return (*times, faults)
+
+
+def _cli_run(args: list[str], cpus: list[int] | None, ref: FunctionReference,
+             requests: list[str], answers: list[str]) -> tuple[float, float, float]:
+    vm = VmProcess(args, cpus)
+    try:
+        times = cli_burst(vm, ref, requests, answers)
+        vm.finish(TIMEOUT)
+    finally:
+        vm.kill()  # only if it is still there: a failed row leaves no guest behind
+    return times
 
 
 def hugepages_main(state: int, mem: int, repeat: int, workdir: str | None) -> int:
@@ -328,6 +337,8 @@ def hugepages_main(state: int, mem: int, repeat: int, workdir: str | None) -> in
     ref = FunctionReference(state, 1, 1)
     requests = mix(ref, 11, 200, 4, 0.02)
     answers = [ref.answer(r) for r in requests]
+    # A SIGTERM unwinds too: the pool is given back and no guest is left holding pages.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # One guest at a time, plus the spare page a uffd fill can need.
     with hugetlb_pages(mem // HUGE + 1), \
             tempfile.TemporaryDirectory(prefix="pagein-bench-huge-", dir=workdir) as tmp:
@@ -335,10 +346,11 @@ def hugepages_main(state: int, mem: int, repeat: int, workdir: str | None) -> in
         VmProcess(["run", "--mem", f"{mem >> 20}M", "--hugepages", "--snapshot-at-ready", snap,
                    f"state={state >> 20}M", "seed=1"]).finish(TIMEOUT)
         handler = Handler(os.path.join(snap, "memory"), tmp, "--record", ws)
-        vm = VmProcess(["restore", snap, "--uffd-socket", handler.sock])
-        cli_burst(vm, ref, requests, answers)  # records mix A and the checksum's pages
-        vm.finish(TIMEOUT)
-        handler.finish()
+        try:  # records mix A and the checksum's pages
+            _cli_run(["restore", snap, "--uffd-socket", handler.sock], None, ref, requests,
+                     answers)
+        finally:
+            handler.finish()
         warm_cache(os.path.join(snap, "memory"))
         results: dict[tuple[bool, str], list[Measured]] = {}
         for _ in range(repeat):  # interleaved, so drift on the shared machine hits all rows

@@ -291,9 +291,9 @@ def cli_burst(vm: VmProcess, ref: FunctionReference, requests: list[str],
     vm.send("key 0\n")
     if (got := vm.read_line(TIMEOUT)) != ref.answer("key 0"):
         raise SystemExit(f"'key 0' answered {got!r}")
+    want = [ref.answer("checksum")]  # the numpy reference takes seconds: not on the clock
     first, whole = burst(vm.send, vm.read_line, requests, answers, time.perf_counter())
-    t0 = time.perf_counter()
-    _, checksum = burst(vm.send, vm.read_line, ["checksum"], [ref.answer("checksum")], t0)
+    _, checksum = burst(vm.send, vm.read_line, ["checksum"], want, time.perf_counter())
     return first, whole, checksum
 
 

@@ -48,7 +48,7 @@ def pool_shortage(what: str, pages: int, *, spare: int = 0,
     pool = hugetlb_pool(page_size)
     if pool is None:
         return (f"{what} needs {kib} KiB hugetlb pages, but this kernel has no pool of "
-                f"that size ({knob} is absent): restore on a kernel with CONFIG_HUGETLBFS")
+                f"that size ({knob} is absent): use a kernel with CONFIG_HUGETLBFS")
     need = pages + spare
     can_give = pool[0] + pool[1]
     if can_give >= need:

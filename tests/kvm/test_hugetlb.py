@@ -51,16 +51,23 @@ def _ask(proc: subprocess.Popen[bytes], request: str) -> str:
     return proc.stdout.readline().decode().strip()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True)
 def pool() -> Iterator[None]:
-    """PAGES free 2 MiB pages plus the spare a uffd fill needs, for the whole module."""
+    """PAGES free 2 MiB pages plus the spare a uffd fill needs, for each test (not the
+    module: another run on this machine may shrink the shared pool meanwhile)."""
     with hugepages(PAGES) as ok:
         assert ok, f"cannot raise vm.nr_hugepages to get {PAGES + 1} free 2 MiB pages"
         yield
 
 
 @pytest.fixture(scope="module")
-def snap(pool: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def snap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with hugepages(PAGES) as ok:
+        assert ok, f"cannot raise vm.nr_hugepages to get {PAGES + 1} free 2 MiB pages"
+        yield _snapshot(tmp_path_factory)
+
+
+def _snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`vm run --hugepages --control`, then `vm snapshot` of it while it runs: the
     snapshot records 2 MiB pages, and the original goes on answering after it."""
     tmp = tmp_path_factory.mktemp("huge")

@@ -250,7 +250,11 @@ def snapshot_command(args: argparse.Namespace) -> int:
 def _register_restore(sub: Any) -> None:
     p = sub.add_parser("restore", help="restore a VM snapshot: copy, file mapping or uffd",
                        description="Restore a snapshot directory and resume the guest; stdin "
-                                   "lines become\nits requests, its console goes to stdout.",
+                                   "lines become\nits requests, its console goes to stdout. A "
+                                   "snapshot of a `vm run --hugepages` guest\nrestores into 2 MiB "
+                                   "pages (copy, uffd; file maps 4 KiB page-cache pages): the\n"
+                                   "vm.nr_hugepages pool is checked at start (uffd: one spare "
+                                   "page), see docs/restore.md.",
                        epilog="example:\n  echo checksum | pagein vm restore /tmp/snap "
                               "--backend uffd --strategy readahead --stats",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -15,6 +15,14 @@ One run boots the `function` guest, snapshots it at READY, and then, side by sid
 - ``working-set``: pagein's FaaSnap-style prefetch, concurrent with the guest, in
   first-touch order, then readahead.
 
+``--hugepages`` runs another comparison instead: the guest on 2 MiB hugetlb pages
+(``pagein vm run --hugepages``, snapshotted at READY), its resident run against
+``pagein vm restore --uffd-socket`` of that snapshot on demand (2 MiB per fault) and from
+a working set recorded with mix A (in 2 MiB pages), all driven through the CLI as a user
+does; each answers mix A after its first answer (``key 0``: the guest is up), unpinned
+and pinned (VMM on CPU 0, ``pagein serve`` on CPU 1). The pool is raised by what is
+missing and given back after.
+
 The working set is recorded once, by an on-demand restore answering request mix A,
 before the clock. Every uffd row hands its memory to a ``pagein serve`` started before the
 clock (a fleet's daemon: it opens the memory file and loads/verifies the working-set file
@@ -34,6 +42,7 @@ import os
 import random
 import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +52,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from _pagecache import drop_cache, warm_cache  # benchmarks/ is on sys.path
+from _vmcli import VmProcess, hugetlb_pages, pinned_to
 
 from pagein.cli._format import parse_size, table
 from pagein.serve.strategies import StrategyName
@@ -54,6 +64,7 @@ from pagein.vmm.snapshot import save_snapshot
 from pagein.vmm.workloads import function_args
 
 MiB = 1 << 20
+HUGE = 2 * MiB
 TIMEOUT = 600.0
 
 
@@ -97,15 +108,17 @@ def burst(send: Callable[[str], None], read: Callable[[float], str], requests: l
 class Handler:
     """A `pagein serve` for one VM, started (and listening) before the clock."""
 
-    def __init__(self, memory: str, workdir: str, *args: str) -> None:
+    def __init__(self, memory: str, workdir: str, *args: str,
+                 cpus: list[int] | None = None) -> None:
         self.workdir = tempfile.mkdtemp(prefix="h-", dir=workdir)
         self.sock = os.path.join(self.workdir, "s.sock")
         self.stats = os.path.join(self.workdir, "stats.json")
         r, w = os.pipe()
         self.log = os.path.join(self.workdir, "serve.log")
+        pin = ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pagein", "serve", "--socket", self.sock, "--mem-file",
+                [*pin, sys.executable, "-m", "pagein", "serve", "--socket", self.sock, "--mem-file",
                  memory, "--exit-after", "1", "--ready-fd", str(w), "--stats-json",
                  self.stats, *args], pass_fds=(w,), stdout=log, stderr=log)
         os.close(w)
@@ -192,10 +205,16 @@ def main() -> int:
     p.add_argument("--workdir", help="where the snapshot is written (default /tmp)")
     p.add_argument("--only", help="comma-separated substrings: run only matching rows "
                    "(the ratio rows must stay in for the summary)")
+    p.add_argument("--hugepages", action="store_true",
+                   help="instead: a 2 MiB hugetlb guest (`pagein vm run --hugepages`) "
+                        "restored lazily with `pagein vm restore` (on-demand, working-set) "
+                        "against its resident run, unpinned and pinned")
     args = p.parse_args()
     state = parse_size(args.state or ("64M" if args.quick else "256M"))
     repeat = args.repeat or (3 if args.quick else 5)
     mem = state * 3 // 2 + 32 * MiB
+    if args.hugepages:
+        return hugepages_main(state, -(-mem // HUGE) * HUGE, repeat, args.workdir)
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, cpus)  # handlers and vCPU threads inherit the same set
     ref = FunctionReference(state, 1, 1)
@@ -256,6 +275,121 @@ def main() -> int:
                    "rows": [asdict(r) for r in rows]}, f, indent=1)
     print(f"\nresults: {args.json} (pagein report --compare {args.json} --out bars.png)")
     return 0
+
+
+# --- --hugepages: a hugetlb guest driven through the CLI -------------------------------
+
+_HUGE_ROWS = ("resident (hugetlb, no restore)", "uffd on-demand (2 MiB faults)",
+              "working-set (2 MiB pages)")
+
+
+def cli_burst(vm: VmProcess, ref: FunctionReference, requests: list[str],
+              answers: list[str]) -> tuple[float, float, float]:
+    """Wait until the guest answers one lookup (booted, or restored and running), then
+    time the burst from its first request, then one ``checksum`` (reads all the state):
+    (first answer, whole burst, checksum) in seconds."""
+    vm.send("key 0\n")
+    if (got := vm.read_line(TIMEOUT)) != ref.answer("key 0"):
+        raise SystemExit(f"'key 0' answered {got!r}")
+    want = [ref.answer("checksum")]  # the numpy reference takes seconds: not on the clock
+    first, whole = burst(vm.send, vm.read_line, requests, answers, time.perf_counter())
+    _, checksum = burst(vm.send, vm.read_line, ["checksum"], want, time.perf_counter())
+    return first, whole, checksum
+
+
+Measured = tuple[float, float, float, int | None]  # first, burst, checksum (s); faults
+
+
+def hugetlb_row(row: str, snap: str, ws: str, mem: int, state: int, ref: FunctionReference,
+                requests: list[str], answers: list[str], pinned: bool) -> Measured:
+    """One measurement of ``row``: the VMM on CPU 0 and `pagein serve` on CPU 1 when
+    ``pinned``, wherever the scheduler puts them otherwise."""
+    vmm_cpus, serve_cpus = (pinned_to(0), pinned_to(1)) if pinned else (None, None)
+    if row == _HUGE_ROWS[0]:
+        return (*_cli_run(["run", "--mem", f"{mem >> 20}M", "--hugepages",
+                           f"state={state >> 20}M", "seed=1"], vmm_cpus, ref, requests,
+                          answers), None)
+    serve = ("--strategy", "working-set", "--working-set", ws) if row == _HUGE_ROWS[2] else ()
+    handler = Handler(os.path.join(snap, "memory"), snap, *serve, cpus=serve_cpus)
+    try:
+        times = _cli_run(["restore", snap, "--uffd-socket", handler.sock], vmm_cpus, ref,
+                         requests, answers)
+    finally:
+        faults = handler.finish()
+    return (*times, faults)
+
+
+def _cli_run(args: list[str], cpus: list[int] | None, ref: FunctionReference,
+             requests: list[str], answers: list[str]) -> tuple[float, float, float]:
+    vm = VmProcess(args, cpus)
+    try:
+        times = cli_burst(vm, ref, requests, answers)
+        vm.finish(TIMEOUT)
+    finally:
+        vm.kill()  # only if it is still there: a failed row leaves no guest behind
+    return times
+
+
+def hugepages_main(state: int, mem: int, repeat: int, workdir: str | None) -> int:
+    """`pagein vm run --hugepages` resident vs `pagein vm restore` of its snapshot lazily
+    (on demand; from a recorded working set), each answering mix A and then a checksum
+    after its first answer: run times against the resident run's, unpinned and pinned."""
+    ref = FunctionReference(state, 1, 1)
+    requests = mix(ref, 11, 200, 4, 0.02)
+    answers = [ref.answer(r) for r in requests]
+    # A SIGTERM unwinds too: the pool is given back and no guest is left holding pages.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # One guest at a time, plus the spare page a uffd fill can need.
+    with hugetlb_pages(mem // HUGE + 1), \
+            tempfile.TemporaryDirectory(prefix="pagein-bench-huge-", dir=workdir) as tmp:
+        snap, ws = os.path.join(tmp, "snap"), os.path.join(tmp, "working-set")
+        VmProcess(["run", "--mem", f"{mem >> 20}M", "--hugepages", "--snapshot-at-ready", snap,
+                   f"state={state >> 20}M", "seed=1"]).finish(TIMEOUT)
+        handler = Handler(os.path.join(snap, "memory"), tmp, "--record", ws)
+        try:  # records mix A and the checksum's pages
+            _cli_run(["restore", snap, "--uffd-socket", handler.sock], None, ref, requests,
+                     answers)
+        finally:
+            handler.finish()
+        warm_cache(os.path.join(snap, "memory"))
+        results: dict[tuple[bool, str], list[Measured]] = {}
+        for _ in range(repeat):  # interleaved, so drift on the shared machine hits all rows
+            for pinned in (False, True):
+                for row in _HUGE_ROWS:
+                    # Per row too: another run on this machine may shrink the shared pool.
+                    with hugetlb_pages(mem // HUGE + 1):
+                        got = hugetlb_row(row, snap, ws, mem, state, ref, requests, answers,
+                                          pinned)
+                    results.setdefault((pinned, row), []).append(got)
+                    print(f"  {'pinned' if pinned else 'unpinned':<8} {row:<32} burst "
+                          f"{got[1] * 1e3:8.1f} ms, checksum {got[2] * 1e3:8.1f} ms",
+                          file=sys.stderr, flush=True)
+    hugepages_report(results, state, mem, len(requests), repeat)
+    return 0
+
+
+def hugepages_report(results: dict[tuple[bool, str], list[Measured]], state: int, mem: int,
+                     nreq: int, repeat: int) -> None:
+    def med(pinned: bool, row: str, i: int) -> float:
+        return statistics.median(float(m[i] or 0) for m in results[(pinned, row)])
+
+    print(f"\nfunction guest on 2 MiB hugetlb pages, {state >> 20} MiB of state in "
+          f"{mem >> 20} MiB; after the guest's first answer: a burst of {nreq} requests, "
+          f"then a checksum of all state; median of {repeat}; ms; pinned: VMM on CPU 0, "
+          "pagein serve on CPU 1\n")
+    out = []
+    for pinned in (False, True):
+        for row in _HUGE_ROWS:
+            burst_ms, sum_ms = med(pinned, row, 1) * 1e3, med(pinned, row, 2) * 1e3
+            out.append(["pinned" if pinned else "unpinned", row,
+                        f"{med(pinned, row, 0) * 1e3:,.1f}", f"{burst_ms:,.1f}",
+                        f"{med(pinned, row, 1) / med(pinned, _HUGE_ROWS[0], 1):.2f}x",
+                        f"{sum_ms:,.1f}",
+                        f"{med(pinned, row, 2) / med(pinned, _HUGE_ROWS[0], 2):.2f}x",
+                        "-" if row == _HUGE_ROWS[0] else str(int(med(pinned, row, 3)))])
+    print(table(["cpus", "run", "first answer", "burst", "vs resident", "checksum",
+                 "vs resident", "faults"], out))
+    print("\ntarget: a lazily restored hugetlb guest within 1.15x of its resident run")
 
 
 def _find(rows: list[Row], label: str, mixname: str) -> Row:

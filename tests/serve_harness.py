@@ -173,9 +173,13 @@ def _hugepages_free() -> int:
 @contextlib.contextmanager
 def hugepages(n: int) -> Iterator[bool]:
     """Make sure ``n`` (plus one spare) free 2 MiB pages exist while the block runs
-    (raising vm.nr_hugepages by the shortfall as root) and restore the setting afterwards.
+    (raising vm.nr_hugepages by the shortfall as root) and take back what was added
+    afterwards.
 
-    Yields whether enough pages are free.
+    Yields whether enough pages are free. The pool is machine-wide and shared with other
+    test runs: only the shortfall is added, and afterwards exactly that many pages are
+    taken away again (not the old value written back, which would drop pages another run
+    added meanwhile).
     """
     knob = "/proc/sys/vm/nr_hugepages"
     # One spare page: a hugetlb UFFDIO_COPY can need a transient page besides the one it
@@ -189,14 +193,44 @@ def hugepages(n: int) -> Iterator[bool]:
             before = int(f.read())
         with open(knob, "w") as f:
             f.write(str(before + shortfall))
+        with open(knob) as f:
+            added = int(f.read()) - before  # the kernel may find fewer pages
     except OSError:
         yield False
         return
     try:
         yield _hugepages_free() >= n
     finally:
-        with open(knob, "w") as f:
-            f.write(str(before))
+        _give_back(added)
+
+
+def _give_back(added: int) -> None:
+    """Take ``added`` pages out of the pool again (see :func:`hugepages`)."""
+    if added > 0:
+        _write("nr_hugepages", max(0, _read("nr_hugepages") - added))
+
+
+@contextlib.contextmanager
+def hugetlb_free_exactly(n: int) -> Iterator[None]:
+    """Leave exactly ``n`` 2 MiB pages free and unreserved (no overcommit) for the block.
+
+    Pages other processes hold or reserve stay theirs: the pool is resized around them
+    (nr_hugepages = total - available + n), and afterwards resized back by the same
+    difference, so another run's changes meanwhile survive."""
+    total, over = _read("nr_hugepages"), _read("nr_overcommit_hugepages")
+    _write("nr_overcommit_hugepages", 0)
+    try:
+        _write("nr_hugepages", total - _hugepages_free() + n)
+        changed = _read("nr_hugepages") - total
+        try:
+            if _hugepages_free() != n:
+                raise AssertionError(f"cannot leave exactly {n} free 2 MiB pages "
+                                     f"({_hugepages_free()} free)")
+            yield
+        finally:
+            _write("nr_hugepages", max(0, _read("nr_hugepages") - changed))
+    finally:
+        _write("nr_overcommit_hugepages", over)
 
 
 def serving_workers(server_pid: int) -> set[int]:

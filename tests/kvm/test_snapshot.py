@@ -200,7 +200,7 @@ def test_efault_copying_into_hugetlb_memory_names_the_pool(
     # Past the up-front check (the pool may empty between it and the copy): the copy's
     # own EFAULT must still say why.
     _huge_page_snapshot(snap_dir)
-    monkeypatch.setattr(restore_mod, "_check_pool", lambda snap: None)
+    monkeypatch.setattr(restore_mod, "_check_pool", lambda snap, opts: None)
     with empty_hugetlb_pool(), pytest.raises(Unavailable) as info:
         restore(str(snap_dir), RestoreOptions(backend=Backend.COPY))
     msg = str(info.value)

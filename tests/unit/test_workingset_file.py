@@ -198,3 +198,34 @@ def test_an_unwritable_trace_costs_only_the_trace(tmp_path: Path) -> None:
                                         "Not a directory"]
     assert workingset.load_extents(str(tmp_path / "w")) == [(3 * PAGE, PAGE)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "w"]
+
+
+def test_a_fault_in_a_huge_page_region_records_the_whole_aligned_page(tmp_path: Path) -> None:
+    """A 2 MiB hugetlb page is faulted and filled whole, so the working set holds it whole:
+    a fault anywhere in it records the aligned 2 MiB page (once), it is data if any of it
+    is, zeros only if all of it is; and the prefetch plan of that file is one span per
+    huge page."""
+    from pagein.serve.cause import Cause
+    from pagein.serve.firecracker import Region
+    from pagein.serve.strategies import Span, WorkingSet
+
+    huge = 2 << 20
+    data = bytearray(3 * huge)  # a 4 KiB region, then two huge pages
+    data[5 * PAGE:6 * PAGE] = b"\x05" * PAGE
+    data[huge + (1 << 20):2 * huge] = b"\x07" * (1 << 20)  # second half of huge page 0
+    src = BytesSource(bytes(data))                          # huge page 1: all zeros
+    regions = [Region(0x10000000, huge, 0), Region(0x20000000, 2 * huge, huge, huge)]
+    rec = Recorder(working_set_path=str(tmp_path / "ws"))
+    for off in (huge + 300 * PAGE, 5 * PAGE, 2 * huge + 7 * PAGE, huge + 3 * PAGE):
+        rec.fault(off, 0, False)
+    assert rec.finish(src, regions) == []
+    with workingset.load(str(tmp_path / "ws"), src) as ws:
+        # (huge page 1 continues huge page 0's run: runs merge as for 4 KiB pages)
+        assert [(r.offset, r.pages, r.kind) for r in ws.runs] == [
+            (huge, 512, RunKind.DATA), (2 * huge, 512, RunKind.ZERO),
+            (5 * PAGE, 1, RunKind.DATA)]
+        assert all(ws.page_bytes(ws.runs[0], i) == data[huge + i * PAGE:huge + (i + 1) * PAGE]
+                   for i in (0, 255, 256, 511))
+        plan = list(WorkingSet(ws.extents()).on_connect(regions))
+    p = Cause.PREFETCH
+    assert plan == [Span(1, 0, 1, p), Span(1, 1, 1, p), Span(0, 5, 1, p)]

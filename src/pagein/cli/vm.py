@@ -48,7 +48,9 @@ def register(subparsers: Any) -> None:
                "state=256M --stats\n"
                "  pagein vm run --workload scan pattern=random size=64M touches=100000 "
                "</dev/null\n"
-               "  pagein vm run --mem 64M --workload hello status=3 </dev/null; echo $?",
+               "  pagein vm run --mem 64M --workload hello status=3 </dev/null; echo $?\n"
+               "  pagein vm run --mem 48M --hugepages --snapshot-at-ready /tmp/hsnap "
+               "state=8M </dev/null",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--mem", default="512M", metavar="SIZE",
                      help="guest RAM with a unit, a multiple of 2M, e.g. 512M or 2G (default "
@@ -56,8 +58,13 @@ def register(subparsers: Any) -> None:
     run.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--workload", default="function", choices=("function", "scan", "hello"),
                      help="the guest program (default function); its arguments are KEY=VALUE")
-    run.add_argument("--backing", default="anonymous", choices=[b.value for b in Backing],
-                     help="guest memory: private anonymous, shared memfd, or 2 MiB hugetlb")
+    run.add_argument("--hugepages", action="store_true",
+                     help="back guest RAM with 2 MiB hugetlbfs pages (fewer TLB misses); "
+                          "needs --mem / 2M free pages in the pool (sysctl vm.nr_hugepages), "
+                          "checked at start; its snapshots restore into 2 MiB pages too")
+    run.add_argument("--backing", default=None, choices=[b.value for b in Backing],
+                     help="guest memory: private anonymous (default), a shared memfd, or "
+                          "hugetlb (the same as --hugepages)")
     run.add_argument("--stats", action="store_true",
                      help="print run time and VM exit counts to stderr at the end")
     run.add_argument("--timeout", type=float, default=None,
@@ -116,10 +123,15 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"pagein: error: --vcpus {args.vcpus} must be between 1 and {MAX_VCPUS}",
               file=sys.stderr)
         return 2
+    if args.hugepages and args.backing not in (None, Backing.HUGETLB.value):
+        print(f"pagein: error: --hugepages is --backing hugetlb, not --backing "
+              f"{args.backing}: drop one of them", file=sys.stderr)
+        return 2
+    backing = Backing.HUGETLB if args.hugepages else Backing(args.backing or "anonymous")
     console = Console(sink=_stdout_sink)
     image = workload_image(workload.name)
     try:
-        machine = Machine.create(mem, args.vcpus, backing=Backing(args.backing),
+        machine = Machine.create(mem, args.vcpus, backing=backing,
                                  console=console)
     except ValueError as e:
         print(f"pagein: error: {e}", file=sys.stderr)
@@ -236,7 +248,11 @@ def snapshot_command(args: argparse.Namespace) -> int:
 def _register_restore(sub: Any) -> None:
     p = sub.add_parser("restore", help="restore a VM snapshot: copy, file mapping or uffd",
                        description="Restore a snapshot directory and resume the guest; stdin "
-                                   "lines become\nits requests, its console goes to stdout.",
+                                   "lines become\nits requests, its console goes to stdout. A "
+                                   "snapshot of a `vm run --hugepages` guest\nrestores into 2 MiB "
+                                   "pages (copy, uffd; file maps 4 KiB page-cache pages): the\n"
+                                   "vm.nr_hugepages pool is checked at start (uffd: one spare "
+                                   "page), see docs/restore.md.",
                        epilog="example:\n  echo checksum | pagein vm restore /tmp/snap "
                               "--backend uffd --strategy readahead --stats",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -14,8 +14,9 @@ The fault engine hands both over in batches with their own monotonic timestamps
 
 :meth:`Recorder.finish` writes the trace (JSON, below) and, if asked, the working set
 (:mod:`pagein.snapshot.workingset`): the faulted pages in first-touch order, with the
-snapshot's bytes. Only faults count as touches; pages filled ahead of the guest
-(readahead, prefetch, background) were not necessarily used.
+snapshot's bytes; a fault in a 2 MiB hugetlb region is recorded as its whole huge page.
+Only faults count as touches; pages filled ahead of the guest (readahead, prefetch,
+background) were not necessarily used.
 
 Trace file (JSON)::
 
@@ -158,8 +159,12 @@ class Recorder:
         errors: list[PageinError] = []
         if self.working_set_path is not None:
             touched = [o for o in self.touched() if o % 4096 == 0]
+            # A fault in a 2 MiB region was served as its whole huge page: record that page
+            # (aligned, 2 MiB), so the prefetch of it is one fill from one data run.
+            huge = [(r.offset, r.size_bytes, r.page_size) for r in regions
+                    if r.page_size > 4096]
             try:
-                n = workingset.write(self.working_set_path, source, touched)
+                n = workingset.write(self.working_set_path, source, touched, huge)
             except (OSError, PageinError) as e:
                 errors.append(PageinError(f"cannot write the working set "
                                           f"{self.working_set_path}: {_why(e)}"))

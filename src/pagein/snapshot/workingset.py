@@ -36,7 +36,7 @@ import bisect
 import hashlib
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from types import TracebackType
@@ -47,7 +47,7 @@ from pagein.errors import IntegrityError, MappingError, SnapshotFormatError, Sou
 from pagein.snapshot.source import PageSource
 from pagein.sys.mapping import PAGE_SIZE, Mapping
 
-__all__ = ["MAGIC", "Run", "RunKind", "WorkingSetFile", "WorkingSetSource", "load",
+__all__ = ["MAGIC", "PageUnits", "Run", "RunKind", "WorkingSetFile", "WorkingSetSource", "load",
            "load_extents", "merge_runs", "write"]
 
 MAGIC = b"PGWSET\x00\x01"
@@ -101,41 +101,85 @@ def merge_runs(pages: Iterable[int]) -> list[tuple[int, int]]:
     return [(o, n) for o, n in out]
 
 
-def _split_zero(source: PageSource, offset: int, pages: int) -> list[tuple[int, int, RunKind]]:
-    """Split a run into data and zero pieces (whole zero pages from the source's holes,
-    or pages whose bytes read as zeros)."""
+class PageUnits:
+    """The page size of each part of the memory file: 4 KiB unless a range is given.
+
+    ``huge`` holds ``(offset, size_bytes, page_size)`` of the file ranges that a VM maps
+    with larger pages (2 MiB hugetlbfs regions). Such a page is faulted, filled and
+    zero-filled whole, so the working set records it whole: a touch anywhere in it
+    stands for the aligned page, and it is a zero run only if all of it is zeros.
+    """
+
+    def __init__(self, huge: Sequence[tuple[int, int, int]] = ()) -> None:
+        self._ranges = sorted((o, o + n, ps) for o, n, ps in huge if ps > PAGE_SIZE)
+        self._starts = [lo for lo, _, _ in self._ranges]
+
+    def unit(self, offset: int) -> tuple[int, int]:
+        """``(start, size)`` of the page holding ``offset``."""
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if i >= 0:
+            lo, hi, ps = self._ranges[i]
+            if offset < hi:
+                start = lo + (offset - lo) // ps * ps
+                return start, min(ps, hi - start)
+        return offset - offset % PAGE_SIZE, PAGE_SIZE
+
+    def expand(self, touched: Iterable[int]) -> Iterator[int]:
+        """The 4 KiB page offsets of every unit touched, in first-touch order (an offset
+        outside the large-page ranges is passed on as it is)."""
+        for off in touched:
+            start, size = self.unit(off)
+            if size == PAGE_SIZE:
+                yield off
+            else:
+                yield from range(start, start + size, PAGE_SIZE)
+
+
+def _split_zero(source: PageSource, offset: int, pages: int,
+                units: PageUnits) -> list[tuple[int, int, RunKind]]:
+    """Split a run into data and zero pieces, one page unit at a time (a unit is zero
+    when it lies in one of the source's holes or its bytes read as zeros)."""
     out: list[tuple[int, int, RunKind]] = []
-    buf = bytearray(PAGE_SIZE)
-    zeros = bytes(PAGE_SIZE)
-    holes = {o for h, n in source.zero_extents(offset, pages * PAGE_SIZE)
-             for o in range(-(-h // PAGE_SIZE) * PAGE_SIZE, h + n - PAGE_SIZE + 1, PAGE_SIZE)}
-    for i in range(pages):
-        off = offset + i * PAGE_SIZE
-        if off in holes:
+    end = offset + pages * PAGE_SIZE
+    holes = sorted(source.zero_extents(offset, pages * PAGE_SIZE))
+    starts = [h for h, _ in holes]
+    pos = offset
+    while pos < end:
+        start, size = units.unit(pos)
+        size = min(start + size, end) - pos
+        i = bisect.bisect_right(starts, pos) - 1  # holes do not overlap: one can hold it
+        if i >= 0 and pos + size <= holes[i][0] + holes[i][1]:
             zero = True
         else:
-            source.read_into(off, memoryview(buf))
-            zero = buf == zeros
+            buf = bytearray(size)
+            source.read_into(pos, memoryview(buf))
+            zero = buf.count(0) == size
         kind = RunKind.ZERO if zero else RunKind.DATA
+        n = size // PAGE_SIZE
         if out and out[-1][2] is kind:
-            out[-1] = (out[-1][0], out[-1][1] + 1, kind)
+            out[-1] = (out[-1][0], out[-1][1] + n, kind)
         else:
-            out.append((off, 1, kind))
+            out.append((pos, n, kind))
+        pos += size
     return out
 
 
-def write(path: str, source: PageSource, touched: Iterable[int]) -> int:
+def write(path: str, source: PageSource, touched: Iterable[int],
+          huge: Sequence[tuple[int, int, int]] = ()) -> int:
     """Write the working set of the page offsets ``touched`` (first-touch order) to ``path``.
 
-    The page data comes from ``source`` (the snapshot, never the guest's later writes).
+    ``huge``: ``(offset, size_bytes, page_size)`` of the file ranges mapped with larger
+    pages (see :class:`PageUnits`): a touch there records its whole aligned page. The
+    page data comes from ``source`` (the snapshot, never the guest's later writes).
     Written under a temporary name and renamed. Returns the number of data pages.
     """
+    units = PageUnits(huge)
     runs: list[tuple[int, int, RunKind]] = []
-    for off, n in merge_runs(touched):
+    for off, n in merge_runs(units.expand(touched)):
         if off < 0 or off % PAGE_SIZE or off + n * PAGE_SIZE > source.size:
             raise SourceError(f"recorded page 0x{off:x} is outside the snapshot memory file "
                               f"{source.describe()} of 0x{source.size:x} bytes")
-        runs.extend(_split_zero(source, off, n))
+        runs.extend(_split_zero(source, off, n, units))
     table = b"".join(_RUN.pack(o, n, k) for o, n, k in runs)
     data_offset = -(-(_HEADER.size + len(table)) // PAGE_SIZE) * PAGE_SIZE
     data_pages = sum(n for _, n, k in runs if k is RunKind.DATA)

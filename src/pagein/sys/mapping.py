@@ -23,7 +23,7 @@ from pagein.errors import MappingError, Unavailable
 from pagein.sys._fd import OwnedFd
 
 __all__ = ["HUGE_PAGE_SIZE", "PAGE_SIZE", "Advice", "Mapping", "Memfd", "hugetlb_free_pages",
-           "hugetlb_pool", "hugetlb_pool_hint", "hugetlb_raise_hint"]
+           "hugetlb_pool", "hugetlb_pool_hint", "hugetlb_pool_size", "hugetlb_raise_hint"]
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 HUGE_PAGE_SIZE = 2 * 1024 * 1024
@@ -300,6 +300,16 @@ def hugetlb_pool(page_size: int = HUGE_PAGE_SIZE) -> tuple[int, int] | None:
     may_add = max(0, values["nr_overcommit_hugepages"] - values["surplus_hugepages"])
     # Free pages reserved for mappings that have not touched them yet are not free.
     return max(0, values["free_hugepages"] - values["resv_hugepages"]), may_add
+
+
+def hugetlb_pool_size(page_size: int = HUGE_PAGE_SIZE) -> int | None:
+    """The pool's configured size in pages of ``page_size`` (``nr_hugepages`` in
+    ``/sys/kernel/mm/hugepages/hugepages-<N>kB/``), None when the kernel has no such pool."""
+    try:
+        with open(f"/sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB/nr_hugepages") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def hugetlb_raise_hint(page_size: int = HUGE_PAGE_SIZE) -> str:

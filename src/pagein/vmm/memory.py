@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from pagein.sys.mapping import Mapping, Memfd
+from pagein.sys.mapping import HUGE_PAGE_SIZE, Mapping, Memfd
+from pagein.vmm.hugepages import check_hugetlb_pool
 
 
 class Backing(enum.Enum):
@@ -65,9 +66,13 @@ class GuestMemory:
                 memfd.close()
                 raise
             return cls([Region(0, mapping)], owned=True, memfd=memfd)
-        # Hugetlb pages are reserved at mmap (no MAP_NORESERVE): too few free pages fail here
-        # with a message naming vm.nr_hugepages, not later as EFAULT inside KVM_RUN.
+        # Hugetlb pages are reserved at mmap (no MAP_NORESERVE), so the guest never meets
+        # an empty pool inside KVM_RUN; the pool is checked first for a message that says
+        # how many pages to add (mmap's ENOMEM alone does not).
         hugetlb = backing is Backing.HUGETLB
+        if hugetlb:
+            check_hugetlb_pool(f"a {size >> 20} MiB guest in 2 MiB hugetlb pages",
+                               size // HUGE_PAGE_SIZE)
         mapping = Mapping.anonymous(size, hugetlb=hugetlb, noreserve=not hugetlb)
         return cls([Region(0, mapping)], owned=True)
 

@@ -65,14 +65,13 @@ from pagein.sys.mapping import (
     HUGE_PAGE_SIZE,
     Mapping,
     Memfd,
-    hugetlb_pool,
     hugetlb_pool_hint,
-    hugetlb_raise_hint,
 )
 from pagein.sys.pagemap import Pagemap
 from pagein.sys.poll import wait_readable
 from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
 from pagein.vmm.console import Console
+from pagein.vmm.hugepages import UFFD_SPARE_PAGES, check_hugetlb_pool
 from pagein.vmm.layers import chain_of, copy_chain, map_chain_private, verify_chain
 from pagein.vmm.machine import Machine, RunResult
 from pagein.vmm.memory import GuestMemory, Region
@@ -361,16 +360,18 @@ def _fresh(snap: Snapshot, parts: _Parts, shared: bool) -> list[Region]:
     return out
 
 
-def _check_pool(snap: Snapshot) -> None:
-    """Refuse a copy restore of 2 MiB regions the hugetlb pool cannot hold: the memory is
-    mapped MAP_NORESERVE, so the shortage would only show as EFAULT in the middle of the
-    copy."""
-    need = sum(r.size for r in snap.regions if r.page_size == HUGE_PAGE_SIZE) // HUGE_PAGE_SIZE
-    pool = hugetlb_pool(HUGE_PAGE_SIZE) if need else None
-    if pool is not None and pool[0] + pool[1] < need:
-        raise Unavailable(f"restoring snapshot {snap.directory} by copy needs {need} free "
-                          f"2048 KiB pages, the pool can give {pool[0] + pool[1]}: "
-                          f"{hugetlb_raise_hint(HUGE_PAGE_SIZE)}")
+def _check_pool(snap: Snapshot, opts: RestoreOptions) -> None:
+    """Refuse, before any guest memory exists, a restore of 2 MiB regions the hugetlb pool
+    cannot hold (:mod:`pagein.vmm.hugepages`): the memory is mapped MAP_NORESERVE, so the
+    shortage would only show as EFAULT in the middle of a copy, or as a fill that fails
+    with the guest frozen. ``file`` maps 4 KiB page-cache pages and needs none; a
+    ``share_pages`` clone maps the handler's cache, which reserves its pages itself."""
+    pages = sum(r.size for r in snap.regions if r.page_size == HUGE_PAGE_SIZE) // HUGE_PAGE_SIZE
+    if opts.backend is Backend.COPY:
+        check_hugetlb_pool(f"restoring snapshot {snap.directory} by copy", pages)
+    elif opts.backend is Backend.UFFD and not opts.share_pages:
+        check_hugetlb_pool(f"restoring snapshot {snap.directory} through userfaultfd", pages,
+                           spare=UFFD_SPARE_PAGES)
 
 
 def _copy_in(snap: Snapshot, regions: list[Region]) -> None:
@@ -553,8 +554,8 @@ def restore(source: str | Snapshot, options: RestoreOptions | None = None, *,
     parts = _Parts()
     machine: Machine | None = None
     try:
+        _check_pool(snap, opts)
         if opts.backend is Backend.COPY:
-            _check_pool(snap)
             regions = _fresh(snap, parts, opts.shared_memory)
             if chain.depth:
                 copy_chain(chain, snap, [r.mapping for r in regions])

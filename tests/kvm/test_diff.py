@@ -25,10 +25,14 @@ from hypothesis import strategies as st
 from pagein.errors import IntegrityError, SnapshotFormatError
 from pagein.snapshot.chain import LAYER_FILE, ChainSource, read_layer, resolve_chain
 from pagein.snapshot.open import open_source
+from pagein.snapshot.raw import data_extents
 from pagein.snapshot.source import PageSource
 from pagein.snapshot.store import ops
 from pagein.snapshot.store.backend import LocalBackend
 from pagein.snapshot.store.layout import read_manifest
+from pagein.sys.mapping import Mapping
+from pagein.sys.pagemap import Pagemap
+from pagein.sys.poll import wait_readable
 from pagein.vmm.image import workload_image
 from pagein.vmm.machine import Machine
 from pagein.vmm.reference import FunctionReference
@@ -150,6 +154,37 @@ def test_unchanged_vm_diff_is_almost_empty_and_vmm_writes_are_in_it(tmp_path: Pa
     with ChainSource(str(tmp_path / "vmm")) as src:
         assert src.chain.depth == 2
         assert _read(src, far, 4096) == b"\x5a" * 4096
+
+
+def _data_bytes(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return sum(n for _, n in data_extents(fd, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+
+
+def test_bytes_written_counts_data_not_holes_in_full_and_diff(tmp_path: Path) -> None:
+    """Both kinds report the bytes their memory file holds: a full snapshot of a mostly
+    empty guest is not its RAM size, and a diff of one record is about a page."""
+    wa = function_args(MiB, 1)
+    with Machine.create(MEM, 1) as m:
+        m.enable_dirty_tracking()
+        m.pause_on_ready = True
+        m.boot(workload_image("function"), wa.args, min_heap_bytes=wa.min_heap_bytes)
+        m.start()
+        assert m.ready.wait(TIMEOUT)
+        m.pause(TIMEOUT)
+        full = save_snapshot(m, str(tmp_path / "full"))
+        m.resume()
+        assert ask(m, "update 7 8 1").startswith("updated")
+        m.pause(TIMEOUT)
+        diff = save_snapshot(m, str(tmp_path / "diff"), diff=True)
+        m.resume()
+    assert full.bytes_written == _data_bytes(full.memory_path)
+    assert 0 < full.bytes_written < MEM // 4
+    assert diff.bytes_written == _data_bytes(diff.memory_path)
+    assert 0 < diff.bytes_written <= 8 * 4096
 
 
 def _copy_chain(chain: Chain, dest: Path) -> list[str]:
@@ -299,3 +334,48 @@ def test_store_push_of_a_chain_uploads_only_new_chunks_and_serves_it(
         buf = bytearray(served.size)
         served.read_into(0, memoryview(buf))
         assert bytes(buf) == _read(flat, 0, flat.size)
+
+
+def _serve(source: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    sock = str(tmp_path / "serve.sock")
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "pagein", "serve", "--socket", sock,
+                             "--source", source, "--ready-fd", str(w)], pass_fds=(w,),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(w)
+    try:
+        assert wait_readable([r], TIMEOUT) and os.read(r, 16), "serve did not start"
+    finally:
+        os.close(r)
+    return proc, sock
+
+
+def test_share_pages_clones_of_a_chain_answer_exactly_and_share(chain: Chain,
+                                                                tmp_path: Path) -> None:
+    """`pagein serve --source LAYER` fills one page cache from the flattened chain; two
+    --share-pages clones of the layer answer like the reference and share its pages."""
+    proc, sock = _serve(chain.layers[-1], tmp_path)
+    try:
+        clones = [restore(chain.layers[-1], RestoreOptions(uffd_socket=sock,
+                                                           share_pages=True))
+                  for _ in range(2)]
+        try:
+            for vm in clones:
+                assert [ask(vm.machine, r) for r in CHECKS] == _answers(chain.refs[-1])
+            with Mapping.anonymous(4096) as z, Pagemap() as pm:
+                z.read(0, 1)  # the kernel's zero page: not a shared snapshot page
+                zero = pm.pages(z.address, 4096)[0].pfn
+                a, b = ([p.pfn if p.present else 0 for m in vm.mappings
+                         for p in pm.pages(m.address, m.length)] for vm in clones)
+            # The records the checksum read are the cache's pages in both clones.
+            assert sum(x == y and x not in (0, zero) for x, y in zip(a, b, strict=True)) \
+                >= STATE // 4096
+        finally:
+            for vm in clones:
+                vm.close()
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+    # And with the handler spawned for the VM (it resolves the chain itself).
+    with restore(chain.layers[2], RestoreOptions(share_pages=True)) as vm:
+        assert [ask(vm.machine, r) for r in CHECKS] == _answers(chain.refs[2])

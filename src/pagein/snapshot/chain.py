@@ -373,7 +373,7 @@ def map_chain(chain: Chain, *, shared: bool, prot: Prot, remedy: str = "") -> Ma
     function just made and still owns, so nothing else can live there.
     """
     check_map_room(chain, remedy)
-    fds = [os.open(layer.memory_path, os.O_RDONLY | os.O_CLOEXEC) for layer in chain.layers]
+    fds = _open_owners(chain)
     try:
         whole = Mapping.of_fd(fds[0], chain.memory_bytes, shared=shared, prot=prot)
         try:
@@ -389,8 +389,23 @@ def map_chain(chain: Chain, *, shared: bool, prot: Prot, remedy: str = "") -> Ma
             raise
         return whole
     finally:
-        for fd in fds:
+        for fd in fds.values():
             os.close(fd)
+
+
+def _open_owners(chain: Chain) -> dict[int, int]:
+    """Open the memory files of the bottom layer and of every layer that owns a run (a
+    deep chain's pages mostly belong to a few layers); returns fds by layer number."""
+    owners = {0, *(int(o) for o in np.unique(chain.index.owners) if o != ZERO)}
+    fds: dict[int, int] = {}
+    try:
+        for i in sorted(owners):
+            fds[i] = os.open(chain.layers[i].memory_path, os.O_RDONLY | os.O_CLOEXEC)
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds
 
 
 class ChainReader:
@@ -399,13 +414,7 @@ class ChainReader:
 
     def __init__(self, chain: Chain) -> None:
         self.chain = chain
-        self._fds: list[int] = []
-        try:
-            for layer in chain.layers:
-                self._fds.append(os.open(layer.memory_path, os.O_RDONLY | os.O_CLOEXEC))
-        except BaseException:
-            self.close()
-            raise
+        self._fds = _open_owners(chain)
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with the flattened bytes at ``offset``; raises
@@ -434,7 +443,7 @@ class ChainReader:
 
     def close(self) -> None:
         while self._fds:
-            os.close(self._fds.pop())
+            os.close(self._fds.popitem()[1])
 
 
 class ChainSource(PageSource):
@@ -491,16 +500,17 @@ class ChainSource(PageSource):
             raise self._closed()
 
     def zero_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        index, end = self.chain.index, offset + length
-        out = []
-        run = index.run_of(max(offset, 0))
-        while run < len(index) and int(index.starts[run]) * PAGE_SIZE < end:
-            if int(index.owners[run]) == ZERO:
-                a = max(int(index.starts[run]) * PAGE_SIZE, offset)
-                b = min(index.run_end(run), end)
-                out.append((a, b - a))
-            run += 1
-        return out
+        index, end = self.chain.index, min(offset + length, self.size)
+        offset = max(offset, 0)
+        if end <= offset:
+            return []
+        first, last = index.run_of(offset), index.run_of(end - 1) + 1
+        sel = np.flatnonzero(index.owners[first:last] == ZERO) + first
+        nxt = np.minimum(sel + 1, len(index) - 1)
+        ends = np.where(sel + 1 < len(index), index.starts[nxt], index.npages) * PAGE_SIZE
+        starts = np.maximum(index.starts[sel] * PAGE_SIZE, offset)
+        return [(int(a), int(b) - int(a)) for a, b in
+                zip(starts, np.minimum(ends, end), strict=True)]
 
     def close(self) -> None:
         if self._map is not None:

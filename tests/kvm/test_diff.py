@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagein.errors import IntegrityError, SnapshotFormatError
+from pagein.errors import HandlerError, IntegrityError, SnapshotFormatError
 from pagein.snapshot.chain import LAYER_FILE, ChainSource, read_layer, resolve_chain
 from pagein.snapshot.open import open_source
 from pagein.snapshot.raw import data_extents
@@ -350,12 +350,18 @@ def _serve(source: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, sock
 
 
-def test_share_pages_clones_of_a_chain_answer_exactly_and_share(chain: Chain,
+def test_serving_a_chain_shares_pages_and_refuses_another_layer(chain: Chain,
                                                                 tmp_path: Path) -> None:
     """`pagein serve --source LAYER` fills one page cache from the flattened chain; two
-    --share-pages clones of the layer answer like the reference and share its pages."""
+    --share-pages clones of the layer answer like the reference and share its pages;
+    a restore of another layer through that server is refused."""
     proc, sock = _serve(chain.layers[-1], tmp_path)
     try:
+        # Another layer of the same size is refused before any guest runs, not served
+        # the top's pages (the identity line names the layer file, which binds a chain).
+        with pytest.raises(HandlerError, match=f"this handler serves {chain.layers[-1]} "
+                                               r"\(chain of 3 diff layers\)"):
+            restore(chain.layers[2], RestoreOptions(uffd_socket=sock))
         clones = [restore(chain.layers[-1], RestoreOptions(uffd_socket=sock,
                                                            share_pages=True))
                   for _ in range(2)]

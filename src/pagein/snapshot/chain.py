@@ -238,6 +238,7 @@ class Chain:
     layers: tuple[Layer, ...]
     memory_bytes: int
     index: ChainIndex
+    top_layer_sha256: str | None = None   # of the bytes the index was read from
 
     @property
     def depth(self) -> int:
@@ -302,7 +303,11 @@ def resolve_chain(directory: str) -> Chain:
     """
     here = os.path.realpath(directory)
     lpath = os.path.join(here, LAYER_FILE)
-    doc = read_layer(lpath) if os.path.exists(lpath) else None
+    doc, top_sha = None, None
+    if os.path.exists(lpath):
+        with open(lpath, "rb") as f:
+            raw = f.read(_HEADER.size + _MAX_BODY + 1)
+        doc, top_sha = parse_layer(lpath, raw), hashlib.sha256(raw).hexdigest()
     top = doc
     layers: list[Layer] = []
     seen: set[str] = set()
@@ -330,7 +335,7 @@ def resolve_chain(directory: str) -> Chain:
         raise SnapshotFormatError(f"snapshot memory file {base} has {size} bytes, not a "
                                   "positive multiple of 4096")
     return Chain(tuple(layers), size, top.chain_index() if top is not None
-                 else full_index(base, size))
+                 else full_index(base, size), top_sha)
 
 
 def full_index(memory_path: str, size: int) -> ChainIndex:
@@ -458,6 +463,8 @@ class ChainSource(PageSource):
     def __init__(self, directory: str) -> None:
         self.chain = resolve_chain(directory)
         self.directory = directory
+        #: SHA-256 of the top layer file, which binds the chain (None: a full snapshot).
+        self.top_layer_sha256 = self.chain.top_layer_sha256
         self._map: Mapping | None = None
         self._reader: ChainReader | None = None
         try:

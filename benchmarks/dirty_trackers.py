@@ -1,4 +1,10 @@
-"""KVM's dirty log against uffd write-protect (``UFFD_FEATURE_WP_ASYNC``) as dirty trackers.
+"""Mechanism probe, not a pagein figure: KVM's dirty log against uffd write-protect
+(``UFFD_FEATURE_WP_ASYNC``) as dirty trackers, each armed by hand on one guest memory.
+
+pagein's own figure for the cost of dirty tracking on a running guest (a burst of
+requests with tracking on vs off, as `pagein vm run` tracks) is in
+benchmarks/vm_diff.py. This probe compares the two kernel mechanisms the choice of
+tracker rests on.
 
 Run: ``.venv/bin/python benchmarks/dirty_trackers.py [MIB]`` (default 256). One guest
 memory of MIB, every page populated; a guest (`scan` workload, ``op=write``) writes
@@ -68,7 +74,7 @@ def main() -> None:
     for tracker in ("kvm", "uffd-wp"):
         runs = [guest_run(mem, tracker) for _ in range(2)]
         best = min(runs)
-        print(f"{tracker:8} guest {best[0] * 1e3:.1f} ms ({best[0] / base:.2f}x untracked "
+        print(f"probe {tracker:8} guest {best[0] * 1e3:.1f} ms ({best[0] / base:.2f}x untracked "
               f"{base * 1e3:.1f} ms), collect {best[1] * 1e3:.2f} ms, {best[2]} pages dirty")
 
 

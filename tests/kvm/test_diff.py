@@ -23,12 +23,17 @@ from _guest import park_function_at_ready
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pagein.errors import IntegrityError, SnapshotFormatError
+from pagein.errors import HandlerError, IntegrityError, SnapshotFormatError
 from pagein.snapshot.chain import LAYER_FILE, ChainSource, read_layer, resolve_chain
 from pagein.snapshot.open import open_source
+from pagein.snapshot.raw import data_extents
+from pagein.snapshot.source import PageSource
 from pagein.snapshot.store import ops
 from pagein.snapshot.store.backend import LocalBackend
 from pagein.snapshot.store.layout import read_manifest
+from pagein.sys.mapping import Mapping
+from pagein.sys.pagemap import Pagemap
+from pagein.sys.poll import wait_readable
 from pagein.vmm.machine import Machine
 from pagein.vmm.reference import FunctionReference
 from pagein.vmm.restore import Backend, RestoreOptions, restore
@@ -53,6 +58,12 @@ def ask(machine: Machine, request: str) -> str:
 class Chain:
     layers: tuple[str, ...]                  # full snapshot first
     refs: tuple[FunctionReference, ...]      # the reference at each layer
+
+
+def _read(src: PageSource, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    src.read_into(offset, memoryview(buf))
+    return bytes(buf)
 
 
 def _answers(ref: FunctionReference) -> list[str]:
@@ -92,7 +103,8 @@ def test_every_backend_restores_every_layer(chain: Chain, backend: Backend) -> N
 
 
 def test_diff_holds_only_changed_pages(chain: Chain) -> None:
-    sizes = [read_layer(os.path.join(d, LAYER_FILE)).pages.sum() for d in chain.layers[1:]]
+    sizes = [read_layer(os.path.join(d, LAYER_FILE)).changed_pages().sum()
+             for d in chain.layers[1:]]
     records_pages = STATE // 4096
     # update 10 500 touches ~8 pages of records; 300..4000 ~58; one record ~1 (plus the
     # guest's stack, its line buffer and the page the VMM wrote the request into).
@@ -126,12 +138,38 @@ def test_unchanged_vm_diff_is_almost_empty_and_vmm_writes_are_in_it(tmp_path: Pa
         m.memory.write(far, b"\x5a" * 4096)
         vmm = save_snapshot(m, str(tmp_path / "vmm"), diff=True)
         m.resume()
-    pages = read_layer(str(tmp_path / "vmm" / LAYER_FILE)).pages
+    pages = read_layer(str(tmp_path / "vmm" / LAYER_FILE)).changed_pages()
     assert np.flatnonzero(pages).tolist() == [far // 4096]
     assert vmm.bytes_written == 4096
     with ChainSource(str(tmp_path / "vmm")) as src:
         assert src.chain.depth == 2
-        assert bytes(src._mapping().read(far, 4096)) == b"\x5a" * 4096
+        assert _read(src, far, 4096) == b"\x5a" * 4096
+
+
+def _data_bytes(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return sum(n for _, n in data_extents(fd, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+
+
+def test_bytes_written_counts_data_not_holes_in_full_and_diff(tmp_path: Path) -> None:
+    """Both kinds report the bytes their memory file holds: a full snapshot of a mostly
+    empty guest is not its RAM size, and a diff of one record is about a page."""
+    wa = function_args(MiB, 1)
+    with Machine.create(MEM, 1) as m:
+        park_function_at_ready(m, wa, track_dirty=True, timeout=TIMEOUT)
+        full = save_snapshot(m, str(tmp_path / "full"))
+        m.resume()
+        assert ask(m, "update 7 8 1").startswith("updated")
+        m.pause(TIMEOUT)
+        diff = save_snapshot(m, str(tmp_path / "diff"), diff=True)
+        m.resume()
+    assert full.bytes_written == _data_bytes(full.memory_path)
+    assert 0 < full.bytes_written < MEM // 4
+    assert diff.bytes_written == _data_bytes(diff.memory_path)
+    assert 0 < diff.bytes_written <= 8 * 4096
 
 
 def _copy_chain(chain: Chain, dest: Path) -> list[str]:
@@ -172,13 +210,19 @@ def test_reordered_parents_are_refused(chain: Chain, tmp_path: Path) -> None:
 
 
 def test_corrupt_layer_file_is_refused(chain: Chain, tmp_path: Path) -> None:
+    """A flipped byte in the top layer's file fails its checksum; in a parent's, the
+    digest the layer above recorded of it."""
     layers = _copy_chain(chain, tmp_path)
-    path = os.path.join(layers[2], LAYER_FILE)
-    data = bytearray(Path(path).read_bytes())
-    data[-5] ^= 1
-    Path(path).write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match=f"snapshot layer file {path} is corrupted"):
-        restore(layers[-1], RestoreOptions(backend=Backend.COPY))
+    for i, match in ((-1, "snapshot layer file {path} is corrupted"),
+                     (2, "its parent's layer file {path} is not the one it was taken on")):
+        path = os.path.join(layers[i], LAYER_FILE)
+        data = bytearray(Path(path).read_bytes())
+        data[-5] ^= 1
+        Path(path).write_bytes(bytes(data))
+        with pytest.raises(IntegrityError, match=match.format(path=path)):
+            restore(layers[-1], RestoreOptions(backend=Backend.COPY))
+        data[-5] ^= 1
+        Path(path).write_bytes(bytes(data))
 
 
 def test_layer_file_removed_is_refused(chain: Chain, tmp_path: Path) -> None:
@@ -191,7 +235,7 @@ def test_layer_file_removed_is_refused(chain: Chain, tmp_path: Path) -> None:
 
 def test_verify_memory_of_a_chain_names_the_corrupt_layer(chain: Chain, tmp_path: Path) -> None:
     layers = _copy_chain(chain, tmp_path)
-    pages = np.flatnonzero(read_layer(os.path.join(layers[2], LAYER_FILE)).pages)
+    pages = np.flatnonzero(read_layer(os.path.join(layers[2], LAYER_FILE)).changed_pages())
     with open(os.path.join(layers[2], "memory"), "r+b") as f:
         f.seek(int(pages[0]) * 4096 + 8)
         f.write(b"\xff" * 8)
@@ -208,7 +252,7 @@ def test_squash_restores_like_the_chain(chain: Chain, tmp_path: Path) -> None:
     assert f"squashed {len(UPDATES)} diff layers into {out}" in res.stdout
     assert not (out / LAYER_FILE).exists()
     with ChainSource(chain.layers[-1]) as src:
-        flat = bytes(src._mapping().read(0, src.size))
+        flat = _read(src, 0, src.size)
     assert (out / "memory").read_bytes() == flat
     for backend in Backend:
         with restore(str(out), RestoreOptions(backend=backend, verify_memory=True)) as vm:
@@ -269,4 +313,55 @@ def test_store_push_of_a_chain_uploads_only_new_chunks_and_serves_it(
         assert served.size == flat.size
         buf = bytearray(served.size)
         served.read_into(0, memoryview(buf))
-        assert bytes(buf) == bytes(flat._mapping().read(0, flat.size))
+        assert bytes(buf) == _read(flat, 0, flat.size)
+
+
+def _serve(source: str, tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    sock = str(tmp_path / "serve.sock")
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "pagein", "serve", "--socket", sock,
+                             "--source", source, "--ready-fd", str(w)], pass_fds=(w,),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(w)
+    try:
+        assert wait_readable([r], TIMEOUT) and os.read(r, 16), "serve did not start"
+    finally:
+        os.close(r)
+    return proc, sock
+
+
+def test_serving_a_chain_shares_pages_and_refuses_another_layer(chain: Chain,
+                                                                tmp_path: Path) -> None:
+    """`pagein serve --source LAYER` fills one page cache from the flattened chain; two
+    --share-pages clones of the layer answer like the reference and share its pages;
+    a restore of another layer through that server is refused."""
+    proc, sock = _serve(chain.layers[-1], tmp_path)
+    try:
+        # Another layer of the same size is refused before any guest runs, not served
+        # the top's pages (the identity line names the layer file, which binds a chain).
+        with pytest.raises(HandlerError, match=f"this handler serves {chain.layers[-1]} "
+                                               r"\(chain of 3 diff layers\)"):
+            restore(chain.layers[2], RestoreOptions(uffd_socket=sock))
+        clones = [restore(chain.layers[-1], RestoreOptions(uffd_socket=sock,
+                                                           share_pages=True))
+                  for _ in range(2)]
+        try:
+            for vm in clones:
+                assert [ask(vm.machine, r) for r in CHECKS] == _answers(chain.refs[-1])
+            with Mapping.anonymous(4096) as z, Pagemap() as pm:
+                z.read(0, 1)  # the kernel's zero page: not a shared snapshot page
+                zero = pm.pages(z.address, 4096)[0].pfn
+                a, b = ([p.pfn if p.present else 0 for m in vm.mappings
+                         for p in pm.pages(m.address, m.length)] for vm in clones)
+            # The records the checksum read are the cache's pages in both clones.
+            assert sum(x == y and x not in (0, zero) for x, y in zip(a, b, strict=True)) \
+                >= STATE // 4096
+        finally:
+            for vm in clones:
+                vm.close()
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+    # And with the handler spawned for the VM (it resolves the chain itself).
+    with restore(chain.layers[2], RestoreOptions(share_pages=True)) as vm:
+        assert [ask(vm.machine, r) for r in CHECKS] == _answers(chain.refs[2])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -205,7 +206,10 @@ def test_snapshot_a_running_vm_through_its_control_socket(tmp_path: Path) -> Non
         assert _ask(proc, REQUESTS[0]) == ANSWERS[0]
         snap = pagein_vm("snapshot", "--control", str(control), "--out", str(out))
         assert snap.returncode == 0, snap.stderr
-        assert snap.stdout.startswith(f"snapshot {out}: 49152 KiB written of 48 MiB memory")
+        # Written: the memory file's data, not its holes (the guest uses a few MiB).
+        written = re.match(rf"snapshot {re.escape(str(out))}: (\d+) KiB written of 48 MiB "
+                           "memory", snap.stdout)
+        assert written is not None and 0 < int(written[1]) < 49152 // 2, snap.stdout
         # The original goes on after the snapshot...
         assert _ask(proc, REQUESTS[2], then="quit") == ANSWERS[2]
         assert proc.wait(TIMEOUT) == 0

@@ -82,11 +82,32 @@ def test_split_is_bounded() -> None:
     ({"size": 4096, "sha256": "AB" * 32, "path": "/m"}, "identity.sha256"),
     ({"size": 4096, "sha256": "ab", "path": "/m"}, "identity.sha256"),
     ({"size": 4096, "sha256": None, "path": 7}, "identity.path"),
+    ({"size": 4096, "sha256": None, "path": "/m", "layer": "xyz"}, "identity.layer"),
 ])
 def test_decode_names_the_bad_field(doc: dict[str, object], field: str) -> None:
     line = json.dumps({"pagein": "identity", **doc}).encode()
     with pytest.raises(HandshakeError, match=f"bad handshake field {field}="):
         Identity.decode(line)
+
+
+def test_a_chain_is_told_by_its_top_layer_digest() -> None:
+    """A VMM restoring a diff layer names its layer file; a server serving a chain
+    compares it with its own top layer's (no memory file to hash on either side)."""
+    theirs = Identity.decode(Identity(8192, None, "/snap/d2/memory", SHA).encode())
+    assert theirs.layer_sha256 == SHA
+    served = FileDigests(None, 8192, describe="/snap/d2 (chain of 2 diff layers)",
+                         layer_sha256=SHA)
+    assert served.check(theirs) == Verdict(("size", "layer"))
+    other = FileDigests(None, 8192, describe="/snap/d3 (chain of 3 diff layers)",
+                        layer_sha256="cd" * 32)
+    bad = other.check(theirs)
+    assert bad.checked == ("size", "layer")
+    assert bad.error == (f"this handler serves /snap/d3 (chain of 3 diff layers) (8192 "
+                         f"bytes, layer sha256 {'cd' * 32}), the snapshot is "
+                         f"/snap/d2/memory (8192 bytes, sha256 not recorded, layer sha256 "
+                         f"{SHA})")
+    # A full snapshot's VMM (no layer) against a chain: the size, as before.
+    assert other.check(Identity(8192, None, "/snap/full/memory")) == Verdict(("size",))
 
 
 def test_describe_bounds_a_peer_path() -> None:

@@ -10,7 +10,11 @@ line in the same message, right after the JSON array of regions::
 
 ``size`` is the memory file's size in bytes, ``sha256`` its digest in lowercase hex (or
 ``null`` when the snapshot recorded none), ``path`` where the VMM found it (used only to
-recognise the very file the server serves, and in messages). The line ends with ``\\n``
+recognise the very file the server serves, and in messages). A VMM restoring a diff
+layer adds ``"layer": HEX``, the SHA-256 of the layer's ``layer`` file, which binds the
+whole chain under it (:mod:`pagein.snapshot.chain`): a server serving a chain compares
+it with its own top layer's, so a restore of another chain of the same size (or
+another layer of the same chain) is refused instead of served. The line ends with ``\\n``
 and is at most :data:`MAX_LINE` bytes. Before any page is served the server answers with
 one line on the same socket::
 
@@ -62,17 +66,22 @@ class Identity:
     size_bytes: int
     sha256: str | None
     path: str
+    layer_sha256: str | None = None   # a diff layer: SHA-256 of its layer file
 
     def encode(self) -> bytes:
         """The line a VMM sends after the JSON regions (newline included)."""
-        return json.dumps({"pagein": "identity", "size": self.size_bytes,
-                           "sha256": self.sha256, "path": self.path}).encode() + b"\n"
+        doc: dict[str, object] = {"pagein": "identity", "size": self.size_bytes,
+                                  "sha256": self.sha256, "path": self.path}
+        if self.layer_sha256 is not None:
+            doc["layer"] = self.layer_sha256
+        return json.dumps(doc).encode() + b"\n"
 
     def describe(self) -> str:
         """``PATH (SIZE bytes, sha256 HEX)``; a peer's path is cut to 256 characters."""
         sha = self.sha256 or "not recorded"
         path = self.path if len(self.path) <= 256 else self.path[:253] + "..."
-        return f"{path!r}"[1:-1] + f" ({self.size_bytes} bytes, sha256 {sha})"
+        layer = f", layer sha256 {self.layer_sha256}" if self.layer_sha256 else ""
+        return f"{path!r}"[1:-1] + f" ({self.size_bytes} bytes, sha256 {sha}{layer})"
 
     @classmethod
     def decode(cls, line: bytes) -> Identity:
@@ -91,7 +100,10 @@ class Identity:
             raise HandshakeError("identity.sha256", sha, "must be 64 lowercase hex digits or null")
         if not isinstance(path, str) or "\0" in path:
             raise HandshakeError("identity.path", path, "must be a text path")
-        return cls(size, sha, path)
+        layer = doc.get("layer")
+        if layer is not None and not (isinstance(layer, str) and _SHA.fullmatch(layer)):
+            raise HandshakeError("identity.layer", layer, "must be 64 lowercase hex digits")
+        return cls(size, sha, path, layer)
 
 
 def split_identity(sock: socket.socket, rest: bytes, deadline: float) -> tuple[Identity | None,
@@ -153,11 +165,13 @@ class FileDigests:
 
     ``known_sha256``: a digest given by the caller (from the snapshot's state file), so
     nothing is ever hashed. ``path`` None: the source is not a local file (a store):
-    only its size can be compared.
+    only its size can be compared. ``layer_sha256``: the served chain's top layer file
+    digest, compared with a VMM's ``layer`` when both are known.
     """
 
     def __init__(self, path: str | None, size_bytes: int, known_sha256: str | None = None,
-                 describe: str = "") -> None:
+                 describe: str = "", layer_sha256: str | None = None) -> None:
+        self.layer_sha256 = layer_sha256
         self.path = path
         self.size_bytes = size_bytes
         self.describe = describe or (path or "the source")
@@ -169,6 +183,10 @@ class FileDigests:
         """Compare a VMM's identity with the served file (may hash it once, logged)."""
         if theirs.size_bytes != self.size_bytes:
             return self._refuse(theirs, None, ("size",))
+        if theirs.layer_sha256 is not None and self.layer_sha256 is not None:
+            if theirs.layer_sha256 != self.layer_sha256:
+                return self._refuse(theirs, None, ("size", "layer"))
+            return Verdict(("size", "layer"))
         if theirs.sha256 is None:
             return Verdict(("size",))
         if self._same_file(theirs.path):
@@ -182,6 +200,8 @@ class FileDigests:
 
     def _refuse(self, theirs: Identity, ours: str | None, checked: tuple[str, ...]) -> Verdict:
         sha = f", sha256 {ours}" if ours else ""
+        if "layer" in checked:
+            sha = f", layer sha256 {self.layer_sha256}"
         return Verdict(checked, f"this handler serves {self.describe} ({self.size_bytes} "
                                 f"bytes{sha}), the snapshot is {theirs.describe()}")
 

@@ -13,6 +13,7 @@ from pagein.serve.guard import SourceGuard
 from pagein.serve.options import ServeOptions
 from pagein.serve.strategies import Strategy, StrategyName, make_strategy
 from pagein.snapshot import workingset
+from pagein.snapshot.chain import ChainSource
 from pagein.snapshot.open import open_source
 from pagein.snapshot.raw import RawFileSource
 from pagein.snapshot.source import PageSource, SourceStats
@@ -47,6 +48,11 @@ class Served:
         """The local memory file served (None for a store source): identity checks
         compare it with the VMM's (:mod:`pagein.serve.identity`)."""
         return self.base.path if isinstance(self.base, RawFileSource) else None
+
+    def layer_sha256(self) -> str | None:
+        """The SHA-256 of the served chain's top ``layer`` file (None: not a diff chain):
+        identity checks compare it with the VMM's (:mod:`pagein.serve.identity`)."""
+        return self.base.top_layer_sha256 if isinstance(self.base, ChainSource) else None
 
     def strategy(self) -> Strategy:
         """A fresh strategy for one VM (sessions never share one)."""

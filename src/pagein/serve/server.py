@@ -195,7 +195,8 @@ class Server:
         self._served = served
         self._source_stats = SourceTally()  # workers' store caches (--workers 0: ours)
         self._digests = FileDigests(served.file_path(), served.source.size,
-                                    options.memory_sha256, served.source.describe())
+                                    options.memory_sha256, served.source.describe(),
+                                    served.layer_sha256())
         self.engine, why = choose(options.engine)
         if why is not None:
             log.warning("engine: python (%s)", why)

@@ -23,7 +23,8 @@ from pagein.errors import MappingError, Unavailable
 from pagein.sys._fd import OwnedFd
 
 __all__ = ["HUGE_PAGE_SIZE", "PAGE_SIZE", "Advice", "Mapping", "Memfd", "hugetlb_free_pages",
-           "hugetlb_pool", "hugetlb_pool_hint", "hugetlb_pool_size", "hugetlb_raise_hint"]
+           "hugetlb_pool", "hugetlb_pool_hint", "hugetlb_pool_size", "hugetlb_raise_hint",
+           "map_count", "max_map_count"]
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 HUGE_PAGE_SIZE = 2 * 1024 * 1024
@@ -323,3 +324,16 @@ def hugetlb_pool_hint(page_size: int = HUGE_PAGE_SIZE) -> str:
     """The advice for a hugetlb fill that found no free page of ``page_size``."""
     return (f"the hugetlb pool has no free {page_size // 1024} KiB page; "
             f"{hugetlb_raise_hint(page_size)}")
+
+
+def map_count() -> int:
+    """The memory mappings (VMAs) this process has now: the lines of /proc/self/maps."""
+    with open("/proc/self/maps", "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
+
+
+def max_map_count() -> int:
+    """The kernel's limit on a process's mappings (sysctl ``vm.max_map_count``); an
+    ``mmap`` past it fails with ENOMEM."""
+    with open("/proc/sys/vm/max_map_count") as f:
+        return int(f.read())

@@ -3,7 +3,8 @@
 Writing: :func:`write_diff_memory` stores only the pages the dirty log
 (:mod:`pagein.vmm.dirty`) reports, at their offsets in a sparse memory file of the full
 size; :func:`layer_doc` links the layer to its parent by path and the SHA-256 of the
-parent's state file.
+parent's state and layer files, and records the chain's index with the new layer on
+top (so opening the chain later reads that one index).
 
 Restoring: :func:`chain_of` resolves and checks the whole chain before any guest runs;
 :func:`copy_chain` and :func:`map_chain_private` build guest memory from the flattened
@@ -25,11 +26,14 @@ from pagein._abi.mman import Prot
 from pagein.errors import IntegrityError, SnapshotFormatError
 from pagein.snapshot.chain import (
     LAYER_FILE,
+    MAX_DEPTH,
     STATE_FILE,
     Chain,
+    ChainReader,
     LayerDoc,
     file_sha256,
     map_chain,
+    pack_pages,
     resolve_chain,
 )
 from pagein.sys.mapping import PAGE_SIZE, Mapping
@@ -45,14 +49,16 @@ _CHUNK_PAGES = 256          # 1 MiB per read of guest memory
 Bits = npt.NDArray[np.bool_]
 
 
-def write_diff_memory(memory: GuestMemory, pages: Bits, path: str) -> tuple[int, str]:
+def write_diff_memory(memory: GuestMemory, pages: Bits, path: str) -> tuple[int, str, Bits]:
     """Write the ``pages`` of guest RAM at their offsets into a sparse file of full size.
 
-    Returns ``(bytes of page data written, SHA-256 of the pages' bytes in page order)``.
-    Runs that are all zero stay holes (they read as zeros, as the guest has them).
+    Returns ``(bytes of page data written, SHA-256 of the pages' bytes in page order,
+    the pages found all zero)``. All-zero pages are not written: they stay holes, and
+    the layer's index says they read as zeros.
     """
     sha = hashlib.sha256()
     written = 0
+    zero = np.zeros(pages.size, dtype=bool)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         base = 0  # page index of the region's start in the memory file
@@ -68,20 +74,34 @@ def write_diff_memory(memory: GuestMemory, pages: Bits, path: str) -> tuple[int,
                     n = min(_CHUNK_PAGES, first + n_run - p)
                     chunk = region.mapping.read(p * PAGE_SIZE, n * PAGE_SIZE)
                     sha.update(chunk)
-                    if chunk.count(0) != len(chunk):
-                        os.pwrite(fd, chunk, (base + p) * PAGE_SIZE)
-                        written += len(chunk)
+                    written += _write_nonzero(fd, chunk, (base + p) * PAGE_SIZE,
+                                              zero[base + p: base + p + n])
             base += count
         os.ftruncate(fd, base * PAGE_SIZE)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return written, sha.hexdigest()
+    return written, sha.hexdigest(), zero
+
+
+def _write_nonzero(fd: int, chunk: bytes, offset: int, zero: Bits) -> int:
+    """pwrite the runs of non-zero pages of ``chunk`` at ``offset``; mark the zero pages
+    in ``zero`` (one bool per page of the chunk). Returns the bytes written."""
+    zero[:] = ~np.frombuffer(chunk, np.uint64).reshape(-1, PAGE_SIZE // 8).any(axis=1)
+    edges = np.flatnonzero(np.diff(np.concatenate(([1], zero.view(np.int8), [1]))))
+    view = memoryview(chunk)
+    written = 0
+    for s, e in zip(edges[::2], edges[1::2], strict=True):
+        a, b = int(s) * PAGE_SIZE, int(e) * PAGE_SIZE
+        os.pwrite(fd, view[a:b], offset + a)
+        written += b - a
+    return written
 
 
 def layer_doc(parent: tuple[str, str], directory: str, memory_bytes: int, pages: Bits,
-              data_sha256: str) -> LayerDoc:
-    """The ``layer`` document of a diff in ``directory`` on ``parent`` (dir, state SHA).
+              zero: Bits, data_sha256: str) -> LayerDoc:
+    """The ``layer`` document of a diff in ``directory`` on ``parent`` (dir, state SHA):
+    its links to the parent, and the chain's index with this layer on top.
 
     Raises :class:`~pagein.errors.IntegrityError` when the parent's state file changed
     since this VM was restored from or snapshotted to it, and ``ValueError`` when the
@@ -97,11 +117,25 @@ def layer_doc(parent: tuple[str, str], directory: str, memory_bytes: int, pages:
                              "removed since the VM was restored from or snapshotted to it: "
                              "take a full snapshot (without --diff)")
     target = os.path.realpath(directory)
-    if any(layer.directory == target for layer in resolve_chain(parent_dir).layers):
+    below = resolve_chain(parent_dir)
+    if any(layer.directory == target for layer in below.layers):
         raise ValueError(f"--out {directory} is a layer of this VM's own chain: write the "
                          "diff into a new directory")
+    if below.memory_bytes != memory_bytes:
+        raise SnapshotFormatError(f"the parent snapshot {parent_dir} holds "
+                                  f"{below.memory_bytes} bytes of memory, this VM "
+                                  f"{memory_bytes}: take a full snapshot (without --diff)")
+    if below.depth + 1 > MAX_DEPTH:
+        raise ValueError(f"the chain under {parent_dir} is {below.depth} diffs deep, the "
+                         f"most a chain holds is {MAX_DEPTH}: squash it (pagein snapshot "
+                         "squash) or take a full snapshot")
+    top = below.layers[-1]
+    parent_layer = None if top.doc is None else file_sha256(
+        os.path.join(top.directory, LAYER_FILE))
+    index = below.index.with_layer(below.depth + 1, pages, zero)
     rel = os.path.relpath(os.path.realpath(parent_dir), target)
-    return LayerDoc(rel, parent_sha, memory_bytes, pages, data_sha256)
+    return LayerDoc(rel, parent_sha, parent_layer, below.depth + 1, memory_bytes,
+                    pack_pages(pages), data_sha256, len(index), index.encode())
 
 
 def chain_of(snap: Snapshot) -> Chain:
@@ -124,16 +158,20 @@ def chain_of(snap: Snapshot) -> Chain:
 
 
 def copy_chain(chain: Chain, snap: Snapshot, regions: list[Mapping]) -> None:
-    """Copy the flattened chain into fresh guest memory (the copy backend)."""
-    with map_chain(chain, shared=True, prot=Prot.READ) as src:
-        view = src.view()
-        try:
-            for stored, m in zip(snap.regions, regions, strict=True):
+    """Copy the flattened chain into fresh guest memory (the copy backend), with
+    ``pread`` from each run's layer: no mapping, so no ``vm.max_map_count`` limit."""
+    reader = ChainReader(chain)
+    try:
+        for stored, m in zip(snap.regions, regions, strict=True):
+            view = m.view()
+            try:
                 for off in range(0, stored.size, 64 << 20):
                     n = min(64 << 20, stored.size - off)
-                    m.write(off, view[stored.offset + off: stored.offset + off + n])
-        finally:
-            view.release()
+                    reader.read_into(stored.offset + off, view[off: off + n])
+            finally:
+                view.release()
+    finally:
+        reader.close()
 
 
 def verify_chain(chain: Chain) -> None:
@@ -147,7 +185,7 @@ def verify_chain(chain: Chain) -> None:
     for layer in chain.layers[1:]:
         assert layer.doc is not None  # every layer above the bottom is a diff
         sha = hashlib.sha256()
-        idx = np.flatnonzero(layer.doc.pages)
+        idx = np.flatnonzero(layer.doc.changed_pages())
         with open(layer.memory_path, "rb", buffering=0) as f:
             for run in np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1) if idx.size else []:
                 f.seek(int(run[0]) * PAGE_SIZE)
@@ -165,8 +203,13 @@ def verify_chain(chain: Chain) -> None:
 
 
 def map_chain_private(chain: Chain) -> Mapping:
-    """The flattened chain mapped copy-on-write as guest memory (the file backend)."""
-    return map_chain(chain, shared=False, prot=Prot.READ | Prot.WRITE)
+    """The flattened chain mapped copy-on-write as guest memory (the file backend).
+
+    Raises :class:`~pagein.errors.Unavailable` when the chain is too fragmented for
+    ``vm.max_map_count`` (one mapping per run), naming the backends that are not."""
+    return map_chain(chain, shared=False, prot=Prot.READ | Prot.WRITE,
+                     remedy=", or restore it with --backend copy or uffd (they read the "
+                            "chain without mapping it)")
 
 
 def squash(directory: str, out: str) -> Snapshot:
@@ -176,8 +219,7 @@ def squash(directory: str, out: str) -> Snapshot:
     checked first (:func:`chain_of`); files are written under temporary names and
     renamed, the state last. Raises ``ValueError`` when ``out`` is a layer of the chain.
     """
-    from pagein.vmm.memory import Region
-    from pagein.vmm.snapshot import encode_state, load_snapshot, read_state, write_memory
+    from pagein.vmm.snapshot import encode_state, load_snapshot, read_state
 
     snap = load_snapshot(directory)
     chain = chain_of(snap)
@@ -188,10 +230,7 @@ def squash(directory: str, out: str) -> Snapshot:
     doc = read_state(snap.state_path)
     os.makedirs(out, exist_ok=True)
     mem_tmp = os.path.join(out, ".memory.tmp")
-    with map_chain(chain, shared=True, prot=Prot.READ) as whole:
-        regions = [Region(r.guest_phys, Mapping(whole.address + r.offset, r.size, owned=False))
-                   for r in snap.regions]
-        size, sha = write_memory(GuestMemory.from_mappings(regions), mem_tmp)
+    size, sha = _write_flat(chain, mem_tmp)
     doc["memory"] = {**doc["memory"], "file_bytes": size, "sha256": sha}
     doc["layer"] = None
     state_tmp = os.path.join(out, ".vmstate.tmp")
@@ -204,3 +243,26 @@ def squash(directory: str, out: str) -> Snapshot:
         os.unlink(os.path.join(out, LAYER_FILE))
     os.replace(state_tmp, os.path.join(out, STATE_FILE))
     return load_snapshot(out)
+
+
+def _write_flat(chain: Chain, path: str) -> tuple[int, str]:
+    """Write the flattened chain to ``path`` as one raw memory file (read with ``pread``,
+    so a chain too fragmented to map squashes too); all-zero 1 MiB chunks stay holes.
+    Returns ``(bytes, SHA-256 hex)``."""
+    sha = hashlib.sha256()
+    buf = bytearray(_CHUNK_PAGES * PAGE_SIZE)
+    reader = ChainReader(chain)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        for off in range(0, chain.memory_bytes, len(buf)):
+            view = memoryview(buf)[: min(len(buf), chain.memory_bytes - off)]
+            reader.read_into(off, view)
+            sha.update(view)
+            if np.frombuffer(view, np.uint64).any():
+                os.pwrite(fd, view, off)
+        os.ftruncate(fd, chain.memory_bytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        reader.close()
+    return chain.memory_bytes, sha.hexdigest()

@@ -497,7 +497,8 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts,
     # pagein's identity extension: a handler serving another snapshot says so before
     # a vCPU runs, instead of filling this guest with the other snapshot's pages.
     identity = Identity(snap.memory_bytes, snap.memory_sha256,
-                        os.path.abspath(snap.memory_path)) if opts.check_identity else None
+                        os.path.abspath(snap.memory_path),
+                        snap.layer_sha256) if opts.check_identity else None
     parts.sock = connect_and_send(path, wire, parts.uffd, mem_file=snap.memory_path,
                                   trust_uids=opts.trust_uids, identity=identity,
                                   timeout=opts.handler_timeout)

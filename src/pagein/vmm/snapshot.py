@@ -99,7 +99,8 @@ class Snapshot:
     memory_sha256: str | None
     workload: tuple[str, tuple[int, ...]] | None = None
     layer_sha256: str | None = None   # a diff layer: SHA-256 of its ``layer`` file
-    bytes_written: int = 0            # data bytes written by save_snapshot (0 when loaded)
+    bytes_written: int = 0            # bytes save_snapshot wrote to the memory file, holes
+                                      # not counted (0 when loaded)
 
     @property
     def memory_path(self) -> str:
@@ -113,14 +114,17 @@ class Snapshot:
 # --- writing -------------------------------------------------------------------------
 
 
-def write_memory(memory: GuestMemory, path: str, *, digest: bool = True) -> tuple[int, str | None]:
-    """Write guest RAM to ``path`` as a raw memory file; return ``(bytes, sha256 hex)``.
+def write_memory(memory: GuestMemory, path: str, *,
+                 digest: bool = True) -> tuple[int, str | None, int]:
+    """Write guest RAM to ``path`` as a raw memory file; return ``(file bytes, sha256 hex,
+    bytes written)``: chunks that are all zero become holes and are not written.
 
-    Chunks that are all zero become holes. Guest memory is read with
-    :meth:`~pagein.sys.mapping.Mapping.read` (GIL released), so memory that is still
-    being filled lazily is faulted in through its handler, never read as zeros.
+    Guest memory is read with :meth:`~pagein.sys.mapping.Mapping.read` (GIL released),
+    so memory that is still being filled lazily is faulted in through its handler,
+    never read as zeros.
     """
     sha = hashlib.sha256() if digest else None
+    written = 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         offset = 0
@@ -131,12 +135,13 @@ def write_memory(memory: GuestMemory, path: str, *, digest: bool = True) -> tupl
                     sha.update(chunk)
                 if chunk != _ZERO_CHUNK[: len(chunk)]:
                     os.pwrite(fd, chunk, offset + off)
+                    written += len(chunk)
             offset += region.size
         os.ftruncate(fd, offset)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return offset, None if sha is None else sha.hexdigest()
+    return offset, None if sha is None else sha.hexdigest(), written
 
 
 def _b64(data: bytes) -> str:
@@ -202,13 +207,13 @@ def _save(machine: Machine, directory: str, states: list[VcpuState],
     layer_tmp = os.path.join(directory, f".{LAYER_FILE}.tmp")
     layer_sha: str | None = None
     if changed is None:
-        size, sha = write_memory(machine.memory, mem_tmp, digest=digest)
-        written = size
+        size, sha, written = write_memory(machine.memory, mem_tmp, digest=digest)
     else:
         assert machine.parent is not None  # checked by save_snapshot
-        written, data_sha = write_diff_memory(machine.memory, changed, mem_tmp)
+        written, data_sha, zero = write_diff_memory(machine.memory, changed, mem_tmp)
         size, sha = machine.memory.size, None
-        layer = encode_layer(layer_doc(machine.parent, directory, size, changed, data_sha))
+        layer = encode_layer(layer_doc(machine.parent, directory, size, changed, zero,
+                                       data_sha))
         with open(layer_tmp, "wb") as f:
             f.write(layer)
             f.flush()

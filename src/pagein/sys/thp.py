@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pagein._abi import libc
 from pagein._abi.mman import Advice
 
-__all__ = ["HUGE_BYTES", "Collapsed", "CollapseResult", "NotCollapsed", "anon_huge_bytes",
-           "collapse"]
+__all__ = ["HUGE_BYTES", "CollapseResult", "Collapsed", "NotCollapsed", "anon_huge_bytes",
+           "collapse", "collapse_blocker"]
 
 HUGE_BYTES = 2 << 20
 #: /proc/PID/smaps is read whole; a VMM with more mappings than this is cut (bounded).
@@ -103,3 +103,43 @@ def anon_huge_bytes(pid: int, start: int, end: int) -> int:
             if len(parts) >= 2 and parts[1].isdigit():
                 total += int(parts[1]) * 1024
     return total
+
+
+def collapse_blocker(pid: int, ranges: list[tuple[int, int]]) -> str | None:
+    """Why the mappings of ``pid`` under ``ranges`` (``(start, end)`` pairs) cannot be
+    collapsed by :func:`collapse`, or None when each is private anonymous memory that
+    may hold transparent huge pages. Read from ``/proc/PID/smaps`` (raises OSError when
+    it cannot be read): a shared or file mapping (a memfd, hugetlbfs, a page cache),
+    ``MADV_NOHUGEPAGE`` (``nh``: the VMM's way to say no) or a userfaultfd
+    write-protect registration (``uw``) each keep the range as it is.
+    """
+    with open(f"/proc/{pid}/smaps", "rb") as f:
+        text = f.read(_SMAPS_MAX)
+    where = ""
+    covered = False
+    for line in text.splitlines():
+        head = line.split(b" ", 1)[0]
+        if b"-" in head and not head.endswith(b":"):
+            fields = line.split(maxsplit=5)
+            where = ""
+            lo_s, _, hi_s = head.partition(b"-")
+            try:
+                lo, hi = int(lo_s, 16), int(hi_s, 16)
+            except ValueError:
+                continue
+            if not any(lo < end and start < hi for start, end in ranges):
+                continue
+            covered = True
+            where = f"the mapping 0x{lo:x}-0x{hi:x}"
+            path = fields[5].decode(errors="replace")[:80] if len(fields) > 5 else ""
+            if len(fields) < 5 or fields[1][3:4] != b"p" or fields[4] != b"0" or path:
+                return f"{where} is not private anonymous memory ({path or 'shared'})"
+        elif where and line.startswith(b"VmFlags:"):
+            flags = line.split()[1:]
+            if b"nh" in flags:
+                return f"{where} is marked MADV_NOHUGEPAGE"
+            if b"uw" in flags:
+                return f"{where} is registered for userfaultfd write-protect"
+            if b"ht" in flags:
+                return f"{where} is hugetlb memory (already huge pages)"
+    return None if covered else "no mapping of the process covers the regions"

@@ -63,6 +63,7 @@ from pagein.snapshot.chain import file_sha256
 from pagein.snapshot.raw import RawFileSource, data_extents
 from pagein.sys.mapping import (
     HUGE_PAGE_SIZE,
+    Advice,
     Mapping,
     Memfd,
     hugetlb_pool,
@@ -71,6 +72,7 @@ from pagein.sys.mapping import (
 )
 from pagein.sys.pagemap import Pagemap
 from pagein.sys.poll import wait_readable
+from pagein.sys.thp import anon_huge_bytes
 from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
 from pagein.vmm.console import Console
 from pagein.vmm.layers import chain_of, copy_chain, map_chain_private, verify_chain
@@ -107,6 +109,11 @@ class RestoreOptions:
     ``working_set`` / ``record``: passed to the spawned handler (``--working-set`` for the
     working-set and reap strategies, ``--record`` to write this VM's working set).
 
+    ``collapse`` (uffd only): let the handler collapse each wholly filled 2 MiB range of
+    guest memory into a huge page (docs/serve.md, "Huge pages after a lazy restore"):
+    passed to a spawned handler; with ``uffd_socket``, False marks guest memory
+    ``MADV_NOHUGEPAGE``, which a ``pagein serve`` honours (and the kernel enforces).
+
     ``share_pages`` (uffd only): guest memory is a private mapping of the handler's page
     cache of the snapshot, so clones restored through one ``pagein serve`` share their
     clean pages (see docs/serve.md, "Clones share pages").
@@ -127,6 +134,7 @@ class RestoreOptions:
     track_dirty: bool = True
     check_identity: bool = True
     share_pages: bool = False
+    collapse: bool = True
 
 
 @dataclass(slots=True)
@@ -251,6 +259,11 @@ class RestoredVm:
             raise self._outcome
         assert self._outcome is not None  # _done is set only after an outcome or an error
         return self._outcome
+
+    def huge_bytes(self) -> int:
+        """Bytes of guest memory mapped by transparent huge pages now (``AnonHugePages``
+        of its mappings in ``/proc/self/smaps``)."""
+        return sum(anon_huge_bytes(os.getpid(), m.address, m.end) for m in self._parts.mappings)
 
     def pages_present(self) -> int:
         """Guest memory pages mapped in this process now (``/proc/self/pagemap``)."""
@@ -456,7 +469,7 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts,
         serve = HandlerProcess.options_for_one_vm(
             snap.directory if layered else snap.memory_path, parts.workdir, strategy=opts.strategy,
             readahead_bytes=opts.readahead_bytes, working_set=opts.working_set,
-            record=opts.record)
+            record=opts.record, collapse=opts.collapse)
         parts.handler = HandlerProcess.start(serve, parts.workdir, opts.handler_timeout)
         path = parts.handler.socket_path
     huge = any(r.page_size == HUGE_PAGE_SIZE for r in snap.regions)
@@ -477,6 +490,9 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts,
             features |= Feature.MISSING_HUGETLBFS
     # THREAD_ID when the kernel has it: a handler's fault trace names the vCPU thread.
     parts.uffd = Userfaultfd.open(features, optional=Feature.THREAD_ID)
+    if not opts.collapse and not opts.share_pages and not huge:
+        for m in parts.mappings:  # a running pagein serve sees it in our smaps and keeps off
+            m.madvise(Advice.NOHUGEPAGE)
     for m in parts.mappings:
         parts.uffd.register(m.address, m.length, mode)
     wire = [WireRegion(m.address, r.size, r.offset, r.page_size)

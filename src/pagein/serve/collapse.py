@@ -121,31 +121,40 @@ class Collapser:
     @classmethod
     def open(cls, sock: socket.socket | None, space: AddressSpace, state: VmState,
              holes: list[Bitmap | None], name: str) -> Collapser | None:
-        """A collapser for the VMM at the other end of ``sock``, or None (with one INFO
-        line saying why) when its guest memory cannot or must not be collapsed."""
-        why, pidfd = None, -1
+        """A collapser for the VMM at the other end of ``sock`` (found by its pidfd,
+        ``SO_PEERPIDFD``), or None, with one INFO line saying why, when there is none."""
+        if sock is None:
+            log.info("%s: not collapsing filled ranges into huge pages: no VMM socket to "
+                     "find the VMM by", name)
+            return None
+        pid = peer_credentials(sock).pid
+        return cls.of_process(pid, peer_pidfd(sock, pid), space, state, holes, name)
+
+    @classmethod
+    def of_process(cls, pid: int, pidfd: int, space: AddressSpace, state: VmState,
+                   holes: list[Bitmap | None], name: str) -> Collapser | None:
+        """A collapser of process ``pid`` (``pidfd``, now owned here), or None (the pidfd
+        closed, one INFO line saying why) when its guest memory cannot or must not be
+        collapsed: hugetlb, shared or file memory, or marked ``MADV_NOHUGEPAGE``."""
         ranges = [(e.address, e.end) for e in space.extents
                   if space.regions[e.region].page_size == 4096]
-        if sock is None:
-            why = "no VMM socket to find the VMM by"
+        why = None
+        if pidfd < 0:
+            why = f"no pidfd of pid {pid}"
         elif not ranges:
             why = "its memory is hugetlb already"
+        elif not huge_ranges(space):
+            why = "no 2 MiB-aligned range in its regions"
         else:
-            pid = peer_credentials(sock).pid
-            pidfd = peer_pidfd(sock, pid)
-            if pidfd < 0:
-                why = f"no pidfd of pid {pid}"
-            else:
-                try:
-                    why = collapse_blocker(pid, ranges)
-                    signal.pidfd_send_signal(pidfd, 0)  # still that process: pid not reused
-                except OSError as e:
-                    why = f"cannot read its mappings: {e.strerror}"
-        if why is not None or not huge_ranges(space):
+            try:
+                why = collapse_blocker(pid, ranges)
+                signal.pidfd_send_signal(pidfd, 0)  # still that process: its pid not reused
+            except OSError as e:
+                why = f"cannot read its mappings: {e.strerror}"
+        if why is not None:
             if pidfd >= 0:
                 os.close(pidfd)
-            log.info("%s: not collapsing filled ranges into huge pages: %s", name,
-                     why or "no 2 MiB-aligned range in its regions")
+            log.info("%s: not collapsing filled ranges into huge pages: %s", name, why)
             return None
         return cls(pidfd, space, state, holes, name)
 

@@ -111,8 +111,8 @@ class RestoreOptions:
 
     ``collapse`` (uffd only): let the handler collapse each wholly filled 2 MiB range of
     guest memory into a huge page (docs/serve.md, "Huge pages after a lazy restore"):
-    passed to a spawned handler; with ``uffd_socket``, False marks guest memory
-    ``MADV_NOHUGEPAGE``, which a ``pagein serve`` honours (and the kernel enforces).
+    passed to a spawned handler, and False marks guest memory ``MADV_NOHUGEPAGE``, which
+    a running ``pagein serve`` (``uffd_socket``) honours and the kernel enforces.
 
     ``share_pages`` (uffd only): guest memory is a private mapping of the handler's page
     cache of the snapshot, so clones restored through one ``pagein serve`` share their
@@ -491,7 +491,8 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts,
     # THREAD_ID when the kernel has it: a handler's fault trace names the vCPU thread.
     parts.uffd = Userfaultfd.open(features, optional=Feature.THREAD_ID)
     if not opts.collapse and not opts.share_pages and not huge:
-        for m in parts.mappings:  # a running pagein serve sees it in our smaps and keeps off
+        # Any handler (a running pagein serve reads our smaps) and khugepaged keep off.
+        for m in parts.mappings:
             m.madvise(Advice.NOHUGEPAGE)
     for m in parts.mappings:
         parts.uffd.register(m.address, m.length, mode)

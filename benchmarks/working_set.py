@@ -15,6 +15,15 @@ One run boots the `function` guest, snapshots it at READY, and then, side by sid
 - ``working-set``: pagein's FaaSnap-style prefetch, concurrent with the guest, in
   first-touch order, then readahead.
 
+``--post-restore`` measures something else: how fast a restored guest runs once its
+restore is done, with and without ``pagein serve --collapse`` (huge pages for every
+wholly filled 2 MiB range). Each readahead, populate-all and working-set restore answers
+a burst (mix A plus a ``checksum`` of all state) once, waits until population and
+collapses have settled, then answers it ``--repeat`` times more: the median of those is
+its post-restore run time, printed as a ratio of the original VM's (resident) run of the
+same burst (target <= 1.15x), with the guest RAM's ``AnonHugePages``. Run it as is and
+under ``taskset -c 0`` (the VMM and its handler then share one CPU).
+
 The working set is recorded once, by an on-demand restore answering request mix A,
 before the clock. Every uffd row hands its memory to a ``pagein serve`` started before the
 clock (a fleet's daemon: it opens the memory file and loads/verifies the working-set file
@@ -49,7 +58,7 @@ from pagein.serve.strategies import StrategyName
 from pagein.vmm.image import workload_image
 from pagein.vmm.machine import Machine
 from pagein.vmm.reference import FunctionReference
-from pagein.vmm.restore import Backend, RestoreOptions, restore
+from pagein.vmm.restore import Backend, RestoredVm, RestoreOptions, restore
 from pagein.vmm.snapshot import save_snapshot
 from pagein.vmm.workloads import function_args
 
@@ -176,6 +185,71 @@ def boot_and_snapshot(snap: str, state: int, mem: int, resident_mixes: dict[str,
     return out
 
 
+def _settle(vm: RestoredVm) -> None:
+    """Wait until the guest's resident pages and huge pages stop changing for 0.3 s."""
+    last, since, deadline = (-1, -1), time.perf_counter(), time.perf_counter() + TIMEOUT
+    while time.perf_counter() < deadline:
+        now = (vm.pages_present(), vm.huge_bytes())
+        if now != last:
+            last, since = now, time.perf_counter()
+        elif time.perf_counter() - since > 0.3:
+            return
+        time.sleep(0.05)  # polling page tables, which have no fd to wait on
+
+
+def post_restore(snap: str, serve: tuple[str, ...], requests: list[str], answers: list[str],
+                 repeat: int) -> tuple[float, float, int]:
+    """One restore: (first burst s, median post-restore burst s, guest huge-page bytes)."""
+    memory = os.path.join(snap, "memory")
+    warm_cache(memory)
+    handler = Handler(memory, snap, *serve)
+    try:
+        with restore(snap, RestoreOptions(backend=Backend.UFFD,
+                                          uffd_socket=handler.sock)) as vm:
+            c = vm.machine.console
+            start = time.perf_counter()
+            _, first = burst(c.send, c.read_line, requests, answers, start)
+            _settle(vm)
+            after = [burst(c.send, c.read_line, requests, answers, time.perf_counter())[1]
+                     for _ in range(repeat)]
+            huge = vm.huge_bytes()
+            c.close_input()
+            vm.wait(TIMEOUT)
+    finally:
+        handler.finish()
+    return first, statistics.median(after), huge
+
+
+def post_restore_main(snap: str, state: int, mem: int, ref: FunctionReference,
+                      repeat: int, cpus: list[int]) -> int:
+    """The --post-restore table (see the module docstring)."""
+    reqs = [*mix(ref, 11, 200, 4, 0.02), "checksum"]
+    want = [ref.answer(r) for r in reqs]
+    resident = boot_and_snapshot(snap, state, mem, {"P": reqs}, ref, repeat + 1)["P"][1:]
+    res_s = statistics.median(r[1] for r in resident)
+    ws = os.path.join(snap, "mixA.ws")
+    one_restore(snap, Backend.UFFD, reqs[:-1], want[:-1], ("--record", ws), False)
+    rows = []
+    for label, serve in (("readahead", ("--strategy", "readahead")),
+                         ("populate-all", ("--strategy", "populate-all")),
+                         ("working-set", ("--strategy", "working-set", "--working-set", ws))):
+        for flag in ("--collapse", "--no-collapse"):
+            first, after, huge = post_restore(snap, (*serve, flag), reqs, want, repeat)
+            rows.append([label, flag, f"{first * 1e3:,.1f}", f"{after * 1e3:,.1f}",
+                         f"{after / res_s:.2f}x", f"{huge >> 20}"])
+            print(f"  {label:<13} {flag:<14} post-restore {after * 1e3:8.1f} ms "
+                  f"({after / res_s:.2f}x resident), huge {huge >> 20} MiB",
+                  file=sys.stderr, flush=True)
+    print(f"\nfunction guest, {state >> 20} MiB of state in {mem >> 20} MiB, 1 vCPU, CPUs "
+          f"{cpus}; burst = {len(reqs) - 1} requests of mix A + checksum; post-restore = "
+          f"median of {repeat} bursts after the restore settled\n")
+    print(table(["restore", "serve flag", "first burst ms", "post-restore ms", "x resident",
+                 "huge MiB"],
+                [["resident (no restore)", "-", "-", f"{res_s * 1e3:,.1f}", "1.00x", "-"],
+                 *rows]))
+    return 0
+
+
 def median_row(label: str, mixname: str, runs: list[tuple[float, float, int | None]]) -> Row:
     faults = [f for _, _, f in runs if f is not None]
     return Row(label, mixname, statistics.median(r[0] for r in runs) * 1e3,
@@ -190,6 +264,9 @@ def main() -> int:
     p.add_argument("--repeat", type=int, help="restores per row (default 5; --quick 3)")
     p.add_argument("--json", default="working_set.json", help="results for pagein report")
     p.add_argument("--workdir", help="where the snapshot is written (default /tmp)")
+    p.add_argument("--post-restore", action="store_true",
+                   help="time the guest after the restore settled, with and without "
+                        "pagein serve --collapse, against the resident run")
     p.add_argument("--only", help="comma-separated substrings: run only matching rows "
                    "(the ratio rows must stay in for the summary)")
     args = p.parse_args()
@@ -201,6 +278,9 @@ def main() -> int:
     ref = FunctionReference(state, 1, 1)
     mixes = {"A": mix(ref, 11, 200, 4, 0.02), "B": mix(ref, 22, 200, 4, 0.02)}
     answers = {k: [ref.answer(r) for r in v] for k, v in mixes.items()}
+    if args.post_restore:
+        with tempfile.TemporaryDirectory(prefix="pagein-bench-ws-", dir=args.workdir) as snap:
+            return post_restore_main(snap, state, mem, ref, repeat, cpus)
     with tempfile.TemporaryDirectory(prefix="pagein-bench-ws-", dir=args.workdir) as snap:
         t0 = time.perf_counter()
         resident = boot_and_snapshot(snap, state, mem, mixes, ref, repeat)

@@ -50,9 +50,12 @@ __all__ = ["HUGE_PAGES", "IDLE_MS", "Collapser", "HugeRange", "huge_ranges", "re
 log = logging.getLogger("pagein.serve")
 
 HUGE_PAGES = HUGE_BYTES // 4096  # 4 KiB pages in one 2 MiB range
-#: How long the VM must be quiet (no fault) before ranges completed by readahead are
-#: looked for; prefetch and populate-all look after each chunk.
+#: How long the VM must be quiet (no fault) before ranges completed by faults and
+#: readahead are looked for (the engine serves faults without returning to the session);
+#: doubled after each quiet look that found nothing new, up to IDLE_MAX_MS, so an idle
+#: VM with ranges it never completes costs a wakeup every 2 s, not 20 a second.
 IDLE_MS = 50
+IDLE_MAX_MS = 2000
 _TRIES = 3  # EAGAIN (a page busy, not on the LRU yet) is tried again this often
 _FULL_RUN = re.compile(rb"\xff{64,}")
 
@@ -115,6 +118,7 @@ class Collapser:
         self._todo: list[HugeRange] = []
         self._ready: deque[HugeRange] = deque()
         self._seen = -1  # pages installed at the last scan
+        self._idle_ms = IDLE_MS
         self._stopped = False
         self.moved()
 
@@ -173,11 +177,10 @@ class Collapser:
         return bool(self._ready) and not self._stopped
 
     @property
-    def watching(self) -> bool:
-        """Whether pages were installed since the last scan with ranges left to find:
-        the loop should wake after :data:`IDLE_MS` of quiet to look."""
-        return (not self._stopped and bool(self._todo)
-                and self._state.counters.get("pages") != self._seen)
+    def idle_ms(self) -> int:
+        """How long the loop may wait for faults before the next look (-1: for ever, no
+        range is left to find)."""
+        return self._idle_ms if self._todo and not self._stopped else -1
 
     def turn(self, *, idle: bool) -> None:
         """Look for completed ranges when enough was installed (or the VM is ``idle``),
@@ -185,6 +188,9 @@ class Collapser:
         if self._stopped:
             return
         pages = self._state.counters.get("pages")
+        if idle:  # back off while nothing new is installed
+            self._idle_ms = IDLE_MS if pages != self._seen else min(2 * self._idle_ms,
+                                                                    IDLE_MAX_MS)
         if self._todo and pages != self._seen and (idle or pages - self._seen >= HUGE_PAGES
                                                    or self._seen < 0):
             self._scan()

@@ -29,7 +29,7 @@ from enum import Enum
 
 from pagein.errors import PageinError, UffdError
 from pagein.serve.bitmap import Bitmap
-from pagein.serve.collapse import IDLE_MS, Collapser
+from pagein.serve.collapse import Collapser
 from pagein.serve.engine import (
     CoreEvent,
     Engine,
@@ -271,7 +271,7 @@ class Session:
         c = self.collapser
         if busy or (c is not None and c.backlog):
             return 0
-        return IDLE_MS if c is not None and c.watching else -1
+        return -1 if c is None else c.idle_ms
 
     def _log_complete(self) -> None:
         if not self._done_logged and self.complete:

@@ -60,7 +60,6 @@ from _pagecache import drop_cache, warm_cache  # benchmarks/ is on sys.path
 
 from pagein.cli._format import parse_size, table
 from pagein.serve.strategies import StrategyName
-from pagein.sys.thp import collapse
 from pagein.vmm.image import workload_image
 from pagein.vmm.machine import Machine
 from pagein.vmm.reference import FunctionReference
@@ -227,11 +226,8 @@ def timed_bursts(send: Callable[[str], None], read: Callable[[float], str],
 
 
 def post_restore(snap: str, backend: Backend, serve: tuple[str, ...] | None,
-                 requests: list[str], answers: list[str],
-                 collapse_self: bool = False) -> tuple[float, float, int]:
-    """One restore answers once, settles, then: (wall s, CPU s, guest huge-page bytes).
-    ``collapse_self``: the VMM collapses its own memory first (MADV_COLLAPSE), to see
-    what huge pages are worth to a guest that never faulted."""
+                 requests: list[str], answers: list[str]) -> tuple[float, float, int]:
+    """One restore answers once, settles, then: (wall s, CPU s, guest huge-page bytes)."""
     memory = os.path.join(snap, "memory")
     warm_cache(memory)
     handler = Handler(memory, snap, *serve) if serve is not None else None
@@ -240,9 +236,6 @@ def post_restore(snap: str, backend: Backend, serve: tuple[str, ...] | None,
                                           if handler else None)) as vm:
             c = vm.machine.console
             burst(c.send, c.read_line, requests, answers, time.perf_counter())
-            if collapse_self:
-                for m in vm.mappings:
-                    collapse(None, m.address, m.length)
             _settle(vm)
             wall, cpu = timed_bursts(c.send, c.read_line, requests, answers, 2)
             huge = vm.huge_bytes()
@@ -263,8 +256,7 @@ def post_restore_main(snap: str, state: int, mem: int, ref: FunctionReference,
     ws = os.path.join(snap, "mixA.ws")
     one_restore(snap, Backend.UFFD, reqs[:-1], want[:-1], ("--record", ws), False)
     plan: list[tuple[str, str, Backend, tuple[str, ...] | None]] = [
-        ("copy (eager)", "-", Backend.COPY, None),
-        ("copy, collapsed", "-", Backend.COPY, None)]
+        ("copy (eager)", "-", Backend.COPY, None)]
     for label, serve in (("readahead", ("--strategy", "readahead")),
                          ("populate-all", ("--strategy", "populate-all")),
                          ("working-set", ("--strategy", "working-set", "--working-set", ws))):
@@ -273,8 +265,7 @@ def post_restore_main(snap: str, state: int, mem: int, ref: FunctionReference,
     runs: dict[int, list[tuple[float, float, int]]] = {i: [] for i in range(len(plan))}
     for _ in range(repeat):  # interleaved: drift on the shared machine hits every row
         for i, (label, flag, backend, serve) in enumerate(plan):
-            runs[i].append(post_restore(snap, backend, serve, reqs, want,
-                                        collapse_self=label == "copy, collapsed"))
+            runs[i].append(post_restore(snap, backend, serve, reqs, want))
             w, c, h = runs[i][-1]
             print(f"  {label:<13} {flag:<14} post-restore {w * 1e3:8.1f} ms, CPU "
                   f"{c * 1e3:8.1f} ms, huge {h >> 20} MiB", file=sys.stderr, flush=True)

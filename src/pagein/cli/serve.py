@@ -127,10 +127,10 @@ def register(sub: Any) -> None:
                    help="largest fill of background work (default 1M)")
     p.add_argument("--collapse", action=argparse.BooleanOptionalAction, default=True,
                    help="once every 4 KiB page of a 2 MiB-aligned range of a VM is filled "
-                        "(by readahead, populate-all or a working-set prefetch), ask the "
-                        "kernel to map it with one huge page, so the guest runs as fast as "
-                        "one that never left memory (default: on; a VMM can refuse with "
-                        "MADV_NOHUGEPAGE on its guest memory). --no-collapse keeps 4 KiB pages")
+                        "(by readahead, populate-all, a working-set prefetch or faults), ask "
+                        "the kernel to map it with one 2 MiB page, as memory that never left "
+                        "RAM may be (default: on; a VMM can refuse by marking its guest "
+                        "memory MADV_NOHUGEPAGE). --no-collapse keeps 4 KiB pages")
     p.add_argument("--on-bad-handshake", choices=[b.value for b in BadHandshakePolicy],
                    default=BadHandshakePolicy.KILL.value,
                    help="kill the VMM (default) or only close its connection")

@@ -278,8 +278,8 @@ def _register_restore(sub: Any) -> None:
     p.add_argument("--collapse", action=argparse.BooleanOptionalAction, default=None,
                    help="--backend uffd: let the handler map each 2 MiB of guest memory "
                         "with one huge page once every 4 KiB page of it is filled (default: "
-                        "on); --no-collapse keeps 4 KiB pages (with --uffd-socket, by "
-                        "marking guest memory MADV_NOHUGEPAGE)")
+                        "on); --no-collapse keeps 4 KiB pages (it marks guest memory "
+                        "MADV_NOHUGEPAGE, which the kernel enforces for any handler)")
     p.add_argument("--verify-memory", action="store_true",
                    help="check the memory file's SHA-256 before resuming (reads it all)")
     p.add_argument("--control", metavar="PATH", help="listen for control requests here")

@@ -248,7 +248,7 @@ def post_restore(snap: str, backend: Backend, serve: tuple[str, ...] | None,
 
 
 def post_restore_main(snap: str, state: int, mem: int, ref: FunctionReference,
-                      repeat: int, cpus: list[int]) -> int:
+                      repeat: int, cpus: list[int], only: str | None = None) -> int:
     """The --post-restore table (see the module docstring)."""
     reqs = [*mix(ref, 11, 200, 4, 0.02), "checksum"]
     want = [ref.answer(r) for r in reqs]
@@ -262,6 +262,8 @@ def post_restore_main(snap: str, state: int, mem: int, ref: FunctionReference,
                          ("working-set", ("--strategy", "working-set", "--working-set", ws))):
         plan += [(label, flag, Backend.UFFD, (*serve, flag))
                  for flag in ("--collapse", "--no-collapse")]
+    if only:
+        plan = [p for p in plan if any(k in p[0] for k in only.split(","))]
     runs: dict[int, list[tuple[float, float, int]]] = {i: [] for i in range(len(plan))}
     for _ in range(repeat):  # interleaved: drift on the shared machine hits every row
         for i, (label, flag, backend, serve) in enumerate(plan):
@@ -318,7 +320,7 @@ def main() -> int:
     answers = {k: [ref.answer(r) for r in v] for k, v in mixes.items()}
     if args.post_restore:
         with tempfile.TemporaryDirectory(prefix="pagein-bench-ws-", dir=args.workdir) as snap:
-            return post_restore_main(snap, state, mem, ref, repeat, cpus)
+            return post_restore_main(snap, state, mem, ref, repeat, cpus, args.only)
     with tempfile.TemporaryDirectory(prefix="pagein-bench-ws-", dir=args.workdir) as snap:
         t0 = time.perf_counter()
         resident = boot_and_snapshot(snap, state, mem, mixes, ref, repeat)

@@ -210,3 +210,25 @@ def test_huge_ranges_are_the_aligned_2mib_pieces_of_each_live_extent() -> None:
     assert got == [(0, 511, HUGE_BYTES), (0, 1023, 2 * HUGE_BYTES), (1, 0, 8 * HUGE_BYTES)]
     space.unmap(base + HUGE_BYTES, base + HUGE_BYTES + 4096)  # cut the first range
     assert [(r.region, r.first_page) for r in huge_ranges(space)] == [(0, 1023), (1, 0)]
+
+
+def test_a_worker_taking_over_collapses_what_is_complete_without_counting_it_again(
+        rig: Rig) -> None:
+    first, second = rig.ranges[0].first_page, rig.ranges[1].first_page
+    rig.state.attach_worker()
+    rig.install(first, HUGE_PAGES)
+    dead = rig.collapser()  # the first worker: collapses, counts, dies
+    _settle(dead)
+    dead.close()
+    assert rig.count("collapsed") == 1
+    rig.state.attach_worker()  # its successor cannot tell what was collapsed
+    c = rig.collapser()
+    try:
+        _settle(c)
+        assert rig.count("collapsed") == 1 and rig.huge() == HUGE_BYTES
+        rig.install(second, HUGE_PAGES)  # completed after the takeover: counted
+        _settle(c)
+    finally:
+        c.close()
+    assert (rig.count("collapsed"), rig.count("collapse_failed")) == (2, 0)
+    assert rig.huge() == 2 * HUGE_BYTES

@@ -40,7 +40,8 @@ def readahead_server(taken: Taken, tmp_path: Path) -> Iterator[str]:
     r, w = os.pipe()
     proc = subprocess.Popen([sys.executable, "-m", "pagein", "serve", "--socket", sock,
                              "--mem-file", os.path.join(taken.directory, "memory"),
-                             "--strategy", "readahead", "--workers", "1", "--ready-fd", str(w)],
+                             "--strategy", "readahead", "--collapse", "--workers", "1",
+                             "--ready-fd", str(w)],
                             pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(w)
     try:
@@ -139,7 +140,7 @@ def test_a_range_with_a_removed_page_is_never_collapsed_and_reads_zeros(taken: T
     with open(os.path.join(taken.directory, "memory"), "rb") as f:
         f.seek(page)
         original = f.read(PAGE_SIZE)
-    opts = RestoreOptions(backend=Backend.UFFD, strategy=StrategyName.READAHEAD)
+    opts = RestoreOptions(backend=Backend.UFFD, strategy=StrategyName.READAHEAD, collapse=True)
     with restore(taken.directory, opts) as vm:
         (m,) = vm.mappings
         # A balloon takes the page back before the guest touched its range (readahead

@@ -278,8 +278,9 @@ def _register_restore(sub: Any) -> None:
     p.add_argument("--collapse", action=argparse.BooleanOptionalAction, default=None,
                    help="--backend uffd: let the handler map each 2 MiB of guest memory "
                         "with one huge page once every 4 KiB page of it is filled (default: "
-                        "on); --no-collapse keeps 4 KiB pages (it marks guest memory "
-                        "MADV_NOHUGEPAGE, which the kernel enforces for any handler)")
+                        "the handler's; off for the one it spawns); --no-collapse keeps 4 KiB "
+                        "pages (it marks guest memory MADV_NOHUGEPAGE, which the kernel "
+                        "enforces for any handler)")
     p.add_argument("--verify-memory", action="store_true",
                    help="check the memory file's SHA-256 before resuming (reads it all)")
     p.add_argument("--control", metavar="PATH", help="listen for control requests here")
@@ -338,7 +339,7 @@ def restore_command(args: argparse.Namespace) -> int:
                               track_dirty=args.control is not None,
                               check_identity=not args.no_identity_check,
                               share_pages=args.share_pages,
-                              collapse=args.collapse is not False)
+                              collapse=args.collapse)
         console = Console(sink=_stdout_sink)
         vm = restore(args.snapshot, opts, console=console)
     except (ValueError, PageinError, OSError) as e:

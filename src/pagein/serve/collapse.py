@@ -119,6 +119,11 @@ class Collapser:
         self._ready: deque[HugeRange] = deque()
         self._seen = -1  # pages installed at the last scan
         self._idle_ms = IDLE_MS
+        # A worker taking over from a dead one cannot tell the ranges it collapsed from
+        # those it did not: those complete at the first look are collapsed again (a
+        # no-op for a huge page) but not counted again.
+        self._takeover = state.attaches > 1
+        self._uncounted: set[HugeRange] = set()
         self._stopped = False
         self.moved()
 
@@ -216,9 +221,12 @@ class Collapser:
             if maybe and ready(r, st.filled[r.region], st.discarded[r.region],
                                self._holes[r.region]):
                 self._ready.append(r)
+                if self._takeover:
+                    self._uncounted.add(r)
             else:
                 left.append(r)
         self._todo = left
+        self._takeover = False
 
     def _collapse(self, r: HugeRange) -> None:
         key = (r.region, r.first_page)
@@ -226,7 +234,8 @@ class Collapser:
         counters = self._state.counters
         if isinstance(result, Collapsed):
             self._done.add(key)
-            counters.add("collapsed")
+            if r not in self._uncounted:
+                counters.add("collapsed")
             return
         if result.errno == errno.EAGAIN and self._tries.get(key, 0) + 1 < _TRIES:
             self._tries[key] = self._tries.get(key, 0) + 1

@@ -109,10 +109,11 @@ class RestoreOptions:
     ``working_set`` / ``record``: passed to the spawned handler (``--working-set`` for the
     working-set and reap strategies, ``--record`` to write this VM's working set).
 
-    ``collapse`` (uffd only): let the handler collapse each wholly filled 2 MiB range of
-    guest memory into a huge page (docs/serve.md, "Huge pages after a lazy restore"):
-    passed to a spawned handler, and False marks guest memory ``MADV_NOHUGEPAGE``, which
-    a running ``pagein serve`` (``uffd_socket``) honours and the kernel enforces.
+    ``collapse`` (uffd only): whether the handler collapses each wholly filled 2 MiB range
+    of guest memory into a huge page (docs/serve.md, "Huge pages after a lazy restore"):
+    None leaves it to the handler's default; True or False is passed to a spawned
+    handler, and False also marks guest memory ``MADV_NOHUGEPAGE``, which a running
+    ``pagein serve`` (``uffd_socket``) honours and the kernel enforces.
 
     ``share_pages`` (uffd only): guest memory is a private mapping of the handler's page
     cache of the snapshot, so clones restored through one ``pagein serve`` share their
@@ -134,7 +135,7 @@ class RestoreOptions:
     track_dirty: bool = True
     check_identity: bool = True
     share_pages: bool = False
-    collapse: bool = True
+    collapse: bool | None = None
 
 
 @dataclass(slots=True)
@@ -469,7 +470,8 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts,
         serve = HandlerProcess.options_for_one_vm(
             snap.directory if layered else snap.memory_path, parts.workdir, strategy=opts.strategy,
             readahead_bytes=opts.readahead_bytes, working_set=opts.working_set,
-            record=opts.record, collapse=opts.collapse)
+            record=opts.record,
+            **({} if opts.collapse is None else {"collapse": opts.collapse}))
         parts.handler = HandlerProcess.start(serve, parts.workdir, opts.handler_timeout)
         path = parts.handler.socket_path
     huge = any(r.page_size == HUGE_PAGE_SIZE for r in snap.regions)
@@ -490,7 +492,7 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts,
             features |= Feature.MISSING_HUGETLBFS
     # THREAD_ID when the kernel has it: a handler's fault trace names the vCPU thread.
     parts.uffd = Userfaultfd.open(features, optional=Feature.THREAD_ID)
-    if not opts.collapse and not opts.share_pages and not huge:
+    if opts.collapse is False and not opts.share_pages and not huge:
         # Any handler (a running pagein serve reads our smaps) and khugepaged keep off.
         for m in parts.mappings:
             m.madvise(Advice.NOHUGEPAGE)

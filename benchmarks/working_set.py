@@ -23,6 +23,19 @@ does; each answers mix A after its first answer (``key 0``: the guest is up), un
 and pinned (VMM on CPU 0, ``pagein serve`` on CPU 1). The pool is raised by what is
 missing and given back after.
 
+``--post-restore`` measures something else: how fast a restored guest runs once its
+restore is done, with and without ``pagein serve --collapse`` (huge pages for every
+wholly filled 2 MiB range). Each readahead, populate-all and working-set restore answers
+a burst (mix A plus a ``checksum`` of all state) once, waits until population and
+collapses have settled, then answers it twice more: the best of those is its
+post-restore run time (median over ``--repeat`` restores, rows interleaved), printed as
+a ratio of the original VM's (resident) run of the
+same burst (target <= 1.15x), in wall time and in the VMM's CPU time (the machine is
+shared: CPU time is what other jobs disturb least), with the guest RAM's
+``AnonHugePages``. A ``copy`` restore (fully resident, fresh memory) is a second
+baseline. Run it as is and under ``taskset -c 0`` (the VMM and its handler then share
+one CPU).
+
 The working set is recorded once, by an on-demand restore answering request mix A,
 before the clock. Every uffd row hands its memory to a ``pagein serve`` started before the
 clock (a fleet's daemon: it opens the memory file and loads/verifies the working-set file
@@ -40,6 +53,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import select
 import shutil
 import signal
@@ -59,7 +73,7 @@ from pagein.serve.strategies import StrategyName
 from pagein.vmm.image import workload_image
 from pagein.vmm.machine import Machine
 from pagein.vmm.reference import FunctionReference
-from pagein.vmm.restore import Backend, RestoreOptions, restore
+from pagein.vmm.restore import Backend, RestoredVm, RestoreOptions, restore
 from pagein.vmm.snapshot import save_snapshot
 from pagein.vmm.workloads import function_args
 
@@ -167,8 +181,10 @@ def one_restore(snap: str, backend: Backend, requests: list[str], answers: list[
 
 
 def boot_and_snapshot(snap: str, state: int, mem: int, resident_mixes: dict[str, list[str]],
-                      ref: FunctionReference, repeat: int) -> dict[str, list[tuple[float, float]]]:
-    """Boot, snapshot at READY, then time the original VM answering each mix."""
+                      ref: FunctionReference, repeat: int,
+                      then: int = 0) -> dict[str, list[tuple[float, float]]]:
+    """Boot, snapshot at READY, then time the original VM answering each mix (``then``:
+    after the timed runs, one (wall s, CPU s) entry: the best of ``then`` more)."""
     wa = function_args(state, 1)
     out: dict[str, list[tuple[float, float]]] = {}
     with Machine.create(mem, 1) as m:
@@ -184,9 +200,107 @@ def boot_and_snapshot(snap: str, state: int, mem: int, resident_mixes: dict[str,
             want = [ref.answer(r) for r in reqs]
             out[name] = [burst(m.console.send, m.console.read_line, reqs, want,
                                time.perf_counter()) for _ in range(repeat)]
+            if then:
+                out[name] = [timed_bursts(m.console.send, m.console.read_line, reqs, want,
+                                          then)]
         m.console.close_input()
         m.wait(TIMEOUT)
     return out
+
+
+def _settle(vm: RestoredVm) -> None:
+    """Wait until the guest's resident pages and huge pages stop changing for 0.3 s."""
+    last, since, deadline = (-1, -1), time.perf_counter(), time.perf_counter() + TIMEOUT
+    while time.perf_counter() < deadline:
+        now = (vm.pages_present(), vm.huge_bytes())
+        if now != last:
+            last, since = now, time.perf_counter()
+        elif time.perf_counter() - since > 0.3:
+            return
+        time.sleep(0.05)  # polling page tables, which have no fd to wait on
+
+
+def _cpu() -> float:
+    """CPU seconds of this process so far (the VMM: its vCPU thread runs the guest)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def timed_bursts(send: Callable[[str], None], read: Callable[[float], str],
+                 requests: list[str], answers: list[str], n: int) -> tuple[float, float]:
+    """The best of ``n`` bursts: (wall s, VMM CPU s). The best, not the median: the
+    machine is shared, and other jobs only ever add time."""
+    walls, cpus = [], []
+    for _ in range(n):
+        c0 = _cpu()
+        walls.append(burst(send, read, requests, answers, time.perf_counter())[1])
+        cpus.append(_cpu() - c0)
+    return min(walls), min(cpus)
+
+
+def post_restore(snap: str, backend: Backend, serve: tuple[str, ...] | None,
+                 requests: list[str], answers: list[str]) -> tuple[float, float, int]:
+    """One restore answers once, settles, then: (wall s, CPU s, guest huge-page bytes)."""
+    memory = os.path.join(snap, "memory")
+    warm_cache(memory)
+    handler = Handler(memory, snap, *serve) if serve is not None else None
+    try:
+        with restore(snap, RestoreOptions(backend=backend, uffd_socket=handler.sock
+                                          if handler else None)) as vm:
+            c = vm.machine.console
+            burst(c.send, c.read_line, requests, answers, time.perf_counter())
+            _settle(vm)
+            wall, cpu = timed_bursts(c.send, c.read_line, requests, answers, 2)
+            huge = vm.huge_bytes()
+            c.close_input()
+            vm.wait(TIMEOUT)
+    finally:
+        if handler is not None:
+            handler.finish()
+    return wall, cpu, huge
+
+
+def post_restore_main(snap: str, state: int, mem: int, ref: FunctionReference,
+                      repeat: int, cpus: list[int], only: str | None = None) -> int:
+    """The --post-restore table (see the module docstring)."""
+    reqs = [*mix(ref, 11, 200, 4, 0.02), "checksum"]
+    want = [ref.answer(r) for r in reqs]
+    resident = boot_and_snapshot(snap, state, mem, {"P": reqs}, ref, 1, then=3)["P"]
+    ws = os.path.join(snap, "mixA.ws")
+    one_restore(snap, Backend.UFFD, reqs[:-1], want[:-1], ("--record", ws), False)
+    plan: list[tuple[str, str, Backend, tuple[str, ...] | None]] = [
+        ("copy (eager)", "-", Backend.COPY, None)]
+    for label, serve in (("readahead", ("--strategy", "readahead")),
+                         ("populate-all", ("--strategy", "populate-all")),
+                         ("working-set", ("--strategy", "working-set", "--working-set", ws))):
+        plan += [(label, flag, Backend.UFFD, (*serve, flag))
+                 for flag in ("--collapse", "--no-collapse")]
+    if only:
+        plan = [p for p in plan if any(k in p[0] for k in only.split(","))]
+    runs: dict[int, list[tuple[float, float, int]]] = {i: [] for i in range(len(plan))}
+    for _ in range(repeat):  # interleaved: drift on the shared machine hits every row
+        for i, (label, flag, backend, serve) in enumerate(plan):
+            runs[i].append(post_restore(snap, backend, serve, reqs, want))
+            w, c, h = runs[i][-1]
+            print(f"  {label:<13} {flag:<14} post-restore {w * 1e3:8.1f} ms, CPU "
+                  f"{c * 1e3:8.1f} ms, huge {h >> 20} MiB", file=sys.stderr, flush=True)
+    res_w, res_c = resident[0]
+    rows = [["resident (no restore)", "-", f"{res_w * 1e3:,.1f}", "1.00x",
+             f"{res_c * 1e3:,.1f}", "1.00x", "-"]]
+    for i, (label, flag, _b, _s) in enumerate(plan):
+        w = statistics.median(r[0] for r in runs[i])
+        c = statistics.median(r[1] for r in runs[i])
+        h = statistics.median(r[2] for r in runs[i])
+        rows.append([label, flag, f"{w * 1e3:,.1f}", f"{w / res_w:.2f}x", f"{c * 1e3:,.1f}",
+                     f"{c / res_c:.2f}x", f"{int(h) >> 20}"])
+    print(f"\nfunction guest, {state >> 20} MiB of state in {mem >> 20} MiB, 1 vCPU, CPUs "
+          f"{cpus}; burst = {len(reqs) - 1} requests of mix A + checksum; each restore "
+          "answers it once, settles (population and collapses done), then the best of 2 "
+          f"more; median of {repeat} restores per row; resident: the original VM, best of "
+          "3 after a first burst\n")
+    print(table(["restore", "serve flag", "post-restore ms", "x resident", "VMM CPU ms",
+                 "x resident", "huge MiB"], rows))
+    return 0
 
 
 def median_row(label: str, mixname: str, runs: list[tuple[float, float, int | None]]) -> Row:
@@ -203,6 +317,9 @@ def main() -> int:
     p.add_argument("--repeat", type=int, help="restores per row (default 5; --quick 3)")
     p.add_argument("--json", default="working_set.json", help="results for pagein report")
     p.add_argument("--workdir", help="where the snapshot is written (default /tmp)")
+    p.add_argument("--post-restore", action="store_true",
+                   help="time the guest after the restore settled, with and without "
+                        "pagein serve --collapse, against the resident run")
     p.add_argument("--only", help="comma-separated substrings: run only matching rows "
                    "(the ratio rows must stay in for the summary)")
     p.add_argument("--hugepages", action="store_true",
@@ -220,6 +337,9 @@ def main() -> int:
     ref = FunctionReference(state, 1, 1)
     mixes = {"A": mix(ref, 11, 200, 4, 0.02), "B": mix(ref, 22, 200, 4, 0.02)}
     answers = {k: [ref.answer(r) for r in v] for k, v in mixes.items()}
+    if args.post_restore:
+        with tempfile.TemporaryDirectory(prefix="pagein-bench-ws-", dir=args.workdir) as snap:
+            return post_restore_main(snap, state, mem, ref, repeat, cpus, args.only)
     with tempfile.TemporaryDirectory(prefix="pagein-bench-ws-", dir=args.workdir) as snap:
         t0 = time.perf_counter()
         resident = boot_and_snapshot(snap, state, mem, mixes, ref, repeat)

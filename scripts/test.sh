@@ -30,6 +30,7 @@ PAGEIN_ENGINE=python $PY -m pytest -q --durations=10 tests/kernel/test_serve_*.p
   tests/kvm/test_restore.py tests/kvm/test_restore_cli.py tests/kvm/test_restore_trust.py tests/kvm/test_workingset_vm.py \
   tests/kvm/test_restore_identity.py \
   tests/kvm/test_restore_share.py tests/kvm/test_restore_peer.py tests/kvm/test_hugetlb.py \
+  tests/kvm/test_restore_collapse.py \
   tests/s3/test_s3_serve.py
 rc=$?
 if [ $rc -eq 5 ]; then

@@ -356,7 +356,8 @@ def test_hugetlb_eexist_is_believed_only_when_the_page_is_there(make_rig) -> Non
 
 def _args(**over: object) -> list[object]:
     a = {"uffd_fd": 0, "regions": [(0, 8 * P, P)], "filled": [bytearray(1)],
-         "discarded": [bytearray(1)], "holes": [None], "counters": array("Q", [0] * 27),
+         "discarded": [bytearray(1)], "holes": [None],
+         "counters": array("Q", [0] * core.N_COUNTERS),
          "base_address": 0, "overlay": [], "zero_address": 0, "readahead_pages": [0],
          "chunk_bytes": 1 << 20, "record": False}
     a.update(over)
@@ -371,7 +372,7 @@ def _args(**over: object) -> list[object]:
     ({"readahead_pages": [0, 0]}, ValueError, "entries for 1 regions"),
     ({"chunk_bytes": 0}, ValueError, "chunk_bytes"),
     ({"counters": bytearray(8)}, ValueError, "counters"),
-    ({"counters": b"\0" * 27 * 8}, TypeError, "writable buffer"),
+    ({"counters": b"\0" * core.N_COUNTERS * 8}, TypeError, "writable buffer"),
     ({"holes": [1]}, TypeError, "contiguous buffer"),
     ({"regions": [(0, 8 * P)]}, TypeError, "tuple of 3"),
     ({"regions": 5}, TypeError, "sequence"),

@@ -148,6 +148,9 @@ def test_vm_restore_refuses_uffd_flags_with_another_backend(tmp_path: Path) -> N
     r = subprocess.run([*PAGEIN, "vm", "restore", str(tmp_path), "--backend", "file",
                         "--strategy", "readahead"], capture_output=True, text=True, timeout=60)
     _one_line_error(r, "--strategy only applies to --backend uffd")
+    r = subprocess.run([*PAGEIN, "vm", "restore", str(tmp_path), "--backend", "copy",
+                        "--no-collapse"], capture_output=True, text=True, timeout=60)
+    _one_line_error(r, "--no-collapse only applies to --backend uffd")
 
 
 # The interpreter lives where nobody cannot read: import as root, then drop privileges.

@@ -129,8 +129,9 @@ def test_names_follow_the_guide_and_the_totals_are_the_sum_of_the_vms(tmp_path: 
         for rest, value in sums.items():
             assert _value(m, total, **dict(rest)) == pytest.approx(value), (total, rest)
             checked += 1
-    # 6 scalars, 3 causes, 3 events, 14 buckets + count + sum, seconds without a worker
-    assert checked == 29, checked
+    # 6 scalars, 3 causes, 3 events, 2 collapse results, 14 buckets + count + sum,
+    # seconds without a worker
+    assert checked == 31, checked
     assert _value(m, "pagein_filled_bytes_total", cause="readahead") > 0
     assert _value(m, "pagein_fault_latency_seconds_count") == _value(m, "pagein_faults_total")
     assert _value(m, "pagein_sessions_active") == 1

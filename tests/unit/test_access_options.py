@@ -16,7 +16,8 @@ from pagein.sys.fdpass import PeerCred
 ALL_SET = ServeOptions("/run/pagein/s.sock", "/snap/mem", socket_mode=0o640,
                        socket_group=65534, allow_uids=(1000, 1001), allow_gids=(65534,),
                        on_bad_handshake=BadHandshakePolicy.CLOSE, workers=2, exit_after=3,
-                       metrics_port=9464, metrics_address="::", metrics_keep_ended_s=2.5)
+                       metrics_port=9464, metrics_address="::", metrics_keep_ended_s=2.5,
+                       collapse=False)
 
 
 def _parse(argv: list[str]) -> ServeOptions:

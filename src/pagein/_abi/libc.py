@@ -70,6 +70,21 @@ syscall.restype = c_long
 
 sched_setaffinity = libc.sched_setaffinity
 
+SYS_process_madvise = 440  # x86-64, Linux 5.10+
+
+
+class iovec(ctypes.Structure):  # the kernel's name (<sys/uio.h>)
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def process_madvise_one(pidfd: int, address: int, length: int, advice: int) -> int:
+    """``process_madvise(pidfd, &iov, 1, advice, 0)`` on one range of the pidfd's process;
+    the bytes advised, or -1 and errno. Runs with the GIL released (a collapse copies
+    2 MiB and may wait for the target's mmap lock)."""
+    iov = iovec(address, length)
+    return int(syscall(c_long(SYS_process_madvise), c_int(pidfd), ctypes.byref(iov),
+                       c_size_t(1), c_int(advice), ctypes.c_uint(0)))
+
 # The value mmap/mremap return on failure, as ctypes' c_void_p decodes it.
 VOID_P_FAILED = ctypes.c_void_p(-1).value
 

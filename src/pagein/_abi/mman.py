@@ -49,6 +49,7 @@ class Advice(enum.IntEnum):
     PAGEOUT = 21
     POPULATE_READ = 22
     POPULATE_WRITE = 23
+    COLLAPSE = 25  # Linux 6.1+: make this range a transparent huge page now
 
 
 class MemfdFlag(enum.IntFlag):

@@ -5,11 +5,9 @@ from __future__ import annotations
 import ctypes
 import enum
 
-from pagein._abi.libc import libc
+from pagein._abi.libc import iovec, libc
 
-
-class iovec(ctypes.Structure):  # the kernel's name
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+__all__ = ["SpliceFlag", "iovec", "vmsplice", "vmsplice_one"]
 
 
 class SpliceFlag(enum.IntFlag):

@@ -125,6 +125,14 @@ def register(sub: Any) -> None:
                    help="when the VM goes, write its fault trace (for pagein report)")
     p.add_argument("--chunk-size", type=_positive_size, default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
                    help="largest fill of background work (default 1M)")
+    p.add_argument("--collapse", action=argparse.BooleanOptionalAction, default=False,
+                   help="once every 4 KiB page of a 2 MiB-aligned range of a VM is filled "
+                        "(by readahead, populate-all, a working-set prefetch or faults), ask "
+                        "the kernel to map it with one 2 MiB page, as memory that never left "
+                        "RAM may be; a VMM can refuse by marking its guest memory "
+                        "MADV_NOHUGEPAGE (default: off, 4 KiB pages: on a kvm_pvm host "
+                        "restored guests were measured slower on huge pages, see "
+                        "docs/serve.md)")
     p.add_argument("--on-bad-handshake", choices=[b.value for b in BadHandshakePolicy],
                    default=BadHandshakePolicy.KILL.value,
                    help="kill the VMM (default) or only close its connection")

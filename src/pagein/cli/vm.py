@@ -292,6 +292,12 @@ def _register_restore(sub: Any) -> None:
                         "page cache of the snapshot, so every VM restored through one "
                         "--uffd-socket shares the pages it did not write (each page is "
                         "read from the source once for all of them)")
+    p.add_argument("--collapse", action=argparse.BooleanOptionalAction, default=None,
+                   help="--backend uffd: let the handler map each 2 MiB of guest memory "
+                        "with one huge page once every 4 KiB page of it is filled (default: "
+                        "the handler's; off for the one it spawns); --no-collapse keeps 4 KiB "
+                        "pages (it marks guest memory MADV_NOHUGEPAGE, which the kernel "
+                        "enforces for any handler)")
     p.add_argument("--verify-memory", action="store_true",
                    help="check the memory file's SHA-256 before resuming (reads it all)")
     p.add_argument("--control", metavar="PATH", help="listen for control requests here")
@@ -313,6 +319,10 @@ def _working_set_arg(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _collapse_flag(args: argparse.Namespace) -> str:
+    return "--no-collapse" if args.collapse is False else "--collapse"
+
+
 def _flag_errors(args: argparse.Namespace) -> list[str]:
     """Flags that would be ignored with this backend or strategy, each named."""
     if args.backend != Backend.UFFD.value:
@@ -320,7 +330,9 @@ def _flag_errors(args: argparse.Namespace) -> list[str]:
                                           ("--readahead-size", args.readahead_size),
                                           ("--uffd-socket", args.uffd_socket),
                                           ("--working-set", args.working_set),
-                                          ("--record", args.record)) if value is not None]
+                                          ("--record", args.record),
+                                          (_collapse_flag(args), args.collapse))
+                 if value is not None]
         return [f"{flag} only applies to --backend uffd (not --backend {args.backend}): "
                 f"drop it or use --backend uffd" for flag in given]
     return strategy_flag_errors(StrategyName(args.strategy or StrategyName.ON_DEMAND.value),
@@ -343,7 +355,8 @@ def restore_command(args: argparse.Namespace) -> int:
                               trust_uids=tuple(i for ids in args.trust_uid or () for i in ids),
                               track_dirty=args.control is not None,
                               check_identity=not args.no_identity_check,
-                              share_pages=args.share_pages)
+                              share_pages=args.share_pages,
+                              collapse=args.collapse)
         console = Console(sink=_stdout_sink)
         vm = restore(args.snapshot, opts, console=console)
     except (ValueError, PageinError, OSError) as e:
@@ -370,6 +383,10 @@ def _drive_restored(vm: RestoredVm, console: Console, args: argparse.Namespace) 
         print(f"[pagein] restored with {vm.options.backend.value} in "
               f"{vm.resume_seconds * 1e3:.1f} ms, {vm.pages_present()} guest pages present",
               file=sys.stderr)
+        ram = sum(m.length for m in vm.mappings)
+        huge = vm.huge_bytes()
+        print(f"[pagein] huge pages: {huge >> 20} MiB of {ram >> 20} MiB guest RAM "
+              f"({100 * huge / max(ram, 1):.0f}%, AnonHugePages)", file=sys.stderr)
         _print_stats(result, restored=True)
     return result.status if result.status < 256 else 255
 

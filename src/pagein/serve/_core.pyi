@@ -35,6 +35,8 @@ C_REMOVES: int
 C_REMOVED_BYTES: int
 C_UNMAPS: int
 C_REMAPS: int
+C_COLLAPSED: int
+C_COLLAPSE_FAILED: int
 C_LATENCY_US_SUM: int
 C_LATENCY_BUCKETS: int  # the first of 14 buckets
 RECORD_SIZE: int  # bytes per fault or fill record (24)

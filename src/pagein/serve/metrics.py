@@ -73,6 +73,7 @@ _SCALARS = (
 _FILLED = ((Cause.DEMAND, "bytes_fault"), (Cause.READAHEAD, "bytes_readahead"),
            (Cause.BACKGROUND, "bytes_background"))
 _EVENTS = (("remove", "removes"), ("unmap", "unmaps"), ("remap", "remaps"))
+_COLLAPSES = (("ok", "collapsed"), ("failed", "collapse_failed"))
 
 
 def _buckets(c: Counters) -> list[tuple[str, float]]:
@@ -99,6 +100,10 @@ class _Families:
         self.events = CounterMetricFamily(
             f"{prefix}uffd_events_total", "Non-fault userfaultfd events applied, by event.",
             labels=(*labels, "event"))
+        self.collapses = CounterMetricFamily(
+            f"{prefix}huge_page_collapses_total", "Wholly filled 2 MiB ranges the server asked "
+            "the kernel to map with one huge page (MADV_COLLAPSE), by result (ok: collapsed; "
+            "failed: refused).", labels=(*labels, "result"))
         self.latency = HistogramMetricFamily(
             f"{prefix}fault_latency_seconds",
             "Time from reading a fault to its page being installed.", labels=labels)
@@ -110,11 +115,13 @@ class _Families:
             self.filled.add_metric([*values, cause.label], getattr(c, attr))
         for event, attr in _EVENTS:
             self.events.add_metric([*values, event], getattr(c, attr))
+        for result, attr in _COLLAPSES:
+            self.collapses.add_metric([*values, result], getattr(c, attr))
         self.latency.add_metric(values, _buckets(c), c.latency_us_sum / 1e6)
 
     def all(self) -> Iterator[Metric]:
         yield from (family for _, family in self.scalars)
-        yield from (self.filled, self.events, self.latency)
+        yield from (self.filled, self.events, self.collapses, self.latency)
 
 
 class ServerCollector(Collector):

@@ -115,6 +115,9 @@ class ServeOptions:
     #: file records it): identity checks then never hash the file.
     memory_sha256: str | None = None
     page_cache_keep: float = 60.0  # seconds a page cache no VM uses is kept (--share-pages)
+    #: Collapse each wholly filled 2 MiB range into a huge page (pagein.serve.collapse).
+    #: Off by default: measured, guests ran slower on huge pages on kvm_pvm (docs/serve.md).
+    collapse: bool = False
 
     def __post_init__(self) -> None:
         # A readahead size or --then the strategy does not use means nothing: keep the
@@ -202,7 +205,7 @@ class ServeOptions:
             socket_mode=args.socket_mode, socket_group=args.socket_group,
             allow_uids=tuple(dict.fromkeys(i for ids in args.allow_uid or () for i in ids)),
             allow_gids=tuple(dict.fromkeys(i for ids in args.allow_gid or () for i in ids)),
-            page_cache_keep=args.page_cache_keep)
+            page_cache_keep=args.page_cache_keep, collapse=args.collapse)
 
     def to_argv(self) -> list[str]:
         """The ``pagein serve ...`` arguments that parse back into these options."""
@@ -215,7 +218,8 @@ class ServeOptions:
                 "--on-vm-failure", self.on_vm_failure.value,
                 "--metrics-address", self.metrics_address,
                 "--metrics-keep-ended", repr(self.metrics_keep_ended_s),
-                "--page-cache-keep", repr(self.page_cache_keep)]
+                "--page-cache-keep", repr(self.page_cache_keep),
+                "--collapse" if self.collapse else "--no-collapse"]
         # Only the flags this strategy uses: the parser refuses the others.
         if uses_readahead_window(self.strategy, self.then):
             argv += ["--readahead-size", str(self.readahead_bytes)]

@@ -29,6 +29,7 @@ from enum import Enum
 
 from pagein.errors import PageinError, UffdError
 from pagein.serve.bitmap import Bitmap
+from pagein.serve.collapse import Collapser
 from pagein.serve.engine import (
     CoreEvent,
     Engine,
@@ -133,7 +134,8 @@ class Session:
                  stop_fd: int, engine: EngineName = EngineName.NATIVE,
                  recorder: Recorder | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  pending: bytes = b"", resume: bool = False, pagemap_fd: int = -1,
-                 guard: SourceGuard | None = None, cache: CacheFiller | None = None) -> None:
+                 guard: SourceGuard | None = None, cache: CacheFiller | None = None,
+                 collapse: bool = False) -> None:
         self.uffd = uffd
         self.sock = sock
         self.space = AddressSpace(tuple(regions))
@@ -157,11 +159,16 @@ class Session:
         saved = state.load_extents()
         if saved is not None:  # a worker before this one moved them (UNMAP/REMAP)
             self.space.set_extents(saved)
+        self._holes: list[Bitmap | None] = []
         self.engine_name, self._engine = self._open_engine(engine, tripwire)
+        # Huge pages for wholly installed 2 MiB ranges (pagein.serve.collapse). Not for a
+        # VM mapping the shared page cache: its pages are the cache's, not its own.
+        self.collapser = (Collapser.open(sock, self.space, state, self._holes, name)
+                          if collapse and cache is None else None)
 
     def _open_engine(self, wanted: EngineName,
                      tripwire: bytearray | None) -> tuple[EngineName, Engine]:
-        holes = holes_of(self.source, self.regions)
+        holes = self._holes = holes_of(self.source, self.regions)
         windows = [self.strategy.window_pages(r) for r in self.regions]
         st = self.state
         record = self.recorder is not None
@@ -255,7 +262,8 @@ class Session:
             return SessionEnd.PEER_EXITED
         busy = planner.busy()
         while True:
-            reason, events, unserved = self._engine.run(self._stop_fd, sfd, 0 if busy else -1)
+            timeout = self._timeout(busy)
+            reason, events, unserved = self._engine.run(self._stop_fd, sfd, timeout)
             if events:
                 self._apply(events)
             if unserved:
@@ -273,11 +281,24 @@ class Session:
             # One bounded chunk per turn even when faults were served: with a vCPU that
             # faults all the time, background work would otherwise starve, and it fills
             # a page ~10x cheaper than a fault does. A fault waits behind one chunk at most.
+            stepped = True
             if busy and not self._engine.deferred:
-                planner.step(self._engine)
+                stepped = planner.step(self._engine)
                 busy = planner.busy()
                 if not busy:
                     self._log_complete()
+            # After the events read so far are applied (above) and never while a fill
+            # waits on an unread one (EAGAIN): a range is judged on current bitmaps.
+            if self.collapser is not None and stepped and not self._engine.deferred:
+                self.collapser.turn(idle=reason == Reason.IDLE and timeout > 0)
+
+    def _timeout(self, busy: bool) -> int:
+        """How long the engine may wait for faults: not at all while a plan or a
+        collapse waits, a moment while ranges may have completed, else until woken."""
+        c = self.collapser
+        if busy or (c is not None and c.backlog):
+            return 0
+        return -1 if c is None else c.idle_ms
 
     def _log_complete(self) -> None:
         if not self._done_logged and self.complete:
@@ -311,6 +332,8 @@ class Session:
             extents = self.space.extent_tuples()
             self.state.save_extents(extents)  # before the journal forgets the event
             self._engine.set_extents(extents)
+            if self.collapser is not None:
+                self.collapser.moved()
         self._engine.applied()
 
     def _unserved(self, faults: list[Unserved]) -> None:
@@ -375,6 +398,9 @@ class Session:
         return d
 
     def close(self) -> None:
-        """Close the engine (idempotent); the uffd, the socket and the state stay open."""
+        """Close the engine and the collapser's pidfd (idempotent); the uffd, the socket
+        and the state stay open."""
         self._engine.close()
+        if self.collapser is not None:
+            self.collapser.close()
 

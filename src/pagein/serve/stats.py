@@ -12,7 +12,8 @@ Word order (the native core's ``C_*`` indices)::
 
     0 faults  1 pages  2 bytes_fault  3 bytes_readahead  4 bytes_background
     5 zero_pages  6 retries  7 eexist  8 removes  9 removed_bytes  10 unmaps
-    11 remaps  12 latency_us_sum  13..26 latency buckets (LATENCY_BUCKETS_US, +Inf)
+    11 remaps  12 collapsed  13 collapse_failed  14 latency_us_sum
+    15..28 latency buckets (LATENCY_BUCKETS_US, +Inf)
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ LATENCY_BUCKETS_US = (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 500
 #: The scalar counters in shared-memory word order.
 COUNTER_WORDS = ("faults", "pages", "bytes_fault", "bytes_readahead", "bytes_background",
                  "zero_pages", "retries", "eexist", "removes", "removed_bytes", "unmaps",
-                 "remaps", "latency_us_sum")
+                 "remaps", "collapsed", "collapse_failed", "latency_us_sum")
 LATENCY_WORD = len(COUNTER_WORDS)  # the first histogram bucket
 N_COUNTERS = LATENCY_WORD + len(LATENCY_BUCKETS_US) + 1
 
@@ -54,6 +55,8 @@ class Counters:
     removed_bytes: int = 0
     unmaps: int = 0
     remaps: int = 0
+    collapsed: int = 0  # 2 MiB ranges made huge pages once wholly installed (MADV_COLLAPSE)
+    collapse_failed: int = 0  # 2 MiB ranges the kernel refused to collapse
     latency_us_buckets: list[int] = field(
         default_factory=lambda: [0] * (len(LATENCY_BUCKETS_US) + 1))
     latency_us_sum: int = 0

@@ -137,7 +137,8 @@ class VmServer:
                               recorder=recorder, chunk_bytes=self.served.options.chunk_bytes,
                               pending=bytes.fromhex(str(doc.get("pending", ""))),
                               resume=resume, pagemap_fd=pagemap_fd,
-                              guard=self.served.guard, cache=cache)
+                              guard=self.served.guard, cache=cache,
+                              collapse=self.served.options.collapse)
             self.send({"op": "started", "vm": doc["vm"],
                        "engine": session.engine_name.value})
             end = session.run().value

@@ -63,12 +63,14 @@ from pagein.snapshot.chain import file_sha256
 from pagein.snapshot.raw import RawFileSource, data_extents
 from pagein.sys.mapping import (
     HUGE_PAGE_SIZE,
+    Advice,
     Mapping,
     Memfd,
     hugetlb_pool_hint,
 )
 from pagein.sys.pagemap import Pagemap
 from pagein.sys.poll import wait_readable
+from pagein.sys.thp import anon_huge_bytes
 from pagein.sys.uffd import Feature, RegisterMode, Userfaultfd
 from pagein.vmm.console import Console
 from pagein.vmm.hugepages import UFFD_SPARE_PAGES, check_hugetlb_pool
@@ -106,6 +108,12 @@ class RestoreOptions:
     ``working_set`` / ``record``: passed to the spawned handler (``--working-set`` for the
     working-set and reap strategies, ``--record`` to write this VM's working set).
 
+    ``collapse`` (uffd only): whether the handler collapses each wholly filled 2 MiB range
+    of guest memory into a huge page (docs/serve.md, "Huge pages after a lazy restore"):
+    None leaves it to the handler's default; True or False is passed to a spawned
+    handler, and False also marks guest memory ``MADV_NOHUGEPAGE``, which a running
+    ``pagein serve`` (``uffd_socket``) honours and the kernel enforces.
+
     ``share_pages`` (uffd only): guest memory is a private mapping of the handler's page
     cache of the snapshot, so clones restored through one ``pagein serve`` share their
     clean pages (see docs/serve.md, "Clones share pages").
@@ -126,6 +134,7 @@ class RestoreOptions:
     track_dirty: bool = True
     check_identity: bool = True
     share_pages: bool = False
+    collapse: bool | None = None
 
 
 @dataclass(slots=True)
@@ -257,6 +266,11 @@ class RestoredVm:
             raise self._outcome
         assert self._outcome is not None  # _done is set only after an outcome or an error
         return self._outcome
+
+    def huge_bytes(self) -> int:
+        """Bytes of guest memory mapped by transparent huge pages now (``AnonHugePages``
+        of its mappings in ``/proc/self/smaps``)."""
+        return sum(anon_huge_bytes(os.getpid(), m.address, m.end) for m in self._parts.mappings)
 
     def pages_present(self) -> int:
         """Guest memory pages mapped in this process now (``/proc/self/pagemap``)."""
@@ -464,7 +478,8 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts,
         serve = HandlerProcess.options_for_one_vm(
             snap.directory if layered else snap.memory_path, parts.workdir, strategy=opts.strategy,
             readahead_bytes=opts.readahead_bytes, working_set=opts.working_set,
-            record=opts.record)
+            record=opts.record,
+            **({} if opts.collapse is None else {"collapse": opts.collapse}))
         if opts.shared_memory:
             # Peers that map the memfd hand their uffds to this handler too (vmm.peer):
             # one of them leaving must not stop it; close() does.
@@ -490,6 +505,10 @@ def _register(snap: Snapshot, opts: RestoreOptions, parts: _Parts,
             features |= Feature.MISSING_HUGETLBFS
     # THREAD_ID when the kernel has it: a handler's fault trace names the vCPU thread.
     parts.uffd = Userfaultfd.open(features, optional=Feature.THREAD_ID)
+    if opts.collapse is False and not opts.share_pages and not huge:
+        # Any handler (a running pagein serve reads our smaps) and khugepaged keep off.
+        for m in parts.mappings:
+            m.madvise(Advice.NOHUGEPAGE)
     for m in parts.mappings:
         parts.uffd.register(m.address, m.length, mode)
     wire = [WireRegion(m.address, r.size, r.offset, r.page_size)

@@ -8,6 +8,7 @@ VM's handler, which fills the page cache with snapshot bytes whoever touches fir
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from test_restore import STATE, TIMEOUT, Taken, ask, take_snapshot
-from test_restore_share import _serve, _stop
+from test_restore_share import _serve
 
 from pagein.errors import HandlerError
 from pagein.vmm.layout import HEAP_START
@@ -56,13 +57,12 @@ def _state(snap: Taken) -> tuple[int, bytes]:
 def test_a_peer_reading_first_reads_the_snapshot_and_so_does_the_guest(
         snap: Taken, tmp_path: Path, handler: str) -> None:
     length, want = _state(snap)
-    server = None
     opts = RestoreOptions(shared_memory=True)
-    if handler == "serve":
-        sock = str(tmp_path / "serve.sock")
-        server = _serve(os.path.join(snap.directory, "memory"), sock)
-        opts = RestoreOptions(shared_memory=True, uffd_socket=sock)
-    try:
+    with contextlib.ExitStack() as stack:
+        if handler == "serve":
+            sock = str(tmp_path / "serve.sock")
+            stack.enter_context(_serve(os.path.join(snap.directory, "memory"), sock))
+            opts = RestoreOptions(shared_memory=True, uffd_socket=sock)
         with restore(snap.directory, opts) as vm:
             assert vm.memfd is not None and vm.handler_socket is not None
             # The guest waits for a request: it has read none of its state yet. The peer
@@ -75,9 +75,6 @@ def test_a_peer_reading_first_reads_the_snapshot_and_so_does_the_guest(
             # The guest reads the pages the peer brought in: snapshot bytes, not zeros.
             assert ask(vm.machine, ("checksum",)) == (snap.ref.answer("checksum"),)
             assert ask(vm.machine, snap.requests[:1]) == snap.answers[:1]
-    finally:
-        if server is not None:
-            _stop(server)
 
 
 def test_a_peer_of_a_larger_memfd_is_refused_by_the_handler(snap: Taken) -> None:

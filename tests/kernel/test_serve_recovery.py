@@ -88,8 +88,11 @@ def test_worker_killed_every_100ms_during_a_restore_with_writes_and_a_balloon(
         # Each kill was a worker that served (replaced) or one that was starting.
         restarts = total["worker_restarts"]
         assert restarts + total["worker_start_failures"] == kills, total
-        # A kill can land as the VM went.
-        assert restarts - 1 <= vm["worker_restarts"] <= restarts, (vm, restarts)
+        # Nearly all of them served this VM: a kill can also land as the VM went, or on a
+        # successor between its adoption and the VM's hand-over (a window load widens:
+        # 584 of 586 once on a loaded machine).
+        slack = max(1, restarts // 100)
+        assert restarts - slack <= vm["worker_restarts"] <= restarts, (vm, restarts)
         assert vm["ms_without_worker"] > 0
         assert vm["state"] == "peer exited"
     finally:

@@ -313,7 +313,7 @@ def _serve(server: Server, args: argparse.Namespace, endpoint: MetricsEndpoint |
     signal.signal(signal.SIGHUP, state)
     server.wake_on_signals()
     if endpoint is not None:
-        endpoint.serve(server)
+        endpoint.serve(server.sampler())
         host = args.metrics_address
         log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host,
                  endpoint.port)

@@ -13,8 +13,10 @@ The channel (:mod:`pagein.serve.control`), supervisor to worker::
      "identity": [st_dev, st_ino, size, mtime_ns, ctime_ns] | null}   (the memory file's)
     {"op": "serve", "vm": 7, "name": "vm 7 pid=1234", "regions": [[base, size, offset,
      page_size], ...], "features": N, "pending": "<hex>", "record": PATH|null,
-     "trace": PATH|null, "pagemap": bool, "cache": [size, page_size]|null}
-                     + fds [uffd, VMM socket, state memfd(, VMM pagemap)(, cache data, present)]
+     "trace": PATH|null, "cache": [size, page_size]|null,
+     "fds": ["uffd", "socket", "state"(, "pagemap")(, "cache-data", "cache-present")]}
+                     + those fds, in that order (the VMM's uffd and socket, the state
+                       memfd, the VMM's pagemap, the page cache's data and present)
     {"op": "adopt", "index": 2}            (a spare, started with index -1, put to work)
     {"op": "stop"}
 
@@ -37,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from pagein.errors import PageinError
-from pagein.serve.control import ControlError, recv_msg, send_msg
+from pagein.serve.control import ControlError, name_fds, recv_msg, send_msg
 from pagein.serve.crash import CrashPoint, claim, crash
 from pagein.serve.engine import EngineName, choose
 from pagein.serve.firecracker import Region
@@ -51,9 +53,13 @@ from pagein.serve.state import VmState
 from pagein.sys.process import set_name
 from pagein.sys.uffd import Feature, Userfaultfd
 
-__all__ = ["VmServer", "main"]
+__all__ = ["VM_FDS", "VM_OPTIONAL_FDS", "VmServer", "main"]
 
 log = logging.getLogger("pagein.serve")
+
+#: The fds every serve message carries, and those some do, by the names it gives them.
+VM_FDS = ("uffd", "socket", "state")
+VM_OPTIONAL_FDS = ("pagemap", "cache-data", "cache-present")
 
 #: How often a worker sends its store source's counters to the supervisor.
 SOURCE_STATS_EVERY_S = 1.0
@@ -72,8 +78,9 @@ class VmServer:
         self._threads: list[threading.Thread] = []
 
     def start_vm(self, doc: dict[str, object], fds: Sequence[int]) -> None:
-        """Serve one VM (fds: uffd, VMM socket, state memfd and, for a VM with hugetlb
-        regions, the VMM's ``/proc/PID/pagemap``; all now owned here) in a thread."""
+        """Serve one VM in a thread; ``fds`` (now owned here) are the ones ``doc["fds"]``
+        names (:data:`VM_FDS`, :data:`VM_OPTIONAL_FDS`; checked by
+        :func:`~pagein.serve.control.name_fds` before this is called)."""
         t = threading.Thread(target=self._serve_vm, args=(doc, fds), daemon=True,
                              name=str(doc.get("name", "vm"))[:64])
         self._threads = [x for x in self._threads if x.is_alive()]
@@ -93,10 +100,17 @@ class VmServer:
         return sum(t.is_alive() for t in self._threads)
 
     def _serve_vm(self, doc: dict[str, object], fds: Sequence[int]) -> None:
-        uffd_fd, conn_fd, state_fd = fds[:3]
-        rest = list(fds[3:])
-        pagemap_fd = rest.pop(0) if doc.get("pagemap") and rest else -1
-        cache_fds = rest
+        try:
+            named = name_fds(doc.get("fds"), fds, required=VM_FDS, optional=VM_OPTIONAL_FDS)
+        except ControlError as e:
+            log.error("%s: cannot start serving: %s", str(doc.get("name", "vm"))[:64], e)
+            for fd in fds:
+                os.close(fd)
+            self.send({"op": "ended", "vm": doc.get("vm"), "end": "failed"})
+            return
+        uffd_fd, conn_fd, state_fd = (named[n] for n in VM_FDS)
+        pagemap_fd = named.get("pagemap", -1)
+        cache_fds = [named[n] for n in ("cache-data", "cache-present") if n in named]
         cache: CacheFiller | None = None
         name = str(doc.get("name", "vm"))
         sock = socket.socket(fileno=conn_fd)
@@ -121,8 +135,10 @@ class VmServer:
                                     strategy=self.served.options.strategy_label)
             cache_doc = doc.get("cache")
             if cache_fds:
-                if not isinstance(cache_doc, list) or len(cache_doc) != 2:
-                    raise ControlError("a serve message with cache fds and no cache size")
+                if not isinstance(cache_doc, list) or len(cache_doc) != 2 \
+                        or len(cache_fds) != 2:
+                    raise ControlError("a serve message with cache fds and no cache size, "
+                                       "or one of the two cache fds")
                 data_fd, present_fd = cache_fds
                 cache_fds = []
                 cache = CacheFiller.attach(data_fd, present_fd, int(cache_doc[0]),
@@ -189,7 +205,14 @@ class _Channel:
                 break
             doc, fds = got
             op = doc.get("op")
-            if op == "serve" and 3 <= len(fds) <= 6:
+            if op == "serve" and fds:
+                try:
+                    name_fds(doc.get("fds"), fds, required=VM_FDS, optional=VM_OPTIONAL_FDS)
+                except ControlError as e:
+                    log.error("worker: refusing a serve message: %s", e)
+                    for fd in fds:
+                        os.close(fd)
+                    continue
                 vms.start_vm(doc, fds)
             elif op == "adopt" and not fds:  # a spare put to work
                 _name_worker(doc, int(str(doc.get("index", 0))))

@@ -74,6 +74,11 @@ class Admission:
         self._refusals = RefusalLog(self._access)
         # Lines a peer can trigger again and again: at most a few per peer (pid) per 10 s.
         self._peer_log = RateLimitedLog(log, lines=5, interval_s=10.0, total_lines=100)
+        self._snapshot = f"{options.snapshot} " if options.snapshot else ""
+
+    def _where(self, pid: int) -> str:
+        """How log lines name the VM of VMM ``pid`` (and its snapshot, in a fleet)."""
+        return f"{self._snapshot}vm pid={pid}"
 
     def accept(self, acceptor: Acceptor) -> None:
         """Accept one connection (if one waits) and read it in a thread of its own."""
@@ -167,14 +172,14 @@ class Admission:
         try:
             state = VmState.create(hs.regions)
         except (PageinError, OSError) as e:
-            self._peer_log.log(logging.ERROR, peer.pid, f"vm pid={peer.pid}",
+            self._peer_log.log(logging.ERROR, peer.pid, self._where(peer.pid),
                                "cannot start serving: %s; closing the connection", e)
             os.close(hs.uffd_fd)
             conn.close()
             if pidfd >= 0:
                 os.close(pidfd)
             return
-        vm = AttachedVm(next(self._ids), peer, f"vm pid={peer.pid}", hs.regions, hs.uffd_fd,
+        vm = AttachedVm(next(self._ids), peer, self._where(peer.pid), hs.regions, hs.uffd_fd,
                         conn, state, pidfd, cache=cache)
         if any(r.page_size != PAGE_SIZE for r in vm.regions):
             self._check_hugetlb(vm)
@@ -219,7 +224,7 @@ class Admission:
         if verdict.error is not None:
             with self._lock:
                 self.handshake_failures += 1
-            self._peer_log.log(logging.ERROR, peer.pid, f"vm pid={peer.pid}",
+            self._peer_log.log(logging.ERROR, peer.pid, self._where(peer.pid),
                                "refused: %s; told the VMM and closed the connection (no "
                                "page was served)", verdict.error)
             with contextlib.suppress(OSError):
@@ -229,7 +234,7 @@ class Admission:
                 os.close(pidfd)
             return None
         if identity is None and (short := uncovered_bytes(hs.regions, size)):
-            self._peer_log.log(logging.WARNING, peer.pid, f"vm pid={peer.pid}",
+            self._peer_log.log(logging.WARNING, peer.pid, self._where(peer.pid),
                                "its regions cover %d bytes of the %d-byte memory file (%d "
                                "bytes never served): a Firecracker snapshot's regions cover "
                                "its memory file exactly; is %s the snapshot it restores?",
@@ -244,7 +249,7 @@ class Admission:
 
     def _handshake_lost(self, conn: socket.socket, peer: PeerCred, pidfd: int,
                         e: OSError) -> None:
-        self._peer_log.log(logging.WARNING, peer.pid, f"vm pid={peer.pid}",
+        self._peer_log.log(logging.WARNING, peer.pid, self._where(peer.pid),
                            "handshake failed: %s; closing the connection", e)
         conn.close()
         if pidfd >= 0:
@@ -296,7 +301,7 @@ class Admission:
         in use) or bytes without a uffd is closed and left alone: killing it would kill
         whatever happens to connect.
         """
-        where = f"vm pid={peer.pid}"
+        where = self._where(peer.pid)
         try:
             if not e.sent_uffd and e.received_bytes == 0:
                 log.debug("%s: connection closed without a handshake (nothing sent: a "

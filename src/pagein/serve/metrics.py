@@ -48,7 +48,7 @@ from pagein.serve.session import SessionEnd
 from pagein.serve.stats import LATENCY_BUCKETS_US, Counters, ServerSample, VmRow
 from pagein.snapshot.source import FETCH_BUCKETS_S, SourceStats
 
-__all__ = ["MetricsEndpoint", "Sampler", "ServerCollector", "exposition"]
+__all__ = ["FleetCollector", "MetricsEndpoint", "Sampler", "ServerCollector", "exposition"]
 
 VM_LABELS = ("session", "pid")
 #: Seconds a scrape connection may stay silent before it is closed.
@@ -219,15 +219,35 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 Sampler = Callable[[], ServerSample]
 
 
-def _registry(sample: Sampler) -> CollectorRegistry:
+def _registry(collector: Collector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServerCollector(sample))
+    registry.register(collector)
     return registry
 
 
 def exposition(sample: Sampler) -> str:
     """The endpoint's text for ``sample`` now (Prometheus text format 0.0.4)."""
-    return generate_latest(_registry(sample)).decode()
+    return generate_latest(_registry(ServerCollector(sample))).decode()
+
+
+class FleetCollector(Collector):
+    """The metrics of every snapshot one daemon serves (:mod:`pagein.serve.fleet`), on
+    one endpoint: the same families as :class:`ServerCollector`, each series labelled
+    ``snapshot`` with the snapshot's name."""
+
+    def __init__(self, samples: Callable[[], list[tuple[str, ServerSample]]]) -> None:
+        self._samples = samples
+
+    def collect(self) -> Iterable[Metric]:
+        merged: dict[str, Metric] = {}
+        for name, sample in self._samples():
+            for m in ServerCollector(lambda s=sample: s).collect():  # type: ignore[misc]
+                out = merged.get(m.name)
+                if out is None:
+                    out = merged[m.name] = Metric(m.name, m.documentation, m.type, m.unit)
+                out.samples += [s._replace(labels={"snapshot": name, **s.labels})
+                                for s in m.samples]
+        yield from merged.values()
 
 
 class _Quiet(WSGIRequestHandler):
@@ -278,9 +298,10 @@ class MetricsEndpoint:
         self.port: int = self._httpd.server_port
         self._thread: threading.Thread | None = None
 
-    def serve(self, sample: Sampler) -> None:
-        """Answer scrapes with what ``sample`` reads, from a thread of its own."""
-        self._metrics = make_wsgi_app(_registry(sample))
+    def serve(self, collector: Collector) -> None:
+        """Answer scrapes with what ``collector`` reads (a :class:`ServerCollector` or a
+        :class:`FleetCollector`), from a thread of its own."""
+        self._metrics = make_wsgi_app(_registry(collector))
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True,
                                         name="pagein-metrics")
         self._thread.start()

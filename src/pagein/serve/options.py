@@ -115,6 +115,12 @@ class ServeOptions:
     #: file records it): identity checks then never hash the file.
     memory_sha256: str | None = None
     page_cache_keep: float = 60.0  # seconds a page cache no VM uses is kept (--share-pages)
+    # How to reach an s3:// or dir:// store (None: the environment's; see docs/store.md).
+    endpoint_url: str | None = None
+    profile: str | None = None
+    cache_dir: str | None = None  # the host's chunk cache directory
+    cache_bytes: int | None = None  # its bound (None: DEFAULT_DISK_BYTES)
+    snapshot: str | None = None  # its name when one daemon serves several (--config)
 
     def __post_init__(self) -> None:
         # A readahead size or --then the strategy does not use means nothing: keep the
@@ -202,7 +208,10 @@ class ServeOptions:
             socket_mode=args.socket_mode, socket_group=args.socket_group,
             allow_uids=tuple(dict.fromkeys(i for ids in args.allow_uid or () for i in ids)),
             allow_gids=tuple(dict.fromkeys(i for ids in args.allow_gid or () for i in ids)),
-            page_cache_keep=args.page_cache_keep)
+            page_cache_keep=args.page_cache_keep,
+            endpoint_url=getattr(args, "endpoint_url", None),
+            profile=getattr(args, "profile", None), cache_dir=getattr(args, "cache_dir", None),
+            cache_bytes=getattr(args, "cache_size", None))
 
     def to_argv(self) -> list[str]:
         """The ``pagein serve ...`` arguments that parse back into these options."""
@@ -225,7 +234,10 @@ class ServeOptions:
                             ("--trace", self.trace), ("--stats-json", self.stats_json),
                             ("--metrics-port", self.metrics_port),
                             ("--exit-after", self.exit_after), ("--workers", self.workers),
-                            ("--socket-group", self.socket_group)):
+                            ("--socket-group", self.socket_group),
+                            ("--endpoint-url", self.endpoint_url), ("--profile", self.profile),
+                            ("--cache-dir", self.cache_dir),
+                            ("--cache-size", self.cache_bytes)):
             if value is not None:
                 argv += [flag, str(value)]
         if self.socket_mode is not None:
@@ -234,6 +246,17 @@ class ServeOptions:
             if ids:
                 argv += [flag, ",".join(str(i) for i in ids)]
         return argv
+
+    def store_options(self) -> dict[str, object]:
+        """The store settings given, as :func:`~pagein.snapshot.open.open_source` takes
+        them (empty: every one from the environment and the defaults)."""
+        out: dict[str, object] = {}
+        for key, value in (("endpoint_url", self.endpoint_url), ("profile", self.profile),
+                           ("cache_dir", self.cache_dir),
+                           ("cache_disk_bytes", self.cache_bytes)):
+            if value is not None:
+                out[key] = value
+        return out
 
     # --- the worker channel -------------------------------------------------------------
 

@@ -124,6 +124,8 @@ class InProcess:
             self._server.start_vm(doc, [os.dup(fd) for fd in fds or []])
         elif doc.get("op") == "stop":
             self._server.stop()
+        elif doc.get("op") == "populate":
+            self._server.populate_all()
 
 
 class Pool:
@@ -150,6 +152,7 @@ class Pool:
         self._factory: WorkerFactory | None = None
         self._waiting: list[AttachedVm] = []  # VMs that connected while no worker was alive
         self.stopping = False
+        self.populating = False  # draining: every VM fills its missing pages now
         self.worker_restarts = 0  # workers that died while serving (each replaced)
         self.worker_start_failures = 0  # workers that died or failed while starting
         self._spawn_error = ""  # why the last _spawn gave up
@@ -216,6 +219,18 @@ class Pool:
             rest = list(self.vms)
         for vm_id in rest:
             self.retire(vm_id, "server stopping")
+
+    def populate_all(self) -> None:
+        """The server drains: every VM, and each handed to a worker from now on (a new
+        worker's too), fills all its missing pages in the background, so that it
+        completes within the drain deadline instead of waiting for its guest to touch
+        every page."""
+        with self.lock:
+            self.populating = True
+            workers = list(self.workers)
+        for w in workers:
+            with contextlib.suppress(OSError, ValueError):
+                w.send({"op": "populate"})
 
     def source_total(self) -> SourceStats | None:
         """The store source counters (``--workers 0``: this process's source's)."""
@@ -427,7 +442,7 @@ class Pool:
         try:
             fds = vm.fds()
             w.send({**vm.doc, "pending": "" if resume else vm.doc["pending"],
-                    "fds": list(fds)}, list(fds.values()))
+                    "populate": self.populating, "fds": list(fds)}, list(fds.values()))
         except (OSError, ValueError) as e:  # ValueError: our end already closed
             log.warning("%s: worker %d went away as the VM was handed to it (%s); its "
                         "successor takes the VM", vm.name, w.index, e)

@@ -121,8 +121,13 @@ class Server:
         self._draining_since: float | None = None
         self._stats_wanted = False
         self._state_wanted = False
+        self._stopping_now = False
         self._socket_id: tuple[int, int] | None = None  # (dev, ino) of the socket we bound
         self._access = options.access
+        # One of several snapshots one daemon serves (pagein.serve.fleet): the fleet talks
+        # to the service manager, and this server's lifecycle lines name its snapshot.
+        self._member = options.snapshot is not None
+        self._label = f"snapshot {options.snapshot}: " if self._member else ""
         if listener is None:
             self._check_path(options.socket_path)
         before, self.fd_limit = raise_fd_limit()
@@ -258,16 +263,18 @@ class Server:
                  else self.options.socket_path)
         workers = "in this process" if self.options.worker_count == 0 else \
             f"{len(self._pool.workers)} worker(s)"
-        lifecycle.info("pagein %s serving %s (%d bytes) on %s: strategy %s, engine %s, %s",
-                       pagein.__version__, self.source.describe(), self.source.size, where,
-                       self.options.strategy.value, self.engine.value, workers)
+        lifecycle.info("%spagein %s serving %s (%d bytes) on %s: strategy %s, engine %s, %s",
+                       self._label, pagein.__version__, self.source.describe(),
+                       self.source.size, where, self.options.strategy.value,
+                       self.engine.value, workers)
         if self._inherited is None:
             log.info("socket mode %04o; serving %s", self.options.socket_permissions,
                      self._access.describe())
         else:
             log.info("serving %s (the socket's mode and group are the .socket unit's)",
                      self._access.describe())
-        notify("READY=1", f"STATUS=serving {self.source.describe()}"[:200])
+        if not self._member:
+            notify("READY=1", f"STATUS=serving {self.source.describe()}"[:200])
 
     # --- draining (SIGTERM) -------------------------------------------------------------
 
@@ -278,12 +285,14 @@ class Server:
         with contextlib.suppress(KeyError, ValueError):
             poller.unregister(acceptor.fileno())
         self._close_listener()
+        self._pool.populate_all()
         with self._pool.lock:
             live = len(self._pool.vms)
-        notify("STOPPING=1", f"STATUS=draining {live} VM(s)")
-        lifecycle.info("SIGTERM: no longer accepting; draining %d VM(s) for up to %g s "
-                       "(--drain-timeout; a second SIGTERM stops at once)", live,
-                       self.options.drain_timeout)
+        if not self._member:
+            notify("STOPPING=1", f"STATUS=draining {live} VM(s)")
+        lifecycle.info("%sSIGTERM: no longer accepting; draining %d VM(s) for up to %g s "
+                       "(--drain-timeout; a second SIGTERM stops at once): each fills its "
+                       "missing pages now", self._label, live, self.options.drain_timeout)
 
     def _drained(self) -> bool:
         """Whether the drain is over: every VM gone or complete, or the deadline passed
@@ -293,7 +302,7 @@ class Server:
         with self._pool.lock:
             waiting = [vm for vm in self._pool.vms.values() if not vm.state.complete()]
         if not waiting:
-            lifecycle.info("drained: every VM has gone or has all its pages")
+            lifecycle.info("%sdrained: every VM has gone or has all its pages", self._label)
             return True
         return self._past_drain_deadline()
 
@@ -311,8 +320,9 @@ class Server:
         rows = self.rows()
         live = [r for r in rows if r.state == "active"]
         total = self.totals()
-        lifecycle.info("SIGHUP: %d VM(s) connected (%s), %d ended, %d worker(s), %d faults "
-                       "served, %d handshake failure(s), %d refused peer(s)", len(live),
+        lifecycle.info("%sSIGHUP: %d VM(s) connected (%s), %d ended, %d worker(s), %d faults "
+                       "served, %d handshake failure(s), %d refused peer(s)", self._label,
+                       len(live),
                        ", ".join(f"vm pid={r.peer_pid}" for r in live[:20])
                        + (", ..." if len(live) > 20 else "") if live else "none",
                        len(rows) - len(live), len(self._pool.workers), total.faults,
@@ -328,18 +338,34 @@ class Server:
         if self._drain_wanted or self.options.drain_timeout <= 0:
             self._stop_wanted = True
         self._drain_wanted = True
+        self._wake()
 
     def request_stop_now(self) -> None:
         """Ask :meth:`serve_forever` to stop without draining (for SIGINT: sets a flag)."""
         self._drain_wanted = self._stop_wanted = True
+        self._wake()
 
     def request_state(self) -> None:
         """Ask :meth:`serve_forever` to log its state and write the stats (SIGHUP)."""
         self._state_wanted = self._stats_wanted = True
+        self._wake()
 
     def request_stats(self) -> None:
         """Ask :meth:`serve_forever` to write ``--stats-json`` (for SIGUSR1: sets a flag)."""
         self._stats_wanted = True
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake :meth:`serve_forever` to act on a flag (when no signal does: a fleet's
+        servers are asked from another thread)."""
+        if self._sig_w >= 0:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._sig_w, b"w")
+
+    def accepting(self) -> bool:
+        """Whether the listener is still open (False once a drain or stop began)."""
+        return self._draining_since is None and not self._stopping_now and \
+            self._listener.fileno() >= 0
 
     def write_stats(self) -> bool:
         """Write the stats document to ``--stats-json`` (if given); False when it failed,
@@ -377,13 +403,14 @@ class Server:
         with self._pool.lock:
             live = [vm for vm in self._pool.vms.values() if not vm.state.complete()]
             connected = len(self._pool.vms)
-        if self._draining_since is None:
+        self._stopping_now = True
+        if self._draining_since is None and not self._member:
             notify("STOPPING=1")
         for vm in live:
             log.warning("%s: server stopping while pages are still missing; its guest "
                         "will freeze on the next missing page", vm.name)
-        lifecycle.info("stopping: %d VM(s) still connected, %d of them missing pages",
-                       connected, len(live))
+        lifecycle.info("%sstopping: %d VM(s) still connected, %d of them missing pages",
+                       self._label, connected, len(live))
         self._admission.join(10)
         self._pool.stop()
         self._caches.close()

@@ -18,6 +18,9 @@ The channel (:mod:`pagein.serve.control`), supervisor to worker::
                      + those fds, in that order (the VMM's uffd and socket, the state
                        memfd, the VMM's pagemap, the page cache's data and present)
     {"op": "adopt", "index": 2}            (a spare, started with index -1, put to work)
+    {"op": "populate"}                     (the server drains: fill every VM's missing
+                                            pages now; a serve message may say
+                                            "populate": true for the same)
     {"op": "stop"}
 
 and back: ``{"op": "ready"}`` (or ``{"op": "failed", "error": ...}``) after init,
@@ -48,7 +51,7 @@ from pagein.serve.options import ServeOptions
 from pagein.serve.pagecache import CacheFiller
 from pagein.serve.record import Recorder
 from pagein.serve.served import Served, open_served
-from pagein.serve.session import Session
+from pagein.serve.session import Nudge, Session
 from pagein.serve.state import VmState
 from pagein.sys.process import set_name
 from pagein.sys.uffd import Feature, Userfaultfd
@@ -74,7 +77,10 @@ class VmServer:
         self.served = served
         self.engine = engine
         self.send = report
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._lock = threading.Lock()
+        self._nudges: set[Nudge] = set()  # one per session: stop or populate it
+        self._stopping = False
+        self._populating = False
         self._threads: list[threading.Thread] = []
 
     def start_vm(self, doc: dict[str, object], fds: Sequence[int]) -> None:
@@ -89,12 +95,38 @@ class VmServer:
 
     def stop(self) -> None:
         """End every session (STOPPED) and wait for their threads."""
-        with contextlib.suppress(OSError):
-            os.write(self._stop_w, b"x")
+        with self._lock:
+            self._stopping = True
+            nudges = list(self._nudges)
+        for n in nudges:
+            n.stop()
         for t in self._threads:
             t.join()
-        os.close(self._stop_r)
-        os.close(self._stop_w)
+
+    def populate_all(self) -> None:
+        """Make every session, and each started from now on, fill all its missing pages
+        (the server drains: see :class:`~pagein.serve.session.Nudge`)."""
+        with self._lock:
+            self._populating = True
+            nudges = list(self._nudges)
+        for n in nudges:
+            n.populate()
+
+    def _nudge(self, populate: bool) -> Nudge:
+        nudge = Nudge()
+        with self._lock:
+            self._nudges.add(nudge)
+            stopping, populating = self._stopping, self._populating or populate
+        if stopping:
+            nudge.stop()
+        elif populating:
+            nudge.populate()
+        return nudge
+
+    def _forget(self, nudge: Nudge) -> None:
+        with self._lock:
+            self._nudges.discard(nudge)
+        nudge.close()
 
     def live(self) -> int:
         return sum(t.is_alive() for t in self._threads)
@@ -117,6 +149,7 @@ class VmServer:
         uffd = Userfaultfd.adopt(uffd_fd, features=Feature(int(str(doc.get("features", 0)))))
         state: VmState | None = None
         session: Session | None = None
+        nudge = self._nudge(doc.get("populate") is True)
         end = "failed"
         try:
             raw_regions = doc.get("regions")
@@ -149,11 +182,11 @@ class VmServer:
                             "%s will hold only the faults served from now on", name, record)
             session = Session(uffd=uffd, sock=sock, regions=regions,
                               source=self.served.source, strategy=self.served.strategy(),
-                              state=state, name=name, stop_fd=self._stop_r, engine=self.engine,
+                              state=state, name=name, stop_fd=nudge.fd, engine=self.engine,
                               recorder=recorder, chunk_bytes=self.served.options.chunk_bytes,
                               pending=bytes.fromhex(str(doc.get("pending", ""))),
                               resume=resume, pagemap_fd=pagemap_fd,
-                              guard=self.served.guard, cache=cache)
+                              guard=self.served.guard, cache=cache, nudge=nudge)
             self.send({"op": "started", "vm": doc["vm"],
                        "engine": session.engine_name.value})
             end = session.run().value
@@ -166,6 +199,7 @@ class VmServer:
             for fd in [state_fd, pagemap_fd, *cache_fds]:
                 if fd >= 0:
                     os.close(fd)
+            self._forget(nudge)
             self.send({"op": "ended", "vm": doc.get("vm"), "end": end})
 
 
@@ -214,6 +248,8 @@ class _Channel:
                         os.close(fd)
                     continue
                 vms.start_vm(doc, fds)
+            elif op == "populate" and not fds:  # the server drains
+                vms.populate_all()
             elif op == "adopt" and not fds:  # a spare put to work
                 _name_worker(doc, int(str(doc.get("index", 0))))
             elif op == "stop":

@@ -66,6 +66,25 @@ def _touch(sock: Path, mem: str, *extra: str,
                   f"0:{SIZE}", "--threads", "1", *extra, stdin=stdin)
 
 
+def _children_named(pid: int, name: str) -> int:
+    """How many live children of ``pid`` are named ``name`` (``/proc/PID/comm``)."""
+    kids: set[int] = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.update(int(x) for x in f.read().split())
+        except OSError:  # a thread that ended meanwhile
+            continue
+    count = 0
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/comm") as f:
+                count += f.read().strip() == name
+        except OSError:
+            continue
+    return count
+
+
 def _served_whole(c: subprocess.Popen[str]) -> None:
     """The client read every page and each equals its snapshot's (fcclient checks)."""
     rc, res = finish(c)
@@ -94,6 +113,8 @@ def test_two_snapshots_one_daemon_each_client_gets_its_own_bytes(tmp_path: Path)
         assert re.search(r'pagein_vm_faults_total\{pid="\d+",session="1",snapshot="db"\}',
                          text)
         assert "web vm pid=" in server.log()  # log lines name the snapshot
+        # One zygote forks the workers of both snapshots, not one zygote each.
+        assert _children_named(server.proc.pid, "pagein-zygote") == 1
     finally:
         assert server.stop() == 0, server.log()[-3000:]
     stats = server.stats()["snapshots"]

@@ -99,8 +99,10 @@ def register(sub: Any) -> None:
                     "connects (Firecracker: mem_backend {backend_type: Uffd, backend_path: "
                     "SOCKET}) from a snapshot memory file or store.",
         epilog="signals: SIGTERM drains (stops accepting, waits --drain-timeout for the "
-               "attached VMs), a second SIGTERM or SIGINT stops at once, SIGHUP logs the "
-               "state and writes --stats-json, SIGUSR1 writes --stats-json. Under systemd: "
+               "attached VMs, each filling its missing pages), a second SIGTERM or SIGINT "
+               "stops at once, SIGHUP logs the state and writes --stats-json (with --config: "
+               "reads the file again, serving added snapshots and draining removed ones), "
+               "SIGUSR1 writes --stats-json. Under systemd: "
                "sd_notify (Type=notify) and socket activation are supported; see "
                "docs/serve.md, Running as a service.")
     p.add_argument("--socket", metavar="PATH",

@@ -146,7 +146,9 @@ def _entry(where: str, name: str, fields: Mapping[str, object], base: argparse.N
             hint = " (or set socket_dir, or pass --socket-dir)" if key == "socket" else ""
             raise ConfigError(f"{where}: {key} is missing{hint}")
     try:
-        return ServeOptions.from_namespace(ns)
+        opts = ServeOptions.from_namespace(ns)
+        opts.store_options()  # store settings with a file source are refused now
+        return opts
     except ConfigError as e:
         raise ConfigError(f"{where}: {_fields_not_flags(str(e))}") from None
     except ValueError as e:  # an enum that is not one of its choices

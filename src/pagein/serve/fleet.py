@@ -1,8 +1,9 @@
 """One daemon, many snapshots: a :class:`~pagein.serve.server.Server` per snapshot, each
 on its own socket, all in one ``pagein serve`` process.
 
-Each snapshot's server runs its own accept loop (a thread) and its own serving workers;
-they share this process's store clients' host cache (one
+Each snapshot's server runs its own accept loop (a thread) and its own serving workers,
+all forked by one zygote (:class:`~pagein.serve.workers.Zygote`); they share this
+process's store clients' host cache (one
 :class:`~pagein.snapshot.store.cache.ChunkCache` per cache directory), one metrics
 endpoint (every series labelled ``snapshot``) and one stats file. The fleet owns the
 signals: SIGTERM drains every server (each VM populates its missing pages and goes),
@@ -25,11 +26,14 @@ from dataclasses import dataclass
 
 from pagein.errors import ConfigError, PageinError
 from pagein.serve.config import Fleet
+from pagein.serve.engine import choose
 from pagein.serve.logs import LIFECYCLE
 from pagein.serve.options import ServeOptions
 from pagein.serve.served import Served, open_served
 from pagein.serve.server import Server
 from pagein.serve.stats import ServerSample, write_json
+from pagein.serve.workers import Zygote
+from pagein.sys.process import set_child_subreaper
 from pagein.sys.systemd import notify
 
 __all__ = ["FleetServer"]
@@ -67,15 +71,34 @@ class FleetServer:
         self._sig_r, self._sig_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._wanted: set[str] = set()
         self._stopping = False
+        self._zygote = self._start_zygote(fleet)
         try:
             for name, opts in fleet.snapshots.items():
                 self._start(name, opts)
         except BaseException:
             self._stop_all(now=True)
             self._join_all()
+            self._close_zygote()
             for fd in (self._sig_r, self._sig_w):
                 os.close(fd)
             raise
+
+    @staticmethod
+    def _start_zygote(fleet: Fleet) -> Zygote | None:
+        """One zygote forks the workers of every snapshot (each fork names its snapshot's
+        options): one process, not one per snapshot. None: each server starts its own."""
+        first = next(iter(fleet.snapshots.values()))
+        try:
+            set_child_subreaper()
+            return Zygote(first, choose(first.engine)[0], None)
+        except (PageinError, OSError) as e:
+            log.warning("no shared worker zygote (%s): each snapshot starts its own", e)
+            return None
+
+    def _close_zygote(self) -> None:
+        z, self._zygote = self._zygote, None
+        if z is not None:
+            z.close()
 
     # --- members -------------------------------------------------------------------
 
@@ -93,7 +116,7 @@ class FleetServer:
         try:
             served = open_served(opts, warm=True)
             try:
-                server = Server(served)
+                server = Server(served, zygote=self._zygote)
             except BaseException:
                 served.close()
                 raise
@@ -154,6 +177,7 @@ class FleetServer:
         finally:
             self._stop_all(now=True)
             self._join_all()
+            self._close_zygote()
             signal.set_wakeup_fd(-1)
             for fd in (self._sig_r, self._sig_w):
                 os.close(fd)

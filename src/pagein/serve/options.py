@@ -249,13 +249,20 @@ class ServeOptions:
 
     def store_options(self) -> dict[str, object]:
         """The store settings given, as :func:`~pagein.snapshot.open.open_source` takes
-        them (empty: every one from the environment and the defaults)."""
+        them (empty: every one from the environment and the defaults). Raises
+        :class:`ConfigError` naming the flag when the source is not a store: there they
+        would mean nothing."""
         out: dict[str, object] = {}
-        for key, value in (("endpoint_url", self.endpoint_url), ("profile", self.profile),
-                           ("cache_dir", self.cache_dir),
-                           ("cache_disk_bytes", self.cache_bytes)):
-            if value is not None:
-                out[key] = value
+        for flag, key, value in (("--endpoint-url", "endpoint_url", self.endpoint_url),
+                                 ("--profile", "profile", self.profile),
+                                 ("--cache-dir", "cache_dir", self.cache_dir),
+                                 ("--cache-size", "cache_disk_bytes", self.cache_bytes)):
+            if value is None:
+                continue
+            if not self.source.startswith(("s3://", "dir://")):
+                raise ConfigError(f"{flag} applies to s3:// and dir:// sources only, not "
+                                  f"{self.source[:200]}")
+            out[key] = value
         return out
 
     # --- the worker channel -------------------------------------------------------------

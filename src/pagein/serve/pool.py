@@ -35,7 +35,13 @@ from pagein.serve.served import Served
 from pagein.serve.state import VmState
 from pagein.serve.stats import EndedTally, SourceTally, VmRow
 from pagein.serve.worker import VmServer
-from pagein.serve.workers import WORKER_START_S, WorkerCannotServe, WorkerFactory, WorkerProc
+from pagein.serve.workers import (
+    WORKER_START_S,
+    WorkerCannotServe,
+    WorkerFactory,
+    WorkerProc,
+    Zygote,
+)
 from pagein.snapshot.source import SourceStats
 from pagein.sys.fdpass import PeerCred, kill_through
 
@@ -137,12 +143,13 @@ class Pool:
     """
 
     def __init__(self, served: Served, engine: EngineName, caches: PageCaches,
-                 on_ended: Callable[[int], None]) -> None:
+                 on_ended: Callable[[int], None], zygote: Zygote | None = None) -> None:
         self.options: ServeOptions = served.options
         self._served = served
         self._engine = engine
         self._caches = caches
         self._on_ended = on_ended
+        self._zygote = zygote  # shared by the servers of a fleet (None: a factory's own)
         self.lock = threading.Lock()
         self.vms: dict[int, AttachedVm] = {}
         self.ended = EndedTally()
@@ -165,7 +172,7 @@ class Pool:
             bind()
             return
         self._factory = factory = WorkerFactory(self.options, self._engine,
-                                                self._served.guard.identity)
+                                                self._served.guard.identity, self._zygote)
         starting: list[WorkerProc] = []
         try:
             starting = [factory.new(i) for i in range(self.options.worker_count)]

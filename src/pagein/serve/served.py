@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from pagein.errors import ConfigError, PageinError
+from pagein.errors import PageinError
 from pagein.serve.guard import SourceGuard
 from pagein.serve.options import ServeOptions
 from pagein.serve.strategies import Strategy, StrategyName, make_strategy
@@ -78,20 +78,6 @@ def _stored_working_set(opts: ServeOptions, source: PageSource) -> str:
     return path
 
 
-_STORE_FLAGS = {"endpoint_url": "--endpoint-url", "profile": "--profile",
-                "cache_dir": "--cache-dir", "cache_disk_bytes": "--cache-size"}
-
-
-def _store_options(opts: ServeOptions) -> dict[str, object]:
-    """The store settings of ``opts``; refused, naming the flag, for a source that is not
-    a store (they would mean nothing there)."""
-    given = opts.store_options()
-    if given and not opts.source.startswith(("s3://", "dir://")):
-        raise ConfigError(f"{_STORE_FLAGS[next(iter(given))]} applies to s3:// and dir:// "
-                          f"sources only, not {opts.source[:200]}")
-    return given
-
-
 def open_served(opts: ServeOptions, *, warm: bool = False) -> Served:
     """Open the source of ``opts`` and check its working set against it.
 
@@ -101,7 +87,7 @@ def open_served(opts: ServeOptions, *, warm: bool = False) -> Served:
     needs_ws = opts.strategy in _NEEDS_WS
     if opts.working_set is not None and not needs_ws:
         raise PageinError("--working-set is used by --strategy working-set or reap only")
-    base = open_source(opts.source, **_store_options(opts))
+    base = open_source(opts.source, **opts.store_options())
     try:
         source: PageSource = base
         extents = None

@@ -44,6 +44,7 @@ from pagein.serve.pagecache import PageCaches
 from pagein.serve.pool import Pool
 from pagein.serve.served import Served
 from pagein.serve.stats import Counters, ServerSample, VmRow, write_json
+from pagein.serve.workers import Zygote
 from pagein.sys.systemd import notify
 
 __all__ = ["BadHandshakePolicy", "Server"]
@@ -91,7 +92,8 @@ class Server:
     processes open their own from the options, ``--workers 0`` serves this one.
     """
 
-    def __init__(self, served: Served, *, listener: socket.socket | None = None) -> None:
+    def __init__(self, served: Served, *, listener: socket.socket | None = None,
+                 zygote: Zygote | None = None) -> None:
         self.options = options = served.options
         # A listener systemd bound (socket activation): used as is, never unlinked.
         self._inherited = listener
@@ -110,7 +112,7 @@ class Server:
             served.guard.start()
         self._caches = PageCaches(served.source.size, served.source.describe(),
                                   options.page_cache_keep)
-        self._pool = Pool(served, self.engine, self._caches, self._on_ended)
+        self._pool = Pool(served, self.engine, self._caches, self._on_ended, zygote)
         self._admission = Admission(options, served.source, digests, self._pool,
                                     self._caches)
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)

@@ -376,7 +376,12 @@ def _zygote(ctl: socket.socket, doc: dict[str, object]) -> int:
             try:
                 if os.fork() == 0:
                     ctl.close()
-                    code = _forked_worker(fds[0], {**doc, "index": msg.get("index", 0)},
+                    # One zygote may fork the workers of several snapshots (a fleet): the
+                    # request names the snapshot's options and file identity.
+                    init = msg.get("init")
+                    child = {**doc, **(init if isinstance(init, dict) else {}),
+                             "index": msg.get("index", 0)}
+                    code = _forked_worker(fds[0], child,
                                           intermediate=me)
             except BaseException:  # a forked child must never return into the zygote
                 log.exception("forked serving worker failed")

@@ -78,3 +78,19 @@ def test_push_on_a_terminal_uses_rich(tmp_path: Path, columns: int) -> None:
     table = [ln for ln in text.split("\n") if "│" in ln or "┃" in ln]
     assert any("compression ratio" in ln for ln in table), out
     assert all(len(ln) <= columns for ln in table)
+
+
+def test_lab_run_draws_its_table_with_rich_on_a_terminal_and_plain_into_a_pipe() -> None:
+    argv = [sys.executable, "-m", "pagein", "lab", "run", "demand-paging", "--size", "1M"]
+    code, out = _run_in_pty(argv, 200)
+    assert code == 0, out
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out).replace("\r", "")
+    table = [ln for ln in text.split("\n") if "│" in ln or "┃" in ln]
+    assert any("read one byte of every page" in ln for ln in table), out
+    assert any("minflt" in ln for ln in table) and all(len(ln) <= 200 for ln in table)
+    assert "facts:" in text
+    piped = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert "\x1b" not in piped.stdout and "│" not in piped.stdout  # plain columns
+    header = next(ln for ln in piped.stdout.splitlines() if ln.strip().startswith("step"))
+    assert header.startswith("  step") and "minflt" in header

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Protocol, TextIO
 
 from pagein.cli._format import table as plain_table
@@ -142,20 +142,23 @@ def progress_view(quiet: bool, stream: TextIO | None = None) -> ProgressView:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *,
-                title: str | None = None, stream: TextIO | None = None) -> None:
-    """Print a table: first column left-aligned, the rest right-aligned; drawn by rich
-    to fit a terminal, plain aligned columns anywhere else."""
+                title: str | None = None, stream: TextIO | None = None,
+                left: Collection[int] = (0,), indent: str = "") -> None:
+    """Print a table: the ``left`` columns left-aligned, the rest right-aligned; drawn by
+    rich to fit a terminal, plain aligned columns (each line after ``indent``) anywhere
+    else."""
     stream = sys.stdout if stream is None else stream
     if not stream.isatty():
         if title:
             stream.write(title + "\n")
-        stream.write(plain_table(headers, rows) + "\n")
+        for line in plain_table(headers, rows, left).splitlines():
+            stream.write(indent + line + "\n")
         return
     from rich.console import Console
     from rich.table import Table
     t = Table(title=title, title_justify="left")
     for i, h in enumerate(headers):
-        t.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
+        t.add_column(h, justify="left" if i in left else "right", overflow="fold")
     for row in rows:
         t.add_row(*row)
     Console(file=stream).print(t)

@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Any
 
+from pagein.cli._console import print_table
 from pagein.cli._format import parse_size as parse_any_size
 from pagein.lab import EXPERIMENTS, Experiment, LabResult, Row, find
 from pagein.sys.mapping import PAGE_SIZE
@@ -70,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
                           "result": dataclasses.asdict(result)},  # type: ignore[call-overload]
                          indent=2))
     else:
-        print(render(exp, result))
+        show(exp, result)
     return 0
 
 
@@ -94,18 +95,7 @@ def _cells(row: Row) -> tuple[str, ...]:
             _time(row.elapsed_ns), row.note)
 
 
-def table(rows: tuple[Row, ...]) -> list[str]:
-    """Align the rows: text columns left, numbers right."""
-    cells = [_COLUMNS, *(_cells(r) for r in rows)]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(_COLUMNS))]
-    left = {0, 1, len(_COLUMNS) - 1}
-    out = []
-    for c in cells:
-        parts = [v.ljust(w) if i in left else v.rjust(w)
-                 for i, (v, w) in enumerate(zip(c, widths, strict=True))]
-        out.append("  ".join(parts).rstrip())
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return out
+_TEXT_COLUMNS = (0, 1, len(_COLUMNS) - 1)  # step, who, note: left; numbers right
 
 
 def _value(key: str, value: object) -> str:
@@ -144,11 +134,12 @@ def _facts(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
     return out
 
 
-def render(exp: Experiment, result: LabResult) -> str:
-    """The human view: title, the two-line explanation, the table, then the facts."""
-    lines = [exp.title, "=" * len(exp.title), *exp.explanation, ""]
-    lines += ["  " + line for line in table(result.rows)]
+def show(exp: Experiment, result: LabResult) -> None:
+    """The human view: title, the two-line explanation, the table of steps (drawn by
+    rich on a terminal, plain aligned columns into a pipe or file), then the facts."""
+    print("\n".join([exp.title, "=" * len(exp.title), *exp.explanation, ""]))
+    sys.stdout.flush()
+    print_table(_COLUMNS, [_cells(r) for r in result.rows], left=_TEXT_COLUMNS, indent="  ")
     facts = _facts(result)
     width = max(len(k) for k, _ in facts)
-    lines += ["", "facts:"] + [f"  {k:<{width}}  {v}" for k, v in facts]
-    return "\n".join(lines)
+    print("\n".join(["", "facts:"] + [f"  {k:<{width}}  {v}" for k, v in facts]))

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import tempfile
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +28,14 @@ from pagein.serve.options import (
 from pagein.serve.served import Served, open_served
 from pagein.serve.server import Server
 from pagein.serve.strategies import DEFAULT_READAHEAD_BYTES, StrategyName, Then
+from pagein.snapshot.store.cache import DEFAULT_DISK_BYTES
 from pagein.snapshot.urls import split_location
 from pagein.sys.systemd import inherited_listener
 from pagein.vmm.snapshot import MEMORY_FILE, STATE_FILE, load_snapshot
 
 if TYPE_CHECKING:
+    from pagein.serve.config import Fleet
+    from pagein.serve.fleet import FleetServer
     from pagein.serve.metrics import MetricsEndpoint
 
 log = logging.getLogger("pagein.serve")
@@ -95,15 +99,50 @@ def register(sub: Any) -> None:
                     "connects (Firecracker: mem_backend {backend_type: Uffd, backend_path: "
                     "SOCKET}) from a snapshot memory file or store.",
         epilog="signals: SIGTERM drains (stops accepting, waits --drain-timeout for the "
-               "attached VMs), a second SIGTERM or SIGINT stops at once, SIGHUP logs the "
-               "state and writes --stats-json, SIGUSR1 writes --stats-json. Under systemd: "
+               "attached VMs, each filling its missing pages), a second SIGTERM or SIGINT "
+               "stops at once, SIGHUP logs the state and writes --stats-json (with --config: "
+               "reads the file again, serving added snapshots and draining removed ones), "
+               "SIGUSR1 writes --stats-json. Under systemd: "
                "sd_notify (Type=notify) and socket activation are supported; see "
                "docs/serve.md, Running as a service.")
-    p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
-    src = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--socket", metavar="PATH",
+                   help="Unix socket to listen on (one snapshot; with several, see --config)")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--mem-file", metavar="FILE", help="the raw snapshot memory file")
     src.add_argument("--source", metavar="URL",
                      help="a snapshot source: a path, file://, s3://bucket/name or dir://")
+    fleet = p.add_argument_group(
+        "many snapshots, one daemon",
+        "Serve several snapshots, each on its own socket, from one process (one metrics "
+        "endpoint and one stats file for all; every series labelled snapshot). The other "
+        "flags are every snapshot's defaults. See docs/serve.md, One daemon, many snapshots.")
+    fleet.add_argument("--config", metavar="FILE",
+                       help="a TOML file listing the snapshots ([snapshots.NAME] tables "
+                            "with source = ..., optional socket = ... and per-snapshot "
+                            "flags); SIGHUP reads it again: added snapshots are served, "
+                            "removed ones drained, without a restart")
+    fleet.add_argument("--snapshot", action="append", metavar="NAME=SOURCE",
+                       help="serve SOURCE (a path or URL as --source takes) on "
+                            "--socket-dir/NAME.sock; repeatable")
+    fleet.add_argument("--socket-dir", metavar="DIR",
+                       help="where the snapshots' sockets go: DIR/NAME.sock (unless an entry "
+                            "of --config sets socket)")
+    store = p.add_argument_group(
+        "store settings",
+        "For s3:// and dir:// sources (each overrides the environment variable named).")
+    store.add_argument("--endpoint-url", metavar="URL",
+                       help="S3 endpoint, e.g. http://127.0.0.1:8333 (default "
+                            "$AWS_ENDPOINT_URL, else AWS)")
+    store.add_argument("--profile", metavar="NAME",
+                       help="AWS profile for credentials (default $AWS_PROFILE, else "
+                            "$AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY or the instance role)")
+    store.add_argument("--cache-dir", metavar="DIR",
+                       help="the host's chunk cache directory, shared by every snapshot and "
+                            "process (default $PAGEIN_CACHE_DIR, else /var/cache/pagein/chunks "
+                            "as root, ~/.cache/pagein/chunks otherwise)")
+    store.add_argument("--cache-size", type=_positive_size, metavar="SIZE",
+                       help="the most the chunk cache directory holds; the oldest chunks are "
+                            f"deleted past it (default {DEFAULT_DISK_BYTES >> 30}G)")
     p.add_argument("--strategy", choices=[s.value for s in StrategyName],
                    default=StrategyName.ON_DEMAND.value, help="restore strategy")
     p.add_argument("--readahead-size", type=parse_size, default=None, metavar="SIZE",
@@ -240,6 +279,15 @@ def _open(options: ServeOptions, args: argparse.Namespace) -> Served:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.config is not None or args.snapshot:
+        return _run_fleet(args)
+    if args.socket_dir is not None:
+        raise ConfigError("--socket-dir is for several snapshots: add --config FILE or "
+                          "--snapshot NAME=SOURCE (one snapshot takes --socket PATH)")
+    if args.socket is None or (args.mem_file is None and args.source is None):
+        raise ConfigError("give --socket PATH and --mem-file FILE or --source URL (one "
+                          "snapshot), or --config FILE or --snapshot NAME=SOURCE with "
+                          "--socket-dir DIR (several)")
     options = ServeOptions.from_namespace(args)
     if args.mem_file is not None:
         options = options.with_(memory_sha256=_recorded_sha256(args.mem_file))
@@ -265,6 +313,77 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if endpoint is not None:
             endpoint.close()
+
+
+def _run_fleet(args: argparse.Namespace) -> int:
+    """Serve every snapshot ``--config`` or ``--snapshot`` names (pagein.serve.fleet)."""
+    from pagein.serve.config import load_config, parse_snapshot_flags
+    from pagein.serve.fleet import FleetServer  # only a daemon of several snapshots
+
+    for flag, value in (("--socket", args.socket), ("--mem-file", args.mem_file),
+                        ("--source", args.source), ("--exit-after", args.exit_after),
+                        ("--record", args.record), ("--trace", args.trace),
+                        ("--working-set", args.working_set)):
+        if value is not None:
+            raise ConfigError(f"{flag} is one snapshot's: with --config or --snapshot, set it "
+                              "per snapshot in the config file (the socket: socket = ... or "
+                              "--socket-dir)")
+    if args.config is not None and args.snapshot:
+        raise ConfigError("--snapshot with --config: list every snapshot in the config file")
+    if os.environ.get("LISTEN_FDS") is not None:
+        raise ConfigError("socket activation (LISTEN_FDS) passes one socket: run one "
+                          "pagein@.service per snapshot, or let pagein bind --socket-dir")
+
+    def load() -> Fleet:
+        if args.config is not None:
+            return load_config(args.config, args, args.socket_dir)
+        return parse_snapshot_flags(args.snapshot, args, args.socket_dir)
+
+    fleet = _named(load())
+    if args.stats_json is not None:
+        _check_writable(args.stats_json)
+    endpoint = None
+    if args.metrics_port is not None:
+        from pagein.serve.metrics import MetricsEndpoint
+        endpoint = MetricsEndpoint(args.metrics_address, args.metrics_port)
+    try:
+        server = FleetServer(fleet, (lambda: _named(load())) if args.config else None,
+                             args.stats_json)
+        return _serve_fleet(server, args, endpoint)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+def _named(fleet: Fleet) -> Fleet:
+    """Each snapshot's options carry its name (log lines and metrics say which)."""
+    from pagein.serve.config import Fleet
+    return Fleet({n: o.with_(snapshot=n) for n, o in fleet.snapshots.items()}, fleet.origin)
+
+
+def _serve_fleet(server: FleetServer, args: argparse.Namespace,
+                 endpoint: MetricsEndpoint | None) -> int:
+    def asker(what: str) -> Callable[[int, FrameType | None], None]:
+        return lambda _sig, _frame: server.request(what)  # sets a flag: the loop acts
+
+    for signum, what in ((signal.SIGTERM, "stop"), (signal.SIGINT, "stop-now"),
+                         (signal.SIGUSR1, "stats"), (signal.SIGHUP, "reload")):
+        signal.signal(signum, asker(what))
+    server.wake_on_signals()
+    if endpoint is not None:
+        from pagein.serve.metrics import FleetCollector
+        endpoint.serve(FleetCollector(server.samples))
+        host = args.metrics_address
+        log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host,
+                 endpoint.port)
+    if args.ready_fd is not None:
+        os.write(args.ready_fd, b"ready\n")
+        os.close(args.ready_fd)
+    try:
+        server.serve_forever()
+    finally:
+        written = server.write_stats()
+    return 0 if written else 1
 
 
 def _check_start(options: ServeOptions, listener: socket.socket | None) -> None:
@@ -321,7 +440,8 @@ def _serve(server: Server, args: argparse.Namespace, endpoint: MetricsEndpoint |
     signal.signal(signal.SIGHUP, state)
     server.wake_on_signals()
     if endpoint is not None:
-        endpoint.serve(server)
+        from pagein.serve.metrics import ServerCollector
+        endpoint.serve(ServerCollector(server.sampler()))
         host = args.metrics_address
         log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host,
                  endpoint.port)

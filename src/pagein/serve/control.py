@@ -13,12 +13,12 @@ import json
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from pagein.errors import PageinError
 from pagein.sys.fdpass import recv_with_fds, send_with_fds
 
-__all__ = ["MAX_PAYLOAD", "ControlError", "recv_msg", "send_msg"]
+__all__ = ["MAX_PAYLOAD", "ControlError", "name_fds", "recv_msg", "send_msg"]
 
 MAX_PAYLOAD = 16 * 1024 * 1024
 _MAX_FDS = 8
@@ -74,3 +74,24 @@ def recv_msg(sock: socket.socket) -> tuple[dict[str, object], list[int]] | None:
             os.close(fd)
         raise
     return doc, fds
+
+
+def name_fds(names: object, fds: Sequence[int], *, required: Collection[str],
+             optional: Collection[str] = ()) -> dict[str, int]:
+    """Pair the fds of a message with the names it sent beside them (``"fds": [...]``).
+
+    Fds travel by position; the names say which is which, so a sender and a receiver
+    of two versions, or a message with an fd missing, fail here, naming the fd, instead
+    of serving a VM from the wrong descriptor. The fds are not closed on error.
+    """
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ControlError("a message with fds and no list of their names")
+    if len(names) != len(fds):
+        raise ControlError(f"a message names {len(names)} fds and carries {len(fds)}")
+    if len(set(names)) != len(names):
+        raise ControlError(f"a message names an fd twice: {names[:8]!r}")
+    if unknown := [n for n in names if n not in required and n not in optional]:
+        raise ControlError(f"a message carries an unknown fd {unknown[0][:40]!r}")
+    if missing := [n for n in required if n not in names]:
+        raise ControlError(f"a message lacks the {missing[0]!r} fd")
+    return dict(zip(names, fds, strict=True))

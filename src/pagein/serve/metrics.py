@@ -3,7 +3,7 @@ every VM, and the HTTP server that answers ``/metrics`` (only).
 
 Every serving worker writes its VMs' counters into each VM's shared serving state
 (:mod:`pagein.serve.state`), and the supervisor reads them from there for the stats
-file; this collector reads the same words at scrape time (:meth:`Server.sample`). So
+file; this collector reads the same words at scrape time (a server's ``sample``). So
 ``prometheus_client``'s multiprocess mode (one file per process, merged at scrape) is
 not needed: there is one reader, the supervisor, and the values it reads are already
 shared. Nothing here runs in a worker, and a worker never imports this module.
@@ -29,7 +29,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
@@ -48,10 +48,7 @@ from pagein.serve.session import SessionEnd
 from pagein.serve.stats import LATENCY_BUCKETS_US, Counters, ServerSample, VmRow
 from pagein.snapshot.source import FETCH_BUCKETS_S, SourceStats
 
-if TYPE_CHECKING:
-    from pagein.serve.server import Server
-
-__all__ = ["MetricsEndpoint", "ServerCollector", "exposition"]
+__all__ = ["FleetCollector", "MetricsEndpoint", "Sampler", "ServerCollector", "exposition"]
 
 VM_LABELS = ("session", "pid")
 #: Seconds a scrape connection may stay silent before it is closed.
@@ -225,16 +222,39 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
-def _registry(server: Server) -> CollectorRegistry:
-    keep = server.options.metrics_keep_ended_s
+#: What the metrics read at each scrape: a server's :meth:`~pagein.serve.server.Server.sample`.
+Sampler = Callable[[], ServerSample]
+
+
+def _registry(collector: Collector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServerCollector(lambda: server.sample(keep)))
+    registry.register(collector)
     return registry
 
 
-def exposition(server: Server) -> str:
-    """The endpoint's text for ``server`` now (Prometheus text format 0.0.4)."""
-    return generate_latest(_registry(server)).decode()
+def exposition(sample: Sampler) -> str:
+    """The endpoint's text for ``sample`` now (Prometheus text format 0.0.4)."""
+    return generate_latest(_registry(ServerCollector(sample))).decode()
+
+
+class FleetCollector(Collector):
+    """The metrics of every snapshot one daemon serves (:mod:`pagein.serve.fleet`), on
+    one endpoint: the same families as :class:`ServerCollector`, each series labelled
+    ``snapshot`` with the snapshot's name."""
+
+    def __init__(self, samples: Callable[[], list[tuple[str, ServerSample]]]) -> None:
+        self._samples = samples
+
+    def collect(self) -> Iterable[Metric]:
+        merged: dict[str, Metric] = {}
+        for name, sample in self._samples():
+            for m in ServerCollector(lambda s=sample: s).collect():  # type: ignore[misc]
+                out = merged.get(m.name)
+                if out is None:
+                    out = merged[m.name] = Metric(m.name, m.documentation, m.type, m.unit)
+                out.samples += [s._replace(labels={"snapshot": name, **s.labels})
+                                for s in m.samples]
+        yield from merged.values()
 
 
 class _Quiet(WSGIRequestHandler):
@@ -285,9 +305,10 @@ class MetricsEndpoint:
         self.port: int = self._httpd.server_port
         self._thread: threading.Thread | None = None
 
-    def serve(self, server: Server) -> None:
-        """Answer scrapes with ``server``'s metrics, from a thread of its own."""
-        self._metrics = make_wsgi_app(_registry(server))
+    def serve(self, collector: Collector) -> None:
+        """Answer scrapes with what ``collector`` reads (a :class:`ServerCollector` or a
+        :class:`FleetCollector`), from a thread of its own."""
+        self._metrics = make_wsgi_app(_registry(collector))
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True,
                                         name="pagein-metrics")
         self._thread.start()

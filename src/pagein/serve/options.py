@@ -118,6 +118,12 @@ class ServeOptions:
     #: Collapse each wholly filled 2 MiB range into a huge page (pagein.serve.collapse).
     #: Off by default: measured, guests ran slower on huge pages on kvm_pvm (docs/serve.md).
     collapse: bool = False
+    # How to reach an s3:// or dir:// store (None: the environment's; see docs/store.md).
+    endpoint_url: str | None = None
+    profile: str | None = None
+    cache_dir: str | None = None  # the host's chunk cache directory
+    cache_bytes: int | None = None  # its bound (None: DEFAULT_DISK_BYTES)
+    snapshot: str | None = None  # its name when one daemon serves several (--config)
 
     def __post_init__(self) -> None:
         # A readahead size or --then the strategy does not use means nothing: keep the
@@ -205,7 +211,10 @@ class ServeOptions:
             socket_mode=args.socket_mode, socket_group=args.socket_group,
             allow_uids=tuple(dict.fromkeys(i for ids in args.allow_uid or () for i in ids)),
             allow_gids=tuple(dict.fromkeys(i for ids in args.allow_gid or () for i in ids)),
-            page_cache_keep=args.page_cache_keep, collapse=args.collapse)
+            page_cache_keep=args.page_cache_keep, collapse=args.collapse,
+            endpoint_url=getattr(args, "endpoint_url", None),
+            profile=getattr(args, "profile", None), cache_dir=getattr(args, "cache_dir", None),
+            cache_bytes=getattr(args, "cache_size", None))
 
     def to_argv(self) -> list[str]:
         """The ``pagein serve ...`` arguments that parse back into these options."""
@@ -229,7 +238,10 @@ class ServeOptions:
                             ("--trace", self.trace), ("--stats-json", self.stats_json),
                             ("--metrics-port", self.metrics_port),
                             ("--exit-after", self.exit_after), ("--workers", self.workers),
-                            ("--socket-group", self.socket_group)):
+                            ("--socket-group", self.socket_group),
+                            ("--endpoint-url", self.endpoint_url), ("--profile", self.profile),
+                            ("--cache-dir", self.cache_dir),
+                            ("--cache-size", self.cache_bytes)):
             if value is not None:
                 argv += [flag, str(value)]
         if self.socket_mode is not None:
@@ -238,6 +250,24 @@ class ServeOptions:
             if ids:
                 argv += [flag, ",".join(str(i) for i in ids)]
         return argv
+
+    def store_options(self) -> dict[str, object]:
+        """The store settings given, as :func:`~pagein.snapshot.open.open_source` takes
+        them (empty: every one from the environment and the defaults). Raises
+        :class:`ConfigError` naming the flag when the source is not a store: there they
+        would mean nothing."""
+        out: dict[str, object] = {}
+        for flag, key, value in (("--endpoint-url", "endpoint_url", self.endpoint_url),
+                                 ("--profile", "profile", self.profile),
+                                 ("--cache-dir", "cache_dir", self.cache_dir),
+                                 ("--cache-size", "cache_disk_bytes", self.cache_bytes)):
+            if value is None:
+                continue
+            if not self.source.startswith(("s3://", "dir://")):
+                raise ConfigError(f"{flag} applies to s3:// and dir:// sources only, not "
+                                  f"{self.source[:200]}")
+            out[key] = value
+        return out
 
     # --- the worker channel -------------------------------------------------------------
 

@@ -34,8 +34,10 @@ map none of it is served as before; anything in between is a bad handshake.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,8 +51,10 @@ from pagein.sys.fdpass import recv_with_fds, send_with_fds
 from pagein.sys.mapping import Mapping, Memfd
 from pagein.sys.poll import wait_readable
 
-__all__ = ["CacheFiller", "CachedMemory", "PageCache", "is_cache_request",
+__all__ = ["CacheFiller", "CachedMemory", "PageCache", "PageCaches", "is_cache_request",
            "mapped_cache", "read_cache_request", "reply_cache", "request_page_cache"]
+
+log = logging.getLogger("pagein.serve")
 
 _TAG = "page-cache"
 _MAX_LINE = 4096  # a request or reply longer than this is refused
@@ -115,6 +119,71 @@ class PageCache:
         self._reserve.close()
         self.data.close()
         self.present = None  # type: ignore[assignment]
+
+
+class PageCaches:
+    """The supervisor's page caches of one snapshot, one per page size: made when a VMM
+    first asks, counted while VMs use them, dropped ``keep_s`` seconds after the last
+    one went (a timer thread; a VM that maps a dropped cache keeps its pages)."""
+
+    def __init__(self, source_size: int, describe: str, keep_s: float) -> None:
+        self._source_size = source_size
+        self._describe = describe
+        self._keep_s = keep_s
+        self._lock = threading.Lock()
+        self._by_size: dict[int, PageCache] = {}
+
+    def get(self, page_size: int) -> PageCache:
+        """The cache of ``page_size`` pages, made now if there is none."""
+        with self._lock:
+            cache = self._by_size.get(page_size)
+            if cache is None:
+                cache = PageCache(self._source_size, page_size)
+                self._by_size[page_size] = cache
+                log.info("page cache of %s made: %d bytes in %d-byte pages",
+                         self._describe, cache.size_bytes, page_size)
+            cache.used_at = time.monotonic()
+            return cache
+
+    def all(self) -> list[PageCache]:
+        with self._lock:
+            return list(self._by_size.values())
+
+    def acquire(self, cache: PageCache) -> None:
+        """A VM is served through ``cache`` from now on."""
+        with self._lock:
+            cache.users += 1
+            cache.used_at = time.monotonic()
+
+    def release(self, cache: PageCache) -> None:
+        """A VM served through ``cache`` has ended: drop it if nobody uses it for a while."""
+        with self._lock:
+            cache.users -= 1
+            cache.used_at = time.monotonic()
+        t = threading.Timer(self._keep_s + 0.01, self._drop_idle)
+        t.daemon = True
+        t.start()
+
+    def _drop_idle(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            idle = [ps for ps, c in self._by_size.items()
+                    if c.users == 0 and now - c.used_at >= self._keep_s]
+            dropped = [self._by_size.pop(ps) for ps in idle]
+        for c in dropped:
+            log.info("page cache of %d-byte pages dropped (%d bytes held; no VM used it for "
+                     "%g s)", c.page_size, c.present.count * c.page_size, self._keep_s)
+            c.close()
+
+    def stats(self) -> list[dict[str, object]]:
+        """Each page cache: its size, the pages it holds, the VMs using it."""
+        return [c.stats() for c in self.all()]
+
+    def close(self) -> None:
+        with self._lock:
+            caches, self._by_size = list(self._by_size.values()), {}
+        for c in caches:
+            c.close()
 
 
 # --- a worker's view ---------------------------------------------------------------------

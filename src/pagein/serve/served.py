@@ -93,7 +93,7 @@ def open_served(opts: ServeOptions, *, warm: bool = False) -> Served:
     needs_ws = opts.strategy in _NEEDS_WS
     if opts.working_set is not None and not needs_ws:
         raise PageinError("--working-set is used by --strategy working-set or reap only")
-    base = open_source(opts.source)
+    base = open_source(opts.source, **opts.store_options())
     try:
         source: PageSource = base
         extents = None

@@ -19,6 +19,7 @@ Its state — filled and discarded pages, counters — lives in the VM's
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -51,12 +52,12 @@ from pagein.serve.recovery import journal_events
 from pagein.serve.space import AddressSpace
 from pagein.serve.state import VmState
 from pagein.serve.stats import N_COUNTERS
-from pagein.serve.strategies import Strategy
+from pagein.serve.strategies import PopulateAll, Strategy
 from pagein.snapshot.source import PageSource
 from pagein.sys.uffd import Userfaultfd
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "STATS_REQUEST", "Session", "SessionEnd", "choose", "holes_of",
-           "native_unavailable"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "STATS_REQUEST", "Nudge", "Session", "SessionEnd", "choose",
+           "holes_of", "native_unavailable"]
 
 log = logging.getLogger("pagein.serve")
 
@@ -73,6 +74,41 @@ class SessionEnd(Enum):
     PEER_EXITED = "peer exited"
     STOPPED = "server stopping"
     FAILED = "failed"
+
+
+class Nudge:
+    """A session's stop fd that says more than stop: :meth:`populate` asks a running
+    session to fill every page it is missing now (a drain: the server is going and the
+    VM must not need it), :meth:`stop` to end. Each sets its flag, then makes the
+    eventfd readable; the session, woken, reads it and acts on the flags (so a flag
+    set while it acts is seen on its next wake)."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.stop_wanted = False
+        self.populate_wanted = False
+
+    def stop(self) -> None:
+        self.stop_wanted = True
+        self._poke()
+
+    def populate(self) -> None:
+        self.populate_wanted = True
+        self._poke()
+
+    def _poke(self) -> None:
+        if self.fd >= 0:
+            os.eventfd_write(self.fd, 1)
+
+    def take(self) -> None:
+        """Make the fd unreadable again (the session has seen the flags)."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.fd)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def holes_of(source: PageSource, regions: Iterable[Region]) -> list[Bitmap | None]:
@@ -135,7 +171,7 @@ class Session:
                  recorder: Recorder | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  pending: bytes = b"", resume: bool = False, pagemap_fd: int = -1,
                  guard: SourceGuard | None = None, cache: CacheFiller | None = None,
-                 collapse: bool = False) -> None:
+                 collapse: bool = False, nudge: Nudge | None = None) -> None:
         self.uffd = uffd
         self.sock = sock
         self.space = AddressSpace(tuple(regions))
@@ -149,6 +185,8 @@ class Session:
         self.resume = resume
         self.end: SessionEnd | None = None
         self._stop_fd = stop_fd
+        self._nudge = nudge  # stop_fd is nudge.fd: readable means stop or populate
+        self._populating = False
         self._chunk = chunk_bytes
         self._ctl = pending
         self._done_logged = False
@@ -270,7 +308,14 @@ class Session:
                 self._unserved(unserved)
             self._records()
             if reason == Reason.STOP:
-                return SessionEnd.STOPPED
+                if self._nudge is None or self._nudge.stop_wanted:
+                    return SessionEnd.STOPPED
+                self._nudge.take()
+                if self._nudge.populate_wanted and not self._populating:
+                    planner = self._populate_all()
+                    busy = planner.busy()
+                    if not busy:
+                        self._log_complete()
             if reason == Reason.SOCKET and not self._on_socket(None):
                 return SessionEnd.PEER_EXITED
             if reason == Reason.PEER_GONE:
@@ -299,6 +344,19 @@ class Session:
         if busy or (c is not None and c.backlog):
             return 0
         return -1 if c is None else c.idle_ms
+
+    def _populate_all(self) -> Planner:
+        """Fill every page still missing, in the background, faults first (a drain).
+
+        Replaces the strategy's plan, which it covers: pages already in place are
+        skipped, so whatever the plan had done is not done again."""
+        self._populating = True
+        missing = sum(r.size_bytes for r in self.regions) - sum(
+            f.count * r.page_size for f, r in zip(self.state.filled, self.regions, strict=True))
+        log.info("%s: the server is draining: populating the %d bytes still missing",
+                 self.name, max(0, missing))
+        return Planner(PopulateAll().on_connect(self.regions), self.regions, self.source,
+                       self.counters, self._chunk)
 
     def _log_complete(self) -> None:
         if not self._done_logged and self.complete:

@@ -19,6 +19,7 @@ Word order (the native core's ``C_*`` indices)::
 from __future__ import annotations
 
 import bisect
+import collections
 import json
 import os
 import tempfile
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pagein.snapshot.source import SourceStats
 
 __all__ = ["COUNTER_WORDS", "LATENCY_BUCKETS_US", "N_COUNTERS", "CounterBlock", "Counters",
-           "ServeStats", "ServerSample", "SourceTally", "VmRow", "write_json"]
+           "EndedTally", "ServeStats", "ServerSample", "SourceTally", "VmRow", "write_json"]
 
 #: Upper bounds (microseconds) of the fault-latency histogram; one more bucket is +Inf.
 LATENCY_BUCKETS_US = (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000, 100000)
@@ -193,6 +194,31 @@ class VmRow:
                 "engine": self.engine, "worker_restarts": self.worker_restarts,
                 "ms_without_worker": self.ms_without_worker, "worker_pid": self.worker_pid,
                 **self.counters.to_dict()}
+
+
+class EndedTally:
+    """The sessions that ended: the last ``keep`` rows listed, and every one summed
+    (the totals never drop, also once a session's row is no longer listed)."""
+
+    def __init__(self, keep: int = 1000) -> None:
+        self._keep = keep
+        self.rows: list[VmRow] = []
+        self.total = Counters()
+        self.worker_restarts = 0
+        self.ms_without_worker = 0.0
+        self.by_end: collections.Counter[str] = collections.Counter()
+        self.count = 0
+
+    def add(self, row: VmRow) -> int:
+        """Count one ended session; return how many have ended."""
+        self.rows.append(row)
+        del self.rows[:-self._keep]
+        self.total.add(row.counters)
+        self.worker_restarts += row.worker_restarts
+        self.ms_without_worker += row.ms_without_worker
+        self.by_end[row.state] += 1
+        self.count += 1
+        return self.count
 
 
 @dataclass(frozen=True, slots=True)

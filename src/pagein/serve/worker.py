@@ -13,9 +13,14 @@ The channel (:mod:`pagein.serve.control`), supervisor to worker::
      "identity": [st_dev, st_ino, size, mtime_ns, ctime_ns] | null}   (the memory file's)
     {"op": "serve", "vm": 7, "name": "vm 7 pid=1234", "regions": [[base, size, offset,
      page_size], ...], "features": N, "pending": "<hex>", "record": PATH|null,
-     "trace": PATH|null, "pagemap": bool, "cache": [size, page_size]|null}
-                     + fds [uffd, VMM socket, state memfd(, VMM pagemap)(, cache data, present)]
+     "trace": PATH|null, "cache": [size, page_size]|null,
+     "fds": ["uffd", "socket", "state"(, "pagemap")(, "cache-data", "cache-present")]}
+                     + those fds, in that order (the VMM's uffd and socket, the state
+                       memfd, the VMM's pagemap, the page cache's data and present)
     {"op": "adopt", "index": 2}            (a spare, started with index -1, put to work)
+    {"op": "populate"}                     (the server drains: fill every VM's missing
+                                            pages now; a serve message may say
+                                            "populate": true for the same)
     {"op": "stop"}
 
 and back: ``{"op": "ready"}`` (or ``{"op": "failed", "error": ...}``) after init,
@@ -37,7 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from pagein.errors import PageinError
-from pagein.serve.control import ControlError, recv_msg, send_msg
+from pagein.serve.control import ControlError, name_fds, recv_msg, send_msg
 from pagein.serve.crash import CrashPoint, claim, crash
 from pagein.serve.engine import EngineName
 from pagein.serve.firecracker import Region
@@ -46,14 +51,18 @@ from pagein.serve.options import ServeOptions
 from pagein.serve.pagecache import CacheFiller
 from pagein.serve.record import Recorder
 from pagein.serve.served import Served, open_served
-from pagein.serve.session import Session, choose
+from pagein.serve.session import Nudge, Session, choose
 from pagein.serve.state import VmState
 from pagein.sys.process import set_name
 from pagein.sys.uffd import Feature, Userfaultfd
 
-__all__ = ["VmServer", "main"]
+__all__ = ["VM_FDS", "VM_OPTIONAL_FDS", "VmServer", "main"]
 
 log = logging.getLogger("pagein.serve")
+
+#: The fds every serve message carries, and those some do, by the names it gives them.
+VM_FDS = ("uffd", "socket", "state")
+VM_OPTIONAL_FDS = ("pagemap", "cache-data", "cache-present")
 
 #: How often a worker sends its store source's counters to the supervisor.
 SOURCE_STATS_EVERY_S = 1.0
@@ -68,12 +77,16 @@ class VmServer:
         self.served = served
         self.engine = engine
         self.send = report
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._lock = threading.Lock()
+        self._nudges: set[Nudge] = set()  # one per session: stop or populate it
+        self._stopping = False
+        self._populating = False
         self._threads: list[threading.Thread] = []
 
     def start_vm(self, doc: dict[str, object], fds: Sequence[int]) -> None:
-        """Serve one VM (fds: uffd, VMM socket, state memfd and, for a VM with hugetlb
-        regions, the VMM's ``/proc/PID/pagemap``; all now owned here) in a thread."""
+        """Serve one VM in a thread; ``fds`` (now owned here) are the ones ``doc["fds"]``
+        names (:data:`VM_FDS`, :data:`VM_OPTIONAL_FDS`; checked by
+        :func:`~pagein.serve.control.name_fds` before this is called)."""
         t = threading.Thread(target=self._serve_vm, args=(doc, fds), daemon=True,
                              name=str(doc.get("name", "vm"))[:64])
         self._threads = [x for x in self._threads if x.is_alive()]
@@ -82,27 +95,61 @@ class VmServer:
 
     def stop(self) -> None:
         """End every session (STOPPED) and wait for their threads."""
-        with contextlib.suppress(OSError):
-            os.write(self._stop_w, b"x")
+        with self._lock:
+            self._stopping = True
+            nudges = list(self._nudges)
+        for n in nudges:
+            n.stop()
         for t in self._threads:
             t.join()
-        os.close(self._stop_r)
-        os.close(self._stop_w)
+
+    def populate_all(self) -> None:
+        """Make every session, and each started from now on, fill all its missing pages
+        (the server drains: see :class:`~pagein.serve.session.Nudge`)."""
+        with self._lock:
+            self._populating = True
+            nudges = list(self._nudges)
+        for n in nudges:
+            n.populate()
+
+    def _nudge(self, populate: bool) -> Nudge:
+        nudge = Nudge()
+        with self._lock:
+            self._nudges.add(nudge)
+            stopping, populating = self._stopping, self._populating or populate
+        if stopping:
+            nudge.stop()
+        elif populating:
+            nudge.populate()
+        return nudge
+
+    def _forget(self, nudge: Nudge) -> None:
+        with self._lock:
+            self._nudges.discard(nudge)
+        nudge.close()
 
     def live(self) -> int:
         return sum(t.is_alive() for t in self._threads)
 
     def _serve_vm(self, doc: dict[str, object], fds: Sequence[int]) -> None:
-        uffd_fd, conn_fd, state_fd = fds[:3]
-        rest = list(fds[3:])
-        pagemap_fd = rest.pop(0) if doc.get("pagemap") and rest else -1
-        cache_fds = rest
+        try:
+            named = name_fds(doc.get("fds"), fds, required=VM_FDS, optional=VM_OPTIONAL_FDS)
+        except ControlError as e:
+            log.error("%s: cannot start serving: %s", str(doc.get("name", "vm"))[:64], e)
+            for fd in fds:
+                os.close(fd)
+            self.send({"op": "ended", "vm": doc.get("vm"), "end": "failed"})
+            return
+        uffd_fd, conn_fd, state_fd = (named[n] for n in VM_FDS)
+        pagemap_fd = named.get("pagemap", -1)
+        cache_fds = [named[n] for n in ("cache-data", "cache-present") if n in named]
         cache: CacheFiller | None = None
         name = str(doc.get("name", "vm"))
         sock = socket.socket(fileno=conn_fd)
         uffd = Userfaultfd.adopt(uffd_fd, features=Feature(int(str(doc.get("features", 0)))))
         state: VmState | None = None
         session: Session | None = None
+        nudge = self._nudge(doc.get("populate") is True)
         end = "failed"
         try:
             raw_regions = doc.get("regions")
@@ -121,8 +168,10 @@ class VmServer:
                                     strategy=self.served.options.strategy_label)
             cache_doc = doc.get("cache")
             if cache_fds:
-                if not isinstance(cache_doc, list) or len(cache_doc) != 2:
-                    raise ControlError("a serve message with cache fds and no cache size")
+                if not isinstance(cache_doc, list) or len(cache_doc) != 2 \
+                        or len(cache_fds) != 2:
+                    raise ControlError("a serve message with cache fds and no cache size, "
+                                       "or one of the two cache fds")
                 data_fd, present_fd = cache_fds
                 cache_fds = []
                 cache = CacheFiller.attach(data_fd, present_fd, int(cache_doc[0]),
@@ -133,11 +182,11 @@ class VmServer:
                             "%s will hold only the faults served from now on", name, record)
             session = Session(uffd=uffd, sock=sock, regions=regions,
                               source=self.served.source, strategy=self.served.strategy(),
-                              state=state, name=name, stop_fd=self._stop_r, engine=self.engine,
+                              state=state, name=name, stop_fd=nudge.fd, engine=self.engine,
                               recorder=recorder, chunk_bytes=self.served.options.chunk_bytes,
                               pending=bytes.fromhex(str(doc.get("pending", ""))),
                               resume=resume, pagemap_fd=pagemap_fd,
-                              guard=self.served.guard, cache=cache,
+                              guard=self.served.guard, cache=cache, nudge=nudge,
                               collapse=self.served.options.collapse)
             self.send({"op": "started", "vm": doc["vm"],
                        "engine": session.engine_name.value})
@@ -151,6 +200,7 @@ class VmServer:
             for fd in [state_fd, pagemap_fd, *cache_fds]:
                 if fd >= 0:
                     os.close(fd)
+            self._forget(nudge)
             self.send({"op": "ended", "vm": doc.get("vm"), "end": end})
 
 
@@ -190,8 +240,17 @@ class _Channel:
                 break
             doc, fds = got
             op = doc.get("op")
-            if op == "serve" and 3 <= len(fds) <= 6:
+            if op == "serve" and fds:
+                try:
+                    name_fds(doc.get("fds"), fds, required=VM_FDS, optional=VM_OPTIONAL_FDS)
+                except ControlError as e:
+                    log.error("worker: refusing a serve message: %s", e)
+                    for fd in fds:
+                        os.close(fd)
+                    continue
                 vms.start_vm(doc, fds)
+            elif op == "populate" and not fds:  # the server drains
+                vms.populate_all()
             elif op == "adopt" and not fds:  # a spare put to work
                 _name_worker(doc, int(str(doc.get("index", 0))))
             elif op == "stop":
@@ -318,7 +377,12 @@ def _zygote(ctl: socket.socket, doc: dict[str, object]) -> int:
             try:
                 if os.fork() == 0:
                     ctl.close()
-                    code = _forked_worker(fds[0], {**doc, "index": msg.get("index", 0)},
+                    # One zygote may fork the workers of several snapshots (a fleet): the
+                    # request names the snapshot's options and file identity.
+                    init = msg.get("init")
+                    child = {**doc, **(init if isinstance(init, dict) else {}),
+                             "index": msg.get("index", 0)}
+                    code = _forked_worker(fds[0], child,
                                           intermediate=me)
             except BaseException:  # a forked child must never return into the zygote
                 log.exception("forked serving worker failed")

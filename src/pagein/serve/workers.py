@@ -29,7 +29,7 @@ from pagein.serve.options import ServeOptions
 from pagein.sys.fdpass import kill_through
 from pagein.sys.process import set_child_subreaper
 
-__all__ = ["WORKER_START_S", "WorkerCannotServe", "WorkerFactory", "WorkerProc"]
+__all__ = ["WORKER_START_S", "WorkerCannotServe", "WorkerFactory", "WorkerProc", "Zygote"]
 
 log = logging.getLogger("pagein.serve")
 
@@ -204,12 +204,16 @@ class Zygote:
             self.close()
             raise
 
-    def fork(self, index: int) -> WorkerProc:
-        """A new worker (not yet ready: call its ``wait_ready``)."""
+    def fork(self, index: int, init: dict[str, object] | None = None) -> WorkerProc:
+        """A new worker (not yet ready: call its ``wait_ready``); ``init`` overrides the
+        zygote's own options and identity for it (a zygote shared by several snapshots)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        request: dict[str, object] = {"op": "fork", "index": index}
+        if init is not None:
+            request["init"] = init
         try:
             with self.lock:
-                send_msg(self.ctl, {"op": "fork", "index": index}, [theirs.fileno()])
+                send_msg(self.ctl, request, [theirs.fileno()])
                 theirs.close()
                 if not _readable(self.ctl.fileno(), WORKER_START_S):
                     raise PageinError("the worker zygote did not answer")
@@ -240,19 +244,27 @@ class Zygote:
 
 class WorkerFactory:
     """Make ready workers: from the spare when there is one, else forked by the zygote
-    (restarted once if it died), else executed. Thread-safe."""
+    (restarted once if it died), else executed. Thread-safe.
+
+    ``zygote``: one the caller owns and shares among several factories (one daemon
+    serving several snapshots: one zygote for all); each fork then says this factory's
+    options and identity. Without one the factory starts (and closes) its own.
+    """
 
     def __init__(self, options: ServeOptions, engine: EngineName,
-                 identity: Identity = None) -> None:
+                 identity: Identity = None, zygote: Zygote | None = None) -> None:
         self.options = options
         self.engine = engine
         self.identity = identity  # every worker holds its memory file to it
         self._lock = threading.Lock()
-        self._zygote: Zygote | None = None
+        self._zygote: Zygote | None = zygote
+        self._shared = zygote is not None
+        self._init: dict[str, object] = {"options": options.to_json(), "identity": identity}
         self._spare: WorkerProc | None = None
         self._refilling = False
         self._closed = False
-        self._start_zygote()
+        if zygote is None:
+            self._start_zygote()
 
     def _start_zygote(self) -> None:
         try:
@@ -271,8 +283,11 @@ class WorkerFactory:
                 if z is None or self._closed:
                     break
                 try:
-                    return z.fork(index)
+                    return z.fork(index, self._init if self._shared else None)
                 except PageinError as e:
+                    if self._shared:  # not ours to replace: execute this worker instead
+                        log.error("%s; starting the worker without it", e)
+                        break
                     log.error("%s; starting another zygote", e)
                     z.close()
                     self._zygote = None
@@ -331,6 +346,8 @@ class WorkerFactory:
             self._closed = True
             spare, self._spare = self._spare, None
             z, self._zygote = self._zygote, None
+        if self._shared:
+            z = None  # its owner closes it
         if spare is not None:
             with contextlib.suppress(OSError):
                 spare.send({"op": "stop"})

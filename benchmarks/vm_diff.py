@@ -17,9 +17,9 @@ two kernel mechanisms outside pagein.
 
 from __future__ import annotations
 
+import argparse
 import random
 import shutil
-import sys
 import tempfile
 import time
 
@@ -138,8 +138,17 @@ def chain_bench(state: int) -> None:
 
 
 def main() -> None:
-    state = int(sys.argv[1]) * MiB if len(sys.argv) > 1 else 256 * MiB
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("state_mib", nargs="?", type=int, default=256,
+                   help="the function guest's state in MiB (default 256)")
+    p.add_argument("--chain-only", action="store_true",
+                   help="only the chain figures (open times, first checksum vs squashed)")
+    args = p.parse_args()
+    state = args.state_mib * MiB
     chain_bench(state)
+    if args.chain_only:
+        return
     off, on = run(state, False), run(state, True)
     print(f"burst of {BURST} updates: tracking off {off['burst_s']:.3f} s, on "
           f"{on['burst_s']:.3f} s ({on['burst_s'] / off['burst_s']:.2f}x)")

@@ -4,9 +4,7 @@ are collapsed (answers unchanged), never one holding a page a REMOVE discarded."
 from __future__ import annotations
 
 import os
-import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -14,12 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _guest import ready_serve
 from test_restore import Taken, ask, take_snapshot
 
 from pagein.serve.strategies import StrategyName
 from pagein.sys.mapping import PAGE_SIZE, Advice
 from pagein.sys.pagemap import Pagemap
-from pagein.sys.poll import wait_readable
 from pagein.sys.thp import HUGE_BYTES
 from pagein.vmm.restore import Backend, RestoredVm, RestoreOptions, restore
 
@@ -37,24 +35,10 @@ def taken() -> Iterator[Taken]:
 def readahead_server(taken: Taken, tmp_path: Path) -> Iterator[str]:
     """`pagein serve --strategy readahead` as a fleet runs it: serving workers."""
     sock = str(tmp_path / "serve.sock")
-    r, w = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "pagein", "serve", "--socket", sock,
-                             "--mem-file", os.path.join(taken.directory, "memory"),
-                             "--strategy", "readahead", "--collapse", "--workers", "1",
-                             "--ready-fd", str(w)],
-                            pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.close(w)
-    try:
-        assert wait_readable([r], TIMEOUT) and os.read(r, 16), "serve did not start"
+    with ready_serve([sys.executable, "-m", "pagein", "serve", "--socket", sock,
+                      "--mem-file", os.path.join(taken.directory, "memory"),
+                      "--strategy", "readahead", "--collapse", "--workers", "1"], TIMEOUT):
         yield sock
-    finally:
-        os.close(r)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _wait(predicate: object, what: str) -> None:

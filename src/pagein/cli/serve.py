@@ -373,17 +373,7 @@ def _serve_fleet(server: FleetServer, args: argparse.Namespace,
     if endpoint is not None:
         from pagein.serve.metrics import FleetCollector
         endpoint.serve(FleetCollector(server.samples))
-        host = args.metrics_address
-        log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host,
-                 endpoint.port)
-    if args.ready_fd is not None:
-        os.write(args.ready_fd, b"ready\n")
-        os.close(args.ready_fd)
-    try:
-        server.serve_forever()
-    finally:
-        written = server.write_stats()
-    return 0 if written else 1
+    return _run(server, args, endpoint)
 
 
 def _check_start(options: ServeOptions, listener: socket.socket | None) -> None:
@@ -442,6 +432,14 @@ def _serve(server: Server, args: argparse.Namespace, endpoint: MetricsEndpoint |
     if endpoint is not None:
         from pagein.serve.metrics import ServerCollector
         endpoint.serve(ServerCollector(server.sampler()))
+    return _run(server, args, endpoint)
+
+
+def _run(server: Server | FleetServer, args: argparse.Namespace,
+         endpoint: MetricsEndpoint | None) -> int:
+    """Say where the metrics are, tell --ready-fd, serve until stopped, write the stats
+    (a failure to write them is logged; the exit status says it)."""
+    if endpoint is not None:
         host = args.metrics_address
         log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host,
                  endpoint.port)
@@ -451,5 +449,5 @@ def _serve(server: Server, args: argparse.Namespace, endpoint: MetricsEndpoint |
     try:
         server.serve_forever()
     finally:
-        written = server.write_stats()  # a failure is logged; the exit status says it
+        written = server.write_stats()
     return 0 if written else 1

@@ -1,4 +1,9 @@
-"""Per-fault cost on the native engine: UFFDIO_CONTINUE (--share-pages) against UFFDIO_COPY.
+"""Mechanism probe, not a pagein figure: the native engine's per-fault cost of
+UFFDIO_CONTINUE (--share-pages) against UFFDIO_COPY, with a client of its own.
+
+pagein's figure for shared clones, driven as users run them (`pagein serve` started from
+the CLI, `pagein vm restore --share-pages` guests, unpinned and pinned, with the
+server's µs per fault), is benchmarks/vm_share.py. This probe isolates the ioctl path.
 
 Run: ``.venv/bin/python benchmarks/share_fault_cost.py`` (64 MiB, 3 runs per case).
 

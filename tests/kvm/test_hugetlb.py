@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _guest import ready_serve
 
 from pagein.snapshot import workingset
 from pagein.vmm.reference import FunctionReference
@@ -108,26 +109,18 @@ def test_hugetlb_snapshot_restores_with_every_backend(snap: Path, backend: str,
     assert f"restored with {backend} in" in res.stderr
 
 
-def _serve(snap: Path, tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+def _restore_through_serve(snap: Path, tmp: Path, *extra: str) -> dict[str, int]:
+    """`pagein vm restore --uffd-socket` through a `pagein serve --exit-after 1` started
+    with ``extra``: the answers are the original's; return the served VM's counters."""
     sock, stats = str(tmp / "pf.sock"), tmp / "stats.json"
-    r, w = os.pipe()
-    serve = subprocess.Popen([sys.executable, "-m", "pagein", "serve", "--socket", sock,
-                              "--mem-file", str(snap / "memory"), "--exit-after", "1",
-                              "--stats-json", str(stats), "--ready-fd", str(w), *extra],
-                             pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    os.close(w)
-    try:
-        assert select.select([r], [], [], TIMEOUT)[0] and os.read(r, 16), "serve not ready"
-    finally:
-        os.close(r)
-    return serve, sock, stats
-
-
-def _served(serve: subprocess.Popen[bytes], stats: Path) -> dict[str, int]:
-    """Wait for the server that served one VM; return its VM's counters."""
-    assert serve.wait(TIMEOUT) == 0
-    assert serve.stderr is not None
-    serve.stderr.close()
+    with ready_serve([sys.executable, "-m", "pagein", "serve", "--socket", sock,
+                      "--mem-file", str(snap / "memory"), "--exit-after", "1",
+                      "--stats-json", str(stats), *extra], TIMEOUT) as serve:
+        res = _pagein("vm", "restore", str(snap), "--uffd-socket", sock,
+                      stdin="\n".join(REQUESTS) + "\n")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == ANSWERS
+        assert serve.wait(TIMEOUT) == 0  # it served this one VM and exited
     vm: dict[str, int] = json.loads(stats.read_text())["vms"][0]
     return vm
 
@@ -138,17 +131,7 @@ def test_hugetlb_restore_through_pagein_serve_faults_2mib_pages_and_records_them
     page; the working set recorded holds whole, aligned 2 MiB pages; restoring from it
     prefetches them in 2 MiB units and the answers stay exact."""
     ws = tmp_path / "working-set"
-    serve, sock, stats = _serve(snap, tmp_path, "--record", str(ws))
-    try:
-        res = _pagein("vm", "restore", str(snap), "--uffd-socket", sock,
-                      stdin="\n".join(REQUESTS) + "\n")
-        assert res.returncode == 0, res.stderr
-        assert res.stdout.splitlines() == ANSWERS
-        vm = _served(serve, stats)
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait()
+    vm = _restore_through_serve(snap, tmp_path, "--record", str(ws))
     # Every page installed was a whole 2 MiB page, on a fault (two vCPUs faulting on one
     # page count two faults and one page).
     assert vm["pages"] > 0 and vm["bytes_readahead"] == vm["bytes_background"] == 0, vm
@@ -160,18 +143,8 @@ def test_hugetlb_restore_through_pagein_serve_faults_2mib_pages_and_records_them
     assert sum(r.length for r in runs) == vm["pages"] * HUGE  # each faulted page, whole
 
     (tmp_path / "again").mkdir()
-    serve, sock, stats = _serve(snap, tmp_path / "again", "--strategy", "working-set",
-                                "--working-set", str(ws), "--then", "on-demand")
-    try:
-        res = _pagein("vm", "restore", str(snap), "--uffd-socket", sock,
-                      stdin="\n".join(REQUESTS) + "\n")
-        assert res.returncode == 0, res.stderr
-        assert res.stdout.splitlines() == ANSWERS
-        again = _served(serve, stats)
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-            serve.wait()
+    again = _restore_through_serve(snap, tmp_path / "again", "--strategy", "working-set",
+                                   "--working-set", str(ws), "--then", "on-demand")
     # Prefetched and faulted pages are whole 2 MiB pages, and together they are exactly the
     # recorded ones (the same requests touch the same pages): nothing was filled twice.
     assert again["bytes_background"] % HUGE == 0 and again["bytes_fault"] % HUGE == 0, again
